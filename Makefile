@@ -1,0 +1,48 @@
+# unfzoo: every target installs what it needs into a local .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# pip's configured find-links folder holds the local CPU torch wheel on our machines; uv must be told about it,
+# or it resolves torch==2.13.0 to the multi-GB CUDA build.
+FIND_LINKS := $(strip $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+UV_FIND_LINKS := $(foreach dir,$(FIND_LINKS),--find-links $(dir))
+TORCH_PIN := torch==2.13.0
+ZOO_DIR := datasets/zoos
+
+.PHONY: help setup test zoo bench train score lopt clean
+
+help:
+	@echo "make zoo    build the default cnn-digits zoo into $(ZOO_DIR)/ (creates .venv on first use)"
+	@echo "make test   run the test suite"
+	@echo "make bench  run the benchmarks under benchmarks/"
+	@echo "make train  train the default predictor comparison on the default zoo"
+	@echo "make lopt   meta-train and evaluate a small learned optimizer on the MLP zoo"
+	@echo "make clean  remove .venv and caches (keeps generated zoos)"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check uv 2>/dev/null || true
+	@if [ -x $(BIN)/uv ]; then \
+		$(BIN)/uv pip install --quiet --python $(BIN)/python $(UV_FIND_LINKS) "$(TORCH_PIN)" -e ".[dev]"; \
+	else \
+		$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -e ".[dev]"; \
+	fi
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+zoo: $(STAMP)
+	$(BIN)/unfzoo zoo cnn-digits --out $(ZOO_DIR)/cnn-digits.zarr
+	$(BIN)/unfzoo inspect $(ZOO_DIR)/cnn-digits.zarr
+
+bench: $(STAMP)
+	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,32 @@
+"""The `unfzoo` command line: one sub-command per pipeline stage, each a thin skin over a library function."""
+
+from __future__ import annotations
+
+import typer
+
+from pipeline import __version__
+
+app = typer.Typer(
+    name="unfzoo",
+    help="Model zoos, Universal Neural Functionals and weight-space predictors.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"unfzoo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
+) -> None:
+    """unfzoo: build zoos of trained networks, learn from their weights, score checkpoints, meta-learn optimizers."""
+
+
+# Sub-commands are registered below, one line each; their modules import torch only when run.
