@@ -1,0 +1,57 @@
+"""`UNFPredictor`: UNF layers + pointwise nonlinearity + invariant pooling + MLP head (invariant to the symmetry)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from unf_models.errors import SpecError
+from unf_models.layers import FixedAxes, UNFLinear, UNFPool
+from unf_models.spec import WeightSpec
+
+__all__ = ["UNFPredictor"]
+
+
+class UNFPredictor(nn.Module):
+    """Maps weights ``{name: (B, *shape)}`` (or ``(B, in_channels, *shape)``) to ``(B, out_features)``.
+
+    ``hidden`` are the UNF layers' channels, ``head`` the MLP's hidden sizes; outputs are raw (logits): apply a
+    sigmoid etc. in the loss. Invariant to ``spec``'s permutations and width-agnostic along permutable axes.
+    """
+
+    def __init__(self, spec: WeightSpec, hidden: Sequence[int] = (16, 16), head: Sequence[int] = (512,),
+                 out_features: int = 1, in_channels: int = 1, fixed_axes: FixedAxes = "exact",
+                 pos_embed: bool = False, pool: Literal["maximal", "mean"] = "maximal",
+                 activation: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        if not hidden:
+            raise SpecError("UNFPredictor needs at least one UNF layer: hidden=(16, ...)")
+        self.spec, self.in_channels = spec, in_channels
+        widths = [in_channels, *hidden]
+        self.layers = nn.ModuleList(
+            UNFLinear(spec, c_in, c_out, fixed_axes=fixed_axes, pos_embed=pos_embed and i == 0)
+            for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])))
+        self.act = activation()
+        self.pool = UNFPool(spec, widths[-1], fixed_axes=fixed_axes, mode=pool)
+        sizes = [self.pool.num_features, *head]
+        mlp: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            mlp += [nn.Linear(a, b), activation()]
+        mlp.append(nn.Linear(sizes[-1], out_features))
+        self.head = nn.Sequential(*mlp)
+
+    @property
+    def num_terms(self) -> int:
+        return sum(layer.num_terms for layer in self.layers)
+
+    def forward(self, x: Mapping[str, Tensor]) -> Tensor:
+        layout = self.layers[0]._layout
+        channel_dim = self.in_channels > 1
+        sizes = layout.sizes(x, batch_dims=2 if channel_dim else 1)
+        h = layout.to_internal(x, sizes, channel_dim=channel_dim)  # pieces (B, *perm_dims, C*fold)
+        for layer in self.layers:
+            h = [self.act(t) for t in layer.forward_internal(h)]
+        return self.head(self.pool.forward_internal(h))  # (B, out_features)

@@ -1,0 +1,460 @@
+"""`WeightSpec`: which axes of which tensors share a permutation (a weight space's symmetry), frozen and JSON-able.
+
+A weight space is an ordered set of named tensors (a module's ``state_dict`` keys) with their natural shapes. Each
+tensor is seen through one or more *parts*: the flattened tensor is cut into consecutive chunks, each reshaped to
+the part's view shape and carrying one label per view axis. Most tensors have one part whose view is the natural
+shape; a GRU's ``weight_hh_l0`` (3h, h) is one part viewed as (3, h, h) labelled ("gate", "h", "h"); a
+MultiheadAttention ``in_proj_weight`` (3d, d) is three parts (heads, head_dim, d) for Q, K and V, so Q/K and V may
+carry different head_dim labels. Axes with equal labels are permuted together. *Fixed* labels (input features,
+classes, kernel positions, vocabulary, gates) are not permuted by the symmetry group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from math import prod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from unf_models.errors import SpecError, SpecMismatchError
+
+__all__ = ["Part", "TensorSpec", "WeightSpec"]
+
+_FORMAT = "unf_models.WeightSpec"
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Part:
+    """One labelled view of a consecutive chunk of a tensor: ``axes[i]`` labels view axis i of size ``shape[i]``."""
+
+    axes: tuple[str, ...]
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor: natural (state-dict) ``shape``, labelled ``parts``, and ``groups[j]`` = number of view axes
+    merged into natural dim j (the parts split natural dim 0; later dims are the same in every part)."""
+
+    name: str
+    shape: tuple[int, ...]
+    parts: tuple[Part, ...]
+    groups: tuple[int, ...]
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Labels of the view axes (single-part tensors); for split tensors use ``parts``."""
+        if len(self.parts) != 1:
+            raise SpecError(f"tensor '{self.name}' is split into {len(self.parts)} parts; read spec['{self.name}'].parts")
+        return self.parts[0].axes
+
+    def dim_terms(self, j: int) -> list[tuple[str, ...]]:
+        """Labels whose sizes make natural dim j: a sum over parts (dim 0) of products of view axes."""
+        if j == 0:
+            return [p.axes[: self.groups[0]] for p in self.parts]
+        start = sum(self.groups[:j])
+        return [self.parts[0].axes[start : start + self.groups[j]]]
+
+
+def _is_label_tuple(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
+
+
+def _group_axes(name: str, shape: tuple[int, ...], views: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """Match view axes to natural dims (each natural dim = product of consecutive view axes)."""
+    if not shape:
+        if any(v for v in views) or len(views) != 1:
+            raise SpecError(f"tensor '{name}': a scalar tensor needs exactly one part with no axes")
+        return ()
+    trailing: list[int] | None = None
+    leading_sizes = []
+    for view in views:
+        pos, groups = len(view), []
+        for dim in reversed(shape[1:]):
+            size, take = 1, 0
+            while pos - take > 0 and (take == 0 or size < dim):
+                take += 1
+                size *= view[pos - take]
+            if size != dim:
+                raise SpecError(f"tensor '{name}': view {view} does not reshape to natural shape {shape} "
+                                f"(natural dim of size {dim} is not a product of consecutive view axes)")
+            pos -= take
+            groups.append(take)
+        if pos == 0:
+            raise SpecError(f"tensor '{name}': view {view} leaves no axes for natural dim 0 of {shape}")
+        groups = [pos, *reversed(groups)]
+        if trailing is not None and groups[1:] != trailing[1:]:
+            raise SpecError(f"tensor '{name}': parts must share their trailing view axes, got views {views}")
+        if trailing is not None and groups[0] != trailing[0]:
+            raise SpecError(f"tensor '{name}': parts must split natural dim 0 with the same number of axes, "
+                            f"got views {views}")
+        trailing = groups
+        leading_sizes.append(prod(view[:pos]))
+    if sum(leading_sizes) != shape[0]:
+        raise SpecError(f"tensor '{name}': parts {views} add up to {sum(leading_sizes)} along dim 0, "
+                        f"natural shape {shape} has {shape[0]}")
+    assert trailing is not None
+    return tuple(trailing)
+
+
+class WeightSpec:
+    """Frozen description of a weight space's permutation symmetry.
+
+    ``WeightSpec({"w": ("h", "in"), "b": ("h",)}, shapes={"w": (4, 3), "b": (4,)}, fixed=("in",))``.
+    ``axes[name]`` is a tuple of labels (one part) or a list of such tuples (several parts, see the module doc);
+    ``views[name]`` gives the view shape(s) when they differ from the natural shape; ``sizes`` may replace shapes.
+    """
+
+    __slots__ = ("_tensors", "_fixed", "_index", "_sizes")
+
+    def __init__(
+        self,
+        axes: Mapping[str, Sequence[str] | Sequence[Sequence[str]]],
+        shapes: Mapping[str, Sequence[int]] | None = None,
+        fixed: Iterable[str] = (),
+        views: Mapping[str, Sequence[int] | Sequence[Sequence[int]]] | None = None,
+        sizes: Mapping[str, int] | None = None,
+    ) -> None:
+        shapes, views, sizes = dict(shapes or {}), dict(views or {}), dict(sizes or {})
+        for extra, what in ((set(shapes) - set(axes), "shapes"), (set(views) - set(axes), "views")):
+            if extra:
+                raise SpecError(f"{what} names tensors with no axes: {sorted(extra)}; add them to axes")
+        tensors = []
+        for name, labels in axes.items():
+            if not isinstance(name, str) or not name:
+                raise SpecError(f"tensor names must be non-empty strings, got {name!r}")
+            part_axes = [tuple(labels)] if _is_label_tuple(labels) else [tuple(p) for p in labels]
+            if not part_axes or not all(_is_label_tuple(p) and all(p) for p in part_axes):
+                raise SpecError(f"tensor '{name}': axes must be a tuple of label strings or a list of such tuples, "
+                                f"got {labels!r}")
+            natural = tuple(int(n) for n in shapes[name]) if name in shapes else None
+            part_views = self._resolve_views(name, part_axes, natural, views.get(name), sizes)
+            for p_axes, p_view in zip(part_axes, part_views):
+                if len(p_axes) != len(p_view):
+                    raise SpecError(f"tensor '{name}': {len(p_axes)} labels {p_axes} for a view of "
+                                    f"{len(p_view)} axes {p_view}")
+                if any(n < 1 for n in p_view):
+                    raise SpecError(f"tensor '{name}': view {p_view} has an empty axis")
+            if natural is None:
+                natural = part_views[0] if len(part_views) == 1 else (
+                    sum(v[0] for v in part_views), *part_views[0][1:])
+            groups = _group_axes(name, natural, part_views)
+            parts = tuple(Part(a, v) for a, v in zip(part_axes, part_views))
+            tensors.append(TensorSpec(name, natural, parts, groups))
+        self._init(tuple(tensors), frozenset(fixed))
+
+    @staticmethod
+    def _resolve_views(name: str, part_axes: list[tuple[str, ...]], natural: tuple[int, ...] | None,
+                       view: Any, sizes: dict[str, int]) -> list[tuple[int, ...]]:
+        if view is not None:
+            if all(isinstance(v, int) for v in view):
+                view_list = [tuple(view)]
+            else:
+                view_list = [tuple(int(n) for n in v) for v in view]
+            if len(view_list) != len(part_axes):
+                raise SpecError(f"tensor '{name}': {len(part_axes)} parts but {len(view_list)} views")
+            return view_list
+        if all(label in sizes for p in part_axes for label in p):
+            return [tuple(int(sizes[label]) for label in p) for p in part_axes]
+        if natural is not None and len(part_axes) == 1 and len(part_axes[0]) == len(natural):
+            return [natural]
+        missing = sorted({label for p in part_axes for label in p if label not in sizes})
+        raise SpecError(f"tensor '{name}': cannot tell its view shape; give shapes['{name}'] (natural shape), "
+                        f"views['{name}'] or sizes for labels {missing}")
+
+    def _init(self, tensors: tuple[TensorSpec, ...], fixed: frozenset[str]) -> None:
+        sizes: dict[str, int] = {}
+        where: dict[str, str] = {}
+        for t in tensors:
+            for part in t.parts:
+                for label, n in zip(part.axes, part.shape):
+                    if label in sizes and sizes[label] != n:
+                        raise SpecError(f"label '{label}' has size {sizes[label]} in tensor '{where[label]}' but "
+                                        f"{n} in tensor '{t.name}'; axes sharing a label must have equal sizes")
+                    sizes.setdefault(label, n)
+                    where.setdefault(label, t.name)
+        unknown = sorted(fixed - set(sizes))
+        if unknown:
+            raise SpecError(f"fixed labels {unknown} label no axis; fixed must name labels used in axes")
+        names = [t.name for t in tensors]
+        if len(set(names)) != len(names):
+            raise SpecError(f"duplicate tensor names in spec: {names}")
+        object.__setattr__(self, "_tensors", tensors)
+        object.__setattr__(self, "_fixed", fixed)
+        object.__setattr__(self, "_index", {t.name: t for t in tensors})
+        object.__setattr__(self, "_sizes", sizes)
+
+    @classmethod
+    def _from_tensors(cls, tensors: Iterable[TensorSpec], fixed: Iterable[str]) -> WeightSpec:
+        spec = cls.__new__(cls)
+        spec._init(tuple(tensors), frozenset(fixed))
+        return spec
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("WeightSpec is frozen; use resize/with_shapes/with_fixed for a modified copy")
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        return self._tensors
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names (state-dict keys) in order."""
+        return [t.name for t in self._tensors]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """{name: natural shape}."""
+        return {t.name: t.shape for t in self._tensors}
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """{label: size} at the spec's own widths."""
+        return dict(self._sizes)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self._sizes)
+
+    @property
+    def fixed_labels(self) -> list[str]:
+        return [label for label in self._sizes if label in self._fixed]
+
+    @property
+    def permutable_labels(self) -> list[str]:
+        return [label for label in self._sizes if label not in self._fixed]
+
+    def is_fixed(self, label: str) -> bool:
+        return label in self._fixed
+
+    def axes(self, name: str) -> tuple[str, ...] | tuple[tuple[str, ...], ...]:
+        """Labels of tensor ``name``'s view axes; a tuple per part for split tensors."""
+        t = self[name]
+        return t.parts[0].axes if len(t.parts) == 1 else tuple(p.axes for p in t.parts)
+
+    def __getitem__(self, name: str) -> TensorSpec:
+        try:
+            return self._index[name]
+        except KeyError as err:
+            raise SpecMismatchError(f"tensor '{name}' is not in the spec (it has {self.names})") from err
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def num_params(self, sizes: Mapping[str, int] | None = None) -> int:
+        return sum(prod(s) for s in self._shapes_at(sizes or self._sizes).values())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WeightSpec) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash((self._tensors, self._fixed))
+
+    def __repr__(self) -> str:
+        lines = [f"WeightSpec({len(self)} tensors, permutable={self.permutable_labels}, fixed={self.fixed_labels})"]
+        for t in self._tensors:
+            views = " + ".join(f"{p.axes}" for p in t.parts)
+            lines.append(f"  {t.name}: {t.shape} as {views}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ shapes at other widths
+    def symbolic_shape(self, name: str) -> str:
+        """Natural shape with permutable labels as names, e.g. ``(3*h, h)``."""
+        t = self[name]
+
+        def term(labels: tuple[str, ...]) -> str:
+            return "*".join(str(self._sizes[a]) if a in self._fixed else a for a in labels)
+
+        return "(" + ", ".join(" + ".join(term(x) for x in t.dim_terms(j)) for j in range(len(t.shape))) + ")"
+
+    def _shapes_at(self, sizes: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: tuple(sum(prod(sizes[a] for a in x) for x in t.dim_terms(j)) for j in range(len(t.shape)))
+                for t in self._tensors}
+
+    def part_shapes(self, name: str, sizes: Mapping[str, int] | None = None) -> list[tuple[int, ...]]:
+        sizes = sizes or self._sizes
+        return [tuple(sizes[a] for a in p.axes) for p in self[name].parts]
+
+    def infer_sizes(self, shapes: Mapping[str, Sequence[int]], allow_other_widths: bool = True) -> dict[str, int]:
+        """Label sizes that explain the natural ``shapes`` (permutable labels may differ from the spec's).
+
+        Raises SpecMismatchError naming the first tensor whose shape cannot be explained.
+        """
+        shapes = {k: tuple(v) for k, v in shapes.items()}
+        sizes = dict(self._sizes)
+        if allow_other_widths:
+            unknown = set(self.permutable_labels)
+            equations = [(t.dim_terms(j), shapes[t.name][j]) for t in self._tensors if t.name in shapes
+                         and len(shapes[t.name]) == len(t.shape) for j in range(len(t.shape))]
+            progress = True
+            while unknown and progress:
+                progress = False
+                for terms, value in equations:
+                    todo = {a for x in terms for a in x if a in unknown}
+                    if len(todo) != 1:
+                        continue
+                    (label,) = todo
+                    if any(x.count(label) > 1 for x in terms):
+                        continue
+                    coef = sum(prod(sizes[a] for a in x if a != label) for x in terms if label in x)
+                    rest = sum(prod(sizes[a] for a in x) for x in terms if label not in x)
+                    if coef > 0 and value - rest > 0 and (value - rest) % coef == 0:
+                        sizes[label] = (value - rest) // coef
+                        unknown.discard(label)
+                        progress = True
+        expected = self._shapes_at(sizes)
+        for t in self._tensors:
+            if t.name in shapes and shapes[t.name] != expected[t.name]:
+                hint = (f"{self.symbolic_shape(t.name)}, i.e. {t.shape} at the spec's widths" if allow_other_widths
+                        else f"{t.shape}")
+                raise SpecMismatchError(f"tensor '{t.name}': expected shape {hint}, found {shapes[t.name]}")
+        return sizes
+
+    def check(self, tensors: Mapping[str, Tensor | Sequence[int]], batch_dims: int = 0,
+              allow_other_widths: bool = True) -> dict[str, int]:
+        """Check keys and shapes of ``tensors`` (each ``(*batch, *natural_shape)``); return the label sizes.
+
+        Other widths are allowed only along permutable axes, consistently across tensors. Raises
+        SpecMismatchError naming the missing/extra key or the tensor with its expected and found shape.
+        """
+        missing = [n for n in self.names if n not in tensors]
+        extra = [n for n in tensors if n not in self._index]
+        if missing:
+            raise SpecMismatchError(f"missing tensor(s) {missing} (the spec expects {self.names})")
+        if extra:
+            raise SpecMismatchError(f"unexpected tensor(s) {extra} not in the spec (it expects {self.names})")
+        natural, batch = {}, None
+        for name in self.names:
+            shape = tuple(tensors[name].shape if hasattr(tensors[name], "shape") else tensors[name])
+            t = self._index[name]
+            if len(shape) != batch_dims + len(t.shape):
+                raise SpecMismatchError(f"tensor '{name}': expected {batch_dims} batch dim(s) + shape "
+                                        f"{self.symbolic_shape(name)}, found shape {shape}")
+            if batch is not None and shape[:batch_dims] != batch:
+                raise SpecMismatchError(f"tensor '{name}': batch dims {shape[:batch_dims]} differ from {batch}")
+            batch = shape[:batch_dims]
+            natural[name] = shape[batch_dims:]
+        return self.infer_sizes(natural, allow_other_widths)
+
+    # ------------------------------------------------------------------ permutations
+    def random_permutation(self, generator: torch.Generator | None = None, sizes: Mapping[str, int] | None = None,
+                           device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """One random permutation (LongTensor) per permutable label, at the spec's widths or ``sizes``."""
+        sizes = {**self._sizes, **(sizes or {})}
+        return {label: torch.randperm(sizes[label], generator=generator).to(device or "cpu")
+                for label in self.permutable_labels}
+
+    def split_parts(self, name: str, tensor: Tensor, sizes: Mapping[str, int], batch_dims: int) -> list[Tensor]:
+        """View ``tensor`` (*batch, *natural) as its parts, each (*batch, *part_view)."""
+        batch = tensor.shape[:batch_dims]
+        shapes = self.part_shapes(name, sizes)
+        flat = tensor.reshape(*batch, -1)
+        if len(shapes) == 1:
+            return [flat.view(*batch, *shapes[0]) if flat.is_contiguous() else flat.reshape(*batch, *shapes[0])]
+        chunks = flat.split([prod(s) for s in shapes], dim=-1)
+        return [c.reshape(*batch, *s) for c, s in zip(chunks, shapes)]
+
+    def join_parts(self, name: str, parts: Sequence[Tensor], natural: Sequence[int], batch_dims: int) -> Tensor:
+        """Inverse of ``split_parts``: parts (*batch, *part_view) -> (*batch, *natural)."""
+        batch = parts[0].shape[:batch_dims]
+        flat = [p.reshape(*batch, -1) for p in parts]
+        joined = flat[0] if len(flat) == 1 else torch.cat(flat, dim=-1)
+        return joined.reshape(*batch, *natural)
+
+    def permute(self, tensors: Mapping[str, Tensor], perm: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Apply ``perm`` ({label: index tensor}) to every axis with that label: ``out[..., j, ...] = t[..., p[j], ...]``.
+
+        Acts on each tensor's trailing (natural) dims; leading dims are batch dims. Labels absent from ``perm`` stay
+        put; ``perm`` may also name fixed labels (to show that permuting them is *not* a symmetry).
+        """
+        unknown = [label for label in perm if label not in self._sizes]
+        if unknown:
+            raise SpecError(f"permutation names labels {unknown} that are not in the spec ({self.labels})")
+        first = self.names[0]
+        batch_dims = tensors[first].dim() - len(self._index[first].shape) if first in tensors else 0
+        sizes = self.check(tensors, batch_dims=batch_dims)
+        for label, p in perm.items():
+            if p.shape != (sizes[label],):
+                raise SpecError(f"permutation of label '{label}' has shape {tuple(p.shape)}, expected "
+                                f"({sizes[label]},)")
+        out = {}
+        for t in self._tensors:
+            x = tensors[t.name]
+            parts = self.split_parts(t.name, x, sizes, batch_dims)
+            moved = []
+            for part, view in zip(t.parts, parts):
+                for axis, label in enumerate(part.axes):
+                    if label in perm:
+                        view = view.index_select(batch_dims + axis, perm[label].to(view.device))
+                moved.append(view)
+            out[t.name] = self.join_parts(t.name, moved, x.shape[batch_dims:], batch_dims)
+        return out
+
+    # ------------------------------------------------------------------ modified copies
+    def with_fixed(self, fixed: Iterable[str]) -> WeightSpec:
+        """Same tensors, different set of fixed labels (``with_fixed(())`` makes every axis permutable)."""
+        return WeightSpec._from_tensors(self._tensors, fixed)
+
+    def resize(self, sizes: Mapping[str, int]) -> WeightSpec:
+        """Copy at other widths of permutable labels: ``spec.resize({"h": 32})``."""
+        bad = [label for label in sizes if label not in self._sizes or label in self._fixed]
+        if bad:
+            raise SpecError(f"resize only changes permutable labels; {bad} are fixed or unknown "
+                            f"(permutable: {self.permutable_labels})")
+        new = {**self._sizes, **{k: int(v) for k, v in sizes.items()}}
+        shapes = self._shapes_at(new)
+        tensors = [TensorSpec(t.name, shapes[t.name],
+                              tuple(Part(p.axes, tuple(new[a] for a in p.axes)) for p in t.parts), t.groups)
+                   for t in self._tensors]
+        return WeightSpec._from_tensors(tensors, self._fixed)
+
+    def with_shapes(self, shapes: Mapping[str, Sequence[int]]) -> WeightSpec:
+        """Copy whose natural shapes are ``shapes`` (all tensors; other widths along permutable axes only)."""
+        self.check(shapes)
+        return self.resize({k: v for k, v in self.infer_sizes(shapes).items() if k not in self._fixed})
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict; ``WeightSpec.from_dict`` inverts it."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "fixed": sorted(self._fixed),
+            "tensors": [{"name": t.name, "shape": list(t.shape),
+                         "parts": [{"axes": list(p.axes), "shape": list(p.shape)} for p in t.parts]}
+                        for t in self._tensors],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WeightSpec:
+        try:
+            if data.get("format", _FORMAT) != _FORMAT or int(data.get("version", _VERSION)) > _VERSION:
+                raise SpecError(f"not a {_FORMAT} v{_VERSION} dict: format={data.get('format')!r}, "
+                                f"version={data.get('version')!r}")
+            axes = {t["name"]: [tuple(p["axes"]) for p in t["parts"]] for t in data["tensors"]}
+            views = {t["name"]: [tuple(p["shape"]) for p in t["parts"]] for t in data["tensors"]}
+            shapes = {t["name"]: tuple(t["shape"]) for t in data["tensors"]}
+            return cls(axes, shapes=shapes, fixed=data.get("fixed", ()), views=views)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise SpecError(f"malformed spec dict: {err!r}; expected keys format, version, fixed, tensors[name, "
+                            f"shape, parts[axes, shape]]") from err
+
+    # ------------------------------------------------------------------ derivation
+    @classmethod
+    def from_module(cls, model: torch.nn.Module, example_input: Any = None, *, include_buffers: bool = False
+                    ) -> WeightSpec:
+        """Derive the spec of ``model`` (see ``unf_models.derive``)."""
+        from unf_models.derive import spec_from_module
+
+        return spec_from_module(model, example_input, include_buffers=include_buffers)
