@@ -1,0 +1,123 @@
+"""The frozen configuration of one `unfzoo train` invocation (every model kind, every seed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+__all__ = ["MODEL_NAMES", "MODEL_KINDS", "TrainConfig", "parse_models", "parse_checkpoints"]
+
+# Model names a user may ask for -> the predictor kind they train. "unf-perm" is the ablation: UNF with fixed axes
+# (input features, classes, kernel positions) treated as permutable, as the reference implementation does.
+MODEL_KINDS: dict[str, str] = {
+    "unf": "unf",
+    "unf-perm": "unf",
+    "statnn": "statnn",
+    "deepsets": "deepsets",
+    "flat": "flat",
+}
+MODEL_NAMES: tuple[str, ...] = tuple(MODEL_KINDS)
+_ALL = ("unf", "statnn", "deepsets", "flat", "unf-perm")
+
+
+def parse_models(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """'unf', 'unf,statnn' or 'all' -> a tuple of model names, validated."""
+    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    if items == ["all"]:
+        return _ALL
+    bad = [m for m in items if m not in MODEL_KINDS]
+    if bad or not items:
+        raise ConfigError(f"--model {','.join(bad) or text!r} is unknown; use one of {', '.join(MODEL_NAMES)} or all")
+    return tuple(dict.fromkeys(items))
+
+
+def parse_checkpoints(text: str | tuple[int, ...]) -> str | tuple[int, ...]:
+    """'final', 'all' or a comma list of epochs '0,5,20' -> 'final' | 'all' | (0, 5, 20)."""
+    if isinstance(text, tuple):
+        return tuple(int(e) for e in text)
+    text = text.strip()
+    if text in ("final", "all"):
+        return text
+    try:
+        epochs = tuple(int(e) for e in text.split(",") if e.strip())
+    except ValueError as err:
+        raise ConfigError(f"--checkpoints {text!r}: use final, all or a comma list of epochs such as 0,5,20") from err
+    if not epochs:
+        raise ConfigError("--checkpoints is empty: use final, all or a comma list of epochs such as 0,5,20")
+    return epochs
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a predictor comparison; stored (resolved) in every output directory.
+
+    The data split is fixed by `split_seed`; `seeds` model seeds (0..seeds-1) vary initialisation and batch order, so
+    the spread over seeds measures the predictors, on the same members, and comparisons between models are paired.
+    """
+
+    models: tuple[str, ...] = ("unf",)
+    target: str = "test_acc"
+    checkpoints: str | tuple[int, ...] = "final"  # "final" | "all" | epochs
+    split: str = "run"  # "run" | "config"
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_seed: int = 0
+    seeds: int = 1
+    include_diverged: bool = False
+    loss: str = "auto"  # "auto" (BCE when train+val targets lie in [0, 1], else MSE) | "bce" | "mse"
+    # torch models (unf, deepsets, flat)
+    epochs: int = 40
+    batch_size: int = 10
+    lr: float = 1e-3
+    patience: int = 10  # epochs without a better validation tau before stopping
+    augment: bool = False  # random permutation (group element) per batch on the training inputs
+    unf_hidden: tuple[int, ...] = (16, 16)
+    unf_head: tuple[int, ...] = (512,)
+    deepsets_hidden: int = 32
+    deepsets_head: tuple[int, ...] = (512,)
+    flat_hidden: tuple[int, ...] = (512, 512)
+    eval_batch_size: int = 256
+    device: str = "auto"
+    max_members: int | None = None  # use only the first N members (quick runs); None = all
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the config
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", parse_models(self.models))
+        object.__setattr__(self, "checkpoints", parse_checkpoints(self.checkpoints))
+        for name in ("fractions", "unf_hidden", "unf_head", "deepsets_head", "flat_hidden"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.split not in ("run", "config"):
+            raise ConfigError(f"--split {self.split!r} is unknown; use run or config")
+        if self.loss not in ("auto", "bce", "mse"):
+            raise ConfigError(f"loss {self.loss!r} is unknown; use auto, bce or mse")
+        if len(self.fractions) != 3 or min(self.fractions) < 0 or abs(sum(self.fractions) - 1) > 1e-6:
+            raise ConfigError(f"fractions {self.fractions} must be three non-negative numbers summing to 1")
+        for name in ("seeds", "epochs", "batch_size", "patience", "eval_batch_size", "deepsets_hidden"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.max_members is not None and self.max_members < 3:
+            raise ConfigError(f"--max-members must be at least 3 (train, val, test), got {self.max_members}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
+        return cls(**kwargs)
+
+    def run_key(self, model: str) -> str:
+        """Hash of what decides one model's runs (not the device, seed count or list of models): resume guard."""
+        d = self.to_dict()
+        for k in ("models", "seeds", "device", "eval_batch_size", "extra"):
+            d.pop(k)
+        d["model"] = model
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

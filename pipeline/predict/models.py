@@ -1,0 +1,109 @@
+"""The torch predictors: UNF (invariant, exact on fixed axes by default), Deep Sets (per-parameter network pooled per
+tensor) and a flat MLP (not invariant: the control that shows why symmetry matters).
+
+Every model takes raw weights {name: (B, *shape)}, normalizes each tensor with scalar statistics from the training
+split (kept as buffers, so they travel with the state dict) and returns one raw output per member (B,): a logit for
+BCE targets, a standardized value for MSE targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["TensorNormalizer", "UNFNet", "DeepSetsNet", "FlatNet", "build_net", "WIDTH_AGNOSTIC"]
+
+WIDTH_AGNOSTIC = {"unf": True, "statnn": True, "deepsets": True, "flat": False}
+
+
+def _mlp(sizes: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class TensorNormalizer(nn.Module):
+    """(w - mean_t) / std_t with one scalar pair per tensor t: invariant to permutations and to width."""
+
+    def __init__(self, names: Sequence[str], mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__()
+        self.names = list(names)
+        self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * len(names)))  # (T,)
+        self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * len(names)))  # (T,)
+
+    def forward(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: (weights[n].to(self.mean.dtype) - self.mean[i]) / self.std[i] for i, n in enumerate(self.names)}
+
+
+class UNFNet(nn.Module):
+    """Normalizer -> `unf_models.UNFPredictor` (UNF layers -> invariant pooling -> MLP head) -> (B,)."""
+
+    def __init__(self, spec: Any, hidden: Sequence[int], head: Sequence[int], fixed_axes: str = "exact",
+                 normalizer: TensorNormalizer | None = None):
+        super().__init__()
+        from unf_models import UNFPredictor
+
+        self.norm = normalizer or TensorNormalizer(spec.names)
+        self.unf = UNFPredictor(spec, hidden=tuple(hidden), head=tuple(head), fixed_axes=fixed_axes)
+
+    def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.unf(self.norm(weights)).reshape(-1)  # (B,)
+
+
+class DeepSetsNet(nn.Module):
+    """Each scalar weight is a set element: phi([w, embedding of its tensor]) -> mean over the tensor's entries ->
+    concatenate tensors -> rho MLP. Invariant to every permutation within a tensor (a superset of the true group)."""
+
+    def __init__(self, names: Sequence[str], hidden: int = 32, head: Sequence[int] = (512,),
+                 normalizer: TensorNormalizer | None = None):
+        super().__init__()
+        self.names = list(names)
+        self.norm = normalizer or TensorNormalizer(names)
+        self.inp = nn.Linear(1, hidden)
+        self.tensor_embedding = nn.Parameter(torch.zeros(len(names), hidden))  # (T, H)
+        self.phi = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        self.rho = _mlp([len(names) * hidden, *head, 1])
+
+    def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        x = self.norm(weights)
+        pooled = []
+        for i, name in enumerate(self.names):
+            w = x[name].reshape(x[name].shape[0], -1, 1)  # (B, n, 1)
+            h = self.phi(self.inp(w) + self.tensor_embedding[i])  # (B, n, H)
+            pooled.append(h.mean(dim=1))  # (B, H)
+        return self.rho(torch.cat(pooled, dim=1)).reshape(-1)  # (B,)
+
+
+class FlatNet(nn.Module):
+    """Concatenate every normalized weight into one vector -> MLP. Tied to the zoo's exact shapes and ordering."""
+
+    def __init__(self, names: Sequence[str], n_inputs: int, hidden: Sequence[int] = (512, 512),
+                 normalizer: TensorNormalizer | None = None):
+        super().__init__()
+        self.names = list(names)
+        self.norm = normalizer or TensorNormalizer(names)
+        self.mlp = _mlp([n_inputs, *hidden, 1])
+
+    def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        x = self.norm(weights)
+        flat = torch.cat([x[n].reshape(x[n].shape[0], -1) for n in self.names], dim=1)  # (B, P)
+        return self.mlp(flat).reshape(-1)  # (B,)
+
+
+def build_net(kind: str, spec: Any, params: Mapping[str, Any], normalizer: TensorNormalizer | None = None) -> nn.Module:
+    """Build a torch predictor from its JSON-able hyperparameters (the same dict is saved with the artifact)."""
+    names = list(spec.names)
+    if kind == "unf":
+        return UNFNet(spec, params["hidden"], params["head"], params.get("fixed_axes", "exact"), normalizer)
+    if kind == "deepsets":
+        return DeepSetsNet(names, params["hidden"], params["head"], normalizer)
+    if kind == "flat":
+        n_inputs = sum(int(torch.Size(spec.shapes[n]).numel()) for n in names)
+        return FlatNet(names, n_inputs, params["hidden"], normalizer)
+    raise ValueError(f"no torch predictor of kind {kind!r}")
