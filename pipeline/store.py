@@ -1,0 +1,646 @@
+"""The zoo store: one zarr v3 group per zoo, written chunk-aligned by many workers, read back through `Zoo`.
+
+Layout (N members, C checkpoints, chunks of K members along the member axis everywhere):
+
+    /                       attrs["unfzoo"]: recipe text, arch, task, spec, checkpoint epochs, layout, version
+    weights/<state key>     float32 (member, checkpoint, *shape), uncompressed, fill NaN
+    weights/checkpoint      int32 (checkpoint,) epoch of each checkpoint (an xarray coordinate)
+    metrics/<name>          float32 (member, checkpoint), fill NaN; metrics/checkpoint as above
+    hparams/<name>          float64 (member,) or int16 codes with attrs["categories"] (fill -1)
+    members/status          int8 (member,) 0 pending, 1 done, 2 diverged; written last by each task
+    members/seed, config, diverged_epoch, split_run, split_config
+
+Rules that keep zarr 3.1 from losing data (see GUIDE section 4): only the coordinator creates or resizes arrays,
+before any task runs; a task reopens the group (never consolidated metadata), writes whole chunks it alone owns, and
+writes `members/status` after everything else, so a chunk counts as done only once its data is in the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.errors import StoreError
+from pipeline.splits import DEFAULT_FRACTIONS, SPLIT_KINDS, assign_split, check_fractions, split_indices
+
+if TYPE_CHECKING:  # heavy imports only for type checkers
+    import pandas as pd
+    import torch
+    import zarr
+
+    from pipeline.loader import ZooLoader
+    from pipeline.recipe import Recipe
+
+__all__ = [
+    "FORMAT",
+    "STATUS_NAMES",
+    "PENDING",
+    "DONE",
+    "DIVERGED",
+    "StoreLayout",
+    "MemberBlock",
+    "open_group",
+    "store_exists",
+    "create_store",
+    "resize_store",
+    "reset_members",
+    "write_members",
+    "read_status",
+    "write_splits",
+    "store_size",
+    "Zoo",
+]
+
+FORMAT = "unfzoo.zoo/1"
+STATUS_NAMES = ("pending", "done", "diverged")
+PENDING, DONE, DIVERGED = 0, 1, 2
+_MEMBER_ARRAYS = {  # name -> (dtype, fill value)
+    "status": ("int8", PENDING),
+    "seed": ("int64", -1),
+    "config": ("int64", -1),
+    "diverged_epoch": ("int32", -1),
+    "split_run": ("int8", -1),
+    "split_config": ("int8", -1),
+}
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """The arrays of a zoo: weight shapes (state-dict order), metric names, hyperparameter columns."""
+
+    weight_shapes: Mapping[str, tuple[int, ...]]
+    metric_names: tuple[str, ...]
+    checkpoint_epochs: tuple[int, ...]
+    members_per_chunk: int
+    continuous: tuple[str, ...] = ()
+    categorical: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # name -> categories
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form stored in the group attributes."""
+        return {
+            "weight_shapes": {k: list(v) for k, v in self.weight_shapes.items()},
+            "metric_names": list(self.metric_names),
+            "checkpoint_epochs": list(self.checkpoint_epochs),
+            "members_per_chunk": self.members_per_chunk,
+            "continuous": list(self.continuous),
+            "categorical": {k: list(v) for k, v in self.categorical.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> StoreLayout:
+        """Inverse of `to_json`."""
+        return cls(
+            weight_shapes={k: tuple(v) for k, v in d["weight_shapes"].items()},
+            metric_names=tuple(d["metric_names"]),
+            checkpoint_epochs=tuple(d["checkpoint_epochs"]),
+            members_per_chunk=int(d["members_per_chunk"]),
+            continuous=tuple(d.get("continuous", ())),
+            categorical={k: tuple(v) for k, v in d.get("categorical", {}).items()},
+        )
+
+    @property
+    def n_checkpoints(self) -> int:
+        return len(self.checkpoint_epochs)
+
+
+@dataclass
+class MemberBlock:
+    """What one task writes: a whole chunk of consecutive members (m of them), C checkpoints."""
+
+    weights: dict[str, np.ndarray]  # key -> (m, C, *shape) float32
+    metrics: dict[str, np.ndarray]  # name -> (m, C) float32
+    hparams: dict[str, np.ndarray]  # name -> (m,) values (categoricals as raw values)
+    seed: np.ndarray  # (m,) int64
+    config: np.ndarray  # (m,) int64
+    diverged: np.ndarray  # (m,) bool
+    diverged_epoch: np.ndarray  # (m,) int32, -1 when finite throughout
+
+    def __len__(self) -> int:
+        return len(self.seed)
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in str(url) or str(url).startswith("file://")
+
+
+def _local_path(url: str) -> Path:
+    return Path(str(url).removeprefix("file://"))
+
+
+def open_group(url: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
+    """Open the zoo group at a path or fsspec URL, always bypassing consolidated metadata."""
+    import zarr
+
+    url = str(url)
+    if mode == "r" and _is_local(url) and not (_local_path(url) / "zarr.json").is_file():
+        raise StoreError(f"{url} is not a zoo store (no zarr.json there); build one with `unfzoo zoo RECIPE --out {url}`")
+    try:
+        return zarr.open_group(url, mode=mode, use_consolidated=False)
+    except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError) as err:
+        raise StoreError(f"cannot open zoo store {url}: {err}") from err
+
+
+def store_exists(url: str | os.PathLike[str]) -> bool:
+    """True when a zarr group (of any kind) is at `url`."""
+    import zarr
+
+    url = str(url)
+    if _is_local(url):
+        return (_local_path(url) / "zarr.json").is_file()
+    try:
+        zarr.open_group(url, mode="r", use_consolidated=False)
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        return False
+    return True
+
+
+def create_store(url: str | os.PathLike[str], layout: StoreLayout, attrs: Mapping[str, Any], members: int) -> zarr.Group:
+    """Create an empty zoo of `members` members (all pending), replacing anything at `url`. Coordinator only."""
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    url = str(url)
+    if _is_local(url):
+        path = _local_path(url)
+        if path.exists() and any(path.iterdir()) and not (path / "zarr.json").is_file():
+            raise StoreError(f"{path} exists, is not empty and is not a zarr store; refusing to replace it")
+    root = zarr.open_group(url, mode="w")
+    k, n_ck = layout.members_per_chunk, layout.n_checkpoints
+    small = {"compressors": ZstdCodec(level=3)}
+    epochs = np.asarray(layout.checkpoint_epochs, dtype=np.int32)
+    for group_name in ("weights", "metrics"):
+        grp = root.create_group(group_name)
+        coord = grp.create_array("checkpoint", shape=(n_ck,), chunks=(n_ck,), dtype="int32", dimension_names=("checkpoint",))
+        coord[:] = epochs
+    for key, shape in layout.weight_shapes.items():
+        root.create_array(
+            f"weights/{key}",
+            shape=(members, n_ck, *shape),
+            chunks=(k, n_ck, *shape),
+            dtype="float32",
+            fill_value=np.nan,
+            compressors=None,  # float32 weights compress ~1.1x; raw chunks read 3-4x faster
+            dimension_names=("member", "checkpoint", *(f"{key}.{i}" for i in range(len(shape)))),
+        )
+    for name in layout.metric_names:
+        root.create_array(
+            f"metrics/{name}", shape=(members, n_ck), chunks=(k, n_ck), dtype="float32", fill_value=np.nan,
+            dimension_names=("member", "checkpoint"), **small,
+        )
+    root.create_group("hparams")
+    for name in layout.continuous:
+        root.create_array(
+            f"hparams/{name}", shape=(members,), chunks=(k,), dtype="float64", fill_value=np.nan,
+            dimension_names=("member",), **small,
+        )
+    for name, categories in layout.categorical.items():
+        arr = root.create_array(
+            f"hparams/{name}", shape=(members,), chunks=(k,), dtype="int16", fill_value=-1,
+            dimension_names=("member",), **small,
+        )
+        arr.attrs["categories"] = list(categories)
+    root.create_group("members")
+    for name, (dtype, fill) in _MEMBER_ARRAYS.items():
+        root.create_array(
+            f"members/{name}", shape=(members,), chunks=(k,), dtype=dtype, fill_value=fill,
+            dimension_names=("member",), **small,
+        )
+    meta = {**dict(attrs), "format": FORMAT, "layout": layout.to_json(), "members": int(members)}
+    root.attrs["unfzoo"] = _jsonable(meta)
+    return root
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _member_arrays(root: zarr.Group, layout: StoreLayout) -> list[zarr.Array]:
+    names = [f"weights/{k}" for k in layout.weight_shapes]
+    names += [f"metrics/{n}" for n in layout.metric_names]
+    names += [f"hparams/{n}" for n in (*layout.continuous, *layout.categorical)]
+    names += [f"members/{n}" for n in _MEMBER_ARRAYS]
+    return [root[n] for n in names]
+
+
+def read_layout(root: zarr.Group) -> StoreLayout:
+    """The layout recorded in a zoo group's attributes."""
+    meta = root.attrs.get("unfzoo")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StoreError(f"{root.store} is a zarr group but not an unfzoo zoo (no attrs['unfzoo'] of format {FORMAT})")
+    return StoreLayout.from_json(meta["layout"])
+
+
+def resize_store(url: str | os.PathLike[str], members: int) -> None:
+    """Grow every member-axis array to `members` (new members pending). Coordinator only, before tasks start."""
+    root = open_group(url, mode="r+")
+    layout = read_layout(root)
+    for arr in _member_arrays(root, layout):
+        arr.resize((members, *arr.shape[1:]))
+    meta = dict(root.attrs["unfzoo"])
+    meta["members"] = int(members)
+    root.attrs["unfzoo"] = meta
+
+
+def reset_members(url: str | os.PathLike[str], start: int, stop: int) -> None:
+    """Mark members [start, stop) pending (whole chunks), so the next build retrains them."""
+    root = open_group(url, mode="r+")
+    status = root["members/status"]
+    status[start:stop] = np.full(stop - start, PENDING, dtype=np.int8)
+
+
+def write_members(url: str | os.PathLike[str], start: int, block: MemberBlock) -> None:
+    """Write members [start, start + len(block)) — one whole chunk — data first, status last. Safe in any worker."""
+    root = open_group(url, mode="r+")  # reopened here: a handle from before a resize would drop writes
+    layout = read_layout(root)
+    m = len(block)
+    stop = start + m
+    k = layout.members_per_chunk
+    status = root["members/status"]
+    if start % k or (stop % k and stop != status.shape[0]) or stop > status.shape[0]:
+        raise StoreError(
+            f"write of members [{start}, {stop}) is not one whole chunk of {k} inside {status.shape[0]} members; "
+            "a store resized under a running build? rerun the same command to resume"
+        )
+    sl = slice(start, stop)
+    if set(block.weights) != set(layout.weight_shapes):
+        raise StoreError(f"weights {sorted(block.weights)} do not match the store's {sorted(layout.weight_shapes)}")
+    for key in layout.weight_shapes:
+        root[f"weights/{key}"][sl] = np.asarray(block.weights[key], dtype=np.float32)
+    for name in layout.metric_names:
+        values = block.metrics.get(name)
+        root[f"metrics/{name}"][sl] = (
+            np.full((m, layout.n_checkpoints), np.nan, np.float32) if values is None else np.asarray(values, np.float32)
+        )
+    for name in layout.continuous:
+        root[f"hparams/{name}"][sl] = np.asarray(block.hparams[name], dtype=np.float64)
+    for name, categories in layout.categorical.items():
+        root[f"hparams/{name}"][sl] = _encode(block.hparams[name], categories, name)
+    root["members/seed"][sl] = np.asarray(block.seed, dtype=np.int64)
+    root["members/config"][sl] = np.asarray(block.config, dtype=np.int64)
+    root["members/diverged_epoch"][sl] = np.asarray(block.diverged_epoch, dtype=np.int32)
+    status[sl] = np.where(np.asarray(block.diverged, bool), DIVERGED, DONE).astype(np.int8)  # last: marks data as there
+
+
+def _encode(values: Any, categories: Sequence[Any], name: str) -> np.ndarray:
+    lookup = {_cat_key(c): i for i, c in enumerate(categories)}
+    try:
+        return np.array([lookup[_cat_key(v)] for v in np.asarray(values, dtype=object)], dtype=np.int16)
+    except KeyError as err:
+        raise StoreError(f"hyperparameter {name!r} value {err.args[0]!r} is not one of its categories {list(categories)}") from err
+
+
+def _cat_key(v: Any) -> str:
+    v = v.item() if hasattr(v, "item") else v
+    if isinstance(v, float) and not np.isfinite(v):
+        v = None  # missing values share the category None
+    return json.dumps(v)
+
+
+def read_status(url: str | os.PathLike[str]) -> np.ndarray:
+    """Per-member status codes; a chunk that cannot be decoded (torn write on a non-atomic store) reads as pending."""
+    root = open_group(url, mode="r")
+    status = root["members/status"]
+    n, k = status.shape[0], status.chunks[0]
+    out = np.zeros(n, dtype=np.int8)
+    for start in range(0, n, k):
+        try:
+            out[start : start + k] = status[start : start + k]
+        except Exception:  # noqa: BLE001 - unreadable chunk = not done; it gets rewritten
+            out[start : start + k] = PENDING
+    return out
+
+
+def write_splits(url: str | os.PathLike[str], seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> None:
+    """Store the run and configuration splits for (seed, fractions). Coordinator only (after the tasks)."""
+    root = open_group(url, mode="r+")
+    fr = check_fractions(fractions)
+    n = root["members/status"].shape[0]
+    config = root["members/config"][:]
+    config = np.where(config < 0, -1 - np.arange(n), config)  # unknown config: its own group
+    for kind, groups in (("run", np.arange(n)), ("config", config)):
+        arr = root[f"members/split_{kind}"]
+        arr[:] = assign_split(groups, seed, fr)
+        arr.attrs.update({"seed": int(seed), "fractions": list(fr), "codes": ["train", "val", "test"]})
+
+
+def store_size(url: str | os.PathLike[str]) -> int:
+    """Bytes the store occupies (files under a local path, or fsspec's du for URLs)."""
+    url = str(url)
+    if _is_local(url):
+        return sum(p.stat().st_size for p in _local_path(url).rglob("*") if p.is_file())
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    return int(fs.du(path))
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _as_indices(members: Any, n: int) -> np.ndarray:
+    if members is None:
+        return np.arange(n, dtype=np.int64)
+    if isinstance(members, slice):
+        return np.arange(n, dtype=np.int64)[members]
+    idx = np.atleast_1d(np.asarray(members))
+    if idx.dtype == bool:
+        if idx.shape != (n,):
+            raise IndexError(f"boolean member mask has shape {idx.shape}, expected ({n},)")
+        return np.flatnonzero(idx).astype(np.int64)
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+        raise IndexError(f"member index out of range for a zoo of {n} members")
+    return np.where(idx < 0, idx + n, idx)
+
+
+class Zoo:
+    """Read a zoo store: metadata, the members table, weights as tensors, modules, splits and a loader."""
+
+    def __init__(self, root: zarr.Group, url: str) -> None:
+        self.root = root
+        self.url = url
+        self.attrs: dict[str, Any] = dict(root.attrs["unfzoo"])
+        self.layout = read_layout(root)
+        self._cache: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def open(cls, path_or_url: str | os.PathLike[str]) -> Zoo:
+        """Open a store read-only (a local path or any fsspec URL zarr accepts)."""
+        url = str(path_or_url)
+        root = open_group(url, mode="r")
+        read_layout(root)
+        return cls(root, url)
+
+    def __repr__(self) -> str:
+        return f"Zoo({self.url!r}, members={self.n_members}, checkpoints={list(self.checkpoint_epochs)})"
+
+    # ---- metadata -------------------------------------------------------------------------------------------------
+    @property
+    def n_members(self) -> int:
+        return int(self.root["members/status"].shape[0])
+
+    def __len__(self) -> int:
+        return self.n_members
+
+    @property
+    def members_per_chunk(self) -> int:
+        return self.layout.members_per_chunk
+
+    @property
+    def checkpoint_epochs(self) -> tuple[int, ...]:
+        return self.layout.checkpoint_epochs
+
+    @property
+    def weight_keys(self) -> tuple[str, ...]:
+        """State-dict keys in module order."""
+        return tuple(self.layout.weight_shapes)
+
+    @property
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.layout.weight_shapes)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return self.layout.metric_names
+
+    @property
+    def arch(self) -> dict[str, Any] | None:
+        """The resolved architecture (without the per-member activation), or None for imports without one."""
+        arch = self.attrs.get("arch")
+        return dict(arch) if arch is not None else None
+
+    @property
+    def task_name(self) -> str | None:
+        return (self.attrs.get("task") or {}).get("name")
+
+    @property
+    def task_params(self) -> dict[str, Any]:
+        return dict((self.attrs.get("task") or {}).get("params", {}))
+
+    @property
+    def fingerprint(self) -> str | None:
+        return (self.attrs.get("task") or {}).get("fingerprint")
+
+    @cached_property
+    def recipe(self) -> Recipe | None:
+        """The recipe the zoo was built from (None for imported zoos)."""
+        text = self.attrs.get("recipe_text")
+        if not text:
+            return None
+        from pipeline.recipe import parse_recipe
+
+        recipe = parse_recipe(text, source=f"{self.url} (stored recipe)", default_name=self.attrs.get("name", "zoo"))
+        return recipe.with_members(self.n_members)
+
+    @cached_property
+    def spec(self) -> Any:
+        """The weight-space spec (`unf_models.WeightSpec`), or None when the store has none."""
+        d = self.attrs.get("spec")
+        if d is None:
+            return None
+        from unf_models import WeightSpec
+
+        return WeightSpec.from_dict(d)
+
+    # ---- tables ---------------------------------------------------------------------------------------------------
+    @cached_property
+    def status(self) -> np.ndarray:
+        """(members,) int8 status codes (see STATUS_NAMES)."""
+        return read_status(self.url)
+
+    def hparam(self, name: str) -> np.ndarray:
+        """One hyperparameter column, categoricals decoded to their values."""
+        arr = self.root[f"hparams/{name}"]
+        values = arr[:]
+        if name in self.layout.categorical:
+            cats = np.asarray(list(self.layout.categorical[name]) + [None], dtype=object)
+            return cats[values]  # code -1 -> None (pending)
+        return values
+
+    @cached_property
+    def members(self) -> pd.DataFrame:
+        """One row per member: hyperparameters, seed, config, status, split, and `metric@eN` per checkpoint."""
+        import pandas as pd
+
+        cols: dict[str, Any] = {}
+        for name in (*self.layout.categorical, *self.layout.continuous):
+            cols[name] = self.hparam(name)
+        for name in ("seed", "config", "diverged_epoch"):
+            cols[name] = self.root[f"members/{name}"][:]
+        cols["status"] = pd.Categorical.from_codes(self.status.astype(np.int64), categories=list(STATUS_NAMES))
+        codes = self.root["members/split_run"][:].astype(np.int64)
+        cols["split"] = pd.Categorical.from_codes(codes, categories=["train", "val", "test"])
+        for name in self.metric_names:
+            values = self.metric(name)
+            for j, epoch in enumerate(self.checkpoint_epochs):
+                cols[f"{name}@e{epoch}"] = values[:, j]
+        frame = pd.DataFrame(cols)
+        frame.index.name = "member"
+        return frame
+
+    def metric(self, name: str) -> np.ndarray:
+        """(members, checkpoints) float32 values of one metric."""
+        if name not in self.metric_names:
+            raise StoreError(f"{self.url} has no metric {name!r}; it has {', '.join(self.metric_names)}")
+        return self.root[f"metrics/{name}"][:]
+
+    def split(
+        self, kind: str = "run", seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS
+    ) -> dict[str, np.ndarray]:
+        """Disjoint {"train", "val", "test"} member indices: by run or by hyperparameter configuration.
+
+        The split for the stored (seed, fractions) is read from the zoo; other choices are computed the same way.
+        """
+        if kind not in SPLIT_KINDS:
+            raise StoreError(f"split kind {kind!r} is not one of {', '.join(SPLIT_KINDS)}")
+        fr = check_fractions(fractions)
+        arr = self.root[f"members/split_{kind}"]
+        stored = arr[:]
+        if arr.attrs.get("seed") == seed and np.allclose(arr.attrs.get("fractions", ()), fr) and (stored >= 0).all():
+            return split_indices(stored)
+        n = self.n_members
+        if kind == "run":
+            groups = np.arange(n)
+        else:
+            config = self.root["members/config"][:]
+            groups = np.where(config < 0, -1 - np.arange(n), config)
+        return split_indices(assign_split(groups, seed, fr))
+
+    # ---- weights --------------------------------------------------------------------------------------------------
+    def _checkpoint_index(self, checkpoint: int) -> int:
+        n = len(self.checkpoint_epochs)
+        if not -n <= int(checkpoint) < n:
+            raise IndexError(f"checkpoint index {checkpoint} out of range for {n} checkpoints (epochs {list(self.checkpoint_epochs)})")
+        return int(checkpoint) % n
+
+    def read_weights(self, members: Any = None, checkpoints: Any = None) -> dict[str, np.ndarray]:
+        """{key: (len(members), len(checkpoints), *shape) float32 numpy} for the selection (default: all)."""
+        m_idx = _as_indices(members, self.n_members)
+        c_idx = _as_indices(checkpoints, len(self.checkpoint_epochs))
+        out: dict[str, np.ndarray] = {}
+        for key in self.weight_keys:
+            if self._cache is not None:
+                out[key] = self._cache[key][m_idx][:, c_idx]
+                continue
+            arr = self.root[f"weights/{key}"]
+            if m_idx.size == self.n_members and (m_idx == np.arange(self.n_members)).all():
+                out[key] = arr[:][:, c_idx]
+            else:
+                order = np.argsort(m_idx, kind="stable")  # zarr reads sorted indices chunk by chunk
+                data = arr.oindex[m_idx[order], c_idx]
+                out[key] = data[np.argsort(order, kind="stable")]
+        return out
+
+    def weights(self, members: Any, checkpoint: int = -1) -> dict[str, torch.Tensor]:
+        """{key: tensor (len(members), *shape)} at one checkpoint index (default: the last)."""
+        import torch
+
+        c = self._checkpoint_index(checkpoint)
+        data = self.read_weights(members, [c])
+        return {k: torch.from_numpy(np.ascontiguousarray(v[:, 0])) for k, v in data.items()}
+
+    def member_arch(self, member: int) -> dict[str, Any]:
+        """The architecture of one member, including its activation when it is a hyperparameter."""
+        if self.arch is None:
+            raise StoreError(f"{self.url} records no architecture, so members cannot be rebuilt as modules")
+        arch = dict(self.arch)
+        if "activation" in self.layout.categorical:
+            arch["activation"] = self.hparam("activation")[int(member)]
+        elif "activation" in self.attrs.get("constants", {}):
+            arch["activation"] = self.attrs["constants"]["activation"]
+        return arch
+
+    def module(self, member: int, checkpoint: int = -1) -> torch.nn.Module:
+        """A ready `nn.Module` holding member `member`'s weights at a checkpoint index (default: the last)."""
+        from pipeline.members import build_member
+
+        module = build_member(self.member_arch(member))
+        state = {k: v[0] for k, v in self.weights([int(member)], checkpoint).items()}
+        module.load_state_dict(state)
+        return module.eval()
+
+    def load(self) -> Zoo:
+        """Read every weight array into memory; later weight reads and loaders use it."""
+        self._cache = {k: self.root[f"weights/{k}"][:] for k in self.weight_keys}
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all weights in memory (members x checkpoints x params x 4)."""
+        n = self.n_members * len(self.checkpoint_epochs)
+        return sum(n * int(np.prod(s)) * 4 for s in self.layout.weight_shapes.values())
+
+    def size_on_disk(self) -> int:
+        """Bytes the store occupies."""
+        return store_size(self.url)
+
+    def summary(self) -> dict[str, Any]:
+        """What `unfzoo inspect` shows: metadata, status counts, hyperparameter ranges, metric quantiles, size."""
+        status = self.status
+        counts = {name: int((status == i).sum()) for i, name in enumerate(STATUS_NAMES)}
+        task = self.attrs.get("task") or {}
+        arch = self.arch
+        k = self.members_per_chunk
+        splits = {kind: {s: len(v) for s, v in self.split(kind).items()} for kind in SPLIT_KINDS}
+        hparams: dict[str, str] = {}
+        for name in self.layout.categorical:
+            values, freq = np.unique(np.asarray([str(v) for v in self.hparam(name)]), return_counts=True)
+            hparams[name] = ", ".join(f"{v} ({c})" for v, c in zip(values, freq))
+        for name in self.layout.continuous:
+            col = self.hparam(name)
+            col = col[np.isfinite(col)]
+            uniq = np.unique(col)
+            hparams[name] = (
+                ", ".join(f"{v:g}" for v in uniq) if 0 < len(uniq) <= 6
+                else f"{col.min():.3g} .. {col.max():.3g} (median {np.median(col):.3g})" if len(col) else "-"
+            )
+        metrics: dict[tuple[str, int], list[float]] = {}
+        done = status == DONE
+        for name in self.metric_names:
+            values = self.metric(name)[done]
+            for j, epoch in enumerate(self.checkpoint_epochs):
+                col = values[:, j][np.isfinite(values[:, j])]
+                if col.size and (j in (0, len(self.checkpoint_epochs) - 1) or name == "test_acc"):
+                    metrics[(name, epoch)] = np.quantile(col, [0, 0.1, 0.5, 0.9, 1.0]).tolist()
+        return {
+            "store": self.url,
+            "name": self.attrs.get("name", "zoo"),
+            "kind": self.attrs.get("kind", "?") + (f" ({self.attrs['source']['format']})" if "source" in self.attrs else ""),
+            "task": f"{task.get('name')} {task.get('params') or ''} fingerprint {task.get('fingerprint')}" if task else "-",
+            "arch": json.dumps(arch) if arch is not None else "-",
+            "members": self.n_members,
+            "status": ", ".join(f"{n} {c}" for n, c in counts.items()),
+            "status_counts": counts,
+            "checkpoint epochs": list(self.checkpoint_epochs),
+            "chunks": f"{-(-self.n_members // k)} of {k} members",
+            "splits": "; ".join(f"{kind}: " + "/".join(str(c) for c in v.values()) for kind, v in splits.items()),
+            "size on disk": _human_bytes(self.size_on_disk()),
+            "hparams": hparams,
+            "metrics": metrics,
+        }
+
+    def loader(
+        self,
+        members: Any = None,
+        checkpoints: Any = None,
+        batch_size: int = 128,
+        shuffle: bool = True,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> ZooLoader:
+        """Batches of (weights dict, member idx, checkpoint idx) over members x checkpoints; see `ZooLoader`."""
+        from pipeline.loader import ZooLoader
+
+        return ZooLoader(self, members, checkpoints, batch_size=batch_size, shuffle=shuffle, seed=seed, **kwargs)
