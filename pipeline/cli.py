@@ -30,3 +30,6 @@ def main(
 
 
 # Sub-commands are registered below, one line each; their modules import torch only when run.
+from pipeline.commands import train as _train_cmd  # noqa: E402
+
+app.command("train", epilog=_train_cmd._EPILOG)(_train_cmd.train)
