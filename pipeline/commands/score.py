@@ -1,0 +1,101 @@
+"""`unfzoo score`: score checkpoint files or zoo members with a trained predictor (thin skin over pipeline.score)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.commands._common import console, err_console, user_errors
+
+_EPILOG = """
+[bold]Examples[/]
+
+  unfzoo score runs/cnn-unf/unf runs/sweep/ --out scores.csv
+
+  unfzoo score runs/cnn-unf/unf 'downloads/**/*.safetensors' model.ckpt --out scores.parquet
+
+  unfzoo score runs/cnn-unf/unf datasets/zoos/cnn-digits.zarr --checkpoint 20 --out zoo_scores.csv
+
+Inputs: files (any suffix; read safely), directories (recursive: .pt .pth .ckpt .bin .safetensors), quoted globs,
+or zarr zoo stores (every member at --checkpoint). PyTorch files are read with torch.load(weights_only=True) only:
+a pickle that needs anything beyond tensors and plain containers is refused, never run. Exit code 0 when every input
+scored, 1 when some failed (listed; the rest are scored and written), 2 for a usage error.
+"""
+
+_OUT_SUFFIXES = (".csv", ".parquet", ".pq")
+_SHOW_ERRORS = 20
+
+
+def score(
+    predictor_dir: Path = typer.Argument(..., help="A trained predictor (an `unfzoo train` output folder or model sub-folder)."),
+    inputs: list[str] = typer.Argument(..., help="Checkpoint files, directories, globs or zoo stores.", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="Output table: .csv or .parquet, one row per input."),
+    checkpoint: str = typer.Option("final", help="Zoo inputs: the epoch to score (final = the last stored)."),
+    batch_size: int = typer.Option(256, help="Checkpoints per predictor call."),
+    workers: int = typer.Option(None, help="Reader processes; 0 reads in-process. Default: a LocalCluster of one "
+                                "process per core for thousands of files, in-process reading for fewer."),
+    scheduler: str = typer.Option(None, help="Address of a running Dask scheduler (e.g. tcp://host:8786) to read "
+                                  "files on; 'sync' reads in-process."),
+    device: str = typer.Option("auto", help="Predictor device: auto (CUDA when present) | cpu | cuda | cuda:N."),
+) -> None:
+    """Score checkpoint files, folders, globs or zoo stores with a trained predictor; one verdict per input."""
+    with user_errors():
+        import pandas as pd
+        from rich.table import Table
+
+        from pipeline.errors import ConfigError
+
+        if out.suffix.lower() not in _OUT_SUFFIXES:
+            raise ConfigError(f"--out {out}: use a .csv or .parquet file name")
+        zoo_checkpoint: int | str = checkpoint
+        if checkpoint not in ("final", "last"):
+            try:
+                zoo_checkpoint = int(checkpoint)
+            except ValueError as err:
+                raise ConfigError(f"--checkpoint {checkpoint!r}: use an epoch number or 'final'") from err
+
+        from pipeline.predict import load_predictor
+        from pipeline.score import score_checkpoints
+
+        predictor = load_predictor(predictor_dir, device=device)
+        frame = score_checkpoints(
+            predictor, inputs, batch_size=batch_size, scheduler=scheduler, workers=workers,
+            checkpoint=zoo_checkpoint, progress=True,
+        )
+        _write(frame, out)
+
+        ok = frame[frame["status"] == "ok"]
+        failed = frame[frame["status"] != "ok"]
+        table = Table(title=f"{predictor.kind} predictor of {predictor.target}: {len(frame)} inputs")
+        for col in ("scored", "failed", "min", "median", "max"):
+            table.add_column(col, justify="right")
+        stats = ok["prediction"].describe() if len(ok) else None
+        table.add_row(
+            str(len(ok)), str(len(failed)),
+            *(f"{stats[k]:.4f}" if stats is not None else "-" for k in ("min", "50%", "max")),
+        )
+        console.print(table)
+        if len(ok):
+            best = ok.nlargest(min(5, len(ok)), "prediction")
+            names = [p if pd.isna(m) else f"{p}#member={m}" for p, m in zip(best["path"], best["member"])]
+            console.print("highest: " + ", ".join(f"{n} ({v:.4f})" for n, v in zip(names, best["prediction"])))
+        console.print(f"wrote {out}")
+        if len(failed):
+            err_console.print(f"[bold red]{len(failed)} input(s) failed[/] (status=error in {out}):")
+            for row in failed.head(_SHOW_ERRORS).itertuples():
+                err_console.print(f"  {row.error}", highlight=False, soft_wrap=True)
+            if len(failed) > _SHOW_ERRORS:
+                err_console.print(f"  ... and {len(failed) - _SHOW_ERRORS} more")
+            raise typer.Exit(code=1)
+
+
+def _write(frame, out: Path) -> None:  # noqa: ANN001 - a pandas DataFrame (pandas is imported lazily)
+    """Write the table atomically (a temporary file renamed into place)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if out.suffix.lower() == ".csv":
+        frame.to_csv(tmp, index=False)
+    else:
+        frame.to_parquet(tmp, index=False)
+    tmp.replace(out)

@@ -1,0 +1,470 @@
+"""Batch-score checkpoint files and zoo members with a trained weight-space predictor, one verdict per input.
+
+Files are read in windows (by Dask workers when there are many, in the calling process otherwise), matched against
+the predictor's spec, stacked per shape and scored in batches on the predictor's device. Only a few windows are in
+flight at a time, so memory stays bounded however many files there are. A file that cannot be read or does not
+match gets an error row; the others are still scored.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.checkpoints import CHECKPOINT_SUFFIXES, NON_FINITE, SpecMatcher, load_checkpoint
+from pipeline.errors import CheckpointError, ConfigError
+
+__all__ = ["OUTPUT_COLUMNS", "LOCAL_CLUSTER_MIN_FILES", "ScoreInputs", "discover_inputs", "score_checkpoints"]
+
+OUTPUT_COLUMNS: tuple[str, ...] = (
+    "path",  # the file, or the zoo directory for zoo members
+    "member",  # zoo member index (zoo inputs only)
+    "checkpoint",  # zoo checkpoint epoch (zoo inputs only)
+    "status",  # "ok" | "error"
+    "prediction",  # the predictor's output (NaN on error)
+    "error",  # why the input was not scored ('' when ok)
+    "format",  # "torch" | "safetensors" | "zoo"
+    "wrapper",  # container keys walked to reach the state dict, e.g. "state_dict" ('' for a bare state dict)
+    "stripped_prefix",  # key prefix removed, e.g. "module." ('' when none)
+    "widths",  # permutable labels at another size than in the predictor's zoo, e.g. "c1=32,c2=32" ('' when none)
+    "ignored_keys",  # tensors of the file outside the predictor's weight space (other prefixes, buffers)
+)
+# Spawning a LocalCluster costs seconds (each worker process imports torch): worth it only past a few thousand
+# files. Measured break-even on 2 cores: ~5,000 files of ~2 ms each (benchmarks/bench_score.py).
+LOCAL_CLUSTER_MIN_FILES = 4000
+_ZOO_MARKERS = ("zarr.json", ".zgroup")
+_IN_FLIGHT_PER_WORKER = 2
+Key = tuple[int, int]  # (input position, member index or 0): rows sort into input order
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What the user's inputs resolve to, in input order: ("file" | "zoo", Path) or ("missing", message)."""
+
+    items: tuple[tuple[str, Any], ...]
+
+    @property
+    def files(self) -> list[Path]:
+        return [v for k, v in self.items if k == "file"]
+
+    @property
+    def zoos(self) -> list[Path]:
+        return [v for k, v in self.items if k == "zoo"]
+
+    @property
+    def missing(self) -> list[str]:
+        return [v for k, v in self.items if k == "missing"]
+
+
+def _is_zoo(path: Path) -> bool:
+    return path.is_dir() and any((path / m).is_file() for m in _ZOO_MARKERS)
+
+
+def _walk(directory: Path) -> Iterator[Path]:
+    """Checkpoint files under `directory`, recursively, sorted; zoo stores inside are not descended into."""
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not _is_zoo(Path(root) / d))
+        for name in sorted(files):
+            if name.endswith(CHECKPOINT_SUFFIXES):
+                yield Path(root) / name
+
+
+def discover_inputs(inputs: Iterable[str | os.PathLike[str]]) -> ScoreInputs:
+    """Resolve files, directories (recursive), globs (``**`` allowed) and zarr zoo paths; duplicates are dropped.
+
+    A file named explicitly is read whatever its suffix (loading is safe either way); directories and globs yield
+    only .pt/.pth/.ckpt/.bin/.safetensors files. Zoo stores stay whole (scored member by member).
+    """
+    items: list[tuple[str, Any]] = []
+    seen: set[str] = set()
+    for raw in inputs:
+        text = os.fspath(raw)
+        path = Path(text)
+        if path.exists():
+            candidates = [path]
+        elif glob.has_magic(text):
+            candidates = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
+            candidates = [p for p in candidates if p.is_dir() or p.name.endswith(CHECKPOINT_SUFFIXES)]
+            if not candidates:
+                items.append(("missing", (text, "the pattern matches no checkpoint file")))
+        else:
+            items.append(("missing", (text, "no such file or directory")))
+            candidates = []
+        for cand in candidates:
+            kind = "zoo" if _is_zoo(cand) else "dir" if cand.is_dir() else "file"
+            for file in _walk(cand) if kind == "dir" else [cand]:
+                real = os.path.abspath(file)
+                if real not in seen:
+                    seen.add(real)
+                    items.append(("zoo" if kind == "zoo" else "file", file))
+    return ScoreInputs(tuple(items))
+
+
+# ----------------------------------------------------------------------------------------------- reading (workers)
+
+
+@dataclass
+class _Window:
+    """What reading a window of files gives: metadata per file, and stacked weights per shape signature."""
+
+    rows: list[tuple[Key, dict[str, Any]]]
+    groups: dict[tuple[tuple[int, ...], ...], tuple[list[Key], dict[str, np.ndarray]]]
+
+
+def _error_text(err: BaseException) -> str:
+    if isinstance(err, CheckpointError):
+        return str(err)
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def _read_window(items: Sequence[tuple[Key, str]], matcher: SpecMatcher) -> _Window:
+    """Load and match each file; failures become error rows. Runs on a Dask worker or in-process."""
+    import torch
+
+    rows: dict[Key, dict[str, Any]] = {}
+    paths = dict(items)
+    pending: dict[tuple[tuple[int, ...], ...], tuple[list[Key], dict[str, list[torch.Tensor]]]] = {}
+    for key, path in items:
+        meta = rows[key] = {"format": "safetensors" if path.endswith(".safetensors") else "torch"}
+        try:
+            loaded = load_checkpoint(path)
+            meta["wrapper"] = loaded.wrapper
+            matched = matcher.match(loaded.state, path, check_finite=False)  # checked below, per stacked group
+        except Exception as err:  # noqa: BLE001 - any failure is this file's verdict, never the batch's
+            meta.update(status="error", error=_error_text(err))
+            continue
+        meta.update(
+            status="ok", stripped_prefix=matched.stripped_prefix, widths=matched.widths,
+            ignored_keys=len(matched.ignored_keys),
+        )
+        sig = tuple(tuple(t.shape) for t in matched.tensors.values())
+        keys, stacks = pending.setdefault(sig, ([], {name: [] for name in matched.tensors}))
+        keys.append(key)
+        for name, tensor in matched.tensors.items():
+            stacks[name].append(tensor)
+    groups = {}
+    for sig, (keys, stacks) in pending.items():
+        arrays = {name: torch.stack(ts) for name, ts in stacks.items()}  # (n, *shape) each
+        bad = {}  # row -> first non-finite tensor
+        for name, a in arrays.items():
+            for j in torch.nonzero(~torch.isfinite(a.reshape(len(a), -1)).all(dim=1)).flatten().tolist():
+                bad.setdefault(j, name)
+        for j, name in bad.items():
+            rows[keys[j]].update(status="error", error=f"{paths[keys[j]]}: {name} {NON_FINITE}")
+        keep = [j for j in range(len(keys)) if j not in bad]
+        if keep:
+            index = torch.tensor(keep) if bad else None
+            groups[sig] = (
+                [keys[j] for j in keep],
+                {n: (a if index is None else a[index]).numpy() for n, a in arrays.items()},
+            )
+    return _Window(list(rows.items()), groups)
+
+
+@contextmanager
+def _dask_client(scheduler: Any, workers: int | None, n_files: int) -> Iterator[Any]:
+    """A Dask client for reading files, or None for the in-process path; a LocalCluster made here is closed here."""
+    if workers is not None and workers < 0:
+        raise ConfigError(f"--workers must be 0 (read in-process) or more, got {workers}")
+    if scheduler is not None and not isinstance(scheduler, str):
+        yield scheduler  # an existing distributed.Client: the caller owns it
+        return
+    if n_files == 0 or scheduler in ("sync", "synchronous") or (scheduler is None and workers == 0):
+        yield None
+        return
+    if scheduler is None and workers is None and n_files < LOCAL_CLUSTER_MIN_FILES:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler in (None, "local"):
+        n = workers or max(1, min(os.cpu_count() or 1, 8))
+        cluster = LocalCluster(
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+        )
+        with cluster, Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = Client(scheduler, timeout="20s")
+    except (OSError, TimeoutError, ValueError) as err:
+        raise ConfigError(f"--scheduler {scheduler!r}: no Dask scheduler answers there ({err})") from err
+    with client:
+        yield client
+
+
+def _n_workers(client: Any) -> int:
+    return max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
+
+
+_Stream = Iterator[tuple[Sequence[tuple[Key, str]], "_Window | BaseException"]]
+
+
+def _windows_in_process(windows: Sequence[Sequence[tuple[Key, str]]], matcher: SpecMatcher) -> _Stream:
+    for window in windows:
+        yield window, _read_window(window, matcher)
+
+
+def _windows_dask(client: Any, windows: Sequence[Sequence[tuple[Key, str]]], matcher: SpecMatcher) -> _Stream:
+    """Submit windows with at most a few per worker in flight; yield each as it finishes (any order)."""
+    from distributed import as_completed
+
+    limit = _IN_FLIGHT_PER_WORKER * _n_workers(client)
+    [matcher_future] = client.scatter([matcher], broadcast=True)  # travels as the spec's dict
+    todo = iter(windows)
+    owner: dict[str, Sequence[tuple[Key, str]]] = {}
+    running = as_completed()
+
+    def submit() -> None:
+        window = next(todo, None)
+        if window is not None:
+            future = client.submit(_read_window, list(window), matcher_future, pure=False)
+            owner[future.key] = window
+            running.add(future)
+
+    for _ in range(limit):
+        submit()
+    for future in running:
+        window = owner.pop(future.key)
+        try:
+            result: _Window | BaseException = future.result()
+        except Exception as err:  # noqa: BLE001 - a lost worker fails its window's files, not the whole run
+            result = err
+        future.release()
+        submit()
+        yield window, result
+
+
+# ----------------------------------------------------------------------------------------------------------- scoring
+
+
+class _Batcher:
+    """Buffers matched weights per shape signature; scores a group once it holds `batch_size` members."""
+
+    def __init__(self, predictor: Any, batch_size: int, rows: dict[Key, dict[str, Any]]):
+        self.predictor, self.batch_size, self.rows = predictor, batch_size, rows
+        self.names = list(predictor.spec.names)
+        self.groups: dict[Any, tuple[list[Key], dict[str, list[np.ndarray]]]] = {}
+        self.buffered = 0
+
+    def add(self, sig: Any, keys: list[Key], arrays: Mapping[str, np.ndarray]) -> None:
+        if not keys:
+            return
+        group_keys, parts = self.groups.setdefault(sig, ([], {n: [] for n in self.names}))
+        group_keys.extend(keys)
+        for name in self.names:
+            parts[name].append(arrays[name])
+        self.buffered += len(keys)
+        if len(group_keys) >= self.batch_size:
+            self.flush(sig)
+        elif self.buffered >= 4 * self.batch_size:  # many distinct widths: keep the buffer bounded anyway
+            self.flush()
+
+    def flush(self, sig: Any = None) -> None:
+        for group in [sig] if sig is not None else list(self.groups):
+            keys, parts = self.groups.pop(group)
+            self.buffered -= len(keys)
+            stacked = {n: np.concatenate(p) if len(p) > 1 else p[0] for n, p in parts.items()}  # (n, *shape)
+            for start in range(0, len(keys), self.batch_size):
+                stop = start + self.batch_size
+                self._predict(keys[start:stop], {n: a[start:stop] for n, a in stacked.items()})
+
+    def _predict(self, keys: list[Key], arrays: Mapping[str, np.ndarray]) -> None:
+        import torch
+
+        weights = {name: torch.from_numpy(arrays[name]) for name in self.names}  # (n, *shape) each
+        try:
+            preds = np.asarray(self.predictor.predict(weights), dtype=np.float64).reshape(len(keys))
+        except (RuntimeError, ValueError) as err:  # e.g. a width the predictor cannot take: these rows fail
+            for key in keys:
+                self.rows[key].update(status="error", error=f"prediction failed: {_error_text(err)}")
+            return
+        for key, value in zip(keys, preds):
+            if math.isfinite(value):
+                self.rows[key]["prediction"] = float(value)
+            else:
+                self.rows[key].update(status="error", error=f"the predictor returned {value} (non-finite)")
+
+
+@dataclass
+class _ZooInput:
+    pos: int
+    path: Path
+    zoo: Any
+    index: int  # checkpoint index
+    epoch: int
+    widths: str
+
+
+def _open_zoos(found: ScoreInputs, spec: Any, allow: bool, checkpoint: int | str,
+               rows: dict[Key, dict[str, Any]]) -> list[_ZooInput]:
+    """Open each zoo input and check its checkpoint and spec; a zoo that does not fit gets one error row."""
+    from pipeline.store import Zoo
+
+    out = []
+    for pos, (kind, path) in enumerate(found.items):
+        if kind != "zoo":
+            continue
+        base = {"path": str(path), "format": "zoo"}
+        try:
+            zoo = Zoo.open(path)
+            epochs = list(zoo.checkpoint_epochs)
+            if checkpoint in ("final", "last", -1):
+                index = len(epochs) - 1
+            elif int(checkpoint) in epochs:
+                index = epochs.index(int(checkpoint))
+            else:
+                raise ConfigError(
+                    f"--checkpoint {checkpoint}: {path} stores epochs {epochs}; use one of them or 'final'"
+                )
+            sizes = spec.check(zoo.weight_shapes, allow_other_widths=allow)
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - an unreadable or mismatched zoo is one error row
+            rows[(pos, 0)] = {**base, "status": "error", "error": f"{path}: {_error_text(err)}"}
+            continue
+        reference = spec.sizes
+        widths = ",".join(f"{label}={n}" for label, n in sizes.items() if n != reference.get(label, n))
+        out.append(_ZooInput(pos, path, zoo, index, epochs[index], widths))
+    return out
+
+
+def _score_zoo(item: _ZooInput, batcher: _Batcher, rows: dict[Key, dict[str, Any]], batch_size: int,
+               advance: Callable[[int], None]) -> None:
+    """Score every member at one checkpoint, reading whole chunks; pending or non-finite members get error rows."""
+    from pipeline.store import DIVERGED, DONE, STATUS_NAMES
+
+    zoo, names = item.zoo, batcher.names
+    status = np.asarray(zoo.status)
+    chunk = max(1, int(zoo.members_per_chunk))
+    step = chunk * max(1, batch_size // chunk)
+    sig = tuple(tuple(zoo.weight_shapes[n]) for n in names)
+    for start in range(0, zoo.n_members, step):
+        stop = min(start + step, zoo.n_members)
+        data = zoo.read_weights(slice(start, stop), [item.index])
+        arrays = {n: np.ascontiguousarray(data[n][:, 0], dtype=np.float32) for n in names}  # (n, *shape)
+        finite = np.ones(stop - start, dtype=bool)
+        for a in arrays.values():
+            finite &= np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+        ok = []
+        for j, member in enumerate(range(start, stop)):
+            key = (item.pos, member)
+            row = {
+                "path": str(item.path), "member": member, "checkpoint": item.epoch, "format": "zoo",
+                "widths": item.widths, "ignored_keys": 0,
+            }
+            if status[member] not in (DONE, DIVERGED):
+                row.update(status="error", error=f"member {member} is {STATUS_NAMES[status[member]]} (not trained)")
+            elif not finite[j]:
+                row.update(status="error", error=f"member {member} has non-finite weights at epoch {item.epoch}")
+            else:
+                row["status"] = "ok"
+                ok.append(j)
+            rows[key] = row
+        batcher.add(sig, [(item.pos, start + j) for j in ok], {n: a[ok] for n, a in arrays.items()})
+        advance(stop - start)
+
+
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr; yields `advance(n)`."""
+    if not enabled or total == 0:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("score", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _frame(rows: Mapping[Key, Mapping[str, Any]]) -> pd.DataFrame:
+    """Rows in input order (zoo members in member order) with every output column and stable dtypes."""
+    frame = pd.DataFrame.from_records([rows[k] for k in sorted(rows)], columns=list(OUTPUT_COLUMNS))
+    frame["status"] = frame["status"].fillna("error").astype(str)
+    for col in ("error", "format", "wrapper", "stripped_prefix", "widths"):
+        frame[col] = frame[col].fillna("").astype(str)
+    frame["prediction"] = frame["prediction"].astype("float64")
+    for col in ("member", "checkpoint", "ignored_keys"):
+        frame[col] = frame[col].astype("Int64")
+    return frame
+
+
+def score_checkpoints(
+    predictor: Any,
+    inputs: Iterable[str | os.PathLike[str]],
+    *,
+    batch_size: int = 256,
+    scheduler: Any = None,
+    workers: int | None = None,
+    checkpoint: int | str = "final",
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Score checkpoint files, directories, globs and zoo stores; one row per file or zoo member (`OUTPUT_COLUMNS`).
+
+    `predictor` has `.spec`, `.width_agnostic` and `.predict({name: (N, *shape)}) -> (N,)` (see
+    `pipeline.predict.load_predictor`). Files are read by Dask workers: `scheduler` None picks a LocalCluster of
+    `workers` processes when there are at least LOCAL_CLUSTER_MIN_FILES files (or `workers` is given), in-process
+    reading otherwise; 'sync' reads in-process, 'local' forces a LocalCluster, any other string is a scheduler
+    address, and a `distributed.Client` is used as is. `workers=0` reads in-process. Zoo members are scored at
+    `checkpoint` (an epoch it stores, or 'final'). Raises ConfigError when no input exists or an option is invalid.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    found = discover_inputs(inputs)
+    if not found.files and not found.zoos:
+        detail = "; ".join(f"{t}: {why}" for t, why in found.missing) or "no .pt/.pth/.ckpt/.bin/.safetensors file"
+        raise ConfigError(f"no checkpoints found ({detail})")
+    spec, allow = predictor.spec, bool(predictor.width_agnostic)
+    rows: dict[Key, dict[str, Any]] = {}
+    files: list[tuple[Key, str]] = []
+    for pos, (kind, value) in enumerate(found.items):
+        if kind == "file":
+            files.append(((pos, 0), str(value)))
+            rows[(pos, 0)] = {"path": str(value)}
+        elif kind == "missing":
+            rows[(pos, 0)] = {"path": value[0], "status": "error", "error": f"{value[0]}: {value[1]}"}
+    zoos = _open_zoos(found, spec, allow, checkpoint, rows)
+
+    matcher = SpecMatcher(spec, allow)
+    batcher = _Batcher(predictor, batch_size, rows)
+    total = len(files) + sum(z.zoo.n_members for z in zoos)
+    with _progress(progress, total) as advance:
+        with _dask_client(scheduler, workers, len(files)) as client:
+            size = batch_size if client is None else int(min(512, max(16, len(files) // (8 * _n_workers(client)))))
+            windows = [files[i : i + size] for i in range(0, len(files), size)]
+            stream = (_windows_in_process(windows, matcher) if client is None
+                      else _windows_dask(client, windows, matcher))
+            for window, result in stream:
+                if isinstance(result, BaseException):
+                    for key, _ in window:
+                        rows[key].update(status="error", error=f"worker failed: {_error_text(result)}")
+                else:
+                    for key, meta in result.rows:
+                        rows[key].update(meta)
+                    for sig, (keys, arrays) in result.groups.items():
+                        batcher.add(sig, keys, arrays)
+                advance(len(window))
+        for item in zoos:
+            _score_zoo(item, batcher, rows, batch_size, advance)
+        batcher.flush()
+    return _frame(rows)
