@@ -11,6 +11,7 @@ Usable on its own (never imports ``pipeline``)::
 from unf_models.basis import bell, num_pair_terms
 from unf_models.errors import SpecError, SpecMismatchError, UNFError, UnsupportedModuleError
 from unf_models.layers import UNFLinear, UNFPool
+from unf_models.normalize import WeightStats
 from unf_models.predictor import UNFPredictor
 from unf_models.spec import Part, TensorSpec, WeightSpec
 
@@ -21,6 +22,7 @@ __all__ = [
     "UNFLinear",
     "UNFPool",
     "UNFPredictor",
+    "WeightStats",
     "bell",
     "num_pair_terms",
     "UNFError",

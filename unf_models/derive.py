@@ -756,6 +756,10 @@ def _shape_tree(value: Any) -> Any:
 class _ShapeRecorder(fx.Interpreter):
     """Runs the traced graph once and stores every node's output shape(s) in ``node.meta``."""
 
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # fx's error decoration imports torch._dynamo (seconds); we retry sizes
+
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         n.meta[_META] = _shape_tree(result)

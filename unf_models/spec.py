@@ -70,6 +70,9 @@ def _group_axes(name: str, shape: tuple[int, ...], views: list[tuple[int, ...]])
         if any(v for v in views) or len(views) != 1:
             raise SpecError(f"tensor '{name}': a scalar tensor needs exactly one part with no axes")
         return ()
+    if len(views) == 1 and prod(views[0]) != prod(shape):
+        raise SpecError(f"tensor '{name}': view {views[0]} has {prod(views[0])} entries, natural shape {shape} has "
+                        f"{prod(shape)}")
     trailing: list[int] | None = None
     leading_sizes = []
     for view in views:
@@ -101,6 +104,16 @@ def _group_axes(name: str, shape: tuple[int, ...], views: list[tuple[int, ...]])
     return tuple(trailing)
 
 
+def _default_natural(axes: list[tuple[str, ...]], views: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """Natural shape of a split tensor when none is given: the parts' common trailing labels stay separate dims,
+    everything before them is concatenated along dim 0 (``in_proj_weight`` -> (3d, d), ``in_proj_bias`` -> (3d,))."""
+    k = 0
+    while k < min(len(a) for a in axes) - 1 and len({a[len(a) - 1 - k] for a in axes}) == 1:
+        k += 1
+    lead = sum(prod(v[: len(v) - k]) for v in views)
+    return (lead, *views[0][len(views[0]) - k :])
+
+
 class WeightSpec:
     """Frozen description of a weight space's permutation symmetry.
 
@@ -127,6 +140,9 @@ class WeightSpec:
         for name, labels in axes.items():
             if not isinstance(name, str) or not name:
                 raise SpecError(f"tensor names must be non-empty strings, got {name!r}")
+            if isinstance(labels, str) or any(isinstance(p, str) for p in labels) and not _is_label_tuple(labels):
+                raise SpecError(f"tensor '{name}': axes must be a tuple of label strings or a list of such tuples, "
+                                f"got {labels!r}")
             part_axes = [tuple(labels)] if _is_label_tuple(labels) else [tuple(p) for p in labels]
             if not part_axes or not all(_is_label_tuple(p) and all(p) for p in part_axes):
                 raise SpecError(f"tensor '{name}': axes must be a tuple of label strings or a list of such tuples, "
@@ -140,8 +156,7 @@ class WeightSpec:
                 if any(n < 1 for n in p_view):
                     raise SpecError(f"tensor '{name}': view {p_view} has an empty axis")
             if natural is None:
-                natural = part_views[0] if len(part_views) == 1 else (
-                    sum(v[0] for v in part_views), *part_views[0][1:])
+                natural = part_views[0] if len(part_views) == 1 else _default_natural(part_axes, part_views)
             groups = _group_axes(name, natural, part_views)
             parts = tuple(Part(a, v) for a, v in zip(part_axes, part_views))
             tensors.append(TensorSpec(name, natural, parts, groups))

@@ -1,0 +1,201 @@
+"""UNF layers: equivariance / invariance to 1e-10 (c), term counts (d), maximality, width transfer (e), devices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import unf_models as um
+from _unf_archs import ARCHS, CNN
+from unf_models.basis import bell, num_pair_terms, pair_terms, reads
+
+HAND = {
+    "mlp": um.WeightSpec({"w1": ("h1", "in"), "b1": ("h1",), "w2": ("h2", "h1"), "b2": ("h2",), "w3": ("out", "h2"),
+                          "b3": ("out",)}, sizes={"in": 5, "h1": 4, "h2": 3, "out": 2}, fixed=("in", "out")),
+    "recurrent": um.WeightSpec({"w": ("h", "h"), "u": ("h", "in"), "b": ("h",)}, sizes={"h": 5, "in": 3},
+                               fixed=("in",)),
+    "rank3": um.WeightSpec({"t": ("h", "h", "h"), "b": ("h",)}, sizes={"h": 4}),
+    "conv": um.WeightSpec({"k1": ("c1", "in", "k", "k2"), "b1": ("c1",), "k2": ("c2", "c1", "k", "k2"),
+                           "b2": ("c2",), "head": ("out", "c2")},
+                          sizes={"c1": 3, "c2": 4, "in": 2, "k": 3, "k2": 2, "out": 2}, fixed=("in", "k", "k2", "out")),
+    "gru": um.WeightSpec({"w_ih": ("gate", "h", "e"), "w_hh": ("gate", "h", "h"), "b": ("gate", "h"),
+                          "emb": ("vocab", "e")}, sizes={"gate": 3, "h": 4, "e": 3, "vocab": 5},
+                         fixed=("gate", "vocab")),
+}
+
+
+def _derived(name: str) -> um.WeightSpec:
+    make = next(m for n, m, _ in ARCHS if n == name)
+    torch.manual_seed(0)
+    return um.WeightSpec.from_module(make())
+
+
+SPECS = {**HAND, **{f"derived_{n}": n for n in ("cnn", "cnn_flatten", "gru_seq2seq", "lstm_gru", "transformer")}}
+
+
+@pytest.fixture(scope="module", params=list(SPECS), ids=list(SPECS))
+def spec(request) -> um.WeightSpec:
+    value = SPECS[request.param]
+    return _derived(value) if isinstance(value, str) else value
+
+
+def _features(spec: um.WeightSpec, batch: int, channels: int | None, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lead = (batch,) if channels is None else (batch, channels)
+    return {n: torch.randn(*lead, *s, generator=g, dtype=torch.float64) for n, s in spec.shapes.items()}
+
+
+def _maxdiff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).detach().abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["exact", "permutable"])
+def test_linear_is_equivariant(spec: um.WeightSpec, mode: str) -> None:
+    """(c) layer(permute(x)) == permute(layer(x)); in permutable mode for permutations of every label."""
+    torch.manual_seed(0)
+    layer = um.UNFLinear(spec, 2, 3, fixed_axes=mode).double()
+    x = _features(spec, 2, 2)
+    group = spec if mode == "exact" else spec.with_fixed(())
+    perm = group.random_permutation(torch.Generator().manual_seed(1))
+    y = layer(x)
+    assert all(y[n].shape == (2, 3, *s) for n, s in spec.shapes.items())
+    assert _maxdiff(layer(spec.permute(x, perm)), spec.permute(y, perm)) < 1e-10
+    # the plan enumerates exactly the terms it claims (one mixing block per term)
+    assert sum(len(g.contributions) * len(g.outputs) for g in layer._groups) == layer.num_terms
+
+
+def test_pool_and_predictor_are_invariant(spec: um.WeightSpec) -> None:
+    torch.manual_seed(0)
+    perm = spec.random_permutation(torch.Generator().manual_seed(2))
+    pool = um.UNFPool(spec, 2).double()
+    x = _features(spec, 3, 2)
+    assert pool(x).shape == (3, pool.num_features)
+    assert float((pool(spec.permute(x, perm)) - pool(x)).detach().abs().max()) < 1e-10
+    model = um.UNFPredictor(spec, hidden=(4, 4), head=(8,), out_features=2).double()
+    w = _features(spec, 3, None)
+    out = model(w)
+    assert out.shape == (3, 2)
+    assert float((model(spec.permute(w, perm)) - out).detach().abs().max()) < 1e-10
+
+
+def test_exact_mode_is_not_invariant_to_fixed_axes() -> None:
+    """Exact mode keeps fixed axes apart: permuting input features or classes changes the prediction."""
+    spec = HAND["mlp"]
+    torch.manual_seed(0)
+    model = um.UNFPredictor(spec, hidden=(4,), head=(8,)).double()
+    w = _features(spec, 3, None)
+    for label in ("in", "out"):
+        shift = torch.roll(torch.arange(spec.sizes[label]), 1)
+        assert float((model(spec.permute(w, {label: shift})) - model(w)).detach().abs().max()) > 1e-6
+
+
+def test_positional_embedding_breaks_only_the_fake_symmetry() -> None:
+    spec = HAND["mlp"]
+    torch.manual_seed(0)
+    layer = um.UNFLinear(spec, 2, 3, fixed_axes="permutable", pos_embed=True).double()
+    x = _features(spec, 2, 2)
+    true = spec.random_permutation(torch.Generator().manual_seed(0))
+    assert _maxdiff(layer(spec.permute(x, true)), spec.permute(layer(x), true)) < 1e-10
+    fake = {"in": torch.roll(torch.arange(5), 1)}
+    assert _maxdiff(layer(spec.permute(x, fake)), spec.permute(layer(x), fake)) > 1e-6
+    with pytest.raises(um.SpecError, match="pos_embed"):
+        um.UNFLinear(spec, 2, 3, fixed_axes="exact", pos_embed=True)
+
+
+@pytest.mark.parametrize("out_labels, in_labels, expected", [
+    (("h", "h"), ("h", "h"), 15),  # recurrent matrix to itself: Bell(4)
+    (("h", "h", "h"), ("h", "h", "h"), 203),  # rank-3 tied: Bell(6)
+    (("a", "b"), ("a", "b"), 4),  # MLP weight to itself, distinct labels
+    (("b", "c"), ("a", "b"), 2),  # consecutive MLP weights
+    (("c1", "c0", "k", "k2"), ("c1", "c0", "k", "k2"), 16),  # 4-D conv kernel, all permutable (reference mode)
+    (("h",), ("h", "h"), 5),
+    ((), ("h", "h"), 2),
+])
+def test_pair_term_counts(out_labels, in_labels, expected) -> None:
+    """(d) prod over labels of Bell(c_out + c_in), and the enumeration yields that many distinct terms."""
+    assert num_pair_terms(out_labels, in_labels) == expected
+    terms = pair_terms(out_labels, in_labels)
+    assert len(terms) == len(set(terms)) == expected
+
+
+@pytest.mark.parametrize("name", list(HAND))
+def test_num_terms_is_sum_of_bell_products(name: str) -> None:
+    """(d) layer.num_terms = sum over tensor pairs of prod Bell(c_out + c_in) over permutable labels."""
+    spec = HAND[name]
+    for mode in ("exact", "permutable"):
+        group = spec if mode == "exact" else spec.with_fixed(())
+        labels = {n: tuple(a for a in group.axes(n) if not group.is_fixed(a)) for n in spec.names}
+        expected = 0
+        for lo in labels.values():
+            for li in labels.values():
+                counts = {a: lo.count(a) + li.count(a) for a in set(lo + li)}
+                expected += math.prod(bell(c) for c in counts.values())
+        assert um.UNFLinear(spec, 1, 1, fixed_axes=mode).num_terms == expected
+    # recurrent (exact): w-w Bell(4); w-u, w-b, u-w, b-w Bell(3); u-u, u-b, b-u, b-b Bell(2)
+    assert um.UNFLinear(HAND["recurrent"], 1, 1).num_terms == 15 + 4 * 5 + 4 * 2
+    assert um.UNFLinear(HAND["rank3"], 1, 1).num_terms == 203 + 15 + 15 + 2
+
+
+def test_terms_are_linearly_independent() -> None:
+    """Maximality: the basis maps are independent, so the layer spans all num_terms equivariant maps (+ biases)."""
+    spec = um.WeightSpec({"w": ("h", "h"), "b": ("h",)}, sizes={"h": 5})
+    torch.manual_seed(0)
+    layer = um.UNFLinear(spec, 1, 1).double()
+    x = _features(spec, 6, 1, seed=3)
+    params = dict(layer.named_parameters())
+
+    def outputs(*flat: torch.Tensor) -> torch.Tensor:
+        y = torch.func.functional_call(layer, dict(zip(params, flat)), (x,))
+        return torch.cat([v.reshape(-1) for v in y.values()])
+
+    jac = torch.autograd.functional.jacobian(outputs, tuple(params.values()))
+    matrix = torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1)
+    n_params = sum(p.numel() for p in params.values())
+    assert layer.num_terms == 15 + 5 + 5 + 2 == n_params - 3  # 3 biases: w (full, diagonal), b
+    assert int(torch.linalg.matrix_rank(matrix)) == n_params
+
+
+def test_reads_are_shared_between_terms() -> None:
+    """Reductions are computed once per (piece, read), not once per term."""
+    layer = um.UNFLinear(HAND["rank3"], 1, 1)
+    assert len(layer._reads) == len(reads(("h", "h", "h"))) + len(reads(("h",))) == 22 + 2
+    assert len(layer._groups) == 4 and layer.num_terms == 235
+
+
+def test_width_transfer() -> None:
+    """(e) A predictor built at one width accepts the same architecture at other widths of permutable axes."""
+    torch.manual_seed(0)
+    spec = um.WeightSpec.from_module(CNN())
+    wide = spec.resize({label: spec.sizes[label] * 2 for label in spec.permutable_labels})
+    model = um.UNFPredictor(spec, hidden=(4, 4), head=(8,)).double()
+    same_params = um.UNFPredictor(wide, hidden=(4, 4), head=(8,))
+    assert [p.shape for p in model.parameters()] == [p.shape for p in same_params.parameters()]
+    w = _features(wide, 3, None)
+    out = model(w)
+    assert out.shape == (3, 1) and torch.isfinite(out).all()
+    perm = wide.random_permutation(torch.Generator().manual_seed(0))
+    assert float((model(wide.permute(w, perm)) - out).detach().abs().max()) < 1e-10
+    with pytest.raises(um.SpecMismatchError, match="c1.weight"):  # fixed kernel size cannot change
+        model({**w, "c1.weight": torch.zeros(3, 8, 2, 5, 5, dtype=torch.float64)})
+
+
+def test_predictor_accepts_channels_and_reports_terms() -> None:
+    spec = HAND["gru"]
+    torch.manual_seed(0)
+    model = um.UNFPredictor(spec, hidden=(3,), head=(), in_channels=2, pool="mean").double()
+    x = _features(spec, 2, 2)
+    assert model(x).shape == (2, 1) and model.num_terms == model.layers[0].num_terms
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_cuda_like_on_cpu() -> None:
+    spec = HAND["gru"]
+    torch.manual_seed(0)
+    layer = um.UNFLinear(spec, 2, 3).double()
+    x = _features(spec, 2, 2)
+    cpu = layer(x)
+    gpu = layer.cuda()({k: v.cuda() for k, v in x.items()})
+    assert max(float((cpu[k] - gpu[k].cpu()).detach().abs().max()) for k in cpu) < 1e-10
