@@ -1,0 +1,317 @@
+"""Evaluate meta-trained optimizers on held-out zoo members against Adam tuned on validation members.
+
+Every optimizer trains each test member from its stored initialization for `multiple` x the meta-training horizon,
+with the same batches (data order seeded per member). Reported per optimizer: training loss (whole train split) at the
+horizon and at `multiple` x it, test accuracy at both, divergence rate and time per step; and for the learned
+optimizers the mean and 95% t-interval of the per-member difference against tuned Adam. Adam's learning rate is
+chosen on validation members only, by training loss at the horizon. Non-finite losses count as `loss_cap` x the
+member's initial loss in means and differences (and as diverged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import grad_and_value, vmap
+
+from pipeline.errors import ConfigError
+from pipeline.lopt.inner import InnerProblem, group_problems
+from pipeline.lopt.optimizers import Adam, FunctionalOptimizer
+
+__all__ = ["EvalConfig", "RunResult", "evaluate_optimizers", "format_table", "paired_difference", "run_optimizer", "tune_adam"]
+
+DEFAULT_ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate and how."""
+
+    horizon: int = 0  # inner steps of "the horizon"; 0 = the optimizers' meta-training horizon
+    multiple: int = 4  # also report at multiple x horizon (beyond what meta-training saw)
+    members: int = 0  # test members to use (0 = all)
+    val_members: int = 8  # validation members for tuning Adam's learning rate (0 = all)
+    adam_lrs: tuple[float, ...] = DEFAULT_ADAM_LRS
+    loss_cap: float = 2.0  # a final loss above cap x initial loss (or non-finite) counts as diverged
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.horizon < 0 or self.multiple < 1 or self.members < 0 or self.val_members < 0:
+            raise ConfigError("horizon, members and val_members must be >= 0 and multiple >= 1")
+        if not self.adam_lrs or any(not lr > 0 for lr in self.adam_lrs):
+            raise ConfigError(f"adam learning-rate grid must be non-empty and positive, got {self.adam_lrs}")
+        if not self.loss_cap > 1:
+            raise ConfigError(f"loss_cap must be > 1, got {self.loss_cap}")
+
+
+@dataclass
+class RunResult:
+    """Per-member results of one optimizer over a list of problems (rows in problem order)."""
+
+    curve: np.ndarray  # (M, steps) minibatch training loss at every step
+    train_loss: np.ndarray  # (M, len(eval_at)) whole-train-split loss after eval_at[j] steps
+    test_acc: np.ndarray  # (M, len(eval_at))
+    initial_loss: np.ndarray  # (M,)
+    eval_at: tuple[int, ...]
+    seconds: float  # wall time of the training steps (all members)
+    steps: int
+
+    @property
+    def ms_per_step(self) -> float:
+        """Wall milliseconds per inner step, all members of the run trained together (vmapped)."""
+        return 1000 * self.seconds / max(self.steps, 1)
+
+
+def _member_seed(seed: int, problem: InnerProblem, index: int) -> int:
+    key = f"{seed}/{problem.member if problem.member is not None else problem.name or index}"
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little")
+
+
+def run_optimizer(
+    problems: Sequence[InnerProblem],
+    optimizer: FunctionalOptimizer,
+    meta: Mapping[str, Tensor],
+    steps: int,
+    eval_at: Sequence[int],
+    seed: int = 0,
+) -> RunResult:
+    """Train every problem from its initialization for `steps` steps with (optimizer, meta), vmapped per group.
+
+    The data order of a problem depends only on (seed, member), so every optimizer sees the same batches.
+    """
+    eval_at = tuple(sorted({int(s) for s in eval_at}))
+    if not problems or steps < 1 or not eval_at or eval_at[-1] > steps or eval_at[0] < 1:
+        raise ConfigError(f"need problems, steps >= 1 and checkpoints within 1..{steps}, got {eval_at}")
+    m = len(problems)
+    curve = np.full((m, steps), np.nan, np.float64)
+    train_loss = np.full((m, len(eval_at)), np.nan, np.float64)
+    test_acc = np.full((m, len(eval_at)), np.nan, np.float64)
+    initial = np.array([p.initial_loss() for p in problems])
+    seconds = 0.0
+    for idx in group_problems(problems):
+        group = [problems[i] for i in idx]
+        ref = group[0]
+        device = ref.device
+        params = {k: torch.stack([p.init[k] for p in group]) for k in ref.init}  # (G, *shape)
+        order = torch.stack([p.data_order(steps, _member_seed(seed, p, i)) for p, i in zip(group, idx)]).to(device)
+        meta_d = {k: v.to(device=device, dtype=next(iter(ref.init.values())).dtype) for k, v in meta.items()}
+
+        def step(state, params, x, y, _ref=ref):
+            grads, loss = grad_and_value(_ref.loss)(params, x, y)
+            params, state = optimizer.update(meta_d, state, params, grads)
+            return state, params, loss
+
+        vstep = vmap(step)
+        full_loss = vmap(lambda p, _ref=ref: _ref.full_loss(p, "train"))
+        acc = vmap(lambda p, _ref=ref: _ref.accuracy(p, "test"))
+        with torch.no_grad():
+            state = vmap(optimizer.init)(params)
+            losses = []
+            j = 0
+            for t in range(steps):
+                bidx = order[:, t]  # (G, B)
+                t0 = time.perf_counter()
+                state, params, loss = vstep(state, params, ref.x_train[bidx], ref.y_train[bidx])
+                losses.append(loss)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds += time.perf_counter() - t0
+                if t + 1 == eval_at[j]:
+                    train_loss[idx, j] = full_loss(params).double().cpu().numpy()
+                    test_acc[idx, j] = acc(params).double().cpu().numpy()
+                    j = min(j + 1, len(eval_at) - 1)
+            curve[idx] = torch.stack(losses, 1).double().cpu().numpy()
+    return RunResult(curve, train_loss, test_acc, initial, eval_at, seconds, steps)
+
+
+def _capped(values: np.ndarray, initial: np.ndarray, cap: float) -> np.ndarray:
+    """Non-finite or above cap x initial -> cap x initial (per member)."""
+    limit = cap * initial.reshape(-1, *([1] * (values.ndim - 1)))
+    out = np.where(np.isfinite(values), values, limit)
+    return np.minimum(out, limit)
+
+
+def tune_adam(problems: Sequence[InnerProblem], lrs: Sequence[float], horizon: int, seed: int, cap: float) -> tuple[float, dict[str, float]]:
+    """Pick Adam's learning rate by mean (capped) training loss at the horizon on `problems` (validation members)."""
+    scores = {}
+    for lr in lrs:
+        res = run_optimizer(problems, Adam(), Adam.init_meta(lr), horizon, (horizon,), seed)
+        scores[f"{lr:g}"] = float(_capped(res.train_loss[:, 0], res.initial_loss, cap).mean())
+    best = min(scores, key=scores.__getitem__)
+    return float(best), scores
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Mean of a - b with a 95% t-interval (per-member pairs)."""
+    from scipy.special import stdtrit  # the t quantile, without importing all of scipy.stats
+
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    n = len(d)
+    mean = float(d.mean()) if n else math.nan
+    if n < 2:
+        return {"mean": mean, "lo": math.nan, "hi": math.nan, "n": n}
+    half = float(stdtrit(n - 1, 0.975) * d.std(ddof=1) / math.sqrt(n))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
+
+
+@dataclass
+class _Row:
+    name: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate_optimizers(
+    optimizers: Mapping[str, tuple[FunctionalOptimizer, Mapping[str, Tensor]]],
+    test_problems: Sequence[InnerProblem],
+    val_problems: Sequence[InnerProblem],
+    horizon: int,
+    config: EvalConfig = EvalConfig(),
+    reference: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run every optimizer and tuned Adam on `test_problems`; return the JSON-ready report.
+
+    `reference` is an optional row (e.g. the zoo's own recorded curve) copied into the report; `extra` maps an
+    optimizer name to fields shown with it (e.g. its meta-training wall time).
+    """
+    if not test_problems:
+        raise ConfigError("no test members to evaluate on (is the zoo's test split empty?)")
+    if not val_problems:
+        raise ConfigError("no validation members to tune Adam on (is the zoo's val split empty?)")
+    long = horizon * config.multiple
+    eval_at = (horizon, long) if long != horizon else (horizon,)
+    best_lr, grid = tune_adam(val_problems, config.adam_lrs, horizon, config.seed, config.loss_cap)
+    runs: dict[str, RunResult] = {}
+    for name, (opt, meta) in optimizers.items():
+        runs[name] = run_optimizer(test_problems, opt, meta, long, eval_at, config.seed)
+    adam_name = f"adam (lr {best_lr:g})"
+    runs[adam_name] = run_optimizer(test_problems, Adam(), Adam.init_meta(best_lr), long, eval_at, config.seed)
+    adam = runs[adam_name]
+    rows = {}
+    for name, r in runs.items():
+        loss = _capped(r.train_loss, r.initial_loss, config.loss_cap)  # (M, E)
+        final = r.train_loss[:, -1]
+        diverged = ~np.isfinite(final) | (final > config.loss_cap * r.initial_loss)
+        row: dict[str, Any] = {
+            "train_loss": {str(s): float(loss[:, j].mean()) for j, s in enumerate(r.eval_at)},
+            "test_acc": {str(s): float(np.nan_to_num(r.test_acc[:, j]).mean()) for j, s in enumerate(r.eval_at)},
+            "diverged": float(diverged.mean()),
+            "ms_per_step": r.ms_per_step,
+            "members": len(test_problems),
+        }
+        if name != adam_name:
+            a_loss = _capped(adam.train_loss, adam.initial_loss, config.loss_cap)
+            row["vs_adam"] = {
+                **{f"train_loss@{s}": paired_difference(loss[:, j], a_loss[:, j]) for j, s in enumerate(r.eval_at)},
+                **{f"test_acc@{s}": paired_difference(np.nan_to_num(r.test_acc[:, j]), np.nan_to_num(adam.test_acc[:, j])) for j, s in enumerate(r.eval_at)},
+            }
+        row.update(dict((extra or {}).get(name, {})))
+        rows[name] = row
+    return {
+        "horizon": horizon,
+        "eval_at": list(eval_at),
+        "config": asdict(config),
+        "adam": {"lr": best_lr, "grid": grid, "val_members": len(val_problems)},
+        "rows": rows,
+        "reference": dict(reference) if reference else None,
+        "members": [p.member if p.member is not None else p.name for p in test_problems],
+        "curves": {name: np.nanmean(_capped(r.curve, r.initial_loss, config.loss_cap), axis=0).tolist() for name, r in runs.items()},
+    }
+
+
+def format_table(report: Mapping[str, Any]) -> Any:
+    """A rich Table of the report: one row per optimizer, differences vs tuned Adam with 95% intervals."""
+    from rich.table import Table
+
+    h, long = report["eval_at"][0], report["eval_at"][-1]
+    table = Table(title=f"held-out members: {len(report['members'])}; horizon {h} steps, reported at {h} and {long}")
+    for col in ("optimizer", f"loss@{h}", f"loss@{long}", f"Δloss@{h} vs adam", f"Δloss@{long} vs adam", f"acc@{long}", f"Δacc@{long}", "diverged", "ms/step", "meta-train"):
+        table.add_column(col, justify="left" if col == "optimizer" else "right")
+
+    def ci(d: Mapping[str, float] | None, fmt: str = "+.3f") -> str:
+        if not d:
+            return "-"
+        if not math.isfinite(d.get("lo", math.nan)):
+            return format(d["mean"], fmt)
+        return f"{d['mean']:{fmt}} [{d['lo']:{fmt}}, {d['hi']:{fmt}}]"
+
+    for name, row in report["rows"].items():
+        vs = row.get("vs_adam") or {}
+        wall = row.get("meta_train_wall_s")
+        table.add_row(
+            name,
+            f"{row['train_loss'][str(h)]:.4f}",
+            f"{row['train_loss'][str(long)]:.4f}",
+            ci(vs.get(f"train_loss@{h}")),
+            ci(vs.get(f"train_loss@{long}")),
+            f"{row['test_acc'][str(long)]:.3f}",
+            ci(vs.get(f"test_acc@{long}")),
+            f"{100 * row['diverged']:.0f}%",
+            f"{row['ms_per_step']:.1f}",
+            f"{wall / 60:.1f} min" if wall is not None else "-",
+        )
+    ref = report.get("reference")
+    if ref:
+        table.add_row(
+            ref.get("name", "zoo record"),
+            _fmt(ref.get("train_loss@horizon")),
+            _fmt(ref.get("train_loss@long")),
+            "-",
+            "-",
+            _fmt(ref.get("test_acc@long"), ".3f"),
+            "-",
+            "-",
+            "-",
+            ref.get("note", "-"),
+        )
+    return table
+
+
+def _fmt(value: Any, fmt: str = ".4f") -> str:
+    return "-" if value is None or not np.isfinite(value) else format(value, fmt)
+
+
+def plot_curves(report: Mapping[str, Any], path: str | Path) -> Path:
+    """PNG of the mean (capped) minibatch training loss per optimizer, smoothed, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, curve in report["curves"].items():
+        c = np.asarray(curve)
+        w = max(1, len(c) // 50)
+        smooth = np.convolve(c, np.ones(w) / w, mode="valid")
+        ax.plot(np.arange(len(smooth)) + w, smooth, label=name, lw=1.4)
+    ax.axvline(report["eval_at"][0], color="grey", ls="--", lw=0.8, label="meta-train horizon")
+    ax.set_yscale("log")
+    ax.set_xlabel("inner step")
+    ax.set_ylabel("training loss (minibatch, mean over members)")
+    ax.set_title(f"learned optimizers on {len(report['members'])} held-out zoo members")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_report(report: Mapping[str, Any], out: str | Path) -> Path:
+    """Write results.json and curves.png into `out`; return the JSON path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(report, indent=2, default=float))
+    plot_curves(report, out / "curves.png")
+    return path

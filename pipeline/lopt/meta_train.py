@@ -1,0 +1,345 @@
+"""Meta-training of the residual learned optimizers with ES over truncated inner unrolls, with checkpoint/resume.
+
+One outer step = one truncation window of `truncation` inner steps for a vmapped population of 2 * pairs particles
+(antithetic pairs), then an Adam step on the flat meta-parameter vector with the clipped ES gradient. An inner run
+("episode") lasts `horizon` inner steps on one inner problem (a zoo member of the meta-train split, drawn per
+episode); within a pair both particles see the same problem, initialization and batches. All randomness derives
+from (seed, outer step) or (seed, episode), so a resumed run continues exactly where it stopped.
+
+Output directory: `config.json` (resolved config, optimizer architecture, spec, source), `meta.safetensors` (the
+meta-parameters by name), `checkpoint.safetensors` + `progress.json` (outer state, population state, history).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.func import grad_and_value, vmap
+
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.lopt.es import ESConfig, clip_by_norm, es_step, sanitize_losses
+from pipeline.lopt.inner import InnerProblem
+from pipeline.lopt.optimizers import Adam, LOptConfig, ResidualLOpt, flatten_meta, unflatten_meta
+
+__all__ = [
+    "MetaTrainConfig",
+    "MetaTrainResult",
+    "PopulationUnroll",
+    "load_optimizer",
+    "meta_train",
+    "seeded_generator",
+]
+
+CONFIG_FILE = "config.json"
+META_FILE = "meta.safetensors"
+CKPT_FILE = "checkpoint.safetensors"
+PROGRESS_FILE = "progress.json"
+_RESUME_FREE = ("outer_steps", "checkpoint_every")  # may change between a run and its resume
+
+
+@dataclass(frozen=True)
+class MetaTrainConfig:
+    """Everything that defines a meta-training run (stored resolved in config.json)."""
+
+    optimizer: LOptConfig = field(default_factory=LOptConfig)
+    es: ESConfig = field(default_factory=ESConfig)
+    outer_steps: int = 300
+    horizon: int = 200  # inner steps per episode: the meta-training horizon
+    truncation: int = 20  # inner steps per outer step
+    outer_lr: float = 3e-3  # Adam on the meta-parameters
+    grad_clip: float = 1.0  # L2 norm bound of the ES gradient
+    loss_cap: float = 2.0  # per-step meta-loss is loss / initial loss, clipped here; NaN counts as the cap
+    seed: int = 0
+    checkpoint_every: int = 25
+
+    def __post_init__(self) -> None:
+        if self.horizon < 1 or self.truncation < 1 or self.horizon % self.truncation:
+            raise ConfigError(f"horizon ({self.horizon}) must be a positive multiple of truncation ({self.truncation})")
+        if self.outer_steps < 0 or self.checkpoint_every < 1:
+            raise ConfigError("outer_steps must be >= 0 and checkpoint_every >= 1")
+        if not (self.outer_lr > 0 and self.grad_clip > 0 and self.loss_cap > 1):
+            raise ConfigError("need outer_lr > 0, grad_clip > 0 and loss_cap > 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MetaTrainConfig:
+        d = dict(d)
+        return cls(optimizer=LOptConfig(**d.pop("optimizer")), es=ESConfig(**d.pop("es")), **d)
+
+
+@dataclass
+class MetaTrainResult:
+    meta: dict[str, Tensor]
+    history: list[dict[str, float]]
+    wall_time_s: float
+    out: Path | None
+
+
+def seeded_generator(*keys: int | str) -> torch.Generator:
+    """A CPU generator seeded from `keys` by a stable hash (independent streams per (seed, step), (seed, episode))."""
+    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+class PopulationUnroll:
+    """The inner loops of a population of learned optimizers on one problem, vmapped over particles.
+
+    State: {"params": {name: (P, *shape)}, "opt": optimizer state batched over P, "t": (P,) inner iteration}.
+    Particle p reads the batches of data stream `p % pairs` (`order`: (pairs, horizon, B) indices), so the two
+    members of an antithetic pair share them.
+    """
+
+    def __init__(self, lopt: ResidualLOpt, template: Mapping[str, Tensor], problem: InnerProblem, order: Tensor, cap: float, truncation: int):
+        self.lopt, self.template, self.problem = lopt, dict(template), problem
+        self.order = order.to(problem.device)  # (pairs, T, B)
+        self.cap, self.truncation = cap, truncation
+        self.scale = problem.initial_loss()
+
+        def step(meta, opt_state, params, x, y):
+            grads, loss = grad_and_value(problem.loss)(params, x, y)
+            params, opt_state = lopt.update(meta, opt_state, params, grads)
+            return params, opt_state, loss
+
+        self._vstep = vmap(step)
+
+    def init_state(self, n: int) -> dict[str, Any]:
+        """n particles at the problem's initialization."""
+        params = {k: v.unsqueeze(0).expand(n, *v.shape).clone() for k, v in self.problem.init.items()}
+        opt = vmap(self.lopt.init)(params)
+        return {"params": params, "opt": opt, "t": torch.zeros(n, dtype=torch.long, device=self.problem.device)}
+
+    def replicate(self, state: Mapping[str, Any], n: int) -> dict[str, Any]:
+        return _tree_map(lambda v: v.expand(n, *v.shape[1:]).clone(), state)
+
+    def advance(self, thetas: Tensor, state: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor]:
+        meta = unflatten_meta(thetas, self.template)  # {name: (P, ...)}
+        n = thetas.shape[0]
+        stream = torch.arange(n, device=thetas.device) % self.order.shape[0]  # (P,)
+        params, opt, t = state["params"], state["opt"], state["t"]
+        total = torch.zeros(n, dtype=thetas.dtype, device=thetas.device)
+        for _ in range(self.truncation):
+            idx = self.order[stream, t.clamp(max=self.order.shape[1] - 1)]  # (P, B)
+            x, y = self.problem.x_train[idx], self.problem.y_train[idx]  # (P, B, ...)
+            params, opt, loss = self._vstep(meta, opt, params, x, y)
+            total = total + sanitize_losses(loss.detach().to(total.dtype) / self.scale, self.cap)
+            t = t + 1
+        return {"params": params, "opt": opt, "t": t}, total / self.truncation
+
+
+def _tree_map(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _tree_map(fn, v) for k, v in tree.items()}
+    return fn(tree)
+
+
+def _flatten_tree(tree: Any, prefix: str) -> dict[str, Tensor]:
+    if isinstance(tree, Mapping):
+        out: dict[str, Tensor] = {}
+        for k, v in tree.items():
+            out.update(_flatten_tree(v, f"{prefix}/{k}"))
+        return out
+    return {prefix: tree.detach().contiguous().cpu()}
+
+
+def _unflatten_tree(flat: Mapping[str, Tensor], prefix: str, device: torch.device) -> Any:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        if not key.startswith(prefix + "/"):
+            continue
+        parts = key[len(prefix) + 1 :].split("/")
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value.to(device)
+    return tree
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _spec_dict(spec: Any) -> Any:
+    return None if spec is None else spec.to_dict()
+
+
+def load_optimizer(directory: str | Path, device: torch.device | str = "cpu") -> tuple[ResidualLOpt, dict[str, Tensor], dict[str, Any]]:
+    """Load a meta-trained optimizer: (functional optimizer, meta-parameters, stored config.json)."""
+    directory = Path(directory)
+    cfg_path, meta_path = directory / CONFIG_FILE, directory / META_FILE
+    if not cfg_path.is_file() or not meta_path.is_file():
+        raise CheckpointError(f"{directory}: not a meta-trained optimizer (needs {CONFIG_FILE} and {META_FILE}); run `unfzoo lopt meta-train` first")
+    try:
+        stored = json.loads(cfg_path.read_text())
+        config = MetaTrainConfig.from_dict(stored["meta_train"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{cfg_path}: unreadable or from another version ({err})") from err
+    spec = None
+    if stored.get("spec") is not None:
+        from unf_models import WeightSpec
+
+        spec = WeightSpec.from_dict(stored["spec"])
+    lopt = ResidualLOpt(config.optimizer, spec)
+    meta = {k: v.to(device) for k, v in load_file(str(meta_path)).items()}
+    expected = lopt.init_meta(0)
+    if set(meta) != set(expected) or any(meta[k].shape != expected[k].shape for k in expected):
+        raise CheckpointError(f"{meta_path}: meta-parameters do not match the optimizer described in {cfg_path}")
+    return lopt, {k: meta[k] for k in expected}, stored
+
+
+def meta_train(
+    problems: Sequence[InnerProblem],
+    config: MetaTrainConfig,
+    out: str | Path | None = None,
+    spec: Any = None,
+    source: Mapping[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    stop_after: int | None = None,
+) -> MetaTrainResult:
+    """Meta-train `config.optimizer` on `problems` (inner problems of the meta-train split).
+
+    With `out`, checkpoints every `checkpoint_every` outer steps and resumes from an existing compatible run there
+    (raising `ConfigError` if the directory holds a different run). `spec` is the inner network's WeightSpec (kind
+    "unf" only); `source` (e.g. zoo path and fingerprint) is stored and must match on resume. `stop_after` ends the
+    call after that many outer steps of this call (for tests and time-boxed runs; the run stays resumable).
+    """
+    if not problems:
+        raise ConfigError("meta-training needs at least one inner problem (is the zoo's train split empty?)")
+    device = torch.device(device)
+    problems = [p.to(device) for p in problems]
+    lopt = ResidualLOpt(config.optimizer, spec)
+    template = lopt.init_meta(config.seed)
+    theta = flatten_meta(template).to(device)
+    outer = Adam()
+    outer_state = outer.init({"theta": theta})
+    stored = {
+        "meta_train": config.to_dict(),
+        "spec": _spec_dict(spec),
+        "source": dict(source or {}),
+        "meta_parameters": int(theta.numel()),
+    }
+    start, elapsed, history = 0, 0.0, []
+    state: Any = None
+    accum: Tensor | None = None
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        resumed = _try_resume(out_dir, stored, device)
+        if resumed is not None:
+            start, elapsed, history, theta, outer_state, state, accum = resumed
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(out_dir / CONFIG_FILE, stored)
+
+    windows = config.horizon // config.truncation
+    unroll: PopulationUnroll | None = None
+    end = config.outer_steps if stop_after is None else min(config.outer_steps, start + stop_after)
+    bar = _progress_bar(progress, start, config.outer_steps)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for step in range(start, end):
+            episode, window = divmod(step, windows)
+            if unroll is None or window == 0:
+                unroll = _episode_unroll(lopt, template, problems, config, episode)
+                if window == 0 or state is None:  # a new episode (a resumed one keeps its saved population)
+                    state = unroll.init_state(2 * config.es.pairs if config.es.estimator == "pes" else 1)
+                    accum = None
+            gen = seeded_generator(config.seed, "outer", step)
+            res = es_step(unroll, theta, state, accum, config.es, gen)
+            grad = clip_by_norm(res.grad, config.grad_clip)
+            new, outer_state = outer.update({"lr": torch.tensor(config.outer_lr, device=device)}, outer_state, {"theta": theta}, {"theta": grad})
+            theta = new["theta"]
+            state, accum = res.state, res.accum
+            hp = ResidualLOpt.hyperparameters(unflatten_meta(theta.cpu(), template))
+            history.append({"step": step + 1, "meta_loss": res.loss, "grad_norm": float(res.grad.norm()), **hp})
+            if bar is not None:
+                bar[0].update(bar[1], advance=1, description=f"meta-train {config.optimizer.kind} loss {res.loss:.3f}")
+            done = step + 1
+            if out_dir is not None and (done % config.checkpoint_every == 0 or done == end):
+                _save(out_dir, template, theta, outer_state, state, accum, done, elapsed + time.perf_counter() - t0, history)
+    if bar is not None:
+        bar[0].stop()
+    meta = unflatten_meta(theta.cpu(), template)
+    wall = elapsed + time.perf_counter() - t0
+    if out_dir is not None:
+        save_file({k: v.contiguous() for k, v in meta.items()}, str(out_dir / META_FILE))
+    return MetaTrainResult(meta=meta, history=history, wall_time_s=wall, out=out_dir)
+
+
+def _episode_unroll(lopt: ResidualLOpt, template: Mapping[str, Tensor], problems: Sequence[InnerProblem], config: MetaTrainConfig, episode: int) -> PopulationUnroll:
+    gen = seeded_generator(config.seed, "episode", episode)
+    problem = problems[int(torch.randint(len(problems), (1,), generator=gen))]
+    seeds = torch.randint(1 << 31, (config.es.pairs,), generator=gen).tolist()
+    order = torch.stack([problem.data_order(config.horizon, s) for s in seeds])  # (pairs, T, B)
+    return PopulationUnroll(lopt, template, problem, order, config.loss_cap, config.truncation)
+
+
+def _save(out: Path, template: Mapping[str, Tensor], theta: Tensor, outer_state: Any, state: Any, accum: Tensor | None, step: int, elapsed: float, history: list[dict[str, float]]) -> None:
+    tensors = {"theta": theta.detach().cpu().contiguous()}
+    tensors.update(_flatten_tree(outer_state, "outer"))
+    if state is not None:
+        tensors.update(_flatten_tree(state, "population"))
+    if accum is not None:
+        tensors["accum"] = accum.detach().cpu().contiguous()
+    tmp = out / (CKPT_FILE + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out / CKPT_FILE)
+    meta = unflatten_meta(theta.detach().cpu(), template)
+    save_file({k: v.contiguous() for k, v in meta.items()}, str(out / META_FILE))
+    _write_json(out / PROGRESS_FILE, {"step": step, "elapsed_s": elapsed, "history": history})
+
+
+def _try_resume(out: Path, stored: Mapping[str, Any], device: torch.device) -> tuple[Any, ...] | None:
+    cfg_path = out / CONFIG_FILE
+    if not cfg_path.exists():
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"--out {out} exists and is not a meta-training directory; choose an empty or new directory")
+        return None
+    try:
+        old = json.loads(cfg_path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{cfg_path} is not valid JSON; delete {out} to start over") from err
+    for key in ("meta_train", "spec", "source"):
+        a, b = old.get(key), stored.get(key)
+        if key == "meta_train" and isinstance(a, dict) and isinstance(b, dict):
+            a = {k: v for k, v in a.items() if k not in _RESUME_FREE}
+            b = {k: v for k, v in b.items() if k not in _RESUME_FREE}
+        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+            raise ConfigError(f"--out {out} holds a meta-training run with a different {key.replace('_', '-')}; use another --out, or delete it to start over")
+    if not (out / CKPT_FILE).exists() or not (out / PROGRESS_FILE).exists():
+        return None
+    try:
+        flat = load_file(str(out / CKPT_FILE))
+        progress = json.loads((out / PROGRESS_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{out}: checkpoint unreadable ({err}); delete {out / CKPT_FILE} to restart") from err
+    theta = flat["theta"].to(device)
+    outer_state = _unflatten_tree(flat, "outer", device)
+    state = _unflatten_tree(flat, "population", device) or None
+    accum = flat["accum"].to(device) if "accum" in flat else None
+    return int(progress["step"]), float(progress["elapsed_s"]), list(progress["history"]), theta, outer_state, state, accum
+
+
+def _progress_bar(enabled: bool, start: int, total: int) -> tuple[Any, Any] | None:
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    task = bar.add_task("meta-train", total=total, completed=start)
+    bar.start()
+    return bar, task
+

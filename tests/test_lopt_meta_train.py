@@ -1,0 +1,105 @@
+"""Meta-training: learns on a hand-built problem, resumes exactly, refuses a different run; evaluation report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.lopt.es import ESConfig
+from pipeline.lopt.evaluate import (
+    EvalConfig,
+    evaluate_optimizers,
+    format_table,
+    paired_difference,
+    run_optimizer,
+    save_report,
+)
+from pipeline.lopt.meta_train import MetaTrainConfig, load_optimizer, meta_train
+from pipeline.lopt.optimizers import LOptConfig, ResidualLOpt
+from _lopt_problems import mlp_problem
+
+
+def _config(kind: str = "perparam", steps: int = 4, **kw) -> MetaTrainConfig:
+    return MetaTrainConfig(
+        optimizer=LOptConfig(kind=kind, hidden=8, layers=2),
+        es=ESConfig(pairs=2, sigma=0.01),
+        outer_steps=steps,
+        horizon=6,
+        truncation=3,
+        checkpoint_every=2,
+        **kw,
+    )
+
+
+def test_resume_continues_exactly(tmp_path) -> None:
+    problems = [mlp_problem(seed=s) for s in range(2)]
+    straight = meta_train(problems, _config(steps=5), tmp_path / "a")
+    part = meta_train(problems, _config(steps=5), tmp_path / "b", stop_after=3)  # stops mid-episode (window 2 of 2)
+    assert len(part.history) == 3
+    resumed = meta_train(problems, _config(steps=5), tmp_path / "b")
+    for k in straight.meta:
+        torch.testing.assert_close(resumed.meta[k], straight.meta[k], rtol=0, atol=0)
+    assert [h["meta_loss"] for h in resumed.history] == [h["meta_loss"] for h in straight.history]
+    lopt, meta, stored = load_optimizer(tmp_path / "b")
+    assert lopt.kind == "perparam" and stored["meta_train"]["outer_steps"] == 5
+    assert all(torch.equal(meta[k], straight.meta[k]) for k in meta)
+
+
+def test_resume_refuses_a_different_run(tmp_path) -> None:
+    problems = [mlp_problem()]
+    meta_train(problems, _config(steps=2), tmp_path / "run")
+    with pytest.raises(ConfigError, match="different meta-train"):
+        meta_train(problems, _config(steps=2, seed=1), tmp_path / "run")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("not a run")
+    with pytest.raises(ConfigError, match="not a meta-training directory"):
+        meta_train(problems, _config(steps=2), tmp_path / "other")
+    with pytest.raises(CheckpointError, match="meta-train"):
+        load_optimizer(tmp_path / "other")
+
+
+def test_meta_training_lowers_the_meta_loss_of_sgdm() -> None:
+    """From a too-small step size, ES raises alpha and the meta-loss falls (the loop learns, not just runs)."""
+    cfg = MetaTrainConfig(
+        optimizer=LOptConfig(kind="sgdm", alpha=0.003),
+        es=ESConfig(pairs=4, sigma=0.05),
+        outer_steps=30,
+        horizon=10,
+        truncation=5,
+        outer_lr=0.1,
+    )
+    problem = mlp_problem()
+    res = meta_train([problem], cfg)
+    assert res.history[-1]["alpha"] > 5 * 0.003
+    sgdm = ResidualLOpt(cfg.optimizer)
+    before = run_optimizer([problem], sgdm, sgdm.init_meta(0), 10, (10,)).train_loss[0, 0]
+    after = run_optimizer([problem], sgdm, res.meta, 10, (10,)).train_loss[0, 0]
+    assert after < before - 0.02
+
+
+def test_evaluation_report(tmp_path) -> None:
+    trained = meta_train([mlp_problem(seed=0)], _config("sgdm", steps=2))
+    sgdm = ResidualLOpt(LOptConfig(kind="sgdm"))
+    test = [mlp_problem(seed=s) for s in (1, 2, 3)]
+    val = [mlp_problem(seed=s) for s in (4, 5)]
+    cfg = EvalConfig(multiple=2, adam_lrs=(1e-3, 1e-1, 1e3))
+    report = evaluate_optimizers({"sgdm": (sgdm, trained.meta)}, test, val, horizon=5, config=cfg,
+                                 extra={"sgdm": {"meta_train_wall_s": trained.wall_time_s}})
+    assert report["adam"]["lr"] in (1e-3, 1e-1) and set(report["adam"]["grid"]) == {"0.001", "0.1", "1000"}
+    assert set(report["rows"]) == {"sgdm", f"adam (lr {report['adam']['lr']:g})"}
+    row = report["rows"]["sgdm"]
+    assert set(row["train_loss"]) == {"5", "10"} and 0 <= row["diverged"] <= 1
+    d = row["vs_adam"]["train_loss@10"]
+    assert d["lo"] <= d["mean"] <= d["hi"] and d["n"] == 3
+    assert len(report["curves"]["sgdm"]) == 10
+    path = save_report(report, tmp_path / "eval")
+    assert json.loads(path.read_text())["horizon"] == 5 and (tmp_path / "eval" / "curves.png").stat().st_size > 1000
+    assert format_table(report).row_count == 2
+
+
+def test_paired_difference_interval() -> None:
+    d = paired_difference([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0])
+    assert d["mean"] == 2.5 and d["lo"] == pytest.approx(2.5 - 3.182446 * 1.290994 / 2, rel=1e-5)
