@@ -103,23 +103,28 @@ class ZooLoader:
             yield self._emit(weights, self.members[idx // n_c], self.checkpoints[idx % n_c])
 
     # ---- chunk streaming ------------------------------------------------------------------------------------------
-    def _read_chunk(self, chunk: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-        """Selected pairs of one member chunk: ({key: (P, *shape)}, member (P,), checkpoint (P,))."""
-        k = self.zoo.members_per_chunk
-        start, stop = chunk * k, min((chunk + 1) * k, self.zoo.n_members)
-        rows = self.members[(self.members >= start) & (self.members < stop)]
-        n_c = len(self.checkpoints)
-        out = {}
-        for key in self.zoo.weight_keys:
-            block = self.zoo.root[f"weights/{key}"][start:stop]  # one whole chunk: (k, C_all, *shape)
-            sel = block[rows - start][:, self.checkpoints]  # (m, C, *shape)
-            out[key] = sel.reshape(-1, *sel.shape[2:])
-        return out, np.repeat(rows, n_c), np.tile(self.checkpoints, len(rows))
-
     def _read_buffer(self, chunks: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-        parts = [self._read_chunk(int(c)) for c in chunks]
-        weights = {k: np.concatenate([p[0][k] for p in parts]) for k in self.zoo.weight_keys}
-        return weights, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+        """Selected pairs of whole member chunks, read concurrently: ({key: (P, *shape)}, member (P,), ckpt (P,))."""
+        from pipeline.store import read_blocks
+
+        k, n = self.zoo.members_per_chunk, self.zoo.n_members
+        bounds = [(int(c) * k, min((int(c) + 1) * k, n)) for c in chunks]
+        names = [f"weights/{key}" for key in self.zoo.weight_keys]
+        blocks = read_blocks(self.zoo.url, names, [slice(a, b) for a, b in bounds])  # whole chunks (k, C_all, ...)
+        n_c = len(self.checkpoints)
+        all_c = n_c == len(self.zoo.checkpoint_epochs) and bool((self.checkpoints == np.arange(n_c)).all())
+        weights: dict[str, list[np.ndarray]] = {key: [] for key in self.zoo.weight_keys}
+        members, ckpts = [], []
+        for (a, b), block in zip(bounds, blocks):
+            rows = self.members[(self.members >= a) & (self.members < b)]
+            full = len(rows) == b - a
+            for key, name in zip(self.zoo.weight_keys, names):
+                sel = block[name] if full else block[name][rows - a]
+                sel = sel if all_c else sel[:, self.checkpoints]  # (m, C, *shape)
+                weights[key].append(sel.reshape(-1, *sel.shape[2:]))
+            members.append(np.repeat(rows, n_c))
+            ckpts.append(np.tile(self.checkpoints, len(rows)))
+        return ({key: np.concatenate(v) for key, v in weights.items()}, np.concatenate(members), np.concatenate(ckpts))
 
     def _iter_chunks(self, rng: np.random.Generator) -> Iterator[Batch]:
         chunks = np.unique(self.members // self.zoo.members_per_chunk)

@@ -53,6 +53,8 @@ __all__ = [
     "reset_members",
     "write_members",
     "read_status",
+    "read_arrays",
+    "read_blocks",
     "write_splits",
     "store_size",
     "Zoo",
@@ -257,35 +259,85 @@ def reset_members(url: str | os.PathLike[str], start: int, stop: int) -> None:
 
 def write_members(url: str | os.PathLike[str], start: int, block: MemberBlock) -> None:
     """Write members [start, start + len(block)) — one whole chunk — data first, status last. Safe in any worker."""
-    root = open_group(url, mode="r+")  # reopened here: a handle from before a resize would drop writes
+    from zarr.core.sync import sync
+
+    sync(_write_members(str(url), start, block))
+
+
+async def _write_members(url: str, start: int, block: MemberBlock) -> None:
+    import asyncio
+
+    from zarr.api.asynchronous import open_group as open_async
+
+    try:  # reopened here: a handle from before a resize would drop writes
+        root = await open_async(url, mode="r+", use_consolidated=False)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise StoreError(f"cannot open zoo store {url} for writing: {err}") from err
     layout = read_layout(root)
     m = len(block)
     stop = start + m
     k = layout.members_per_chunk
-    status = root["members/status"]
-    if start % k or (stop % k and stop != status.shape[0]) or stop > status.shape[0]:
+    status = await root.getitem("members/status")
+    n = status.shape[0]
+    if start % k or (stop % k and stop != n) or stop > n:
         raise StoreError(
-            f"write of members [{start}, {stop}) is not one whole chunk of {k} inside {status.shape[0]} members; "
+            f"write of members [{start}, {stop}) is not one whole chunk of {k} inside {n} members; "
             "a store resized under a running build? rerun the same command to resume"
         )
-    sl = slice(start, stop)
     if set(block.weights) != set(layout.weight_shapes):
         raise StoreError(f"weights {sorted(block.weights)} do not match the store's {sorted(layout.weight_shapes)}")
+    values: dict[str, np.ndarray] = {}
     for key in layout.weight_shapes:
-        root[f"weights/{key}"][sl] = np.asarray(block.weights[key], dtype=np.float32)
+        values[f"weights/{key}"] = np.asarray(block.weights[key], dtype=np.float32)
     for name in layout.metric_names:
-        values = block.metrics.get(name)
-        root[f"metrics/{name}"][sl] = (
-            np.full((m, layout.n_checkpoints), np.nan, np.float32) if values is None else np.asarray(values, np.float32)
+        metric = block.metrics.get(name)
+        values[f"metrics/{name}"] = (
+            np.full((m, layout.n_checkpoints), np.nan, np.float32) if metric is None else np.asarray(metric, np.float32)
         )
     for name in layout.continuous:
-        root[f"hparams/{name}"][sl] = np.asarray(block.hparams[name], dtype=np.float64)
+        values[f"hparams/{name}"] = np.asarray(block.hparams[name], dtype=np.float64)
     for name, categories in layout.categorical.items():
-        root[f"hparams/{name}"][sl] = _encode(block.hparams[name], categories, name)
-    root["members/seed"][sl] = np.asarray(block.seed, dtype=np.int64)
-    root["members/config"][sl] = np.asarray(block.config, dtype=np.int64)
-    root["members/diverged_epoch"][sl] = np.asarray(block.diverged_epoch, dtype=np.int32)
-    status[sl] = np.where(np.asarray(block.diverged, bool), DIVERGED, DONE).astype(np.int8)  # last: marks data as there
+        values[f"hparams/{name}"] = _encode(block.hparams[name], categories, name)
+    values["members/seed"] = np.asarray(block.seed, dtype=np.int64)
+    values["members/config"] = np.asarray(block.config, dtype=np.int64)
+    values["members/diverged_epoch"] = np.asarray(block.diverged_epoch, dtype=np.int32)
+    for name, v in values.items():
+        expected = (m, *layout.weight_shapes[name[8:]]) if name.startswith("weights/") else (m,)
+        if name.startswith(("weights/", "metrics/")):
+            expected = (m, layout.n_checkpoints, *expected[1:])
+        if v.shape != expected:
+            raise StoreError(f"chunk data {name!r} has shape {v.shape}, the store expects {expected}")
+    sl = slice(start, stop)
+    arrays = await asyncio.gather(*(root.getitem(name) for name in values))
+    await asyncio.gather(*(arr.setitem(sl, values[name]) for arr, name in zip(arrays, values)))
+    codes = np.where(np.asarray(block.diverged, bool), DIVERGED, DONE).astype(np.int8)
+    await status.setitem(sl, codes)  # last: marks the chunk's data as complete
+
+
+async def _read_arrays(url: str, names: Sequence[str], selections: Sequence[Any]) -> list[list[np.ndarray]]:
+    import asyncio
+
+    from zarr.api.asynchronous import open_group as open_async
+
+    root = await open_async(url, mode="r", use_consolidated=False)
+    arrays = await asyncio.gather(*(root.getitem(name) for name in names))
+    flat = await asyncio.gather(*(arr.getitem(sel) for sel in selections for arr in arrays))
+    return [list(flat[i * len(arrays) : (i + 1) * len(arrays)]) for i in range(len(selections))]
+
+
+def read_arrays(url: str | os.PathLike[str], names: Sequence[str], selection: Any = slice(None)) -> dict[str, np.ndarray]:
+    """Read several arrays of a store concurrently ({name: data}); `selection` is a basic selection for all."""
+    from zarr.core.sync import sync
+
+    return dict(zip(names, sync(_read_arrays(str(url), list(names), [selection]))[0]))
+
+
+def read_blocks(url: str | os.PathLike[str], names: Sequence[str], selections: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+    """Read several selections (e.g. whole member chunks) of several arrays, all at once: one dict per selection."""
+    from zarr.core.sync import sync
+
+    out = sync(_read_arrays(str(url), list(names), list(selections)))
+    return [dict(zip(names, parts)) for parts in out]
 
 
 def _encode(values: Any, categories: Sequence[Any], name: str) -> np.ndarray:
@@ -529,18 +581,25 @@ class Zoo:
         """{key: (len(members), len(checkpoints), *shape) float32 numpy} for the selection (default: all)."""
         m_idx = _as_indices(members, self.n_members)
         c_idx = _as_indices(checkpoints, len(self.checkpoint_epochs))
-        out: dict[str, np.ndarray] = {}
-        for key in self.weight_keys:
-            if self._cache is not None:
-                out[key] = self._cache[key][m_idx][:, c_idx]
-                continue
-            arr = self.root[f"weights/{key}"]
-            if m_idx.size == self.n_members and (m_idx == np.arange(self.n_members)).all():
-                out[key] = arr[:][:, c_idx]
-            else:
-                order = np.argsort(m_idx, kind="stable")  # zarr reads sorted indices chunk by chunk
-                data = arr.oindex[m_idx[order], c_idx]
-                out[key] = data[np.argsort(order, kind="stable")]
+        n_c = len(self.checkpoint_epochs)
+        all_c = len(c_idx) == n_c and bool((c_idx == np.arange(n_c)).all())
+
+        def pick(a: np.ndarray) -> np.ndarray:  # (m, C_all, ...) -> (m, C, ...)
+            return a if all_c else a[:, c_idx]
+
+        if m_idx.size == 0:
+            return {k: np.zeros((0, len(c_idx), *s), np.float32) for k, s in self.weight_shapes.items()}
+        if self._cache is not None:
+            return {k: pick(self._cache[k][m_idx]) for k in self.weight_keys}
+        names = [f"weights/{k}" for k in self.weight_keys]
+        if (np.diff(m_idx) == 1).all():  # a contiguous range: whole-chunk reads, all arrays at once
+            data = read_arrays(self.url, names, slice(int(m_idx[0]), int(m_idx[-1]) + 1))
+            return {k: pick(data[n]) for k, n in zip(self.weight_keys, names)}
+        order = np.argsort(m_idx, kind="stable")  # zarr reads sorted indices chunk by chunk
+        inverse = np.argsort(order, kind="stable")
+        out = {}
+        for key, name in zip(self.weight_keys, names):
+            out[key] = self.root[name].oindex[m_idx[order], c_idx][inverse]
         return out
 
     def weights(self, members: Any, checkpoint: int = -1) -> dict[str, torch.Tensor]:
@@ -573,7 +632,8 @@ class Zoo:
 
     def load(self) -> Zoo:
         """Read every weight array into memory; later weight reads and loaders use it."""
-        self._cache = {k: self.root[f"weights/{k}"][:] for k in self.weight_keys}
+        data = read_arrays(self.url, [f"weights/{k}" for k in self.weight_keys])
+        self._cache = {k: data[f"weights/{k}"] for k in self.weight_keys}
         return self
 
     @property
