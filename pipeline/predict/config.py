@@ -80,6 +80,7 @@ class TrainConfig:
     deepsets_hidden: int = 32
     deepsets_head: tuple[int, ...] = (512,)
     flat_hidden: tuple[int, ...] = (512, 512)
+    statnn_candidates: tuple[str, ...] = ("gbr-d3", "gbr-d5", "mlp-a1e-3", "mlp-a1e-1")  # see STATNN_CANDIDATES
     eval_batch_size: int = 256
     device: str = "auto"
     max_members: int | None = None  # use only the first N members (quick runs); None = all
@@ -88,7 +89,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", parse_models(self.models))
         object.__setattr__(self, "checkpoints", parse_checkpoints(self.checkpoints))
-        for name in ("fractions", "unf_hidden", "unf_head", "deepsets_head", "flat_hidden"):
+        for name in ("fractions", "unf_hidden", "unf_head", "deepsets_head", "flat_hidden", "statnn_candidates"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.split not in ("run", "config"):
             raise ConfigError(f"--split {self.split!r} is unknown; use run or config")
@@ -99,6 +100,11 @@ class TrainConfig:
         for name in ("seeds", "epochs", "batch_size", "patience", "eval_batch_size", "deepsets_hidden"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        from pipeline.predict.statnn import STATNN_CANDIDATES
+
+        known = [c[0] for c in STATNN_CANDIDATES]
+        if not self.statnn_candidates or set(self.statnn_candidates) - set(known):
+            raise ConfigError(f"statnn_candidates {self.statnn_candidates} must be a non-empty subset of {known}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.max_members is not None and self.max_members < 3:
@@ -115,9 +121,16 @@ class TrainConfig:
         return cls(**kwargs)
 
     def run_key(self, model: str) -> str:
-        """Hash of what decides one model's runs (not the device, seed count or list of models): resume guard."""
+        """Hash of the fields that decide one model's runs: a finished or interrupted run is reused only when it
+        matches (changing the device, the seed count or another model's settings keeps it)."""
         d = self.to_dict()
-        for k in ("models", "seeds", "device", "eval_batch_size", "extra"):
-            d.pop(k)
-        d["model"] = model
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        fields = ["target", "checkpoints", "split", "fractions", "split_seed", "include_diverged", "loss",
+                  "max_members"]
+        kind = MODEL_KINDS[model]
+        if kind == "statnn":
+            fields += ["statnn_candidates"]
+        else:
+            fields += ["epochs", "batch_size", "lr", "patience", "augment", f"{kind}_hidden"]
+            fields += [f"{kind}_head"] if kind in ("unf", "deepsets") else []
+        payload = {"model": model, **{k: d[k] for k in fields}}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

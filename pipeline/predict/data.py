@@ -18,7 +18,8 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.predict.config import TrainConfig
 
-__all__ = ["SPLITS", "PredictData", "available_targets", "target_values", "select_checkpoints", "build_data"]
+__all__ = ["SPLITS", "PredictData", "available_targets", "target_values", "select_checkpoints", "build_data",
+           "normalization_stats"]
 
 SPLITS = ("train", "val", "test")
 _DONE, _DIVERGED = 1, 2  # pipeline.store status codes
@@ -159,7 +160,8 @@ def build_data(zoo: Any, config: TrainConfig) -> PredictData:
         raise ConfigError(
             f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty for zoo {zoo.url}: "
             f"{len(np.unique(member))} usable members (excluded: {excluded}) with --split {config.split} and fractions "
-            f"{list(config.fractions)}; build more members, or pick other fractions or --split run"
+            f"{list(config.fractions)}; build more members or pick other --fractions"
+            + (" or --split run" if config.split == "config" else "")
         )
 
     fit_rows = np.concatenate([rows["train"], rows["val"]])
@@ -182,11 +184,9 @@ def build_data(zoo: Any, config: TrainConfig) -> PredictData:
 
 
 def normalization_stats(weights: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> tuple[list[float], list[float]]:
-    """Per-tensor scalar mean and std over every entry of the given (training) rows."""
-    mean, std = [], []
-    for n in names:
-        w = weights[n].double()
-        mean.append(float(w.mean()))
-        s = float(w.std()) if w.numel() > 1 else 1.0
-        std.append(s if s > 1e-12 else 1.0)
-    return mean, std
+    """Per-tensor scalar mean and std over every entry of the given (training) rows (`unf_models.normalize`); a
+    constant tensor keeps std 1 so unseen values stay finite."""
+    from unf_models.normalize import WeightStats
+
+    stats = WeightStats.estimate({n: weights[n] for n in names})
+    return [stats.mean[n] for n in names], [stats.std[n] if stats.std[n] > 1e-6 else 1.0 for n in names]

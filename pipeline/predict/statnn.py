@@ -111,7 +111,8 @@ def _export_mlp(model: Any) -> dict[str, np.ndarray]:
 
 
 def fit_statnn(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, seed: int
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, seed: int,
+    candidates: tuple[str, ...] | None = None,
 ) -> tuple[StatNNModel, dict[str, float], Any]:
     """Fit every candidate on train and keep the best validation tau (test is never seen here).
 
@@ -132,6 +133,8 @@ def fit_statnn(
     best: tuple[float, StatNNModel, Any] | None = None
     val_taus: dict[str, float] = {}
     for name, family, params in STATNN_CANDIDATES:
+        if candidates is not None and name not in candidates:
+            continue
         if family == "gbr":
             est = GradientBoostingRegressor(random_state=seed, **params)
         else:

@@ -256,7 +256,8 @@ def fit_run(model: str, data: PredictData, config: TrainConfig, spec: Any, seed:
     if kind == "statnn":
         x = features if features is not None else _features(data, device, config.eval_batch_size)
         tr, va = data.rows["train"], data.rows["val"]
-        statnn_model, val_taus, _ = fit_statnn(x[tr], data.y[tr], x[va], data.y[va], seed)
+        statnn_model, val_taus, _ = fit_statnn(x[tr], data.y[tr], x[va], data.y[va], seed,
+                                                config.statnn_candidates)
         params = {"family": statnn_model.family, "name": statnn_model.name}
         extra["candidates_val_tau"] = val_taus
         pred = statnn_model.predict(x)

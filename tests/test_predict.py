@@ -1,0 +1,178 @@
+"""Predictors (`pipeline.predict`): honest splits, validation-only selection, artifacts, width transfer, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import ConfigError, PredictorError
+from pipeline.predict import TrainConfig, available_targets, build_data, load_predictor
+from pipeline.predict.statnn import fit_statnn
+from pipeline.predict.train import fit_run
+from unf_models import SpecMismatchError
+
+CPU = torch.device("cpu")
+
+
+def _config(**kw) -> TrainConfig:
+    base = {"checkpoints": "all", "fractions": (0.6, 0.2, 0.2), "device": "cpu", "epochs": 3, "patience": 10}
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("split", ["run", "config"])
+def test_split_never_shares_a_member_or_config_across_sides(predict_zoo, split: str) -> None:
+    data = build_data(predict_zoo, _config(split=split))
+    sides = {s: set(data.member[r].tolist()) for s, r in data.rows.items()}
+    assert not (sides["train"] & sides["val"]) and not (sides["train"] & sides["test"]) and not (sides["val"] & sides["test"])
+    # every checkpoint of a member sits with the member
+    n_ck = len(predict_zoo.checkpoint_epochs)
+    for s, r in data.rows.items():
+        members, counts = np.unique(data.member[r], return_counts=True)
+        assert (counts == n_ck).all(), s
+    if split == "config":
+        config_ids = predict_zoo.root["members/config"][:]
+        cfg = {s: set(config_ids[data.member[r]].tolist()) for s, r in data.rows.items()}
+        assert not (cfg["train"] & cfg["val"]) and not (cfg["train"] & cfg["test"]) and not (cfg["val"] & cfg["test"])
+    # diverged members are excluded and counted
+    n_div = int((predict_zoo.status == 2).sum())
+    assert data.excluded["diverged"] == n_div
+    assert not set(np.flatnonzero(predict_zoo.status == 2)) & set(data.member.tolist())
+
+
+def _poisoned(data):
+    """Same data, but test targets reversed and test weights replaced by large noise."""
+    gen = torch.Generator().manual_seed(1)
+    test = torch.from_numpy(data.rows["test"])
+    weights = {}
+    for name, w in data.weights.items():
+        w = w.clone()
+        w[test] = 100 * torch.randn(w[test].shape, generator=gen)
+        weights[name] = w
+    y = data.y.copy()
+    y[data.rows["test"]] = y[data.rows["test"]][::-1] * 0.5 + 3.0
+    return dataclasses.replace(data, weights=weights, y=y)
+
+
+@pytest.mark.parametrize("model", ["flat", "statnn"])
+def test_selection_never_reads_test(predict_zoo, tmp_path: Path, model: str) -> None:
+    config = _config(epochs=4, statnn_candidates=("gbr-d3", "mlp-a1e-3"))
+    data = build_data(predict_zoo, config)
+    clean = fit_run(model, data, config, predict_zoo.spec, 0, tmp_path / "clean", {}, CPU)
+    dirty = fit_run(model, _poisoned(data), config, predict_zoo.spec, 0, tmp_path / "dirty", {}, CPU)
+    assert [h["val_tau"] for h in clean.history] == [h["val_tau"] for h in dirty.history]
+    assert [h["train_loss"] for h in clean.history] == [h["train_loss"] for h in dirty.history]
+    assert clean.best_epoch == dirty.best_epoch and clean.extra == dirty.extra
+    for split in ("train", "val"):
+        assert clean.metrics[split] == dirty.metrics[split]
+    assert clean.metrics["test"] != dirty.metrics["test"]  # the poison did reach the test rows
+
+
+def test_end_to_end_beats_chance_and_writes_reports(trained_predictors) -> None:
+    result = trained_predictors
+    summary = result.summary.set_index("model")
+    assert summary.loc["unf", "test_tau_mean"] > 0.3
+    assert summary.loc["statnn", "test_tau_mean"] > 0.3
+    for name in ("metrics.json", "predictions.csv", "comparison.md", "comparison.csv", "test_scatter.png",
+                 "val_tau.png", "unf/predictor.json", "unf/model.safetensors", "unf/seed0/result.json"):
+        assert (result.out_dir / name).is_file(), name
+
+
+@pytest.mark.parametrize("model", ["unf", "unf-perm", "statnn", "deepsets", "flat"])
+def test_saved_predictor_reproduces_training_predictions(trained_predictors, predict_zoo, model: str) -> None:
+    run = next(r for r in trained_predictors.runs if r.model == model)
+    predictor = load_predictor(run.directory, device="cpu")
+    assert predictor.kind == ("unf" if model.startswith("unf") else model)
+    assert predictor.target == "test_acc" and predictor.spec == predict_zoo.spec
+    assert predictor.width_agnostic == (model != "flat")
+    rows = run.predictions[run.predictions["split"] == "test"]
+    epochs = list(predict_zoo.checkpoint_epochs)
+    for epoch, group in rows.groupby("epoch"):
+        weights = predict_zoo.weights(group["member"].to_numpy(), epochs.index(epoch))
+        np.testing.assert_allclose(predictor.predict(weights), group["prediction"].to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_unf_predictor_is_invariant_and_width_agnostic(trained_predictors, predict_zoo) -> None:
+    unf = load_predictor(trained_predictors.out_dir / "unf", device="cpu")
+    spec = predict_zoo.spec
+    weights = predict_zoo.weights(np.arange(8), -1)
+    perm = spec.random_permutation(torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(unf.predict(spec.permute(weights, perm)), unf.predict(weights), atol=1e-5)
+    wide = spec.resize({label: 2 * spec.sizes[label] for label in spec.permutable_labels})
+    wide_weights = {n: 0.1 * torch.randn(4, *s) for n, s in wide.shapes.items()}
+    assert np.isfinite(unf.predict(wide_weights)).all()
+    flat = load_predictor(trained_predictors.out_dir / "flat", device="cpu")
+    with pytest.raises(SpecMismatchError):
+        flat.predict(wide_weights)
+    with pytest.raises(SpecMismatchError, match="missing"):
+        unf.predict({k: v for k, v in weights.items() if k != spec.names[0]})
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(predict_zoo, tmp_path: Path) -> None:
+    config = _config(epochs=4)
+    data = build_data(predict_zoo, config)
+    full = fit_run("flat", data, config, predict_zoo.spec, 0, tmp_path / "full", {}, CPU)
+
+    def stop_at_2(model, seed, epoch, total, info):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_run("flat", data, config, predict_zoo.spec, 0, tmp_path / "cut", {}, CPU, progress=stop_at_2)
+    assert (tmp_path / "cut" / "resume.pt").is_file()
+    seen = []
+    resumed = fit_run("flat", data, config, predict_zoo.spec, 0, tmp_path / "cut", {}, CPU,
+                      progress=lambda m, s, e, t, i: seen.append(e))
+    assert seen == [3, 4]  # picked up after the last finished epoch
+    assert [h["val_tau"] for h in resumed.history] == [h["val_tau"] for h in full.history]
+    assert resumed.metrics == full.metrics
+
+
+def test_targets_gen_gap_and_log_hparam(predict_zoo) -> None:
+    targets = available_targets(predict_zoo)
+    assert {"test_acc", "gen_gap", "log_lr"} <= set(targets)
+    gap = build_data(predict_zoo, _config(target="gen_gap", checkpoints="final"))
+    final = len(predict_zoo.checkpoint_epochs) - 1
+    expected = predict_zoo.metric("train_acc")[gap.member, final] - predict_zoo.metric("test_acc")[gap.member, final]
+    np.testing.assert_allclose(gap.y, expected.astype(np.float64), rtol=1e-6)
+    lr = build_data(predict_zoo, _config(target="log_lr", checkpoints="final"))
+    np.testing.assert_allclose(lr.y, np.log10(predict_zoo.hparam("lr")[lr.member]))
+    assert lr.loss == "mse" and abs(lr.y[lr.rows["train"]].mean() - lr.y_mean) < 1e-9
+    with pytest.raises(ConfigError, match="available: .*test_acc"):
+        build_data(predict_zoo, _config(target="nope"))
+    with pytest.raises(ConfigError, match="not stored"):
+        build_data(predict_zoo, _config(checkpoints=(999,)))
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_statnn_export_matches_scikit_learn() -> None:
+    from sklearn.ensemble import GradientBoostingRegressor
+    from sklearn.neural_network import MLPRegressor
+
+    from pipeline.predict.statnn import StatNNModel, _export_gbr, _export_mlp
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 14))
+    y = np.tanh(x[:, 0] + x[:, 1] * x[:, 2])
+    ident = {"x_mean": np.zeros(14), "x_scale": np.ones(14), "y_mean": np.zeros(1), "y_std": np.ones(1)}
+    gbr = GradientBoostingRegressor(n_estimators=30, max_depth=4, subsample=0.8, random_state=0).fit(x, y)
+    mlp = MLPRegressor(hidden_layer_sizes=(16, 8), max_iter=50, random_state=0).fit(x, y)
+    for family, est, arrays in (("gbr", gbr, _export_gbr(gbr)), ("mlp", mlp, _export_mlp(mlp))):
+        model = StatNNModel(family, family, {**ident, **arrays})
+        np.testing.assert_allclose(model.predict(x), est.predict(x), rtol=0, atol=1e-9)
+    chosen, val_taus, _ = fit_statnn(x[:90], y[:90], x[90:], y[90:], seed=0)
+    assert set(val_taus) == {"gbr-d3", "gbr-d5", "mlp-a1e-3", "mlp-a1e-1"}
+    assert val_taus[chosen.name] == max(val_taus.values())
+
+
+def test_load_predictor_errors(tmp_path: Path, trained_predictors) -> None:
+    with pytest.raises(PredictorError, match="does not exist"):
+        load_predictor(tmp_path / "missing")
+    with pytest.raises(PredictorError, match="several predictors"):
+        load_predictor(trained_predictors.out_dir)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PredictorError, match="no predictor.json"):
+        load_predictor(tmp_path / "empty")
