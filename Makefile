@@ -40,6 +40,13 @@ zoo: $(STAMP)
 	$(BIN)/unfzoo zoo cnn-digits --out $(ZOO_DIR)/cnn-digits.zarr
 	$(BIN)/unfzoo inspect $(ZOO_DIR)/cnn-digits.zarr
 
+# make train TRAIN_ZOO=datasets/zoos/gru-arith.zarr   (any zoo; outputs in runs/train/<zoo name>/)
+TRAIN_ZOO ?= $(ZOO_DIR)/cnn-digits.zarr
+TRAIN_ARGS ?= --model all --seeds 3
+train: $(STAMP)
+	@test -e $(TRAIN_ZOO)/zarr.json || { echo "no zoo at $(TRAIN_ZOO): run 'make zoo' first (or pass TRAIN_ZOO=...)"; exit 2; }
+	$(BIN)/unfzoo train $(TRAIN_ZOO) $(TRAIN_ARGS) --out runs/train/$(basename $(notdir $(TRAIN_ZOO)))
+
 bench: $(STAMP)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
 
