@@ -12,11 +12,12 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.errors import CheckpointError
@@ -27,8 +28,10 @@ __all__ = [
     "LoadedCheckpoint",
     "MatchedCheckpoint",
     "SpecMatcher",
+    "CheckpointBatch",
     "load_checkpoint",
     "match_state_dict",
+    "read_checkpoints",
 ]
 
 CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
@@ -244,3 +247,56 @@ def match_state_dict(
 ) -> MatchedCheckpoint:
     """Select `spec`'s tensors from `state` and check them (see `SpecMatcher.match`); `spec` is a WeightSpec."""
     return SpecMatcher(spec, allow_other_widths).match(state, path)
+
+
+@dataclass
+class CheckpointBatch:
+    """What reading a list of files gives: (key, metadata) per file, and per shape signature the keys of the files
+    that matched with their weights stacked as numpy arrays {name: (n, *shape)} (cheap to ship between processes)."""
+
+    rows: list[tuple[Hashable, dict[str, Any]]]
+    groups: dict[tuple[tuple[int, ...], ...], tuple[list[Hashable], dict[str, np.ndarray]]]
+
+
+def read_checkpoints(items: Sequence[tuple[Hashable, str]], matcher: SpecMatcher) -> CheckpointBatch:
+    """Load and match each (key, path); every failure becomes that file's error row, never an exception.
+
+    Metadata per file: format, wrapper, status ('ok' | 'error'), error, stripped_prefix, widths, ignored_keys.
+    Meant to run on a Dask worker: it imports nothing beyond torch and this module.
+    """
+    rows: dict[Hashable, dict[str, Any]] = {}
+    paths = dict(items)
+    pending: dict[tuple[tuple[int, ...], ...], tuple[list[Hashable], dict[str, list[torch.Tensor]]]] = {}
+    for key, path in items:
+        meta = rows[key] = {"format": "safetensors" if str(path).endswith(".safetensors") else "torch"}
+        try:
+            loaded = load_checkpoint(path)
+            meta["wrapper"] = loaded.wrapper
+            matched = matcher.match(loaded.state, path, check_finite=False)  # checked below, once per stack
+        except Exception as err:  # noqa: BLE001 - any failure is this file's verdict, never the batch's
+            lines = str(err).strip().splitlines()
+            text = str(err) if isinstance(err, CheckpointError) else f"{type(err).__name__}: {lines[0] if lines else ''}"
+            meta.update(status="error", error=text)
+            continue
+        meta.update(status="ok", stripped_prefix=matched.stripped_prefix, widths=matched.widths,
+                    ignored_keys=len(matched.ignored_keys))
+        sig = tuple(tuple(t.shape) for t in matched.tensors.values())
+        keys, stacks = pending.setdefault(sig, ([], {name: [] for name in matched.tensors}))
+        keys.append(key)
+        for name, tensor in matched.tensors.items():
+            stacks[name].append(tensor)
+    groups = {}
+    for sig, (keys, stacks) in pending.items():
+        arrays = {name: torch.stack(ts) for name, ts in stacks.items()}  # (n, *shape) each
+        bad: dict[int, str] = {}  # row -> its first non-finite tensor
+        for name, a in arrays.items():
+            for j in torch.nonzero(~torch.isfinite(a.reshape(len(a), -1)).all(dim=1)).flatten().tolist():
+                bad.setdefault(j, name)
+        for j, name in bad.items():
+            rows[keys[j]].update(status="error", error=f"{paths[keys[j]]}: {name} {NON_FINITE}")
+        keep = [j for j in range(len(keys)) if j not in bad]
+        if keep:
+            index = torch.tensor(keep) if bad else None
+            groups[sig] = ([keys[j] for j in keep],
+                           {n: (a if index is None else a[index]).numpy() for n, a in arrays.items()})
+    return CheckpointBatch(list(rows.items()), groups)

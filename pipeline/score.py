@@ -16,15 +16,17 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
-from pipeline.checkpoints import CHECKPOINT_SUFFIXES, NON_FINITE, SpecMatcher, load_checkpoint
+from pipeline.checkpoints import CHECKPOINT_SUFFIXES, CheckpointBatch, SpecMatcher, read_checkpoints
 from pipeline.errors import CheckpointError, ConfigError
 
-__all__ = ["OUTPUT_COLUMNS", "LOCAL_CLUSTER_MIN_FILES", "ScoreInputs", "discover_inputs", "score_checkpoints"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["OUTPUT_COLUMNS", "ScoreInputs", "discover_inputs", "local_cluster_pays_off", "score_checkpoints"]
 
 OUTPUT_COLUMNS: tuple[str, ...] = (
     "path",  # the file, or the zoo directory for zoo members
@@ -39,9 +41,11 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
     "widths",  # permutable labels at another size than in the predictor's zoo, e.g. "c1=32,c2=32" ('' when none)
     "ignored_keys",  # tensors of the file outside the predictor's weight space (other prefixes, buffers)
 )
-# Spawning a LocalCluster costs seconds (each worker process imports torch): worth it only past a few thousand
-# files. Measured break-even on 2 cores: ~5,000 files of ~2 ms each (benchmarks/bench_score.py).
-LOCAL_CLUSTER_MIN_FILES = 4000
+# When a LocalCluster pays off: starting and closing one costs seconds (each worker process imports distributed and
+# torch), reading a small checkpoint ~2 ms; the main process also scores, so w workers give about w - 0.3 times the
+# reading speed. Measured on 2 cores (benchmarks/bench_score.py): break-even near 10,000 files; fewer with more cores.
+CLUSTER_OVERHEAD_S = 8.0
+SECONDS_PER_FILE = 0.002
 _ZOO_MARKERS = ("zarr.json", ".zgroup")
 _IN_FLIGHT_PER_WORKER = 2
 Key = tuple[int, int]  # (input position, member index or 0): rows sort into input order
@@ -113,14 +117,6 @@ def discover_inputs(inputs: Iterable[str | os.PathLike[str]]) -> ScoreInputs:
 # ----------------------------------------------------------------------------------------------- reading (workers)
 
 
-@dataclass
-class _Window:
-    """What reading a window of files gives: metadata per file, and stacked weights per shape signature."""
-
-    rows: list[tuple[Key, dict[str, Any]]]
-    groups: dict[tuple[tuple[int, ...], ...], tuple[list[Key], dict[str, np.ndarray]]]
-
-
 def _error_text(err: BaseException) -> str:
     if isinstance(err, CheckpointError):
         return str(err)
@@ -128,48 +124,15 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
-def _read_window(items: Sequence[tuple[Key, str]], matcher: SpecMatcher) -> _Window:
-    """Load and match each file; failures become error rows. Runs on a Dask worker or in-process."""
-    import torch
+def _default_workers() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 
-    rows: dict[Key, dict[str, Any]] = {}
-    paths = dict(items)
-    pending: dict[tuple[tuple[int, ...], ...], tuple[list[Key], dict[str, list[torch.Tensor]]]] = {}
-    for key, path in items:
-        meta = rows[key] = {"format": "safetensors" if path.endswith(".safetensors") else "torch"}
-        try:
-            loaded = load_checkpoint(path)
-            meta["wrapper"] = loaded.wrapper
-            matched = matcher.match(loaded.state, path, check_finite=False)  # checked below, per stacked group
-        except Exception as err:  # noqa: BLE001 - any failure is this file's verdict, never the batch's
-            meta.update(status="error", error=_error_text(err))
-            continue
-        meta.update(
-            status="ok", stripped_prefix=matched.stripped_prefix, widths=matched.widths,
-            ignored_keys=len(matched.ignored_keys),
-        )
-        sig = tuple(tuple(t.shape) for t in matched.tensors.values())
-        keys, stacks = pending.setdefault(sig, ([], {name: [] for name in matched.tensors}))
-        keys.append(key)
-        for name, tensor in matched.tensors.items():
-            stacks[name].append(tensor)
-    groups = {}
-    for sig, (keys, stacks) in pending.items():
-        arrays = {name: torch.stack(ts) for name, ts in stacks.items()}  # (n, *shape) each
-        bad = {}  # row -> first non-finite tensor
-        for name, a in arrays.items():
-            for j in torch.nonzero(~torch.isfinite(a.reshape(len(a), -1)).all(dim=1)).flatten().tolist():
-                bad.setdefault(j, name)
-        for j, name in bad.items():
-            rows[keys[j]].update(status="error", error=f"{paths[keys[j]]}: {name} {NON_FINITE}")
-        keep = [j for j in range(len(keys)) if j not in bad]
-        if keep:
-            index = torch.tensor(keep) if bad else None
-            groups[sig] = (
-                [keys[j] for j in keep],
-                {n: (a if index is None else a[index]).numpy() for n, a in arrays.items()},
-            )
-    return _Window(list(rows.items()), groups)
+
+def local_cluster_pays_off(n_files: int, n_workers: int | None = None) -> bool:
+    """Whether reading `n_files` on a fresh LocalCluster of `n_workers` processes beats reading them in-process."""
+    n_workers = n_workers or _default_workers()
+    saved = n_files * SECONDS_PER_FILE * (1 - 1 / max(n_workers - 0.3, 1.0))
+    return saved > CLUSTER_OVERHEAD_S
 
 
 @contextmanager
@@ -183,13 +146,13 @@ def _dask_client(scheduler: Any, workers: int | None, n_files: int) -> Iterator[
     if n_files == 0 or scheduler in ("sync", "synchronous") or (scheduler is None and workers == 0):
         yield None
         return
-    if scheduler is None and workers is None and n_files < LOCAL_CLUSTER_MIN_FILES:
+    if scheduler is None and workers is None and not local_cluster_pays_off(n_files):
         yield None
         return
     from distributed import Client, LocalCluster
 
     if scheduler in (None, "local"):
-        n = workers or max(1, min(os.cpu_count() or 1, 8))
+        n = workers or _default_workers()
         cluster = LocalCluster(
             n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
         )
@@ -208,12 +171,12 @@ def _n_workers(client: Any) -> int:
     return max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
 
 
-_Stream = Iterator[tuple[Sequence[tuple[Key, str]], "_Window | BaseException"]]
+_Stream = Iterator[tuple[Sequence[tuple[Key, str]], "CheckpointBatch | BaseException"]]
 
 
 def _windows_in_process(windows: Sequence[Sequence[tuple[Key, str]]], matcher: SpecMatcher) -> _Stream:
     for window in windows:
-        yield window, _read_window(window, matcher)
+        yield window, read_checkpoints(window, matcher)
 
 
 def _windows_dask(client: Any, windows: Sequence[Sequence[tuple[Key, str]]], matcher: SpecMatcher) -> _Stream:
@@ -229,7 +192,7 @@ def _windows_dask(client: Any, windows: Sequence[Sequence[tuple[Key, str]]], mat
     def submit() -> None:
         window = next(todo, None)
         if window is not None:
-            future = client.submit(_read_window, list(window), matcher_future, pure=False)
+            future = client.submit(read_checkpoints, list(window), matcher_future, pure=False)
             owner[future.key] = window
             running.add(future)
 
@@ -238,7 +201,7 @@ def _windows_dask(client: Any, windows: Sequence[Sequence[tuple[Key, str]]], mat
     for future in running:
         window = owner.pop(future.key)
         try:
-            result: _Window | BaseException = future.result()
+            result: CheckpointBatch | BaseException = future.result()
         except Exception as err:  # noqa: BLE001 - a lost worker fails its window's files, not the whole run
             result = err
         future.release()
@@ -399,10 +362,12 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
 
 def _frame(rows: Mapping[Key, Mapping[str, Any]]) -> pd.DataFrame:
     """Rows in input order (zoo members in member order) with every output column and stable dtypes."""
+    import pandas as pd
+
     frame = pd.DataFrame.from_records([rows[k] for k in sorted(rows)], columns=list(OUTPUT_COLUMNS))
     frame["status"] = frame["status"].fillna("error").astype(str)
     for col in ("error", "format", "wrapper", "stripped_prefix", "widths"):
-        frame[col] = frame[col].fillna("").astype(str)
+        frame[col] = frame[col].astype(object).fillna("").astype(str)
     frame["prediction"] = frame["prediction"].astype("float64")
     for col in ("member", "checkpoint", "ignored_keys"):
         frame[col] = frame[col].astype("Int64")
@@ -422,9 +387,9 @@ def score_checkpoints(
     """Score checkpoint files, directories, globs and zoo stores; one row per file or zoo member (`OUTPUT_COLUMNS`).
 
     `predictor` has `.spec`, `.width_agnostic` and `.predict({name: (N, *shape)}) -> (N,)` (see
-    `pipeline.predict.load_predictor`). Files are read by Dask workers: `scheduler` None picks a LocalCluster of
-    `workers` processes when there are at least LOCAL_CLUSTER_MIN_FILES files (or `workers` is given), in-process
-    reading otherwise; 'sync' reads in-process, 'local' forces a LocalCluster, any other string is a scheduler
+    `pipeline.predict.load_predictor`). Files are read by Dask workers: `scheduler` None starts a LocalCluster of
+    `workers` processes (default one per core) when `workers` is given or `local_cluster_pays_off`, and reads
+    in-process otherwise; 'sync' reads in-process, 'local' forces a LocalCluster, any other string is a scheduler
     address, and a `distributed.Client` is used as is. `workers=0` reads in-process. Zoo members are scored at
     `checkpoint` (an epoch it stores, or 'final'). Raises ConfigError when no input exists or an option is invalid.
     """

@@ -7,6 +7,7 @@ import os
 # Keep test runs deterministic and friendly to a 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
 # ---- predictors (issue 5): a tiny zoo and predictors trained on it, shared by test_predict*.py and scoring tests ----
 import pytest  # noqa: E402
 
@@ -54,3 +55,76 @@ def trained_predictors(predict_zoo, tmp_path_factory):
     config = TrainConfig(models="all", checkpoints="all", fractions=(0.6, 0.2, 0.2), epochs=4, device="cpu")
     return train_predictor(predict_zoo, config, tmp_path_factory.mktemp("trained_predictors") / "out")
 
+
+# ---- scoring (issue 6): a tiny zoo of width-16 CNNs and a UNF predictor trained on it, for test_score*.py ----
+SCORE_CNN_EPOCHS = (0, 5)
+
+
+def score_cnn(width: int = 16):
+    """The Small-CNN-Zoo shape on 8x8 digits: 3 conv 3x3 (stride 2) + global average pool + dense 10."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10),
+    )
+
+
+@pytest.fixture(scope="session")
+def score_zoo(tmp_path_factory):
+    """A 40-member zoo of width-16 CNNs written through the store API (no training: weights are random with a
+    per-member scale, and test_acc falls with that scale, so a predictor can learn it). Member 0 diverged: its final
+    weights are NaN."""
+    import numpy as np
+    import torch
+
+    from pipeline.store import MemberBlock, StoreLayout, Zoo, create_store, write_members, write_splits
+    from unf_models import WeightSpec
+
+    spec = WeightSpec.from_module(score_cnn(16), torch.zeros(1, 1, 8, 8))
+    layout = StoreLayout(weight_shapes=spec.shapes, metric_names=("test_acc",), checkpoint_epochs=SCORE_CNN_EPOCHS,
+                         members_per_chunk=20, continuous=("lr",), categorical={})
+    url = str(tmp_path_factory.mktemp("score_zoo") / "cnn.zarr")
+    n, k = 40, 20
+    create_store(url, layout, {"spec": spec.to_dict(), "name": "score-cnn", "task": {"name": "digits"}}, n)
+    rng = np.random.default_rng(0)
+    for start in range(0, n, k):
+        scale = rng.uniform(0.05, 0.5, size=(k, len(SCORE_CNN_EPOCHS)))  # (members, checkpoints)
+        weights = {  # (members, checkpoints, *shape)
+            name: (rng.standard_normal((k, len(SCORE_CNN_EPOCHS), *shape)) * scale.reshape(k, -1, *[1] * len(shape)))
+            .astype(np.float32) for name, shape in spec.shapes.items()
+        }
+        diverged = np.zeros(k, dtype=bool)
+        if start == 0:
+            diverged[0] = True
+            for w in weights.values():
+                w[0, -1] = np.nan
+        write_members(url, start, MemberBlock(
+            weights=weights, metrics={"test_acc": (1.0 - scale).astype(np.float32)}, hparams={"lr": scale[:, 0]},
+            seed=np.arange(start, start + k), config=np.arange(start, start + k), diverged=diverged,
+            diverged_epoch=np.where(diverged, SCORE_CNN_EPOCHS[-1], -1).astype(np.int32),
+        ))
+    write_splits(url)
+    return Zoo.open(url)
+
+
+@pytest.fixture(scope="session")
+def score_predictor_dirs(score_zoo, tmp_path_factory):
+    """{"unf": folder of a width-agnostic UNF predictor, "flat": folder of a fixed-width MLP predictor}, both trained
+    briefly on `score_zoo` with `train_predictor`."""
+    from pipeline.predict import TrainConfig, train_predictor
+
+    config = TrainConfig(models=("unf", "flat"), checkpoints="final", fractions=(0.6, 0.2, 0.2), epochs=2,
+                         batch_size=32, device="cpu", unf_hidden=(4,), unf_head=(16,), flat_hidden=(16,))
+    out = train_predictor(score_zoo, config, tmp_path_factory.mktemp("score_predictors") / "out").out_dir
+    return {kind: out / kind for kind in ("unf", "flat")}
+
+
+@pytest.fixture(scope="session")
+def score_predictors(score_predictor_dirs):
+    """The predictors of `score_predictor_dirs`, loaded on the CPU."""
+    from pipeline.predict import load_predictor
+
+    return {kind: load_predictor(path, device="cpu") for kind, path in score_predictor_dirs.items()}
