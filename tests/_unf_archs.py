@@ -178,3 +178,19 @@ ARCHS: list[Example] = [
     ("transformer", Transformer, lambda: (torch.randint(0, 9, (4, 5), generator=_g(1)),)),
     ("attention", Attention, lambda: (torch.randn(4, 5, 3, generator=_g(1), dtype=torch.float64),)),
 ]
+
+
+# The zoo's member architectures (pipeline.members.build_member), tiny resolved arch dicts and example inputs.
+ZOO_ARCHS = [
+    ("cnn", {"name": "cnn", "activation": "relu", "channels": [4, 5], "kernel_size": 3, "stride": 2, "padding": 1,
+             "in_channels": 2, "num_classes": 3},
+     lambda: (torch.randn(4, 2, 8, 8, generator=_g(1), dtype=torch.float64),)),
+    ("mlp", {"name": "mlp", "activation": "tanh", "hidden": [5, 4], "in_features": 6, "num_classes": 3},
+     lambda: (torch.randn(4, 6, generator=_g(1), dtype=torch.float64),)),
+    ("gru_seq2seq", {"name": "gru_seq2seq", "activation": "tanh", "embed_dim": 4, "hidden_size": 6,
+                     "vocab_size": 7, "pad_id": 0, "bos_id": 1},
+     lambda: (torch.randint(0, 7, (4, 5), generator=_g(1)), torch.randint(0, 7, (4, 3), generator=_g(2)))),
+    ("transformer", {"name": "transformer", "activation": "gelu", "d_model": 8, "n_heads": 2, "n_layers": 2,
+                     "d_ff": 16, "vocab_size": 9, "seq_len": 5, "num_classes": 4},
+     lambda: (torch.randint(0, 9, (4, 5), generator=_g(1)),)),
+]

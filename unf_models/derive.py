@@ -497,7 +497,14 @@ _UNARY_METHODS = {
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
            operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
            torch.minimum}
-_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "maximum", "minimum"}
+_BINARY |= {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, torch.eq, torch.ne,
+            torch.lt, torch.le, torch.gt, torch.ge, torch.where, torch.masked_fill}
+_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "maximum", "minimum", "eq", "ne",
+                   "lt", "le", "gt", "ge", "masked_fill"}
+_CREATE = {torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.rand_like, torch.randn_like,
+           torch.randint_like}
+_CREATE_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "size", "dim", "numel",
+                   "__len__"}
 _REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp"}
 _RESHAPE = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
@@ -587,8 +594,10 @@ def _call_function(ctx: _Ctx, node: fx.Node, args: list[Any], kwargs: dict[str, 
     tensors = [a for a in args if isinstance(a, _T)]
     if target is operator.getitem:
         return _getitem(ctx, args[0], args[1], out_shape, where)
-    if method and name in ("size", "dim", "numel", "__len__") or target in (getattr, len):
+    if target in (getattr, len):
         return _NONTENSOR
+    if (method and name in _CREATE_METHODS) or target in _CREATE:  # a fresh tensor shaped like another
+        return _plain(out_shape) if out_shape is not None else _NONTENSOR
     if not tensors and not any(isinstance(v, _T) for v in kwargs.values()):
         if out_shape is not None and target not in _UNARY:
             return _plain(out_shape)  # a fresh tensor (zeros, arange, ...): unlabelled
@@ -600,6 +609,12 @@ def _call_function(ctx: _Ctx, node: fx.Node, args: list[Any], kwargs: dict[str, 
         if len(tensors) == 1:
             return x
     if (method and name in _BINARY_METHODS) or target in _BINARY:
+        tensors = tensors + [v for v in kwargs.values() if isinstance(v, _T)]
+        if len(tensors) > 2:  # torch.where(cond, a, b): tie all three
+            base = tensors[0]
+            for other in tensors[1:]:
+                base = _broadcast(ctx, base, other, out_shape or base.shape, where)
+            return base
         if len(tensors) == 1:
             return x if out_shape is None or tuple(out_shape) == x.shape else _broadcast(
                 ctx, x, _plain(()), out_shape, where)
@@ -702,7 +717,8 @@ def _example_inputs(gm: fx.GraphModule, root: nn.Module, spatial: int, seq: bool
 
 
 def _first_module(node: fx.Node, gm: fx.GraphModule) -> nn.Module | None:
-    seen, todo = set(), [node]
+    """The first leaf module reading an input (an Embedding wins: then the input holds token ids)."""
+    seen, todo, found = set(), [node], []
     while todo:
         cur = todo.pop(0)
         for user in cur.users:
@@ -710,9 +726,11 @@ def _first_module(node: fx.Node, gm: fx.GraphModule) -> nn.Module | None:
                 continue
             seen.add(user)
             if user.op == "call_module":
-                return gm.get_submodule(user.target)
-            todo.append(user)
-    return None
+                found.append(gm.get_submodule(user.target))
+            else:
+                todo.append(user)
+    embeddings = [m for m in found if isinstance(m, nn.Embedding)]
+    return (embeddings or found or [None])[0]
 
 
 def _input_for(m: nn.Module, spatial: int, sequence: bool) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """UNF layers: the maximal permutation-equivariant linear map (`UNFLinear`) and invariant pooling (`UNFPool`).
 
 Public tensors are ``{name: (batch, channels, *natural_shape)}``. Internally every *piece* (a tensor part, see
-``spec.py``) is held channels-last as ``(batch, *permutable_dims, K)``; with ``fixed_axes="exact"`` the fixed axes are
+``spec.py``) is held as ``(batch, K, *permutable_dims)``; with ``fixed_axes="exact"`` the fixed axes are
 folded into K = channels * prod(fixed sizes), which gives the maximal layer for the true symmetry group (fixed axes
 are not permuted, so any linear map along them is allowed). ``fixed_axes="permutable"`` is the reference code's
 approximation: fixed labels are treated as permutable (cheaper in channels, more basis terms, and equivariant to
@@ -63,7 +63,8 @@ def _pieces(spec: WeightSpec, fixed_axes: FixedAxes) -> list[_Piece]:
 
 
 class _Layout:
-    """Converts public ``{name: (B, C, *natural)}`` to channels-last pieces ``(B, *perm_dims, C*fold)`` and back."""
+    """Converts public ``{name: (B, C, *natural)}`` to pieces ``(B, C*fold, *perm_dims)`` and back (views unless
+    fixed axes must move in front of permutable ones)."""
 
     def __init__(self, spec: WeightSpec, fixed_axes: FixedAxes) -> None:
         self.spec = spec
@@ -90,33 +91,30 @@ class _Layout:
             v = views[p.name][p.part]  # (B, C, *view)
             if not channel_dim:
                 v = v.unsqueeze(1)
-            order = (0, *(2 + a for a in p.perm_pos), 1, *(2 + a for a in p.fixed_pos))
-            v = v.permute(order)  # (B, *perm_dims, C, *fixed_dims)
-            out.append(v.reshape(*v.shape[: 1 + len(p.perm_pos)], -1))  # (B, *perm_dims, C*fold)
+            if p.fixed_pos:
+                v = v.permute(0, 1, *(2 + a for a in p.fixed_pos), *(2 + a for a in p.perm_pos))  # (B, C, *fixed, *perm)
+                v = v.reshape(v.shape[0], -1, *v.shape[2 + len(p.fixed_pos) :])  # (B, C*fold, *perm)
+            out.append(v)
         return out
 
     def from_internal(self, pieces: list[Tensor], sizes: Mapping[str, int], channels: int) -> dict[str, Tensor]:
         parts: dict[str, list[Tensor]] = {}
         for p, y in zip(self.pieces, pieces):
-            perm_dims = y.shape[1:-1]
-            fixed_dims = [sizes[p.axes[a]] for a in p.fixed_pos]
-            y = y.reshape(y.shape[0], *perm_dims, channels, *fixed_dims)  # (B, *perm, C, *fixed)
-            src = [0, *(1 + i for i in range(len(p.perm_pos))), 1 + len(p.perm_pos),
-                   *(2 + len(p.perm_pos) + i for i in range(len(p.fixed_pos)))]
-            dst = [0, *(2 + a for a in p.perm_pos), 1, *(2 + a for a in p.fixed_pos)]
-            inverse = [0] * len(dst)
-            for s, d in zip(src, dst):
-                inverse[d] = s
-            parts.setdefault(p.name, []).append(y.permute(inverse))  # (B, C, *view)
+            if p.fixed_pos:
+                fixed_dims = [sizes[p.axes[a]] for a in p.fixed_pos]
+                y = y.reshape(y.shape[0], channels, *fixed_dims, *y.shape[2:])  # (B, C, *fixed, *perm)
+                order = [*p.fixed_pos, *p.perm_pos]  # view axis held by each of dims 2..
+                y = y.permute(0, 1, *(2 + order.index(a) for a in range(len(order))))  # (B, C, *view)
+            parts.setdefault(p.name, []).append(y)
         shapes = self.spec._shapes_at(sizes)
         return {name: self.spec.join_parts(name, parts[name], shapes[name], 2) for name in self.spec.names}
 
 
 def _read(x: Tensor, read: Read) -> Tensor:
-    """x: (B, *dims, K) -> (B, *kept_block_dims, K): diagonals over blocks, mean over reduced blocks."""
+    """x: (B, K, *dims) -> (B, K, *kept_block_dims): diagonals over blocks, mean over reduced blocks."""
     ndim = x.dim() - 2
     if all(len(b) == 1 for b in read.blocks):
-        reduced = tuple(1 + read.blocks[i][0] for i in read.reduced)
+        reduced = tuple(2 + read.blocks[i][0] for i in read.reduced)
         return x.mean(dim=reduced) if reduced else x
     letters = "abcdefghijklmnopqrstuvw"
     sub = [""] * ndim
@@ -124,19 +122,19 @@ def _read(x: Tensor, read: Read) -> Tensor:
         for a in block:
             sub[a] = letters[i]
     keep = "".join(letters[i] for i in read.kept)
-    y = torch.einsum(f"y{''.join(sub)}z->y{keep}z", x)  # sums over reduced blocks
-    count = math.prod(x.shape[1 + read.blocks[i][0]] for i in read.reduced)
+    y = torch.einsum(f"yz{''.join(sub)}->yz{keep}", x)  # sums over reduced blocks
+    count = math.prod(x.shape[2 + read.blocks[i][0]] for i in read.reduced)
     return y / count if count != 1 else y
 
 
 def _delta(shape: list[int], block: tuple[int, ...], n: int, like: Tensor) -> Tensor:
-    """1 where all axes of ``block`` carry equal indices, shaped to broadcast over ``shape`` (axes offset by 1)."""
+    """1 where all axes of ``block`` carry equal indices, shaped to broadcast over ``shape`` (axes offset by 2)."""
     idx = torch.arange(n, device=like.device)
     d = torch.zeros((n,) * len(block), dtype=like.dtype, device=like.device)
     d[(idx,) * len(block)] = 1
     view = [1] * len(shape)
     for a in block:
-        view[1 + a] = n
+        view[2 + a] = n
     return d.reshape(view)
 
 
@@ -256,7 +254,7 @@ class UNFLinear(nn.Module):
             for i, p in enumerate(pieces):
                 shape = [spec.sizes[a] if spec.is_fixed(a) else 1 for a in p.axes]
                 if any(n > 1 for n in shape):
-                    self.pos_embed[str(i)] = nn.Parameter(torch.randn(*shape, in_channels) * 0.1)
+                    self.pos_embed[str(i)] = nn.Parameter(torch.randn(in_channels, *shape) * 0.1)
         self.num_terms = sum(num_pair_terms(po.labels, pi.labels) for po in pieces for pi in pieces)
 
     def extra_repr(self) -> str:
@@ -269,57 +267,67 @@ class UNFLinear(nn.Module):
         return self._layout.from_internal(self.forward_internal(h), sizes, self.out_channels)
 
     def forward_internal(self, h: list[Tensor]) -> list[Tensor]:
-        """Channels-last pieces in, channels-last pieces out (used by UNFPredictor to skip layout changes)."""
+        """Pieces ``(B, K, *perm_dims)`` in and out (used by UNFPredictor to skip layout changes)."""
         if self.pos_embed:
             h = [x + self.pos_embed[str(i)] if str(i) in self.pos_embed else x for i, x in enumerate(h)]
-        computed = [_read(h[pi], r) for pi, r in self._reads]  # each (B, *kept, K_in)
-        out: list[Tensor | None] = [None] * len(h)
+        computed = [_read(h[pi], r) for pi, r in self._reads]  # each (B, K_in, *kept)
+        batch = h[0].shape[0]
+        parts: list[list[Tensor]] = [[] for _ in h]
         for g in self._groups:
             ins = []
             for c in g.contributions:
                 r = computed[c.read]
                 if c.order != tuple(range(len(c.order))):
-                    r = r.permute(0, *(1 + i for i in c.order), r.dim() - 1)
+                    r = r.permute(0, 1, *(2 + i for i in c.order))
                 ins.append(r)
-            cat = ins[0] if len(ins) == 1 else torch.cat(ins, dim=-1)  # (B, *sig_dims, sum K_in)
-            weight = self.mix[_key(g.signature)]
-            z = torch.addmm(self.bias, cat, weight) if not g.signature else cat @ weight  # (B, *sig, sum K_out)
+            cat = ins[0] if len(ins) == 1 else torch.cat(ins, dim=1)  # (B, sum K_in, *sig_dims)
+            weight = self.mix[_key(g.signature)]  # (sum K_in, sum K_out)
+            if not g.signature:
+                z = torch.addmm(self.bias, cat, weight)  # (B, sum K_out)
+            else:
+                sig_dims = cat.shape[2:]
+                flat = cat.reshape(batch, cat.shape[1], -1)  # (B, sum K_in, N)
+                z = torch.bmm(weight.t().unsqueeze(0).expand(batch, -1, -1), flat)  # (B, sum K_out, N)
+                z = z.view(batch, z.shape[1], *sig_dims)  # (B, sum K_out, *sig_dims)
             col = 0
             for o in g.outputs:
-                y = z[..., col : col + o.width]
+                y = z[:, col : col + o.width]
                 col += o.width
-                out[o.piece] = self._write(y, o, h[o.piece], out[o.piece])
-        return out  # type: ignore[return-value]
+                parts[o.piece].append(self._write(y, o, h[o.piece]))
+        return [_accumulate(p) for p in parts]
 
     @staticmethod
-    def _write(z: Tensor, o: _Output, like: Tensor, acc: Tensor | None) -> Tensor:
-        """Place z (B, *sorted_kept, W) into an output piece (B, *dims, W): broadcast / diagonal writes."""
+    def _write(z: Tensor, o: _Output, like: Tensor) -> Tensor:
+        """Place z (B, W, *sorted_kept) into an output piece (B, W, *dims): broadcast / diagonal writes."""
         ndim = like.dim() - 2
+        if not ndim:
+            return z
         if o.to_pos != tuple(range(len(o.to_pos))):
-            z = z.permute(0, *(1 + i for i in o.to_pos), z.dim() - 1)  # kept dims in positional order
-        index: list[object] = [slice(None)]
+            z = z.permute(0, 1, *(2 + i for i in o.to_pos))  # kept dims in positional order
+        # a block's first axis carries its index (kept) or 1 (broadcast); its other axes are 1 until the delta
+        index: list[object] = [slice(None), slice(None)]
         kept = set(o.write.kept)
+        position = []
         for i, block in enumerate(o.write.blocks):
             index.append(slice(None) if i in kept else None)
             index.extend([None] * (len(block) - 1))
-        # dims of z follow blocks in order; a block's first axis carries it, the others (and broadcasts) are 1
-        if ndim:
-            position = [0] * ndim
-            axis = 0
-            for block in o.write.blocks:
-                for a in block:
-                    position[axis] = a
-                    axis += 1
-            z = z[tuple(index)]  # (B, block-ordered dims..., W)
-            if position != list(range(ndim)):
-                inverse = [position.index(a) for a in range(ndim)]
-                z = z.permute(0, *(1 + i for i in inverse), ndim + 1)
-            for block in o.write.blocks:
-                if len(block) > 1:
-                    z = z * _delta(list(like.shape), block, like.shape[1 + block[0]], z)
-        else:
-            z = z.reshape(like.shape[0], z.shape[-1])
-        return z if acc is None else acc + z
+            position.extend(block)
+        z = z[tuple(index)]  # (B, W, block-ordered dims...)
+        if position != list(range(ndim)):
+            z = z.permute(0, 1, *(2 + position.index(a) for a in range(ndim)))
+        for block in o.write.blocks:
+            if len(block) > 1:
+                z = z * _delta(list(like.shape), block, like.shape[2 + block[0]], z)
+        return z
+
+
+def _accumulate(terms: list[Tensor]) -> Tensor:
+    """Sum broadcastable terms smallest first, so low-rank terms meet before they are expanded to full size."""
+    terms = sorted(terms, key=lambda t: t.numel())
+    acc = terms[0]
+    for t in terms[1:]:
+        acc = acc + t
+    return acc
 
 
 class UNFPool(nn.Module):

@@ -51,7 +51,7 @@ class UNFPredictor(nn.Module):
         layout = self.layers[0]._layout
         channel_dim = self.in_channels > 1
         sizes = layout.sizes(x, batch_dims=2 if channel_dim else 1)
-        h = layout.to_internal(x, sizes, channel_dim=channel_dim)  # pieces (B, *perm_dims, C*fold)
+        h = layout.to_internal(x, sizes, channel_dim=channel_dim)  # pieces (B, C*fold, *perm_dims)
         for layer in self.layers:
             h = [self.act(t) for t in layer.forward_internal(h)]
         return self.head(self.pool.forward_internal(h))  # (B, out_features)
