@@ -194,3 +194,23 @@ ZOO_ARCHS = [
                      "d_ff": 16, "vocab_size": 9, "seq_len": 5, "num_classes": 4},
      lambda: (torch.randint(0, 9, (4, 5), generator=_g(1)),)),
 ]
+
+
+class StackedSeq2Seq(nn.Module):
+    """Two-layer GRU encoder whose stacked state (and its tanh) starts a two-layer LSTM decoder; last-layer readout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.enc = nn.GRU(4, 5, 2, batch_first=True)
+        self.dec = nn.LSTM(4, 5, 2, batch_first=True)
+        self.head = nn.Linear(5, 7)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        _, h = self.enc(self.emb(src))
+        out, (hn, _) = self.dec(self.emb(tgt), (h, torch.tanh(h)))
+        return self.head(out) + self.head(hn[-1]).unsqueeze(1)
+
+
+ARCHS.append(("stacked_seq2seq", StackedSeq2Seq, lambda: (torch.randint(0, 7, (3, 4), generator=_g(1)),
+                                                          torch.randint(0, 7, (3, 2), generator=_g(2)))))

@@ -519,7 +519,7 @@ def _op_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _reduce(ctx: _Ctx, x: _T, dims: Any, keepdim: bool, out_shape: Sequence[int]) -> _T:
+def _reduce(x: _T, dims: Any, keepdim: bool, out_shape: Sequence[int]) -> _T:
     n = len(x.dims)
     if dims is None:
         axes = set(range(n))
@@ -579,11 +579,10 @@ def _getitem(ctx: _Ctx, x: Any, index: Any, out_shape: Sequence[int] | None, whe
                 out.append(((None, -1),))
         pos += 1
     out.extend(x.dims[pos:])
-    result = _T(out)
-    if out_shape is not None and len(out_shape) == len(out):  # fill sizes of sliced dims
-        result.dims = [d if d[0][1] != -1 and prod(s for _, s in d) == s_out else ((None, int(s_out)),)
-                       if all(lab is None for lab, _ in d) else d for d, s_out in zip(result.dims, out_shape)]
-    return result
+    if out_shape is not None and len(out_shape) == len(out):  # sliced dims take their size from the run
+        out = [((None, int(n)),) if all(lab is None for lab, _ in d) and prod(s for _, s in d) != n else d
+               for d, n in zip(out, out_shape)]
+    return _T(out)
 
 
 def _call_function(ctx: _Ctx, node: fx.Node, args: list[Any], kwargs: dict[str, Any],
@@ -622,7 +621,7 @@ def _call_function(ctx: _Ctx, node: fx.Node, args: list[Any], kwargs: dict[str, 
     if (method and name in _REDUCE_METHODS) or target in _REDUCE:
         dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
         keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
-        return _reduce(ctx, x, dims, bool(keepdim), out_shape or ())
+        return _reduce(x, dims, bool(keepdim), out_shape or ())
     if (method and name in _RESHAPE_METHODS) or target in _RESHAPE:
         return _reshape(ctx, x, out_shape or (), where)
     if (method and name in ("permute", "transpose", "t", "movedim", "swapaxes")) or target in (
@@ -643,9 +642,13 @@ def _call_function(ctx: _Ctx, node: fx.Node, args: list[Any], kwargs: dict[str, 
             else:
                 order[a % n], order[b % n] = order[b % n], order[a % n]
         return _T([x.dims[o % n] for o in order])
-    if (method and name in ("expand", "expand_as", "repeat")):
-        return _broadcast(ctx, x, _plain(out_shape or ()), out_shape or (), where) if name != "repeat" else (
-            _reshape_repeat(ctx, x, out_shape or ()))
+    if method and name in ("expand", "expand_as"):  # grows size-1 dims only: labels stay
+        shape = list(out_shape or ())
+        lead = [((None, int(n)),) for n in shape[: len(shape) - len(x.dims)]]
+        return _T(lead + [d if prod(s for _, s in d) == n else ((None, int(n)),)
+                          for d, n in zip(x.dims, shape[len(lead) :])])
+    if method and name == "repeat":
+        return _reshape_repeat(ctx, x, out_shape or ())
     if target in _POOL_FUNCS:
         return _rule_pool(x, _POOL_FUNCS[target], out_shape or ())
     if target in (torch.cat, torch.concat, torch.stack):
