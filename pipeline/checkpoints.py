@@ -287,16 +287,15 @@ def read_checkpoints(items: Sequence[tuple[Hashable, str]], matcher: SpecMatcher
             stacks[name].append(tensor)
     groups = {}
     for sig, (keys, stacks) in pending.items():
-        arrays = {name: torch.stack(ts) for name, ts in stacks.items()}  # (n, *shape) each
-        bad: dict[int, str] = {}  # row -> its first non-finite tensor
+        # numpy: single-threaded, so no thread-pool contention with the predictor or other workers
+        arrays = {name: np.stack([t.numpy() for t in ts]) for name, ts in stacks.items()}  # (n, *shape) each
+        finite = np.ones(len(keys), dtype=bool)
         for name, a in arrays.items():
-            for j in torch.nonzero(~torch.isfinite(a.reshape(len(a), -1)).all(dim=1)).flatten().tolist():
-                bad.setdefault(j, name)
-        for j, name in bad.items():
-            rows[keys[j]].update(status="error", error=f"{paths[keys[j]]}: {name} {NON_FINITE}")
-        keep = [j for j in range(len(keys)) if j not in bad]
-        if keep:
-            index = torch.tensor(keep) if bad else None
-            groups[sig] = ([keys[j] for j in keep],
-                           {n: (a if index is None else a[index]).numpy() for n, a in arrays.items()})
+            ok = np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+            for j in np.flatnonzero(finite & ~ok):
+                rows[keys[j]].update(status="error", error=f"{paths[keys[j]]}: {name} {NON_FINITE}")
+            finite &= ok
+        if finite.any():
+            keep = np.flatnonzero(finite)
+            groups[sig] = ([keys[j] for j in keep], arrays if finite.all() else {n: a[keep] for n, a in arrays.items()})
     return CheckpointBatch(list(rows.items()), groups)

@@ -12,7 +12,9 @@ import glob
 import logging
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +46,11 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
 # When a LocalCluster pays off: starting and closing one costs seconds (each worker process imports distributed and
 # torch), reading a small checkpoint ~2 ms; the main process also scores, so w workers give about w - 0.3 times the
 # reading speed. Measured on 2 cores (benchmarks/bench_score.py): break-even near 10,000 files; fewer with more cores.
-CLUSTER_OVERHEAD_S = 8.0
+CLUSTER_OVERHEAD_S = 9.0
 SECONDS_PER_FILE = 0.002
 _ZOO_MARKERS = ("zarr.json", ".zgroup")
-_IN_FLIGHT_PER_WORKER = 2
+_IN_FLIGHT_PER_WORKER = 2  # Dask windows queued per worker
+_PREDICT_QUEUE = 2  # batches waiting for the predictor thread
 Key = tuple[int, int]  # (input position, member index or 0): rows sort into input order
 
 
@@ -213,13 +216,31 @@ def _windows_dask(client: Any, windows: Sequence[Sequence[tuple[Key, str]]], mat
 
 
 class _Batcher:
-    """Buffers matched weights per shape signature; scores a group once it holds `batch_size` members."""
+    """Buffers matched weights per shape signature and scores full batches of `batch_size` members.
+
+    Predictor calls run on one background thread, at most `_PREDICT_QUEUE` batches ahead: torch releases the GIL in
+    its kernels, so scoring overlaps with reading the next files (which holds the GIL while it unpickles).
+    """
 
     def __init__(self, predictor: Any, batch_size: int, rows: dict[Key, dict[str, Any]]):
         self.predictor, self.batch_size, self.rows = predictor, batch_size, rows
         self.names = list(predictor.spec.names)
         self.groups: dict[Any, tuple[list[Key], dict[str, list[np.ndarray]]]] = {}
         self.buffered = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unfzoo-score")
+        self._pending: deque[Future[None]] = deque()
+
+    def __enter__(self) -> _Batcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.flush()
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def add(self, sig: Any, keys: list[Key], arrays: Mapping[str, np.ndarray]) -> None:
         if not keys:
@@ -230,18 +251,28 @@ class _Batcher:
             parts[name].append(arrays[name])
         self.buffered += len(keys)
         if len(group_keys) >= self.batch_size:
-            self.flush(sig)
-        elif self.buffered >= 4 * self.batch_size:  # many distinct widths: keep the buffer bounded anyway
+            self._drain(sig, full_only=True)
+        if self.buffered >= 4 * self.batch_size:  # many distinct widths: keep the buffer bounded anyway
             self.flush()
 
-    def flush(self, sig: Any = None) -> None:
-        for group in [sig] if sig is not None else list(self.groups):
-            keys, parts = self.groups.pop(group)
-            self.buffered -= len(keys)
-            stacked = {n: np.concatenate(p) if len(p) > 1 else p[0] for n, p in parts.items()}  # (n, *shape)
-            for start in range(0, len(keys), self.batch_size):
-                stop = start + self.batch_size
-                self._predict(keys[start:stop], {n: a[start:stop] for n, a in stacked.items()})
+    def flush(self) -> None:
+        """Score everything buffered, partial batches included."""
+        for sig in list(self.groups):
+            self._drain(sig, full_only=False)
+
+    def _drain(self, sig: Any, full_only: bool) -> None:
+        keys, parts = self.groups.pop(sig)
+        stacked = {n: np.concatenate(p) if len(p) > 1 else p[0] for n, p in parts.items()}  # (n, *shape)
+        stop = len(keys) - len(keys) % self.batch_size if full_only else len(keys)
+        for start in range(0, stop, self.batch_size):
+            end = min(start + self.batch_size, stop)
+            self._pending.append(self._pool.submit(
+                self._predict, keys[start:end], {n: a[start:end] for n, a in stacked.items()}))
+            while len(self._pending) > _PREDICT_QUEUE:
+                self._pending.popleft().result()
+        self.buffered -= stop
+        if stop < len(keys):
+            self.groups[sig] = (keys[stop:], {n: [a[stop:]] for n, a in stacked.items()})
 
     def _predict(self, keys: list[Key], arrays: Mapping[str, np.ndarray]) -> None:
         import torch
@@ -411,9 +442,8 @@ def score_checkpoints(
     zoos = _open_zoos(found, spec, allow, checkpoint, rows)
 
     matcher = SpecMatcher(spec, allow)
-    batcher = _Batcher(predictor, batch_size, rows)
     total = len(files) + sum(z.zoo.n_members for z in zoos)
-    with _progress(progress, total) as advance:
+    with _progress(progress, total) as advance, _Batcher(predictor, batch_size, rows) as batcher:
         with _dask_client(scheduler, workers, len(files)) as client:
             size = batch_size if client is None else int(min(512, max(16, len(files) // (8 * _n_workers(client)))))
             windows = [files[i : i + size] for i in range(0, len(files), size)]
@@ -431,5 +461,4 @@ def score_checkpoints(
                 advance(len(window))
         for item in zoos:
             _score_zoo(item, batcher, rows, batch_size, advance)
-        batcher.flush()
     return _frame(rows)
