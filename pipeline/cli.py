@@ -33,3 +33,6 @@ def main(
 from pipeline.commands import train as _train_cmd  # noqa: E402
 
 app.command("train", epilog=_train_cmd._EPILOG)(_train_cmd.train)
+from pipeline.commands import score as _score_cmd  # noqa: E402
+
+app.command("score", epilog=_score_cmd._EPILOG)(_score_cmd.score)
