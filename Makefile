@@ -47,6 +47,18 @@ train: $(STAMP)
 	@test -e $(TRAIN_ZOO)/zarr.json || { echo "no zoo at $(TRAIN_ZOO): run 'make zoo' first (or pass TRAIN_ZOO=...)"; exit 2; }
 	$(BIN)/unfzoo train $(TRAIN_ZOO) $(TRAIN_ARGS) --out runs/train/$(basename $(notdir $(TRAIN_ZOO)))
 
+# make lopt: small MLP zoo (built or resumed), meta-train sgdm/perparam/unf (each resumes), evaluate on held-out members.
+LOPT_RECIPE ?= mlp-digits
+LOPT_MEMBERS ?= 64
+LOPT_ZOO ?= $(ZOO_DIR)/$(LOPT_RECIPE)-lopt.zarr
+LOPT_DIR ?= runs/lopt/$(LOPT_RECIPE)
+LOPT_ARGS ?=
+lopt: $(STAMP)
+	$(BIN)/unfzoo zoo $(LOPT_RECIPE) --members $(LOPT_MEMBERS) --out $(LOPT_ZOO)
+	@set -e; for opt in sgdm perparam unf; do \
+		$(BIN)/unfzoo lopt meta-train $(LOPT_ZOO) --optimizer $$opt --out $(LOPT_DIR)/$$opt $(LOPT_ARGS); done
+	$(BIN)/unfzoo lopt eval $(LOPT_DIR) --zoo $(LOPT_ZOO)
+
 bench: $(STAMP)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
 

@@ -36,3 +36,6 @@ app.command("train", epilog=_train_cmd._EPILOG)(_train_cmd.train)
 from pipeline.commands import score as _score_cmd  # noqa: E402
 
 app.command("score", epilog=_score_cmd._EPILOG)(_score_cmd.score)
+from pipeline.commands import lopt as _lopt_cmd  # noqa: E402
+
+app.add_typer(_lopt_cmd.lopt_app, name="lopt")

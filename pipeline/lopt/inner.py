@@ -35,7 +35,8 @@ class InnerProblem:
     x_test: Tensor
     y_test: Tensor
     batch_size: int
-    kind: str = "classification"  # or "seq2seq": logits (B, L, V) against targets (B, L)
+    kind: str = "classification"  # or "seq2seq": model(x, y) gives logits (B, L, V) for targets (B, L)
+    pad_id: int | None = None  # seq2seq: target token ignored by the loss and accuracy
     name: str = ""
     member: int | None = None
     buffers: dict[str, Tensor] = field(default_factory=dict)
@@ -67,18 +68,22 @@ class InnerProblem:
         )
 
     # -- pure functions of the parameters (vmappable) --------------------------------------------------------------
-    def logits(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(self.model, ({**params}, self.buffers), (x,))
+    def logits(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        args = (x, y) if self.kind == "seq2seq" else (x,)  # seq2seq members decode with teacher forcing
+        return functional_call(self.model, ({**params}, self.buffers), args)
 
     def loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        """Mean cross-entropy of the batch (over tokens for seq2seq)."""
-        logits = self.logits(params, x)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        """Mean cross-entropy of the batch (over non-pad tokens for seq2seq)."""
+        logits = self.logits(params, x, y)
+        ignore = self.pad_id if self.pad_id is not None else -100
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=ignore)
 
     def correct(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        """Number of correct predictions (whole sequences for seq2seq)."""
-        hit = self.logits(params, x).argmax(-1) == y
+        """Number of correct predictions (for seq2seq: sequences with every non-pad token right)."""
+        hit = self.logits(params, x, y).argmax(-1) == y
         if hit.dim() > 1:
+            if self.pad_id is not None:
+                hit = hit | (y == self.pad_id)
             hit = hit.flatten(1).all(1)
         return hit.sum()
 
@@ -148,7 +153,8 @@ def problems_from_zoo(zoo: Any, members: Sequence[int], device: torch.device | s
     from pipeline.tasks import load_task
 
     task = load_task(zoo.task_name, **dict(zoo.task_params))
-    kind = getattr(task, "kind", "classification")
+    kind = task.kind
+    pad_id = task.info.get("pad_id") if kind == "seq2seq" else None
     data = [t.to(device) for t in (task.x_train, task.y_train, task.x_test, task.y_test)]
     out = []
     for m in members:
@@ -166,6 +172,7 @@ def problems_from_zoo(zoo: Any, members: Sequence[int], device: torch.device | s
                 y_test=data[3],
                 batch_size=_member_batch_size(zoo, m),
                 kind=kind,
+                pad_id=pad_id,
                 name=f"member {m}",
                 member=m,
                 buffers=buffers,

@@ -1,0 +1,120 @@
+"""`unfzoo lopt`: meta-train learned optimizers on a zoo and evaluate them (thin skin over pipeline.lopt)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.commands._common import console, user_errors
+
+_EPILOG = """
+[bold]Examples[/]
+
+  unfzoo lopt meta-train datasets/zoos/mlp-digits-lopt.zarr --optimizer unf --out runs/lopt/mlp-digits/unf
+
+  unfzoo lopt meta-train datasets/zoos/mlp-digits-lopt.zarr --optimizer sgdm --out runs/lopt/mlp-digits/sgdm
+
+  unfzoo lopt eval runs/lopt/mlp-digits --zoo datasets/zoos/mlp-digits-lopt.zarr
+
+Rerunning meta-train with the same options resumes from its last checkpoint (a larger --outer-steps extends a run).
+GPU-sized settings: --pairs 16 --truncation 50 --horizon 1000 --outer-steps 2000 (the UNF paper's PES setup).
+"""
+
+lopt_app = typer.Typer(
+    help="Learned optimizers (UNF, per-parameter, meta-tuned SGDM) meta-trained with ES on a zoo's members.",
+    no_args_is_help=True,
+    add_completion=False,
+    epilog=_EPILOG,
+    rich_markup_mode="rich",
+)
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    from pipeline.errors import ConfigError
+
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise ConfigError(f"{option} {text!r}: use comma-separated numbers such as 1e-3,3e-3,1e-2") from err
+    if not values:
+        raise ConfigError(f"{option} is empty")
+    return values
+
+
+@lopt_app.command("meta-train", epilog=_EPILOG)
+def meta_train_cmd(
+    zoo: str = typer.Argument(..., help="Zoo store whose train-split members are the inner problems."),
+    optimizer: str = typer.Option("unf", "--optimizer", "-o", help="unf | perparam | sgdm"),
+    out: Path = typer.Option(..., "--out", help="Output folder (config.json, meta.safetensors, checkpoint)."),
+    outer_steps: int = typer.Option(300, help="ES steps (each one truncation window)."),
+    horizon: int = typer.Option(200, help="Inner steps per inner run (the meta-training horizon)."),
+    truncation: int = typer.Option(20, help="Inner steps per ES step; must divide --horizon."),
+    pairs: int = typer.Option(8, help="Antithetic pairs (population = 2 x pairs, vmapped)."),
+    sigma: float = typer.Option(0.01, help="ES perturbation scale."),
+    estimator: str = typer.Option("pes", help="pes (unbiased over truncations) | tes (truncated ES)."),
+    outer_lr: float = typer.Option(3e-3, help="Adam learning rate on the meta-parameters."),
+    grad_clip: float = typer.Option(1.0, help="Norm bound of the ES gradient."),
+    hidden: int = typer.Option(32, help="Channels of f's pointwise layers."),
+    seed: int = typer.Option(0, help="Seed of f's init, perturbations and episode draws."),
+    max_members: int = typer.Option(0, help="Use at most N train-split members (0 = all)."),
+    device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N."),
+) -> None:
+    """Meta-train a learned optimizer with ES on a zoo's train-split members."""
+    with user_errors():
+        from pipeline.lopt.es import ESConfig
+        from pipeline.lopt.meta_train import MetaTrainConfig
+        from pipeline.lopt.optimizers import LOptConfig
+        from pipeline.lopt.runs import meta_train_zoo
+
+        config = MetaTrainConfig(
+            optimizer=LOptConfig(kind=optimizer, hidden=hidden),
+            es=ESConfig(estimator=estimator, pairs=pairs, sigma=sigma),
+            outer_steps=outer_steps,
+            horizon=horizon,
+            truncation=truncation,
+            outer_lr=outer_lr,
+            grad_clip=grad_clip,
+            seed=seed,
+        )
+        result = meta_train_zoo(zoo, config, out, device=device, max_members=max_members, progress=True)
+        hp = result.history[-1] if result.history else {}
+        console.print(
+            f"meta-trained {optimizer} in {result.wall_time_s / 60:.1f} min: "
+            + ", ".join(f"{k} {hp[k]:.4g}" for k in ("alpha", "beta", "gamma0", "meta_loss") if k in hp)
+            + f"; wrote {out}/"
+        )
+
+
+@lopt_app.command("eval", epilog=_EPILOG)
+def eval_cmd(
+    directory: Path = typer.Argument(..., help="A meta-train output folder, or a folder of them (one per optimizer)."),
+    zoo: str = typer.Option(..., "--zoo", help="Zoo store whose test-split members are trained (val split tunes Adam)."),
+    members: int = typer.Option(0, help="Test members to train (0 = all)."),
+    val_members: int = typer.Option(8, help="Validation members for tuning Adam's learning rate (0 = all)."),
+    horizon: int = typer.Option(0, help="Inner steps of the horizon (0 = the meta-training horizon)."),
+    multiple: int = typer.Option(4, help="Also report at this multiple of the horizon."),
+    adam_lrs: str = typer.Option("1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1", help="Adam learning-rate grid."),
+    seed: int = typer.Option(0, help="Seed of the data order (the same for every optimizer)."),
+    device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N."),
+    out: Path = typer.Option(None, help="Output folder [default: DIRECTORY/eval]."),
+) -> None:
+    """Evaluate meta-trained optimizers and tuned Adam on a zoo's held-out members."""
+    with user_errors():
+        from pipeline.lopt.evaluate import EvalConfig, format_table
+        from pipeline.lopt.runs import evaluate_zoo
+
+        config = EvalConfig(
+            horizon=horizon,
+            multiple=multiple,
+            members=members,
+            val_members=val_members,
+            adam_lrs=_floats(adam_lrs, "--adam-lrs"),
+            seed=seed,
+        )
+        with console.status("training held-out members with every optimizer"):
+            report, path = evaluate_zoo(directory, zoo, config, out=out, device=device)
+        console.print(format_table(report))
+        grid = ", ".join(f"{k}: {v:.4f}" for k, v in report["adam"]["grid"].items())
+        console.print(f"adam lr {report['adam']['lr']:g} chosen on {report['adam']['val_members']} val members (loss@{report['horizon']}: {grid})")
+        console.print(f"wrote {path} and {path.parent / 'curves.png'}")

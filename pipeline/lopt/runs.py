@@ -1,0 +1,167 @@
+"""Zoo-level runs: meta-train on a zoo's train split, evaluate on its test split (Adam tuned on its val split).
+
+These are the functions behind `unfzoo lopt meta-train` and `unfzoo lopt eval`; they open the store, turn members
+into inner problems and hand them to `meta_train` / `evaluate_optimizers`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import CheckpointError, ConfigError, StoreError
+from pipeline.lopt.evaluate import EvalConfig, evaluate_optimizers, save_report
+from pipeline.lopt.inner import InnerProblem, problems_from_zoo
+from pipeline.lopt.meta_train import CONFIG_FILE, PROGRESS_FILE, MetaTrainConfig, MetaTrainResult, load_optimizer, meta_train
+from pipeline.lopt.optimizers import ResidualLOpt
+
+__all__ = ["evaluate_zoo", "find_optimizer_dirs", "meta_train_zoo", "split_members"]
+
+
+def _open(zoo_path: str | Path) -> Any:
+    from pipeline.store import Zoo
+
+    path = str(zoo_path)
+    if "://" not in path and not Path(path).exists():
+        raise StoreError(f"zoo {path} does not exist; build it first, e.g. `unfzoo zoo mlp-digits --out {path}`")
+    return Zoo.open(path)
+
+
+def split_members(zoo: Any, split: str, limit: int = 0, seed: int = 0) -> list[int]:
+    """Members of the run split `split` ("train" | "val" | "test") with stored weights, sorted, at most `limit`."""
+    from pipeline.store import STATUS_NAMES
+
+    idx = np.sort(np.asarray(zoo.split("run", seed=seed)[split], dtype=np.int64))
+    status = np.asarray(zoo.status)
+    pending = STATUS_NAMES.index("pending")
+    idx = idx[status[idx] != pending]
+    if limit:
+        idx = idx[:limit]
+    if not len(idx):
+        raise StoreError(f"zoo {zoo.url} has no finished members in its {split} split; build more members")
+    return [int(i) for i in idx]
+
+
+def _spec_for(zoo: Any, problem: InnerProblem) -> Any:
+    """The zoo's spec when it names exactly the member's parameters, else one derived from the member module."""
+    from unf_models import WeightSpec
+
+    spec = zoo.spec
+    if spec is not None and list(spec.names) == list(problem.init):
+        return spec
+    return WeightSpec.from_module(problem.model)
+
+
+def meta_train_zoo(
+    zoo_path: str | Path,
+    config: MetaTrainConfig,
+    out: str | Path,
+    device: str = "auto",
+    max_members: int = 0,
+    progress: bool = False,
+) -> MetaTrainResult:
+    """Meta-train on the zoo's train-split members (stored initializations, their batch sizes)."""
+    from pipeline.device import resolve_device
+
+    dev = resolve_device(device)
+    zoo = _open(zoo_path)
+    members = split_members(zoo, "train", max_members)
+    problems = problems_from_zoo(zoo, members, dev)
+    spec = _spec_for(zoo, problems[0]) if config.optimizer.kind == "unf" else None
+    source = {"fingerprint": zoo.fingerprint, "task": zoo.task_name, "arch": zoo.arch, "members": members}
+    return meta_train(problems, config, out, spec=spec, source=source, device=dev, progress=progress)
+
+
+def find_optimizer_dirs(directory: str | Path) -> list[Path]:
+    """`directory` itself if it is a meta-training output, else its sub-directories that are (sorted)."""
+    directory = Path(directory)
+    if (directory / CONFIG_FILE).is_file():
+        return [directory]
+    found = sorted(p for p in directory.iterdir() if (p / CONFIG_FILE).is_file()) if directory.is_dir() else []
+    if not found:
+        raise CheckpointError(f"{directory} holds no meta-trained optimizer ({CONFIG_FILE}); run `unfzoo lopt meta-train ZOO --out {directory}/unf` first")
+    return found
+
+
+def _reference_row(zoo: Any, members: Sequence[int], problems: Sequence[InnerProblem], horizon: int, long: int) -> dict[str, Any] | None:
+    """The zoo's own recorded curve for these members at the checkpoints nearest to `horizon` and `long` steps."""
+    names = set(zoo.metric_names)
+    if not {"train_loss", "test_acc"} <= names:
+        return None
+    epochs = np.asarray(zoo.checkpoint_epochs, dtype=np.float64)
+    loss, acc = zoo.metric("train_loss")[members], zoo.metric("test_acc")[members]  # (M, C)
+    out: dict[str, Any] = {"name": "zoo record (own optimizer)"}
+    picks = []
+    for key, steps in (("horizon", horizon), ("long", long)):
+        cols = []
+        for i, p in enumerate(problems):
+            ep = steps * min(p.batch_size, len(p.x_train)) / len(p.x_train)
+            cols.append(int(np.abs(epochs - ep).argmin()))
+        rows = np.arange(len(members))
+        out[f"train_loss@{key}"] = float(np.nanmean(loss[rows, cols]))
+        out[f"test_acc@{key}"] = float(np.nanmean(acc[rows, cols]))
+        picks.append(float(np.median(epochs[cols])))
+    out["note"] = f"epochs {picks[0]:g}/{picks[1]:g}"
+    out["epochs"] = picks
+    return out
+
+
+def evaluate_zoo(
+    directory: str | Path,
+    zoo_path: str | Path,
+    config: EvalConfig = EvalConfig(),
+    out: str | Path | None = None,
+    device: str = "auto",
+) -> tuple[dict[str, Any], Path]:
+    """Evaluate every meta-trained optimizer under `directory` on the zoo's test members; write the report."""
+    from pipeline.device import resolve_device
+
+    dev = resolve_device(device)
+    dirs = find_optimizer_dirs(directory)
+    zoo = _open(zoo_path)
+    loaded = {}
+    horizons = set()
+    for d in dirs:
+        lopt, meta, stored = load_optimizer(d, dev)
+        name = lopt.kind if lopt.kind not in loaded else d.name
+        progress = json.loads((d / PROGRESS_FILE).read_text()) if (d / PROGRESS_FILE).is_file() else {}
+        horizons.add(int(stored["meta_train"]["horizon"]))
+        loaded[name] = (lopt, meta, stored, progress, d)
+    horizon = config.horizon or max(horizons)
+    test_members = split_members(zoo, "test", config.members)
+    val_members = split_members(zoo, "val", config.val_members)
+    test = problems_from_zoo(zoo, test_members, dev)
+    val = problems_from_zoo(zoo, val_members, dev)
+    for name, (lopt, *_rest) in loaded.items():
+        _check_applicable(name, lopt, test[0])
+    extra = {
+        name: {
+            "meta_train_wall_s": progress.get("elapsed_s"),
+            "outer_steps": progress.get("step"),
+            "directory": str(d),
+            **ResidualLOpt.hyperparameters(meta),
+        }
+        for name, (lopt, meta, stored, progress, d) in loaded.items()
+    }
+    optimizers = {name: (v[0], v[1]) for name, v in loaded.items()}
+    report = evaluate_optimizers(optimizers, test, val, horizon, config, extra=extra)
+    report["reference"] = _reference_row(zoo, test_members, test, horizon, horizon * config.multiple)
+    report["zoo"] = {"path": str(zoo_path), "fingerprint": zoo.fingerprint, "task": zoo.task_name}
+    report["meta_train_horizons"] = sorted(horizons)
+    out_dir = Path(out) if out is not None else Path(directory) / "eval"
+    path = save_report(report, out_dir)
+    return report, path
+
+
+def _check_applicable(name: str, lopt: ResidualLOpt, problem: InnerProblem) -> None:
+    if lopt.spec is None:
+        return
+    try:
+        lopt.spec.check({k: v for k, v in problem.init.items()}, allow_other_widths=True)
+    except Exception as err:
+        raise ConfigError(f"optimizer {name!r} was meta-trained for another architecture: {err}") from err
+

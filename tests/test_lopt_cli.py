@@ -1,0 +1,63 @@
+"""`unfzoo lopt`: user errors become one-line messages with exit code 2, never tracebacks."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["meta-train", "{tmp}/no-zoo.zarr", "--out", "{tmp}/o"], "does not exist"),
+        (["meta-train", "{tmp}/no-zoo.zarr", "--optimizer", "lstm", "--out", "{tmp}/o"], "unknown; use one of"),
+        (["meta-train", "{tmp}/no-zoo.zarr", "--horizon", "30", "--truncation", "20", "--out", "{tmp}/o"], "multiple of truncation"),
+        (["meta-train", "{tmp}/no-zoo.zarr", "--estimator", "sgd", "--out", "{tmp}/o"], "pes or tes"),
+        (["meta-train", "{tmp}/no-zoo.zarr", "--device", "tpu", "--out", "{tmp}/o"], "not a torch device"),
+        (["eval", "{tmp}", "--zoo", "{tmp}/no-zoo.zarr"], "no meta-trained optimizer"),
+        (["eval", "{tmp}", "--zoo", "{tmp}/no-zoo.zarr", "--adam-lrs", "1e-3,fast"], "comma-separated numbers"),
+        (["eval", "{tmp}", "--zoo", "{tmp}/no-zoo.zarr", "--multiple", "0"], "multiple >= 1"),
+    ],
+)
+def test_user_errors_exit_2(tmp_path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["lopt", *[a.format(tmp=tmp_path) for a in args]])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_help_lists_both_commands() -> None:
+    result = runner.invoke(app, ["lopt", "--help"])
+    assert result.exit_code == 0 and "meta-train" in result.output and "eval" in result.output
+
+
+def test_meta_train_resume_and_eval_on_a_zoo(predict_zoo, tmp_path) -> None:
+    """End to end on the shared tiny MLP zoo: meta-train unf and sgdm briefly, rerun resumes, eval writes the report."""
+    import json
+
+    zoo = predict_zoo.url
+    common = ["--outer-steps", "2", "--horizon", "4", "--truncation", "2", "--pairs", "2", "--max-members", "4",
+              "--hidden", "8", "--device", "cpu"]
+    for opt in ("unf", "sgdm"):
+        result = runner.invoke(app, ["lopt", "meta-train", zoo, "--optimizer", opt, "--out", str(tmp_path / opt), *common])
+        assert result.exit_code == 0, result.output
+        assert "meta-trained" in result.output
+    again = runner.invoke(app, ["lopt", "meta-train", zoo, "--optimizer", "sgdm", "--out", str(tmp_path / "sgdm"), *common])
+    assert again.exit_code == 0, again.output
+    assert len(json.loads((tmp_path / "sgdm" / "progress.json").read_text())["history"]) == 2  # nothing redone
+    clash = runner.invoke(app, ["lopt", "meta-train", zoo, "--optimizer", "sgdm", "--out", str(tmp_path / "sgdm"),
+                                *common, "--seed", "5"])
+    assert clash.exit_code == 2 and "different meta-train" in clash.output
+
+    result = runner.invoke(app, ["lopt", "eval", str(tmp_path), "--zoo", zoo, "--members", "3", "--val-members", "2",
+                                 "--multiple", "2", "--adam-lrs", "1e-3,1e-1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(report["rows"]) == {"unf", "sgdm", f"adam (lr {report['adam']['lr']:g})"}
+    assert report["eval_at"] == [4, 8] and len(report["members"]) == 3
+    assert report["reference"] is not None and report["reference"]["train_loss@horizon"] > 0
+    assert (tmp_path / "eval" / "curves.png").is_file() and "adam" in result.output
