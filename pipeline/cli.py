@@ -33,6 +33,13 @@ def main(
 from pipeline.commands import train as _train_cmd  # noqa: E402
 
 app.command("train", epilog=_train_cmd._EPILOG)(_train_cmd.train)
+from pipeline.commands import importer as _import_cmd  # noqa: E402
+from pipeline.commands import inspect as _inspect_cmd  # noqa: E402
+from pipeline.commands import zoo as _zoo_cmd  # noqa: E402
+
+app.command("zoo")(_zoo_cmd.zoo)
+app.command("inspect")(_inspect_cmd.inspect)
+app.add_typer(_import_cmd.import_app, name="import")
 from pipeline.commands import score as _score_cmd  # noqa: E402
 
 app.command("score", epilog=_score_cmd._EPILOG)(_score_cmd.score)

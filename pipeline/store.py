@@ -617,8 +617,6 @@ class Zoo:
         arch = dict(self.arch)
         if "activation" in self.layout.categorical:
             arch["activation"] = self.hparam("activation")[int(member)]
-        elif "activation" in self.attrs.get("constants", {}):
-            arch["activation"] = self.attrs["constants"]["activation"]
         return arch
 
     def module(self, member: int, checkpoint: int = -1) -> torch.nn.Module:

@@ -1,0 +1,45 @@
+"""`unfzoo import ...`: bring zoos trained elsewhere into the store format (thin skin over `pipeline.importers`)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from pipeline.commands._common import console, user_errors
+
+import_app = typer.Typer(
+    help="Import zoos trained elsewhere: a folder of PyTorch checkpoints, or the Small CNN Zoo release.",
+    no_args_is_help=True,
+)
+
+
+@import_app.command("checkpoints")
+def checkpoints(
+    directory: str = typer.Argument(..., help="Folder of .pt/.pth state dicts or .safetensors files."),
+    arch: str = typer.Option(..., "--arch", help="Architecture as JSON, or a .json/.toml file (a recipe works)."),
+    metrics: str = typer.Option(..., "--metrics", help="CSV: file[, member, epoch], hp.<name>..., metric columns."),
+    out: str = typer.Option(..., "--out", help="Store path or fsspec URL to create."),
+    task: Optional[str] = typer.Option(None, "--task", help="Task whose dims complete --arch (e.g. digits)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
+) -> None:
+    """Import a folder of checkpoints of one architecture, with their metrics from a CSV."""
+    with user_errors():
+        from pipeline.importers import import_checkpoints
+
+        n = import_checkpoints(directory, arch, metrics, out, task=task, overwrite=overwrite)
+        console.print(f"imported {n} members into {out}")
+
+
+@import_app.command("small-cnn-zoo")
+def small_cnn_zoo(
+    directory: str = typer.Argument(..., help="Folder with weights.npy, metrics.csv.gz and layout.csv."),
+    out: str = typer.Option(..., "--out", help="Store path or fsspec URL to create."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
+) -> None:
+    """Import a Small CNN Zoo release folder (e.g. CIFAR-10-GS or SVHN-GS)."""
+    with user_errors():
+        from pipeline.importers import import_small_cnn_zoo
+
+        n = import_small_cnn_zoo(directory, out, overwrite=overwrite)
+        console.print(f"imported {n} runs into {out}")

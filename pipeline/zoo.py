@@ -1,0 +1,433 @@
+"""Build a zoo: recipe -> chunks -> (Dask) training tasks -> zarr store, resumable and extensible.
+
+`build_zoo` validates everything before it writes anything, creates or grows the store in this process (the only
+place arrays are created or resized), then trains each pending chunk as one task that reopens the store and writes
+that chunk alone, status last. Killing it at any moment and running it again finishes the same zoo, bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.errors import StoreError, StoreMismatchError
+from pipeline.recipe import Recipe, chunk_bounds, draw_chunk, load_recipe, n_chunks
+from pipeline.store import (
+    DIVERGED,
+    DONE,
+    PENDING,
+    FORMAT,
+    MemberBlock,
+    StoreLayout,
+    _is_local,
+    _jsonable,
+    _local_path,
+    create_store,
+    open_group,
+    read_status,
+    reset_members,
+    resize_store,
+    store_exists,
+    write_members,
+    write_splits,
+)
+
+__all__ = ["ZooPlan", "ChunkTask", "ChunkOutcome", "BuildReport", "plan_zoo", "build_zoo", "train_chunk", "default_workers"]
+
+@dataclass(frozen=True)
+class ZooPlan:
+    """Everything decided before the store is touched: the recipe, resolved arch, task facts, layout, attrs."""
+
+    recipe: Recipe
+    arch: dict[str, Any]
+    layout: StoreLayout
+    attrs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """One Dask task: train chunk `chunk` of a `members`-member zoo and write it to `url`."""
+
+    url: str
+    recipe: Recipe
+    arch: dict[str, Any]
+    layout: StoreLayout
+    chunk: int
+    members: int
+    threads: int | None = None
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    """What a finished task reports back (small: the data itself is in the store)."""
+
+    chunk: int
+    start: int
+    n: int
+    n_diverged: int
+    final_test_acc: np.ndarray
+    seconds: float
+
+
+@dataclass
+class BuildReport:
+    """Summary of a `build_zoo` call."""
+
+    url: str
+    members: int
+    trained: int
+    skipped: int
+    done: int
+    diverged: int
+    pending: int
+    wall_s: float
+    workers: int
+    final_test_acc: np.ndarray = field(repr=False)
+
+    @property
+    def members_per_s(self) -> float:
+        return self.trained / self.wall_s if self.wall_s > 0 else float("nan")
+
+
+def default_workers() -> int:
+    """Cores available to this process."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _metric_names() -> tuple[str, ...]:
+    from pipeline.population import METRIC_NAMES
+
+    return tuple(METRIC_NAMES)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_task(name: str, params_json: str) -> Any:
+    import json
+
+    from pipeline.tasks import load_task
+
+    return load_task(name, **json.loads(params_json))
+
+
+def _load_task(recipe: Recipe) -> Any:
+    import json
+
+    return _cached_task(recipe.task, json.dumps(dict(recipe.task_params), sort_keys=True))
+
+
+def _with_activation(arch: Mapping[str, Any], activation: Any) -> dict[str, Any]:
+    out = dict(arch)
+    if activation is not None:
+        out["activation"] = activation
+    return out
+
+
+def plan_zoo(recipe: Recipe) -> ZooPlan:
+    """Load the task, resolve the architecture, derive the weight-space spec and the store layout. Writes nothing.
+
+    Raises RecipeError naming the recipe file when its task or architecture (with any activation choice) is invalid.
+    """
+    from pipeline.errors import ConfigError, RecipeError, TaskDataMissingError
+    from pipeline.members import build_member, resolve_arch
+
+    try:
+        task = _load_task(recipe)
+    except TaskDataMissingError:
+        raise
+    except ConfigError as err:
+        raise RecipeError(f"{recipe.source}: [task] {err}") from err
+    activations = recipe.hparams["activation"].values if "activation" in recipe.hparams else (None,)
+    try:
+        resolved = [resolve_arch(_with_activation(recipe.arch, a), task) for a in activations]
+    except ConfigError as err:
+        raise RecipeError(f"{recipe.source}: [arch] with [hparams] activation: {err}") from err
+    arch = dict(resolved[0])
+    if "activation" in recipe.hparams:
+        arch.pop("activation")  # per member: a hyperparameter column
+    module = build_member(resolved[0])
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    categorical = {n: tuple(recipe.hparams[n].values) for n in recipe.categorical}
+    layout = StoreLayout(
+        weight_shapes=shapes,
+        metric_names=_metric_names(),
+        checkpoint_epochs=recipe.checkpoint_epochs,
+        members_per_chunk=recipe.members_per_chunk,
+        continuous=recipe.continuous,
+        categorical=categorical,
+    )
+    attrs = {
+        "kind": "recipe",
+        "name": recipe.name,
+        "recipe_text": recipe.text,
+        "recipe": {k: v for k, v in recipe.to_dict().items() if k != "members"},  # the count lives in attrs "members"
+        "identity": recipe.identity(),
+        "arch": arch,
+        "task": {
+            "name": recipe.task,
+            "params": dict(recipe.task_params),
+            "fingerprint": getattr(task, "fingerprint", None),
+            "info": getattr(task, "info", None),
+        },
+        "spec": _spec_dict(module, task),
+        "checkpoint_epochs": list(recipe.checkpoint_epochs),
+        "members_per_chunk": recipe.members_per_chunk,
+        "seed": recipe.seed,
+        "version": __version__,
+    }
+    return ZooPlan(recipe=recipe, arch=arch, layout=layout, attrs=_jsonable(attrs))
+
+
+def _example_input(task: Any) -> Any:
+    """Two real inputs of the task, for tracing a member (seq2seq members take (source, target))."""
+    if task is None:
+        return None
+    if getattr(task, "kind", None) == "seq2seq":
+        return (task.x_train[:2], task.y_train[:2])
+    return task.x_train[:2]
+
+
+def _spec_dict(module: Any, task: Any = None) -> dict[str, Any] | None:
+    """The module's weight-space spec as a dict (None when unf_models cannot describe it)."""
+    try:
+        from unf_models import WeightSpec
+    except ImportError:
+        return None
+    from unf_models.errors import UNFError
+
+    try:
+        return WeightSpec.from_module(module, example_input=_example_input(task)).to_dict()
+    except UNFError as err:
+        logging.getLogger(__name__).warning("no weight-space spec stored: %s", err)
+        return None
+
+
+def train_chunk(task: ChunkTask) -> ChunkOutcome:
+    """Train one chunk and write it (data, then status). Runs in a Dask worker or in process."""
+    import torch
+
+    from pipeline.population import ChunkJob, member_seed, train_population
+
+    t0 = time.perf_counter()
+    if task.threads:
+        torch.set_num_threads(task.threads)
+    recipe = task.recipe
+    draw = draw_chunk(recipe, task.chunk, task.members)
+    seeds = np.array([member_seed(recipe.seed, int(i)) for i in draw.members], dtype=np.int64)
+    activation = draw.categorical.get("activation")
+    job = ChunkJob(
+        arch=_with_activation(task.arch, activation),
+        task=_load_task(recipe),
+        optimizer=draw.categorical["optimizer"],
+        batch_size=int(draw.categorical["batch_size"]),
+        epochs=recipe.epochs,
+        checkpoint_epochs=tuple(recipe.checkpoint_epochs),
+    )
+    result = train_population(job, dict(draw.continuous), seeds, device=task.device)
+    m = len(draw.members)
+    hparams: dict[str, np.ndarray] = {n: np.full(m, v, dtype=object) for n, v in draw.categorical.items()}
+    hparams.update(draw.continuous)
+    metrics = {n: np.asarray(v, dtype=np.float32) for n, v in result.metrics.items() if n in task.layout.metric_names}
+    block = MemberBlock(
+        weights={k: np.asarray(v, dtype=np.float32) for k, v in result.weights.items()},
+        metrics=metrics,
+        hparams=hparams,
+        seed=seeds,
+        config=draw.config,
+        diverged=np.asarray(result.diverged, dtype=bool),
+        diverged_epoch=np.asarray(result.diverged_epoch, dtype=np.int32),
+    )
+    write_members(task.url, int(draw.members[0]), block)
+    test_acc = metrics.get("test_acc", np.full((m, 1), np.nan, np.float32))[:, -1]
+    return ChunkOutcome(
+        chunk=task.chunk,
+        start=int(draw.members[0]),
+        n=m,
+        n_diverged=int(block.diverged.sum()),
+        final_test_acc=np.where(block.diverged, np.nan, test_acc),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _check_compatible(url: str, plan: ZooPlan) -> int:
+    """Members already in the store at `url`; raises StoreMismatchError if it holds another recipe's zoo."""
+    root = open_group(url, mode="r")
+    meta = root.attrs.get("unfzoo")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StoreMismatchError(f"{url} holds a zarr group that is not an unfzoo zoo; pass --overwrite to replace it")
+    if meta.get("kind") != "recipe":
+        raise StoreMismatchError(f"{url} holds an imported zoo, not one built from a recipe; pass --overwrite to replace it")
+    ours, theirs = plan.attrs["identity"], meta.get("identity", {})
+    if ours != theirs:
+        key = next((k for k in ours if ours.get(k) != theirs.get(k)), "?")
+        raise StoreMismatchError(
+            f"{url} holds zoo {meta.get('name')!r} built from a different recipe (field {key!r}: stored "
+            f"{theirs.get(key)!r}, asked {ours.get(key)!r}); use another --out or pass --overwrite to replace it"
+        )
+    stored_fp, our_fp = meta.get("task", {}).get("fingerprint"), plan.attrs["task"]["fingerprint"]
+    if stored_fp != our_fp:
+        raise StoreMismatchError(
+            f"{url} was built on task data with fingerprint {stored_fp}, this machine's data has {our_fp}; "
+            "pass --overwrite to rebuild it"
+        )
+    return int(meta["members"])
+
+
+def _remove_partials(url: str) -> None:
+    """Delete temp files a killed LocalStore write left behind (zarr writes `<key>.<uuid>.partial`, then renames)."""
+    if _is_local(url):
+        for p in _local_path(url).rglob("*.partial"):
+            p.unlink(missing_ok=True)
+
+
+def build_zoo(
+    recipe: Recipe | str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    members: int | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    threads: int | None = None,
+    on_start: Callable[[int, int, int], None] | None = None,
+    on_chunk: Callable[[ChunkOutcome], None] | None = None,
+) -> BuildReport:
+    """Build, resume or extend the zoo of `recipe` at `out` (a path or fsspec URL).
+
+    `members` overrides the recipe's count (a larger count extends an existing zoo; by default the larger of the
+    recipe's and the store's count). `workers=0` trains in this process; `workers=None` starts a Dask LocalCluster
+    with one single-threaded worker per core; `scheduler` connects to a running Dask scheduler instead. `threads` is
+    torch's thread count per task (default: cores // workers on a LocalCluster, torch's own setting otherwise); a
+    rerun gives bit-identical weights when it uses the same thread count.
+    `on_start(total, already_done, to_train)` and `on_chunk(outcome)` report progress.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    url = str(out)
+    if members is not None:
+        recipe = recipe.with_members(members)
+    plan = plan_zoo(recipe)  # validates task, arch and spec before anything is written
+
+    if store_exists(url) and not overwrite:
+        n_old = _check_compatible(url, plan)
+        n_new = recipe.members if members is not None else max(recipe.members, n_old)
+        if n_new < n_old:
+            raise StoreError(
+                f"{url} holds {n_old} members; --members {n_new} would drop some. Use a larger count, or --overwrite "
+                "to rebuild it smaller"
+            )
+        _remove_partials(url)
+        if n_new > n_old:
+            k = recipe.members_per_chunk
+            if n_old % k:  # the partial last chunk grows: retrain it whole, as a fresh build would
+                reset_members(url, n_old - n_old % k, n_old)
+            resize_store(url, n_new)
+    else:
+        n_new = recipe.members
+        create_store(url, plan.layout, plan.attrs, n_new)
+    recipe = recipe.with_members(n_new)
+
+    status = read_status(url)
+    k = recipe.members_per_chunk
+    pending = [c for c in range(n_chunks(n_new, k)) if (status[slice(*chunk_bounds(c, n_new, k))] == PENDING).any()]
+    to_train = sum(np.subtract(*chunk_bounds(c, n_new, k)[::-1]) for c in pending)
+    if on_start is not None:
+        on_start(n_new, n_new - int(to_train), int(to_train))
+
+    n_workers = 0
+    if pending:
+        if scheduler is None and workers == 0:
+            for c in pending:
+                outcome = train_chunk(ChunkTask(url, recipe, plan.arch, plan.layout, c, n_new, threads, device))
+                if on_chunk is not None:
+                    on_chunk(outcome)
+        else:
+            n_workers = _run_dask(url, recipe, plan, pending, n_new, workers, scheduler, device, threads, on_chunk)
+    write_splits(url)
+
+    status = read_status(url)
+    test_acc = open_group(url)["metrics/test_acc"][:, -1] if "test_acc" in plan.layout.metric_names else np.array([])
+    return BuildReport(
+        url=url,
+        members=n_new,
+        trained=int(to_train),
+        skipped=n_new - int(to_train),
+        done=int((status == DONE).sum()),
+        diverged=int((status == DIVERGED).sum()),
+        pending=int((status == PENDING).sum()),
+        wall_s=time.perf_counter() - t0,
+        workers=n_workers,
+        final_test_acc=np.asarray(test_acc)[status == DONE] if len(test_acc) else np.array([]),
+    )
+
+
+def _run_dask(
+    url: str,
+    recipe: Recipe,
+    plan: ZooPlan,
+    pending: list[int],
+    n_members: int,
+    workers: int | None,
+    scheduler: str | None,
+    device: str,
+    threads: int | None,
+    on_chunk: Callable[[ChunkOutcome], None] | None,
+) -> int:
+    """Run the pending chunks as Dask tasks; returns the number of workers used."""
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    cores = default_workers()
+    cluster = None
+    if scheduler is not None:
+        client = Client(scheduler)
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    else:
+        if url.startswith("memory://"):
+            raise StoreError("a memory:// store lives in one process; use --workers 0 or a real path for Dask workers")
+        n_workers = max(1, min(workers or cores, len(pending)))
+        threads = threads or max(1, cores // n_workers)  # n workers x threads torch threads <= cores
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+        client = Client(cluster)
+    token = uuid.uuid4().hex[:8]
+    try:
+        futures = [
+            client.submit(
+                train_chunk,
+                ChunkTask(url, recipe, plan.arch, plan.layout, c, n_members, threads, device),
+                key=f"unfzoo-chunk-{c}-{token}",
+                pure=False,
+                priority=-i,
+            )
+            for i, c in enumerate(pending)
+        ]
+        for fut in as_completed(futures):
+            outcome = fut.result()
+            fut.release()
+            if on_chunk is not None:
+                on_chunk(outcome)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return n_workers
