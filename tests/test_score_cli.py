@@ -52,8 +52,9 @@ def test_usage_errors_exit_2_with_a_message(tmp_path: Path, checkpoints: Path, s
                                             case: str) -> None:
     predictor, inputs, out = str(score_predictor_dirs["unf"]), [str(checkpoints)], str(tmp_path / "s.csv")
     extra: list[str] = []
-    expected = {"missing_predictor": "does not exist", "no_inputs": "no checkpoints found", "bad_out": ".csv or .parquet",
-                "bad_checkpoint": "epoch number", "unknown_epoch": "stores epochs [0, 5]"}[case]
+    expected = {"missing_predictor": "does not exist", "no_inputs": "no checkpoints found",
+                "bad_out": ".csv or .parquet", "bad_checkpoint": "epoch number",
+                "unknown_epoch": "stores epochs [0, 5]"}[case]
     if case == "missing_predictor":
         predictor = str(tmp_path / "no_predictor")
     elif case == "no_inputs":
