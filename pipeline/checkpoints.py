@@ -29,6 +29,7 @@ __all__ = [
     "MatchedCheckpoint",
     "SpecMatcher",
     "CheckpointBatch",
+    "error_text",
     "load_checkpoint",
     "match_state_dict",
     "read_checkpoints",
@@ -41,6 +42,7 @@ _MAX_WRAPPER_DEPTH = 3
 _MMAP_MIN_BYTES = 16 * 2**20  # larger zip checkpoints are memory-mapped: only the tensors we use are read
 # Buffers a state dict may carry beside the parameters (specs describe parameters): ignored, never "extra layers".
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+_NON_FINITE = "has non-finite values (NaN or inf): a diverged run cannot be scored"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,14 @@ class MatchedCheckpoint:
     stripped_prefix: str
     ignored_keys: tuple[str, ...]  # keys outside the matched prefix, and buffers: not part of the weight space
     widths: str  # permutable labels whose size differs from the spec's, e.g. "h1=32,h2=32" ('' when none)
+
+
+def error_text(err: BaseException) -> str:
+    """One line for an error row: our own messages whole, anything else as 'Type: first line'."""
+    if isinstance(err, CheckpointError):
+        return str(err)
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _unsafe_reason(err: Exception) -> str:
@@ -235,11 +245,8 @@ class SpecMatcher:
         if check_finite:
             for name, value in tensors.items():
                 if not bool(torch.isfinite(value).all()):
-                    raise CheckpointError(f"{where}{prefix}{name} {NON_FINITE}")
+                    raise CheckpointError(f"{where}{prefix}{name} {_NON_FINITE}")
         return MatchedCheckpoint(tensors, prefix, ignored, widths)
-
-
-NON_FINITE = "has non-finite values (NaN or inf): a diverged run cannot be scored"
 
 
 def match_state_dict(
@@ -274,9 +281,7 @@ def read_checkpoints(items: Sequence[tuple[Hashable, str]], matcher: SpecMatcher
             meta["wrapper"] = loaded.wrapper
             matched = matcher.match(loaded.state, path, check_finite=False)  # checked below, once per stack
         except Exception as err:  # noqa: BLE001 - any failure is this file's verdict, never the batch's
-            lines = str(err).strip().splitlines()
-            text = str(err) if isinstance(err, CheckpointError) else f"{type(err).__name__}: {lines[0] if lines else ''}"
-            meta.update(status="error", error=text)
+            meta.update(status="error", error=error_text(err))
             continue
         meta.update(status="ok", stripped_prefix=matched.stripped_prefix, widths=matched.widths,
                     ignored_keys=len(matched.ignored_keys))
@@ -293,7 +298,7 @@ def read_checkpoints(items: Sequence[tuple[Hashable, str]], matcher: SpecMatcher
         for name, a in arrays.items():
             ok = np.isfinite(a.reshape(len(a), -1)).all(axis=1)
             for j in np.flatnonzero(finite & ~ok):
-                rows[keys[j]].update(status="error", error=f"{paths[keys[j]]}: {name} {NON_FINITE}")
+                rows[keys[j]].update(status="error", error=f"{paths[keys[j]]}: {name} {_NON_FINITE}")
             finite &= ok
         if finite.any():
             keep = np.flatnonzero(finite)

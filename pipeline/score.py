@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.checkpoints import CHECKPOINT_SUFFIXES, CheckpointBatch, SpecMatcher, read_checkpoints
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.checkpoints import CHECKPOINT_SUFFIXES, CheckpointBatch, SpecMatcher, error_text, read_checkpoints
+from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -56,7 +56,7 @@ Key = tuple[int, int]  # (input position, member index or 0): rows sort into inp
 
 @dataclass(frozen=True)
 class ScoreInputs:
-    """What the user's inputs resolve to, in input order: ("file" | "zoo", Path) or ("missing", message)."""
+    """What the user's inputs resolve to, in input order: ("file" | "zoo", Path) or ("missing", (input, why))."""
 
     items: tuple[tuple[str, Any], ...]
 
@@ -69,7 +69,8 @@ class ScoreInputs:
         return [v for k, v in self.items if k == "zoo"]
 
     @property
-    def missing(self) -> list[str]:
+    def missing(self) -> list[tuple[str, str]]:
+        """(input, why) for each input that names nothing."""
         return [v for k, v in self.items if k == "missing"]
 
 
@@ -118,13 +119,6 @@ def discover_inputs(inputs: Iterable[str | os.PathLike[str]]) -> ScoreInputs:
 
 
 # ----------------------------------------------------------------------------------------------- reading (workers)
-
-
-def _error_text(err: BaseException) -> str:
-    if isinstance(err, CheckpointError):
-        return str(err)
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _default_workers() -> int:
@@ -282,7 +276,7 @@ class _Batcher:
             preds = np.asarray(self.predictor.predict(weights), dtype=np.float64).reshape(len(keys))
         except (RuntimeError, ValueError) as err:  # e.g. a width the predictor cannot take: these rows fail
             for key in keys:
-                self.rows[key].update(status="error", error=f"prediction failed: {_error_text(err)}")
+                self.rows[key].update(status="error", error=f"prediction failed: {error_text(err)}")
             return
         for key, value in zip(keys, preds):
             if math.isfinite(value):
@@ -326,7 +320,7 @@ def _open_zoos(found: ScoreInputs, spec: Any, allow: bool, checkpoint: int | str
         except ConfigError:
             raise
         except Exception as err:  # noqa: BLE001 - an unreadable or mismatched zoo is one error row
-            rows[(pos, 0)] = {**base, "status": "error", "error": f"{path}: {_error_text(err)}"}
+            rows[(pos, 0)] = {**base, "status": "error", "error": f"{path}: {error_text(err)}"}
             continue
         reference = spec.sizes
         widths = ",".join(f"{label}={n}" for label, n in sizes.items() if n != reference.get(label, n))
@@ -452,7 +446,7 @@ def score_checkpoints(
             for window, result in stream:
                 if isinstance(result, BaseException):
                     for key, _ in window:
-                        rows[key].update(status="error", error=f"worker failed: {_error_text(result)}")
+                        rows[key].update(status="error", error=f"worker failed: {error_text(result)}")
                 else:
                     for key, meta in result.rows:
                         rows[key].update(meta)

@@ -56,39 +56,30 @@ def trained_predictors(predict_zoo, tmp_path_factory):
     return train_predictor(predict_zoo, config, tmp_path_factory.mktemp("trained_predictors") / "out")
 
 
-# ---- scoring (issue 6): a tiny zoo of width-16 CNNs and a UNF predictor trained on it, for test_score*.py ----
+# ---- scoring (issue 6): a tiny zoo of width-16 CNNs and predictors trained on it, for test_score*.py ----
 SCORE_CNN_EPOCHS = (0, 5)
-
-
-def score_cnn(width: int = 16):
-    """The Small-CNN-Zoo shape on 8x8 digits: 3 conv 3x3 (stride 2) + global average pool + dense 10."""
-    from torch import nn
-
-    return nn.Sequential(
-        nn.Conv2d(1, width, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10),
-    )
+SCORE_CNN_ARCH = {"name": "cnn", "channels": [16, 16, 16], "kernel_size": 3, "stride": 2, "padding": 1,
+                  "in_channels": 1, "num_classes": 10, "activation": "relu"}
 
 
 @pytest.fixture(scope="session")
 def score_zoo(tmp_path_factory):
-    """A 40-member zoo of width-16 CNNs written through the store API (no training: weights are random with a
-    per-member scale, and test_acc falls with that scale, so a predictor can learn it). Member 0 diverged: its final
-    weights are NaN."""
+    """A 40-member zoo of the engine's CNN member (3 conv 3x3, 16 channels, + linear 10) written through the store
+    API without training (seconds, not minutes): weights are random with a per-member scale and test_acc falls with
+    that scale, so a predictor can learn it; `zoo.module(i)` rebuilds members. Member 0 diverged: final weights NaN."""
     import numpy as np
-    import torch
 
+    from pipeline.members import build_member
     from pipeline.store import MemberBlock, StoreLayout, Zoo, create_store, write_members, write_splits
     from unf_models import WeightSpec
 
-    spec = WeightSpec.from_module(score_cnn(16), torch.zeros(1, 1, 8, 8))
+    spec = WeightSpec.from_module(build_member(SCORE_CNN_ARCH))
     layout = StoreLayout(weight_shapes=spec.shapes, metric_names=("test_acc",), checkpoint_epochs=SCORE_CNN_EPOCHS,
                          members_per_chunk=20, continuous=("lr",), categorical={})
     url = str(tmp_path_factory.mktemp("score_zoo") / "cnn.zarr")
     n, k = 40, 20
-    create_store(url, layout, {"spec": spec.to_dict(), "name": "score-cnn", "task": {"name": "digits"}}, n)
+    attrs = {"spec": spec.to_dict(), "arch": SCORE_CNN_ARCH, "name": "score-cnn", "task": {"name": "digits"}}
+    create_store(url, layout, attrs, n)
     rng = np.random.default_rng(0)
     for start in range(0, n, k):
         scale = rng.uniform(0.05, 0.5, size=(k, len(SCORE_CNN_EPOCHS)))  # (members, checkpoints)

@@ -20,7 +20,8 @@ from pipeline.score import OUTPUT_COLUMNS, discover_inputs, score_checkpoints
 
 
 def _member_state(zoo, member: int, checkpoint: int = -1) -> dict[str, torch.Tensor]:
-    return {k: v[0].clone() for k, v in zoo.weights([member], checkpoint).items()}
+    """The state dict of the rebuilt nn.Module (what a training script would save)."""
+    return zoo.module(member, checkpoint).state_dict()
 
 
 def _stack(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -70,9 +71,9 @@ def test_truncated_and_wrong_architecture_files_fail_alone(tmp_path: Path, score
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "empty.pt").write_bytes(b"")
     torch.save(torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)).state_dict(), tmp_path / "mlp.pt")
-    kernel5 = {**states[0], "0.weight": torch.zeros(16, 1, 5, 5)}
+    kernel5 = {**states[0], "convs.0.weight": torch.zeros(16, 1, 5, 5)}
     torch.save(kernel5, tmp_path / "kernel5.pt")
-    extra = {**states[0], "9.weight": torch.zeros(10, 10)}
+    extra = {**states[0], "head2.weight": torch.zeros(10, 10)}
     torch.save(extra, tmp_path / "extra_layer.pt")
     save_file({k: v.contiguous() for k, v in states[0].items()}, tmp_path / "cut.safetensors")
     cut = (tmp_path / "cut.safetensors").read_bytes()
@@ -85,10 +86,10 @@ def test_truncated_and_wrong_architecture_files_fail_alone(tmp_path: Path, score
     assert "truncated PyTorch zip archive" in by_name["truncated.pt"].error
     assert "empty" in by_name["empty.pt"].error
     assert "cannot read the safetensors file" in by_name["cut.safetensors"].error
-    assert "missing key(s) 2.weight, 2.bias" in by_name["mlp.pt"].error and "has 4 tensors" in by_name["mlp.pt"].error
-    assert "'0.weight'" in by_name["kernel5.pt"].error and "(16, 1, 5, 5)" in by_name["kernel5.pt"].error
+    assert "missing key(s) convs.0.weight" in by_name["mlp.pt"].error and "has 4 tensors" in by_name["mlp.pt"].error
+    assert "'convs.0.weight'" in by_name["kernel5.pt"].error and "(16, 1, 5, 5)" in by_name["kernel5.pt"].error
     assert "(16, 1, 3, 3)" in by_name["kernel5.pt"].error  # expected shape at the spec's widths
-    assert "unexpected tensor(s) 9.weight" in by_name["extra_layer.pt"].error
+    assert "unexpected tensor(s) head2.weight" in by_name["extra_layer.pt"].error
     expected = unf.predict(_stack(states))
     got = [by_name[f"good{i}.pt"].prediction for i in range(3)]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
@@ -140,37 +141,37 @@ def test_scores_from_files_equal_scores_from_the_zoo(tmp_path: Path, score_zoo, 
 
 
 def test_width_32_cnn_is_scored_by_a_predictor_trained_on_width_16(tmp_path: Path, score_zoo, score_predictors) -> None:
-    spec = score_zoo.spec
-    wide = spec.resize({label: 32 for label in spec.permutable_labels})
-    gen = torch.Generator().manual_seed(0)
-    state = {name: 0.2 * torch.randn(shape, generator=gen) for name, shape in wide.shapes.items()}
-    assert state["2.weight"].shape == (32, 32, 3, 3)
+    from pipeline.members import build_member
+
+    torch.manual_seed(0)
+    state = build_member({**score_zoo.arch, "channels": [32, 32, 32]}).state_dict()  # the zoo's CNN, twice as wide
+    assert state["convs.1.weight"].shape == (32, 32, 3, 3)
     torch.save(state, tmp_path / "wide.pt")
     torch.save(_member_state(score_zoo, 5), tmp_path / "narrow.pt")
 
     unf = score_predictors["unf"]
     frame = score_checkpoints(unf, [tmp_path / "wide.pt", tmp_path / "narrow.pt"])
     assert frame["status"].tolist() == ["ok", "ok"]
-    assert frame["widths"].iloc[0] == ",".join(f"{label}=32" for label in spec.permutable_labels)
-    assert frame["widths"].iloc[1] == ""
+    assert frame["widths"].tolist() == ["convs.0=32,convs.1=32,convs.2=32", ""]
     np.testing.assert_allclose(frame["prediction"].iloc[0], unf.predict(_stack([state]))[0], rtol=1e-6)
 
     flat = score_predictors["flat"]  # not width-agnostic: the same file is an error row naming key and shapes
     refused = score_checkpoints(flat, [tmp_path / "wide.pt", tmp_path / "narrow.pt"])
     assert refused["status"].tolist() == ["error", "ok"]
-    assert "(32, 1, 3, 3)" in refused["error"].iloc[0] and "not width-agnostic" in refused["error"].iloc[0]
+    assert "'convs.0.weight'" in refused["error"].iloc[0] and "(32, 1, 3, 3)" in refused["error"].iloc[0]
+    assert "not width-agnostic" in refused["error"].iloc[0]
 
 
 def test_matching_reports_the_key_and_shapes(tmp_path: Path, score_zoo) -> None:
     spec = score_zoo.spec
     state = {name: torch.zeros(shape) for name, shape in spec.shapes.items()}
-    fixed_axis_changed = {**state, "8.weight": torch.zeros(12, 16)}  # 12 classes: a fixed axis
-    with pytest.raises(CheckpointError, match=r"'8.weight'.*\(12, 16\)"):
+    fixed_axis_changed = {**state, "head.weight": torch.zeros(12, 16)}  # 12 classes: a fixed axis
+    with pytest.raises(CheckpointError, match=r"'head.weight'.*\(12, 16\)"):
         match_state_dict(fixed_axis_changed, spec, allow_other_widths=True)
-    state["0.bias"][0] = float("nan")
+    state["convs.0.bias"][0] = float("nan")
     with pytest.raises(CheckpointError, match="non-finite"):
         match_state_dict(state, spec, allow_other_widths=True)
-    state["0.bias"][0] = 0.0
+    state["convs.0.bias"][0] = 0.0
     torch.save({"state_dict": {f"model.{k}": v.half() for k, v in state.items()}}, tmp_path / "half.pt")
     loaded = load_checkpoint(tmp_path / "half.pt")
     assert loaded.wrapper == "state_dict" and loaded.format == "torch"
@@ -201,7 +202,7 @@ def test_batches_stay_within_batch_size_and_errors_keep_their_rows(tmp_path: Pat
         spec, width_agnostic = unf.spec, unf.width_agnostic
 
         def predict(self, weights):
-            sizes.append(len(weights["0.weight"]))
+            sizes.append(len(weights["head.bias"]))
             return unf.predict(weights)
 
     for m in range(1, 12):
