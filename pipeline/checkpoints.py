@@ -61,7 +61,7 @@ class MatchedCheckpoint:
     tensors: dict[str, torch.Tensor]
     stripped_prefix: str
     ignored_keys: tuple[str, ...]  # keys outside the matched prefix, and buffers: not part of the weight space
-    widths: str  # permutable labels whose size differs from the spec's, e.g. "h1=32,h2=32" ('' when none)
+    widths: str  # permutable labels whose size differs from the spec's, e.g. "convs.0=32,convs.1=32" ('' when none)
 
 
 def error_text(err: BaseException) -> str:

@@ -40,7 +40,7 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
     "format",  # "torch" | "safetensors" | "zoo"
     "wrapper",  # container keys walked to reach the state dict, e.g. "state_dict" ('' for a bare state dict)
     "stripped_prefix",  # key prefix removed, e.g. "module." ('' when none)
-    "widths",  # permutable labels at another size than in the predictor's zoo, e.g. "c1=32,c2=32" ('' when none)
+    "widths",  # permutable labels sized unlike the predictor's zoo, e.g. "convs.0=32,convs.1=32" ('' when none)
     "ignored_keys",  # tensors of the file outside the predictor's weight space (other prefixes, buffers)
 )
 # When a LocalCluster pays off: starting and closing one costs seconds (each worker process imports distributed and
