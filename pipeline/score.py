@@ -151,7 +151,8 @@ def _dask_client(scheduler: Any, workers: int | None, n_files: int) -> Iterator[
     if scheduler in (None, "local"):
         n = workers or _default_workers()
         cluster = LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",  # None still binds 8787
+            silence_logs=logging.ERROR,
         )
         with cluster, Client(cluster) as client:
             yield client

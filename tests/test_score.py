@@ -223,7 +223,7 @@ def test_dask_scheduler_paths_match_in_process(tmp_path: Path, score_zoo, score_
     (tmp_path / "bad.pt").write_bytes(b"\x80\x02garbage")
     unf = score_predictors["unf"]
     local = score_checkpoints(unf, [tmp_path], workers=0)
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         via_client = score_checkpoints(unf, [tmp_path], scheduler=client)
         via_address = score_checkpoints(unf, [tmp_path], scheduler=cluster.scheduler_address)
