@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check uv 2>/dev/null || true
 	@if [ -x $(BIN)/uv ]; then \
-		$(BIN)/uv pip install --quiet --python $(BIN)/python $(UV_FIND_LINKS) "$(TORCH_PIN)" -e ".[dev]"; \
+		$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python $(UV_FIND_LINKS) "$(TORCH_PIN)" -e ".[dev]"; \
 	else \
 		$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -e ".[dev]"; \
 	fi
