@@ -116,3 +116,12 @@ def test_random_permutation_is_seeded_and_covers_permutable_labels() -> None:
     assert set(a) == {"h"} and torch.equal(a["h"], b["h"]) and sorted(a["h"].tolist()) == [0, 1, 2, 3]
     with pytest.raises(um.SpecError, match="shape"):
         GRU_LIKE.permute({n: torch.zeros(s) for n, s in GRU_LIKE.shapes.items()}, {"h": torch.arange(5)})
+
+
+def test_spec_survives_pickle_for_dask_workers() -> None:
+    import pickle
+
+    spec = um.WeightSpec({"w": ("h", "x"), "b": ("h",)}, shapes={"w": (4, 3), "b": (4,)}, fixed=("x",))
+    restored = pickle.loads(pickle.dumps(spec))
+    assert restored == spec
+    assert restored.to_dict() == spec.to_dict()

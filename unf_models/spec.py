@@ -212,6 +212,10 @@ class WeightSpec:
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError("WeightSpec is frozen; use resize/with_shapes/with_fixed for a modified copy")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle through the JSON form, so specs travel to Dask workers despite the frozen __setattr__.
+        return (WeightSpec.from_dict, (self.to_dict(),))
+
     # ------------------------------------------------------------------ accessors
     @property
     def tensors(self) -> tuple[TensorSpec, ...]:
