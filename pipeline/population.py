@@ -1,0 +1,526 @@
+"""Batched training of a chunk of zoo members that share an architecture, with per-member hyperparameters.
+
+All members of a chunk train at once: their parameters live in one flat (M, P) tensor, a loss-and-gradient function of
+one member is vmapped over members with `torch.func` (`functional_call` + `grad_and_value`), and the optimizer steps
+(sgd / momentum / adam, coupled L2 weight decay as in torch.optim) are vectorized tensor math on explicit state
+(`init` / `update` pairs). Categorical choices (optimizer, activation, batch size) are fixed per chunk; continuous ones
+(lr, weight_decay, init_std, dropout, train_fraction) are per-member tensors.
+
+Semantics (the README's "Zoo engine" section says the same):
+- Randomness: a member's init, training subset, data order and dropout masks derive from its seed only
+  (`member_seed(zoo_seed, index)`), never from its chunk-mates. Same job + seeds + thread settings -> bit-identical
+  results; a member trained in another chunk composition agrees to float rounding.
+- Epochs: one epoch is one pass over the member's own subset (round(train_fraction * n_train) samples, at least 1)
+  in batches of `batch_size`, the last one partial. Members with fewer steps per epoch simply skip the remaining steps
+  of that epoch (internally members are sorted by steps per epoch and each step trains a prefix of them).
+- Init: every weight with >= 2 dims (kernels, matrices, embeddings) ~ init_std * truncated normal in [-2, 2];
+  biases 0, LayerNorm gains 1.
+- Divergence: a member whose training loss or updated weights are non-finite is frozen (the bad update is not applied)
+  and flagged with `diverged_epoch` = the epoch in which it happened (0: at init). Its stored weights and metrics at
+  every checkpoint from that epoch on are NaN; earlier checkpoints are kept. It never affects its chunk-mates.
+- Metrics per checkpoint (eval mode, no dropout): train_* on the member's own training subset, test_* on the whole
+  test set. *_acc is accuracy (classification) or success rate (seq2seq: every answer token right under teacher
+  forcing, which equals greedy decoding); *_token_acc is per-token accuracy (equal to *_acc for classification);
+  *_loss is mean cross-entropy per sample (per answer token for seq2seq).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from pipeline.device import resolve_device
+from pipeline.errors import ConfigError
+from pipeline.members import MemberConv2d, MemberDropout, _mix32, build_member, resolve_arch
+from pipeline.tasks import Task
+
+__all__ = [
+    "CATEGORICAL_HPARAMS",
+    "CONTINUOUS_HPARAMS",
+    "HPARAM_DEFAULTS",
+    "REQUIRED_HPARAMS",
+    "OPTIMIZERS",
+    "METRIC_NAMES",
+    "MOMENTUM",
+    "ADAM_BETAS",
+    "ADAM_EPS",
+    "ChunkJob",
+    "PopulationResult",
+    "MemberDataOrder",
+    "member_seed",
+    "init_member_weights",
+    "dropout_noise_key",
+    "train_population",
+    "train_member_reference",
+]
+
+CATEGORICAL_HPARAMS: tuple[str, ...] = ("optimizer", "activation", "batch_size")  # one value per chunk
+CONTINUOUS_HPARAMS: tuple[str, ...] = ("lr", "weight_decay", "init_std", "dropout", "train_fraction")  # per member
+HPARAM_DEFAULTS: dict[str, float] = {"weight_decay": 0.0, "init_std": 0.1, "dropout": 0.0, "train_fraction": 1.0}
+REQUIRED_HPARAMS: tuple[str, ...] = ("lr", "optimizer", "batch_size")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
+METRIC_NAMES: tuple[str, ...] = ("train_loss", "train_acc", "test_loss", "test_acc", "train_token_acc", "test_token_acc")
+MOMENTUM = 0.9
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+# Domains of the continuous hyperparameters: (low, high, low inclusive, high inclusive).
+_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "lr": (0.0, math.inf, False, False),
+    "weight_decay": (0.0, math.inf, True, False),
+    "init_std": (0.0, math.inf, False, False),
+    "dropout": (0.0, 1.0, True, False),
+    "train_fraction": (0.0, 1.0, False, True),
+}
+_STREAM_INIT, _STREAM_DATA, _STREAM_NOISE = 0, 1, 2  # independent random streams of one member
+_EVAL_ROWS = 1 << 16  # members x samples per evaluation call (bounds activation memory)
+_M32 = 0xFFFFFFFF
+
+
+# ------------------------------------------------------------------------------------------------- seeds, data
+
+
+def member_seed(zoo_seed: int, member_index: int) -> int:
+    """The seed of member `member_index` of a zoo with seed `zoo_seed` (a non-negative 63-bit int)."""
+    if zoo_seed < 0 or member_index < 0:
+        raise ConfigError(f"seeds and member indices must be non-negative; got {zoo_seed}, {member_index}")
+    return int(np.random.SeedSequence([int(zoo_seed), int(member_index)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    return int(np.random.SeedSequence([int(seed), stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class MemberDataOrder:
+    """A member's training subset (sorted indices) and, epoch after epoch, its shuffled order, from its seed alone."""
+
+    def __init__(self, seed: int, n_train: int, train_fraction: float) -> None:
+        self._rng = np.random.default_rng(_stream_seed(seed, _STREAM_DATA))
+        n = min(n_train, max(1, int(math.floor(train_fraction * n_train + 0.5))))
+        self.subset = np.sort(self._rng.permutation(n_train)[:n])  # (n,)
+
+    def epoch(self) -> np.ndarray:
+        """The next epoch's order of the subset's indices."""
+        return self._rng.permutation(self.subset)
+
+
+def dropout_noise_key(seed: int | torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+    """The int64 key of a member's dropout noise at (epoch, step of that epoch); `seed` may be a tensor of seeds'
+    noise bases (as the engine holds them) or a member seed."""
+    base = seed if isinstance(seed, torch.Tensor) else torch.tensor(_stream_seed(int(seed), _STREAM_NOISE) & _M32)
+    when = _mix32(torch.tensor(((epoch * 1_000_003) ^ step) & _M32, device=base.device))
+    return _mix32(base ^ when)
+
+
+def init_member_weights(module: nn.Module, init_std: float, seed: int) -> dict[str, torch.Tensor]:
+    """A member's initial parameters (CPU float32, keyed like named_parameters): weights with >= 2 dims are
+    init_std * truncated normal in [-2, 2], LayerNorm gains 1, every other vector 0."""
+    gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_INIT))
+    gains = {f"{name}.weight" if name else "weight" for name, m in module.named_modules() if isinstance(m, nn.LayerNorm)}
+    out = {}
+    for name, p in module.named_parameters():
+        if name in gains:
+            out[name] = torch.ones(p.shape)
+        elif p.dim() >= 2:
+            t = torch.nn.init.trunc_normal_(torch.empty(p.shape), 0.0, 1.0, -2.0, 2.0, generator=gen)
+            out[name] = t * torch.tensor(init_std, dtype=torch.float32)
+        else:
+            out[name] = torch.zeros(p.shape)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- job / result
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """What a chunk trains: resolved arch (incl. activation), task, optimizer, batch size, epochs, checkpoints.
+
+    The arch is resolved against the task on construction; `checkpoint_epochs` is normalized to a sorted tuple that
+    contains 0 and `epochs`.
+    """
+
+    arch: dict
+    task: Task
+    optimizer: str
+    batch_size: int
+    epochs: int
+    checkpoint_epochs: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer; got {self.batch_size!r}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, np.integer)) or self.epochs < 0:
+            raise ConfigError(f"epochs must be a non-negative integer; got {self.epochs!r}")
+        bad = [e for e in self.checkpoint_epochs if not 0 <= int(e) <= self.epochs]
+        if bad:
+            raise ConfigError(f"checkpoint epoch {bad[0]} is outside [0, {self.epochs}] (epochs = {self.epochs})")
+        object.__setattr__(self, "arch", resolve_arch(self.arch, self.task))
+        object.__setattr__(self, "batch_size", int(self.batch_size))
+        object.__setattr__(self, "epochs", int(self.epochs))
+        epochs = sorted({0, self.epochs, *(int(e) for e in self.checkpoint_epochs)})
+        object.__setattr__(self, "checkpoint_epochs", tuple(epochs))
+
+
+@dataclass(frozen=True)
+class PopulationResult:
+    """Per member m and checkpoint c (c indexes job.checkpoint_epochs): weights[key] (M, C, *shape) float32,
+    metrics[name] (M, C) float32 (METRIC_NAMES), diverged (M,) bool, diverged_epoch (M,) int32 (-1: never)."""
+
+    weights: dict[str, np.ndarray]
+    metrics: dict[str, np.ndarray]
+    diverged: np.ndarray
+    diverged_epoch: np.ndarray
+    checkpoint_epochs: tuple[int, ...] = field(default=())
+
+
+# ------------------------------------------------------------------------------------------- losses and metrics
+
+
+def _sample_stats(kind: str, out: torch.Tensor, y: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Per-sample (loss sum, tokens, correct tokens, success) as (B, 4) from model outputs and targets."""
+    if kind == "seq2seq":
+        mask = (y != pad_id).to(out.dtype)  # (B, T)
+        tok_loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)  # (B, T)
+        tokens = mask.sum(1)
+        correct = ((out.argmax(-1) == y).to(out.dtype) * mask).sum(1)
+        return torch.stack([(tok_loss * mask).sum(1), tokens, correct, (correct == tokens).to(out.dtype)], dim=1)
+    loss = F.cross_entropy(out, y, reduction="none")  # (B,)
+    correct = (out.argmax(-1) == y).to(out.dtype)
+    return torch.stack([loss, torch.ones_like(loss), correct, correct], dim=1)
+
+
+def _run_model(model: nn.Module, kind: str, params: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    args = (x, y) if kind == "seq2seq" else (x,)
+    return functional_call(model, params, args) if params is not None else model(*args)
+
+
+def _metrics_from_sums(sums: torch.Tensor, samples: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(M, 4) sums of _sample_stats and (M,) sample counts -> loss, acc, token_acc per member."""
+    return {"loss": sums[:, 0] / sums[:, 1], "acc": sums[:, 3] / samples, "token_acc": sums[:, 2] / sums[:, 1]}
+
+
+# ------------------------------------------------------------------------------------- vectorized optimizers
+
+
+@dataclass(frozen=True)
+class _Optimizer:
+    """init(flat params (M, P)) -> state; update(p (k, P), g (k, P), state (prefix), hp) -> (new p, new state)."""
+
+    init: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    update: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def _decayed(p: torch.Tensor, g: torch.Tensor, hp: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return g + hp["weight_decay"] * p  # coupled L2, as torch.optim's weight_decay
+
+
+def _sgd_update(p, g, state, hp):
+    return p + (-hp["lr"]) * _decayed(p, g, hp), state
+
+
+def _momentum_update(p, g, state, hp):
+    buf = state["buf"] * MOMENTUM + _decayed(p, g, hp)  # first step: 0 * 0.9 + g, as torch's clone(g)
+    return p + (-hp["lr"]) * buf, {"buf": buf}
+
+
+def _adam_update(p, g, state, hp):
+    g = _decayed(p, g, hp)
+    b1, b2 = ADAM_BETAS
+    m = torch.lerp(state["m"], g, 1 - b1)
+    v = state["v"].mul(b2).addcmul(g, g, value=1 - b2)
+    step = state["step"] + 1  # (k,) float64
+    neg_step_size = (-hp["lr64"] / (1 - b1**step)).to(p.dtype)[:, None]  # (k, 1)
+    denom = v.sqrt() / torch.sqrt(1 - b2**step).to(p.dtype)[:, None] + ADAM_EPS  # (k, P)
+    return p + neg_step_size * m / denom, {"m": m, "v": v, "step": step}
+
+
+_OPTIMIZERS: dict[str, _Optimizer] = {
+    "sgd": _Optimizer(lambda p: {}, _sgd_update),
+    "momentum": _Optimizer(lambda p: {"buf": torch.zeros_like(p)}, _momentum_update),
+    "adam": _Optimizer(
+        lambda p: {"m": torch.zeros_like(p), "v": torch.zeros_like(p), "step": p.new_zeros(len(p), dtype=torch.float64)},
+        _adam_update,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------- the engine
+
+
+def _check_inputs(hparams: Mapping[str, Any], seeds: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    seeds = np.asarray(seeds)
+    if seeds.ndim != 1 or len(seeds) == 0 or not np.issubdtype(seeds.dtype, np.integer) or (seeds < 0).any():
+        raise ConfigError(f"seeds must be a non-empty 1-d array of non-negative integers; got shape {seeds.shape}")
+    unknown = sorted(set(hparams) - set(CONTINUOUS_HPARAMS))
+    if unknown:
+        raise ConfigError(
+            f"hyperparameter {unknown[0]!r} is not a per-member one; allowed: {', '.join(CONTINUOUS_HPARAMS)} "
+            "(optimizer, activation and batch size belong to the ChunkJob)"
+        )
+    if "lr" not in hparams:
+        raise ConfigError("hyperparameter 'lr' is required (one value per member)")
+    out = {}
+    for name in CONTINUOUS_HPARAMS:
+        values = np.asarray(hparams.get(name, HPARAM_DEFAULTS.get(name)), dtype=np.float64)
+        values = np.broadcast_to(values, seeds.shape) if values.ndim == 0 else values
+        if values.shape != seeds.shape:
+            raise ConfigError(f"hyperparameter {name!r} has shape {values.shape}; expected ({len(seeds)},), one per member")
+        lo, hi, lo_in, hi_in = _RANGES[name]
+        ok = np.isfinite(values) & ((values > lo) | (lo_in & (values == lo))) & ((values < hi) | (hi_in & (values == hi)))
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            interval = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+            raise ConfigError(f"hyperparameter {name!r} of member {i} is {float(values[i])!r}; must be in {interval}")
+        out[name] = values
+    return out, seeds.astype(np.int64)
+
+
+def _template(job: ChunkJob, device: torch.device, batched: bool) -> tuple[nn.Module, list[str]]:
+    """The member module used as a functional template, and the names of its dropout modules."""
+    model = build_member(job.arch).to(device)
+    drops = []
+    for name, m in model.named_modules():
+        if isinstance(m, MemberConv2d):
+            m.batched_forward = batched
+        if isinstance(m, MemberDropout):
+            drops.append(name)
+    return model, drops
+
+
+def train_population(
+    job: ChunkJob,
+    hparams: Mapping[str, np.ndarray],
+    seeds: np.ndarray,
+    device: str | torch.device = "auto",
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> PopulationResult:
+    """Train members with seeds `seeds` (M,) and per-member `hparams` (CONTINUOUS_HPARAMS -> (M,) arrays; all but
+    'lr' default to HPARAM_DEFAULTS) for `job`, all at once on `device`. `progress(epoch, epochs)` after each epoch."""
+    hp, seeds = _check_inputs(hparams, seeds)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    task, kind, bsz = job.task, job.task.kind, job.batch_size
+    pad_id = int(task.info.get("pad_id", 0))
+    n_mem, n_train = len(seeds), len(task.y_train)
+    model, drop_names = _template(job, dev, batched=True)
+    use_noise = bool((hp["dropout"] > 0).any())
+    for name in drop_names:
+        model.get_submodule(name).counter_noise = use_noise
+
+    # Data plans; members are sorted by steps per epoch (descending) so every step trains a prefix of them.
+    plans = [MemberDataOrder(int(s), n_train, float(f)) for s, f in zip(seeds, hp["train_fraction"])]
+    steps = np.array([-(-len(p.subset) // bsz) for p in plans])
+    order = np.argsort(-steps, kind="stable")  # internal position -> member
+    plans = [plans[i] for i in order]
+    steps = steps[order]
+    active = [int((steps > s).sum()) for s in range(int(steps.max()))]  # members trained at step s of an epoch
+
+    # Flat parameters (M, P) in internal order and their per-tensor views.
+    names, shapes = zip(*[(n, tuple(p.shape)) for n, p in model.named_parameters()])
+    sizes = [math.prod(s) for s in shapes]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    flat = torch.stack(
+        [
+            torch.cat([t.reshape(-1) for t in init_member_weights(model, float(hp["init_std"][i]), int(seeds[i])).values()])
+            for i in order
+        ]
+    ).to(dev)  # (M, P)
+
+    def views(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        k = rows.shape[0]
+        return {n: rows[:, offsets[j] : offsets[j + 1]].view(k, *shapes[j]) for j, n in enumerate(names)}
+
+    x_train, y_train = task.x_train.to(dev), task.y_train.to(dev)
+    x_test, y_test = task.x_test.to(dev), task.y_test.to(dev)
+    f32 = lambda a: torch.as_tensor(a[order], dtype=torch.float32, device=dev)  # noqa: E731
+    hps = {
+        "lr": f32(hp["lr"])[:, None],
+        "lr64": torch.as_tensor(hp["lr"][order], dtype=torch.float64, device=dev),
+        "weight_decay": f32(hp["weight_decay"])[:, None],
+    }
+    rates = f32(hp["dropout"])
+    noise_base = torch.tensor([_stream_seed(int(seeds[i]), _STREAM_NOISE) & _M32 for i in order], device=dev)
+    subset_mask = torch.zeros(n_mem, n_train, dtype=torch.bool)
+    for r, p in enumerate(plans):
+        subset_mask[r, torch.from_numpy(p.subset)] = True
+    subset_mask = subset_mask.to(dev)
+
+    opt = _OPTIMIZERS[job.optimizer]
+    state = opt.init(flat)
+    alive = torch.ones(n_mem, dtype=torch.bool, device=dev)
+    dead_epoch = torch.full((n_mem,), -1, dtype=torch.int64, device=dev)
+
+    def member_loss(params, rate, key, xb, yb, wb):
+        buffers = {f"{d}.{b}": v for d in drop_names for b, v in (("rate", rate), ("noise_key", key))} if use_noise else {}
+        stats = _sample_stats(kind, _run_model(model, kind, (params, buffers), xb, yb), yb, pad_id)  # (B, 4)
+        return (stats[:, 0] * wb).sum() / (stats[:, 1] * wb).sum()
+
+    step_fn = vmap(grad_and_value(member_loss), randomness="error")
+
+    def evaluate(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        model.eval()
+        params = views(flat)
+        fwd = vmap(lambda p, xb, yb: _sample_stats(kind, _run_model(model, kind, p, xb, yb), yb, pad_id), in_dims=(0, None, None))
+        rows = max(1, _EVAL_ROWS // n_mem)
+        sums = torch.zeros(n_mem, 4, device=dev)
+        with torch.no_grad():
+            for start in range(0, len(y), rows):
+                stats = fwd(params, x[start : start + rows], y[start : start + rows])  # (M, b, 4)
+                if mask is not None:
+                    stats = torch.where(mask[:, start : start + rows, None], stats, 0.0)
+                sums += stats.sum(1)
+        model.train()
+        samples = mask.sum(1).to(sums.dtype) if mask is not None else torch.full((n_mem,), float(len(y)), device=dev)
+        return _metrics_from_sums(sums, samples)
+
+    n_ck = len(job.checkpoint_epochs)
+    weights_out = {n: np.full((n_mem, n_ck, *s), np.nan, dtype=np.float32) for n, s in zip(names, shapes)}
+    metrics_out = {n: np.full((n_mem, n_ck), np.nan, dtype=np.float32) for n in METRIC_NAMES}
+
+    back = np.argsort(order)  # original member -> internal row
+
+    def checkpoint(c: int, epoch: int) -> None:
+        train, test = evaluate(x_train, y_train, subset_mask), evaluate(x_test, y_test, None)
+        finite = torch.isfinite(train["loss"]) & torch.isfinite(test["loss"])
+        dead_epoch.masked_fill_(alive & ~finite, epoch)
+        alive.logical_and_(finite)
+        keep = alive.cpu().numpy()[back]  # (M,) original member order
+        host = flat.cpu().numpy()[back]  # (M, P) original member order
+        for j, n in enumerate(names):
+            weights_out[n][keep, c] = host[keep, offsets[j] : offsets[j + 1]].reshape(-1, *shapes[j])
+        for split, res in (("train", train), ("test", test)):
+            for metric, values in res.items():
+                metrics_out[f"{split}_{metric}"][keep, c] = values.cpu().numpy()[back][keep]
+
+    ck_index = {e: c for c, e in enumerate(job.checkpoint_epochs)}
+    checkpoint(ck_index[0], 0)
+    for epoch in range(1, job.epochs + 1):
+        idx = np.zeros((n_mem, len(active) * bsz), dtype=np.int64)  # (M, S*B) sample indices, row = internal member
+        valid = np.zeros(idx.shape, dtype=np.float32)
+        for r, p in enumerate(plans):
+            seq = p.epoch()
+            idx[r, : len(seq)] = seq
+            valid[r, : len(seq)] = 1.0
+        idx_t, valid_t = torch.from_numpy(idx).to(dev), torch.from_numpy(valid).to(dev)
+        for s, k in enumerate(active):
+            cols = slice(s * bsz, (s + 1) * bsz)
+            bidx = idx_t[:k, cols]  # (k, B)
+            keys = dropout_noise_key(noise_base[:k], epoch, s)
+            grads, loss = step_fn(views(flat[:k]), rates[:k], keys, x_train[bidx], y_train[bidx], valid_t[:k, cols])
+            g = torch.cat([grads[n].reshape(k, -1) for n in names], dim=1)  # (k, P)
+            hp_k = {"lr": hps["lr"][:k], "lr64": hps["lr64"][:k], "weight_decay": hps["weight_decay"][:k]}
+            new_p, new_state = opt.update(flat[:k], g, {n: t[:k] for n, t in state.items()}, hp_k)
+            ok = alive[:k] & torch.isfinite(loss) & torch.isfinite(new_p).all(dim=1)  # (k,)
+            dead_epoch[:k].masked_fill_(alive[:k] & ~ok, epoch)
+            alive[:k] = ok
+            flat[:k] = torch.where(ok[:, None], new_p, flat[:k])
+            for n, t in new_state.items():
+                state[n][:k] = torch.where(ok.view(-1, *[1] * (t.dim() - 1)), t, state[n][:k])
+        if epoch in ck_index:
+            checkpoint(ck_index[epoch], epoch)
+        if progress is not None:
+            progress(epoch, job.epochs)
+
+    dead = dead_epoch.cpu().numpy()[back].astype(np.int32)
+    return PopulationResult(
+        weights=weights_out,
+        metrics=metrics_out,
+        diverged=dead >= 0,
+        diverged_epoch=dead,
+        checkpoint_epochs=job.checkpoint_epochs,
+    )
+
+
+# -------------------------------------------------------------------------------------------- the reference loop
+
+
+def train_member_reference(
+    job: ChunkJob, hparams: Mapping[str, float], seed: int, device: str | torch.device = "cpu"
+) -> PopulationResult:
+    """Train ONE member with a plain PyTorch loop (nn modules, torch.optim, one step per batch): the oracle for
+    train_population and the baseline of its benchmark. Same init, subset, data order and dropout masks."""
+    hp, seeds = _check_inputs({k: np.asarray([v]) for k, v in hparams.items()}, np.asarray([seed]))
+    hp = {k: float(v[0]) for k, v in hp.items()}
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    task, kind, bsz = job.task, job.task.kind, job.batch_size
+    pad_id = int(task.info.get("pad_id", 0))
+    model, drop_names = _template(job, dev, batched=False)
+    with torch.no_grad():
+        for name, t in init_member_weights(model, hp["init_std"], seed).items():
+            model.get_parameter(name).copy_(t)
+    drops = [model.get_submodule(n) for n in drop_names]
+    for d in drops:
+        d.counter_noise = hp["dropout"] > 0
+        d.rate.fill_(hp["dropout"])
+    params = list(model.parameters())
+    if job.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=hp["lr"], betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=hp["weight_decay"])
+    else:
+        momentum = MOMENTUM if job.optimizer == "momentum" else 0.0
+        opt = torch.optim.SGD(params, lr=hp["lr"], momentum=momentum, weight_decay=hp["weight_decay"])
+    data = MemberDataOrder(seed, len(task.y_train), hp["train_fraction"])
+    x_train, y_train = task.x_train.to(dev), task.y_train.to(dev)
+    x_test, y_test = task.x_test.to(dev), task.y_test.to(dev)
+    base = torch.tensor(_stream_seed(seed, _STREAM_NOISE) & _M32, device=dev)
+
+    def evaluate(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.eval()
+        with torch.no_grad():
+            sums = _sample_stats(kind, _run_model(model, kind, None, x, y), y, pad_id).sum(0, keepdim=True)  # (1, 4)
+        model.train()
+        return _metrics_from_sums(sums, torch.tensor([float(len(y))], device=dev))
+
+    n_ck = len(job.checkpoint_epochs)
+    weights = {n: np.full((1, n_ck, *p.shape), np.nan, dtype=np.float32) for n, p in model.named_parameters()}
+    metrics = {n: np.full((1, n_ck), np.nan, dtype=np.float32) for n in METRIC_NAMES}
+    dead_epoch = -1
+    subset = torch.from_numpy(data.subset).to(dev)
+    for c, target in enumerate(job.checkpoint_epochs):
+        epoch = 0 if c == 0 else job.checkpoint_epochs[c - 1]
+        while epoch < target and dead_epoch < 0:
+            epoch += 1
+            seq = torch.from_numpy(data.epoch()).to(dev)
+            for s, start in enumerate(range(0, len(seq), bsz)):
+                bidx = seq[start : start + bsz]
+                for d in drops:
+                    d.noise_key.copy_(dropout_noise_key(base, epoch, s))
+                out = _run_model(model, kind, None, x_train[bidx], y_train[bidx])
+                loss = F.cross_entropy(out.flatten(0, -2), y_train[bidx].flatten(), ignore_index=pad_id if kind == "seq2seq" else -100)
+                if not math.isfinite(loss.item()):
+                    dead_epoch = epoch
+                    break
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        if dead_epoch < 0:
+            train, test = evaluate(x_train[subset], y_train[subset]), evaluate(x_test, y_test)
+            finite = all(torch.isfinite(p).all() for p in params) and math.isfinite(float(train["loss"])) and math.isfinite(
+                float(test["loss"])
+            )
+            if not finite:
+                dead_epoch = target
+        if dead_epoch >= 0:
+            continue
+        for n, p in model.named_parameters():
+            weights[n][0, c] = p.detach().cpu().numpy()
+        for split, res in (("train", train), ("test", test)):
+            for metric, values in res.items():
+                metrics[f"{split}_{metric}"][0, c] = float(values[0])
+    return PopulationResult(
+        weights=weights,
+        metrics=metrics,
+        diverged=np.array([dead_epoch >= 0]),
+        diverged_epoch=np.array([dead_epoch], dtype=np.int32),
+        checkpoint_epochs=job.checkpoint_epochs,
+    )
