@@ -123,12 +123,14 @@ class InnerProblem:
         return self._initial_loss
 
     def shape_key(self) -> tuple[Any, ...]:
-        """Problems with equal keys can be trained in one vmapped batch."""
-        return (self.batch_size, tuple((k, tuple(v.shape)) for k, v in self.init.items()))
+        """Problems with equal keys can be trained in one vmapped batch: same module structure (the repr names
+        layers and activations), parameter shapes, batch size and data."""
+        shapes = tuple((k, tuple(v.shape)) for k, v in self.init.items())
+        return (repr(self.model), shapes, self.batch_size, self.kind, id(self.x_train), id(self.x_test))
 
 
 def group_problems(problems: Sequence[InnerProblem]) -> list[list[int]]:
-    """Indices of `problems` grouped by `shape_key` (same batch size and parameter shapes), in first-seen order."""
+    """Indices of `problems` grouped by `shape_key` (same module, shapes, batch size, data), in first-seen order."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, p in enumerate(problems):
         groups.setdefault(p.shape_key(), []).append(i)
