@@ -12,38 +12,40 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 
+PREDICT_RECIPE = """
+name = "predict-tiny"
+description = "test zoo: 64 small MLPs on digits, accuracies from chance to well trained"
+members = 64
+members_per_chunk = 16
+runs_per_config = 2
+seed = 3
+epochs = 4
+checkpoint_epochs = [0, 1, 4]
+[task]
+name = "digits"
+[arch]
+name = "mlp"
+hidden = [8]
+[hparams]
+optimizer = {choice = ["sgd", "adam"]}
+activation = {choice = ["relu", "tanh"]}
+batch_size = 64
+lr = {log_uniform = [1e-3, 3e-1]}
+train_fraction = {choice = [0.25, 1.0]}
+"""
+
+
 @pytest.fixture(scope="session")
 def predict_zoo(tmp_path_factory):
-    """A tiny zoo (pipeline.store.Zoo): 120 MLPs (6 -> 8 -> 3) at epochs 0, 2, 5 whose test_acc grows with a
-    per-member weight scale set by lr, so it is learnable from the weights; member 0 diverged."""
-    import numpy as np
+    """A tiny real zoo (pipeline.store.Zoo, built in-process by `build_zoo`): 64 MLPs (64 -> 8 -> 10) on digits,
+    checkpoints at epochs 0, 1, 4, two runs per hyperparameter configuration."""
+    from pipeline.store import Zoo
+    from pipeline.zoo import build_zoo
 
-    from pipeline.store import MemberBlock, StoreLayout, Zoo, create_store, write_members, write_splits
-    from unf_models import WeightSpec
-
-    spec = WeightSpec({"0.weight": ("h", "in"), "0.bias": ("h",), "2.weight": ("out", "h"), "2.bias": ("out",)},
-                      shapes={"0.weight": (8, 6), "0.bias": (8,), "2.weight": (3, 8), "2.bias": (3,)}, fixed=("in", "out"))
-    layout = StoreLayout(weight_shapes=spec.shapes, metric_names=("train_loss", "train_acc", "test_loss", "test_acc"),
-                         checkpoint_epochs=(0, 2, 5), members_per_chunk=20, continuous=("lr",), categorical={})
-    url = str(tmp_path_factory.mktemp("predict_zoo") / "zoo.zarr")
-    n, k = 120, 20
-    create_store(url, layout, {"spec": spec.to_dict(), "name": "predict-mlp", "task": {"name": "synthetic"}}, n)
-    rng = np.random.default_rng(0)
-    for start in range(0, n, k):
-        lr = 10 ** rng.uniform(-4, -1, k)
-        t = (np.log10(lr) + 4) / 3  # (k,) in [0, 1]
-        scale = np.stack([np.full(k, 0.3), 0.3 + 0.5 * t, 0.3 + t], axis=1)  # (k, checkpoints)
-        weights = {name: (rng.normal(size=(k, 3, *shape)) * scale.reshape(k, 3, *[1] * len(shape))).astype(np.float32)
-                   for name, shape in spec.shapes.items()}
-        acc = 1 / (1 + np.exp(-(2 * (scale - 0.6) + 0.1 * rng.normal(size=(k, 3)))))
-        metrics = {"test_acc": acc, "train_acc": np.minimum(acc + 0.05, 1), "train_loss": 1 - acc, "test_loss": 1.2 - acc}
-        diverged = np.arange(start, start + k) == 0
-        write_members(url, start, MemberBlock(
-            weights=weights, metrics=metrics, hparams={"lr": lr}, seed=np.arange(start, start + k),
-            config=np.arange(start, start + k) // 2, diverged=diverged,  # pairs of members share a configuration
-            diverged_epoch=np.where(diverged, 2, -1).astype(np.int32)))
-    write_splits(url)
-    return Zoo.open(url)
+    folder = tmp_path_factory.mktemp("predict_zoo")
+    (folder / "predict-tiny.toml").write_text(PREDICT_RECIPE)
+    build_zoo(folder / "predict-tiny.toml", folder / "zoo.zarr", workers=0, device="cpu")
+    return Zoo.open(folder / "zoo.zarr")
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +54,8 @@ def trained_predictors(predict_zoo, tmp_path_factory):
     predictors in `result.out_dir / <model>` (load with `pipeline.predict.load_predictor`)."""
     from pipeline.predict import TrainConfig, train_predictor
 
-    config = TrainConfig(models="all", checkpoints="all", fractions=(0.6, 0.2, 0.2), epochs=4, device="cpu")
+    config = TrainConfig(models="all", checkpoints="all", fractions=(0.6, 0.2, 0.2), epochs=4, device="cpu",
+                         unf_hidden=(8, 8), unf_head=(64,), deepsets_hidden=16, deepsets_head=(64,), flat_hidden=(64,))
     return train_predictor(predict_zoo, config, tmp_path_factory.mktemp("trained_predictors") / "out")
 
 

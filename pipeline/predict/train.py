@@ -180,7 +180,7 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
     y_scaled = torch.as_tensor(data.scaled_y(), dtype=torch.float32)
     train_x = {k: v.to(device) for k, v in train_w.items()}
     train_y = y_scaled[data.rows["train"]].to(device)  # (n_train,)
-    val_x = data.subset("val")
+    val_x = {k: v.to(device) for k, v in data.subset("val").items()}
     val_y = data.y[data.rows["val"]]
     loss_fn = torch.nn.BCEWithLogitsLoss() if data.loss == "bce" else torch.nn.MSELoss()
 
