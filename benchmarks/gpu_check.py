@@ -29,8 +29,10 @@ def _hparams(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _time(job: ChunkJob, members: int, device: str) -> tuple[float, dict]:
-    hp, seeds = _hparams(members), np.array([member_seed(0, i) for i in range(members)], dtype=np.int64)
+def _time(job: ChunkJob, members: int, device: str, total: int) -> tuple[float, dict]:
+    """Train the first `members` of a population of `total` (same draws whatever `members` is)."""
+    hp = {k: v[:members] for k, v in _hparams(total).items()}
+    seeds = np.array([member_seed(0, i) for i in range(members)], dtype=np.int64)
     train_population(job, {k: v[:8] for k, v in hp.items()}, seeds[:8], device=device)  # warm-up
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -59,9 +61,9 @@ def main() -> None:
                               optimizer="adam", batch_size=128, epochs=max(1, args.epochs // 3)),
     }
     for name, job in cases.items():
-        t_gpu, m_gpu = _time(job, args.members, "cuda")
+        t_gpu, m_gpu = _time(job, args.members, "cuda", args.members)
         n_cpu = min(args.cpu_members, args.members)
-        t_cpu, m_cpu = _time(job, n_cpu, "cpu")
+        t_cpu, m_cpu = _time(job, n_cpu, "cpu", args.members)
         rate_gpu = args.members * job.epochs / t_gpu
         rate_cpu = n_cpu * job.epochs / t_cpu
         gap = float(np.nanmax(np.abs(m_gpu["test_acc"][:n_cpu] - m_cpu["test_acc"])))
