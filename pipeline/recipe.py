@@ -1,13 +1,14 @@
 """Zoo recipes: a frozen `Recipe` read from TOML, validated field by field, and deterministic hyperparameter draws.
 
 A recipe names a task, an architecture, hyperparameter distributions, the member count and how members are grouped
-into chunks. Draws never depend on how many members are built: categorical hyperparameters (one value per training
-chunk) come from (seed, chunk index), continuous ones from (seed, configuration index), so extending a zoo with
-`--members` leaves every earlier member unchanged.
+into chunks. Draws never depend on how many members are built: categorical hyperparameters (one combination per
+training chunk, balanced over blocks of chunks) come from (seed, chunk index), continuous ones from (seed,
+configuration index), so extending a zoo with `--members` leaves every earlier member unchanged.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import tomllib
@@ -396,6 +397,16 @@ def _stream(seed: int, salt: int, index: int, name: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, salt, index, zlib.crc32(name.encode())]))
 
 
+def _chunk_categoricals(recipe: Recipe, chunk: int) -> dict[str, Any]:
+    """Balanced per-chunk draw: every block of K consecutive chunks (K = number of combinations of the categorical
+    values) holds each combination once, in an order drawn from (seed, block). Depends on (seed, chunk) only."""
+    names = recipe.categorical
+    combos = list(itertools.product(*(recipe.hparams[n].values for n in names)))
+    block, pos = divmod(chunk, len(combos))
+    order = _stream(recipe.seed, _SALT_CATEGORICAL, block, "|".join(names)).permutation(len(combos))
+    return dict(zip(names, combos[int(order[pos])]))
+
+
 def draw_chunk(recipe: Recipe, chunk: int, members: int | None = None) -> ChunkDraw:
     """Hyperparameters of chunk `chunk` of a zoo of `members` members (default: recipe.members)."""
     total = recipe.members if members is None else members
@@ -404,7 +415,7 @@ def draw_chunk(recipe: Recipe, chunk: int, members: int | None = None) -> ChunkD
         raise ValueError(f"chunk {chunk} is empty for {total} members of {recipe.members_per_chunk} per chunk")
     idx = np.arange(start, stop, dtype=np.int64)
     config = idx // recipe.runs_per_config
-    categorical = {n: recipe.hparams[n].sample(_stream(recipe.seed, _SALT_CATEGORICAL, chunk, n)) for n in recipe.categorical}
+    categorical = _chunk_categoricals(recipe, chunk)
     continuous: dict[str, np.ndarray] = {}
     for n in recipe.continuous:
         dist = recipe.hparams[n]

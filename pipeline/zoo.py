@@ -389,26 +389,35 @@ def _run_dask(
     on_chunk: Callable[[ChunkOutcome], None] | None,
 ) -> int:
     """Run the pending chunks as Dask tasks; returns the number of workers used."""
+    import dask
     from dask.distributed import Client, LocalCluster, as_completed
 
+    if scheduler is None and url.startswith("memory://"):
+        raise StoreError("a memory:// store lives in one process; use --workers 0 or a real path for Dask workers")
     cores = default_workers()
-    cluster = None
-    if scheduler is not None:
-        client = Client(scheduler)
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-    else:
-        if url.startswith("memory://"):
-            raise StoreError("a memory:// store lives in one process; use --workers 0 or a real path for Dask workers")
-        n_workers = max(1, min(workers or cores, len(pending)))
-        threads = threads or max(1, cores // n_workers)  # n workers x threads torch threads <= cores
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
-        client = Client(cluster)
+    # Two Dask defaults cost more CPU than the training itself, so workers a LocalCluster spawns get neither:
+    # MALLOC_TRIM_THRESHOLD_=65536 (fixing it turns off glibc's adaptive mmap threshold, so every large torch
+    # temporary becomes an mmap + page faults: system time equal to user time), and the statistical profiler that
+    # samples each worker's deep torch stacks every 10 ms.
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    environ["MALLOC_TRIM_THRESHOLD_"] = None  # None unsets it
+    settings = {"distributed.nanny.pre-spawn-environ": environ, "distributed.worker.profile.enabled": False}
+    with dask.config.set(settings):
+        cluster = None
+        if scheduler is not None:
+            client = Client(scheduler)
+            n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        else:
+            n_workers = max(1, min(workers or cores, len(pending)))
+            threads = threads or max(1, cores // n_workers)  # n workers x threads torch threads <= cores
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",  # a free port: None still binds the HTTP server to 8787 (clashes, warns)
+                silence_logs=logging.ERROR,
+            )
+            client = Client(cluster)
     token = uuid.uuid4().hex[:8]
     try:
         futures = [

@@ -109,3 +109,11 @@ def test_identity_ignores_member_count_and_text() -> None:
     assert a.identity() == b.identity() and a != b
     assert parse_recipe(BASE.replace("seed = 3", "seed = 5")).identity() != a.identity()
     assert parse_recipe(a.to_dict()).identity() == a.identity()
+
+
+def test_categorical_combinations_are_balanced_over_chunks() -> None:
+    recipe = parse_recipe(BASE.replace("members = 10", "members = 40"))  # 2 optimizers x 2 batch sizes, 10 chunks
+    combos = [tuple(draw_chunk(recipe, c).categorical.values()) for c in range(10)]
+    assert len(set(combos[:4])) == 4 and len(set(combos[4:8])) == 4  # each block of 4 chunks holds every combination
+    assert combos[:4] != combos[4:8]  # in an order drawn per block
+    assert all(draw_chunk(recipe.with_members(12), c).categorical == draw_chunk(recipe, c).categorical for c in range(3))
