@@ -75,6 +75,7 @@ class TrainConfig:
     lr: float = 1e-3
     patience: int = 10  # epochs without a better validation tau before stopping
     augment: bool = False  # random permutation (group element) per batch on the training inputs
+    features: str = "raw"  # pointwise input channels of the torch models: "raw" | "raw+log" (adds log|w|)
     unf_hidden: tuple[int, ...] = (16, 16)
     unf_head: tuple[int, ...] = (512,)
     deepsets_hidden: int = 32
@@ -93,6 +94,8 @@ class TrainConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.split not in ("run", "config"):
             raise ConfigError(f"--split {self.split!r} is unknown; use run or config")
+        if self.features not in ("raw", "raw+log"):
+            raise ConfigError(f"--features {self.features!r} is unknown; use raw or raw+log")
         if self.loss not in ("auto", "bce", "mse"):
             raise ConfigError(f"loss {self.loss!r} is unknown; use auto, bce or mse")
         if len(self.fractions) != 3 or min(self.fractions) < 0 or abs(sum(self.fractions) - 1) > 1e-6:
@@ -130,7 +133,7 @@ class TrainConfig:
         if kind == "statnn":
             fields += ["statnn_candidates"]
         else:
-            fields += ["epochs", "batch_size", "lr", "patience", "augment", f"{kind}_hidden"]
+            fields += ["epochs", "batch_size", "lr", "patience", "augment", "features", f"{kind}_hidden"]
             fields += [f"{kind}_head"] if kind in ("unf", "deepsets") else []
         payload = {"model": model, **{k: d[k] for k in fields}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

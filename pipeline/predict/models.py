@@ -14,9 +14,20 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TensorNormalizer", "UNFNet", "DeepSetsNet", "FlatNet", "build_net", "WIDTH_AGNOSTIC"]
+__all__ = ["TensorNormalizer", "UNFNet", "DeepSetsNet", "FlatNet", "build_net", "pointwise_features", "WIDTH_AGNOSTIC",
+           "FEATURES"]
 
 WIDTH_AGNOSTIC = {"unf": True, "statnn": True, "deepsets": True, "flat": False}
+FEATURES = {"raw": 1, "raw+log": 2}  # input channels per weight
+
+
+def pointwise_features(x: torch.Tensor, features: str) -> torch.Tensor:
+    """(B, *shape) normalized weights -> (B, C, *shape). "raw+log" adds log|w| (floored at 1e-3 of the tensor's
+    training std), which turns the orders of magnitude between members' weight scales (init std, lr, weight decay)
+    into additive offsets. Pointwise, so it keeps every permutation symmetry exactly."""
+    if features == "raw":
+        return x.unsqueeze(1)
+    return torch.stack([x, torch.log(x.abs() + 1e-3) / 3.0], dim=1)
 
 
 def _mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -45,15 +56,20 @@ class UNFNet(nn.Module):
     """Normalizer -> `unf_models.UNFPredictor` (UNF layers -> invariant pooling -> MLP head) -> (B,)."""
 
     def __init__(self, spec: Any, hidden: Sequence[int], head: Sequence[int], fixed_axes: str = "exact",
-                 normalizer: TensorNormalizer | None = None):
+                 normalizer: TensorNormalizer | None = None, features: str = "raw"):
         super().__init__()
         from unf_models import UNFPredictor
 
         self.norm = normalizer or TensorNormalizer(spec.names)
-        self.unf = UNFPredictor(spec, hidden=tuple(hidden), head=tuple(head), fixed_axes=fixed_axes)
+        self.features = features
+        self.unf = UNFPredictor(spec, hidden=tuple(hidden), head=tuple(head), fixed_axes=fixed_axes,
+                                in_channels=FEATURES[features])
 
     def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.unf(self.norm(weights)).reshape(-1)  # (B,)
+        x = self.norm(weights)
+        if self.features != "raw":
+            x = {n: pointwise_features(v, self.features) for n, v in x.items()}  # {name: (B, C, *shape)}
+        return self.unf(x).reshape(-1)  # (B,)
 
 
 class DeepSetsNet(nn.Module):
@@ -61,11 +77,12 @@ class DeepSetsNet(nn.Module):
     concatenate tensors -> rho MLP. Invariant to every permutation within a tensor (a superset of the true group)."""
 
     def __init__(self, names: Sequence[str], hidden: int = 32, head: Sequence[int] = (512,),
-                 normalizer: TensorNormalizer | None = None):
+                 normalizer: TensorNormalizer | None = None, features: str = "raw"):
         super().__init__()
         self.names = list(names)
         self.norm = normalizer or TensorNormalizer(names)
-        self.inp = nn.Linear(1, hidden)
+        self.features = features
+        self.inp = nn.Linear(FEATURES[features], hidden)
         self.tensor_embedding = nn.Parameter(torch.zeros(len(names), hidden))  # (T, H)
         self.phi = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
         self.rho = _mlp([len(names) * hidden, *head, 1])
@@ -74,7 +91,7 @@ class DeepSetsNet(nn.Module):
         x = self.norm(weights)
         pooled = []
         for i, name in enumerate(self.names):
-            w = x[name].reshape(x[name].shape[0], -1, 1)  # (B, n, 1)
+            w = pointwise_features(x[name].reshape(x[name].shape[0], -1), self.features).transpose(1, 2)  # (B, n, C)
             h = self.phi(self.inp(w) + self.tensor_embedding[i])  # (B, n, H)
             pooled.append(h.mean(dim=1))  # (B, H)
         return self.rho(torch.cat(pooled, dim=1)).reshape(-1)  # (B,)
@@ -84,26 +101,29 @@ class FlatNet(nn.Module):
     """Concatenate every normalized weight into one vector -> MLP. Tied to the zoo's exact shapes and ordering."""
 
     def __init__(self, names: Sequence[str], n_inputs: int, hidden: Sequence[int] = (512, 512),
-                 normalizer: TensorNormalizer | None = None):
+                 normalizer: TensorNormalizer | None = None, features: str = "raw"):
         super().__init__()
         self.names = list(names)
         self.norm = normalizer or TensorNormalizer(names)
-        self.mlp = _mlp([n_inputs, *hidden, 1])
+        self.features = features
+        self.mlp = _mlp([n_inputs * FEATURES[features], *hidden, 1])
 
     def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         x = self.norm(weights)
-        flat = torch.cat([x[n].reshape(x[n].shape[0], -1) for n in self.names], dim=1)  # (B, P)
+        flat = torch.cat([pointwise_features(x[n].reshape(x[n].shape[0], -1), self.features).flatten(1)
+                          for n in self.names], dim=1)  # (B, C * P)
         return self.mlp(flat).reshape(-1)  # (B,)
 
 
 def build_net(kind: str, spec: Any, params: Mapping[str, Any], normalizer: TensorNormalizer | None = None) -> nn.Module:
     """Build a torch predictor from its JSON-able hyperparameters (the same dict is saved with the artifact)."""
     names = list(spec.names)
+    features = params.get("features", "raw")
     if kind == "unf":
-        return UNFNet(spec, params["hidden"], params["head"], params.get("fixed_axes", "exact"), normalizer)
+        return UNFNet(spec, params["hidden"], params["head"], params.get("fixed_axes", "exact"), normalizer, features)
     if kind == "deepsets":
-        return DeepSetsNet(names, params["hidden"], params["head"], normalizer)
+        return DeepSetsNet(names, params["hidden"], params["head"], normalizer, features)
     if kind == "flat":
         n_inputs = sum(int(torch.Size(spec.shapes[n]).numel()) for n in names)
-        return FlatNet(names, n_inputs, params["hidden"], normalizer)
+        return FlatNet(names, n_inputs, params["hidden"], normalizer, features)
     raise ValueError(f"no torch predictor of kind {kind!r}")

@@ -89,11 +89,11 @@ def _hyperparameters(model: str, config: TrainConfig) -> dict[str, Any]:
     kind = MODEL_KINDS[model]
     if kind == "unf":
         return {"hidden": list(config.unf_hidden), "head": list(config.unf_head),
-                "fixed_axes": "permutable" if model == "unf-perm" else "exact"}
+                "fixed_axes": "permutable" if model == "unf-perm" else "exact", "features": config.features}
     if kind == "deepsets":
-        return {"hidden": config.deepsets_hidden, "head": list(config.deepsets_head)}
+        return {"hidden": config.deepsets_hidden, "head": list(config.deepsets_head), "features": config.features}
     if kind == "flat":
-        return {"hidden": list(config.flat_hidden)}
+        return {"hidden": list(config.flat_hidden), "features": config.features}
     return {}
 
 
