@@ -27,7 +27,8 @@ def _config(**kw) -> TrainConfig:
 def test_split_never_shares_a_member_or_config_across_sides(predict_zoo, split: str) -> None:
     data = build_data(predict_zoo, _config(split=split))
     sides = {s: set(data.member[r].tolist()) for s, r in data.rows.items()}
-    assert not (sides["train"] & sides["val"]) and not (sides["train"] & sides["test"]) and not (sides["val"] & sides["test"])
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not sides[a] & sides[b]
     # every checkpoint of a member sits with the member
     n_ck = len(predict_zoo.checkpoint_epochs)
     for s, r in data.rows.items():

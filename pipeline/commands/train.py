@@ -52,6 +52,8 @@ def train(
     lr: float = typer.Option(1e-3, help="Adam learning rate."),
     patience: int = typer.Option(10, help="Early stopping: epochs without a better validation tau."),
     augment: bool = typer.Option(False, help="Random permutation of each training batch (symmetry augmentation)."),
+    features: str = typer.Option("raw", help="Input channels of the torch models: raw | raw+log (adds log|w|, "
+                                 "pointwise, so symmetries are kept)."),
     loss: str = typer.Option("auto", help="auto (BCE when train/val targets lie in [0,1], else MSE) | bce | mse."),
     include_diverged: bool = typer.Option(False, help="Keep diverged members (their non-finite rows are dropped)."),
     max_members: int = typer.Option(None, help="Use only the first N members (quick runs)."),
@@ -73,7 +75,7 @@ def train(
         store = Zoo.open(zoo)
         config = TrainConfig(models=model, target=target, checkpoints=checkpoints, split=split,
                              fractions=_fractions(fractions), split_seed=split_seed, seeds=seeds, epochs=epochs,
-                             batch_size=batch_size, lr=lr, patience=patience, augment=augment, loss=loss,
+                             batch_size=batch_size, lr=lr, patience=patience, augment=augment, features=features, loss=loss,
                              include_diverged=include_diverged, max_members=max_members, device=device)
         targets = available_targets(store)
         if target not in targets:
@@ -86,8 +88,8 @@ def train(
                       f"{counts['train']['rows']}/{counts['val']['rows']}/{counts['test']['rows']} "
                       f"from {sum(c['members'] for c in counts.values())} members; excluded {data.excluded}")
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn())
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn())
         with Progress(*columns, console=console) as progress:
             tasks: dict[tuple[str, int], int] = {}
 
@@ -108,7 +110,8 @@ def train(
             table.add_column(col, justify="left" if col == "model" else "right")
         for r in result.summary.itertuples():
             table.add_row(r.model, f"{r.test_tau_mean:.3f} ± {r.test_tau_std:.3f}",
-                          f"{r.val_tau_mean:.3f} ± {r.val_tau_std:.3f}", f"{r.test_r2_mean:.3f}", f"{r.test_mae_mean:.4f}")
+                          f"{r.val_tau_mean:.3f} ± {r.val_tau_std:.3f}", f"{r.test_r2_mean:.3f}",
+                          f"{r.test_mae_mean:.4f}")
         console.print(table)
         console.print(f"wrote {out}/ (metrics.json, predictions.csv, comparison.md, test_scatter.png, val_tau.png; "
                       f"predictors in {', '.join(f'{out}/{m}' for m in config.models)})")

@@ -315,7 +315,8 @@ def _check_out_dir(out_dir: Path, config: TrainConfig) -> None:
     new = config.to_dict()
     diff = [k for k in keys if old.get(k) != new.get(k)]
     if diff:
-        raise ConfigError(f"{out_dir} holds runs with different {', '.join(diff)} ({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); "
+        was = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
+        raise ConfigError(f"{out_dir} holds runs with different {', '.join(diff)} ({was}); "
                           "use another --out or delete that folder")
 
 
