@@ -248,30 +248,35 @@ def make_activation(name: str) -> nn.Module:
 
 # --------------------------------------------------------------------------------------------- vmappable layers
 
-_M32 = 0xFFFFFFFF
-
-
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values in [0, 2^32); no overflow."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x2C1B3C6D) & _M32
-    return x ^ (x >> 16)
+    """A 32-bit integer hash (xorshift-multiply rounds) on int32 tensors. Products wrap modulo 2^32 (two's
+    complement, as on every torch backend); logical right shifts are emulated by masking the sign extension."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * 0x2C1B3C6D
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+_GOLDEN = 0x9E3779B1 - (1 << 32)  # 2^32 / golden ratio as a signed int32
+
+
+def _counter_bits(key: torch.Tensor, salt: int, shape: Sequence[int]) -> torch.Tensor:
+    """24 random bits per element (int32 in [0, 2^24)), a pure function of (key, salt, element index)."""
+    base = _mix32(key ^ (salt * 0x2545F491 & 0x7FFFFFFF))  # () int32
+    idx = torch.arange(math.prod(shape), device=key.device, dtype=torch.int32).view(*shape)
+    return (_mix32(idx * _GOLDEN ^ base) >> 8) & 0xFFFFFF
 
 
 def counter_uniform(key: torch.Tensor, salt: int, shape: Sequence[int]) -> torch.Tensor:
-    """Uniform [0, 1) float32 noise of `shape`, a pure function of (key, salt, element index): vmappable, per member."""
-    base = _mix32((key ^ ((salt * 0x9E3779B9) & _M32)) & _M32)  # () int64
-    idx = torch.arange(math.prod(shape), device=key.device, dtype=torch.int64).view(*shape)
-    h = _mix32(((idx * 0x9E3779B1) & _M32) ^ base)
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    """Uniform [0, 1) float32 noise of `shape` from an int32 `key`: vmappable, a pure function of its inputs."""
+    return _counter_bits(key, salt, shape).to(torch.float32) * (1.0 / (1 << 24))
 
 
 class MemberDropout(nn.Dropout):
     """nn.Dropout whose rate may be a per-member tensor and whose mask may come from counter-based noise.
 
-    Two non-persistent buffers (not in the state dict): `rate` (the drop probability) and `noise_key` (int64). The
+    Two non-persistent buffers (not in the state dict): `rate` (the drop probability) and `noise_key` (int32). The
     population engine sets `counter_noise = True` and feeds both per member through functional_call, so a member's
     masks depend only on its own seed and step. Standalone use behaves like nn.Dropout(p).
     """
@@ -281,13 +286,14 @@ class MemberDropout(nn.Dropout):
         self.salt = int(salt)
         self.counter_noise = False
         self.register_buffer("rate", torch.tensor(float(p)), persistent=False)
-        self.register_buffer("noise_key", torch.tensor(0, dtype=torch.int64), persistent=False)
+        self.register_buffer("noise_key", torch.tensor(0, dtype=torch.int32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
         if self.counter_noise:
-            keep = counter_uniform(self.noise_key, self.salt, x.shape) >= self.rate  # same shape as x
+            threshold = (self.rate * float(1 << 24)).to(torch.int32)  # drop where the 24 random bits fall below
+            keep = _counter_bits(self.noise_key, self.salt, x.shape) >= threshold  # same shape as x
             return x * keep / (1.0 - self.rate)
         if self.p == 0.0:
             return x
@@ -300,8 +306,9 @@ _GEOMETRY: dict[tuple, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
 def _conv_geometry(
     h: int, w: int, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Index map (kh*kw*L,) into a flat, sentinel-padded (H*W + 1) image, the same as a 0/1 tensor
-    (kh*kw, L, H*W), and the output size; L = Ho*Wo. Cached per geometry and device."""
+    """For an (h, w) image: patch index map (kh*kw*L,) into the flat image with a zero slot appended (index h*w),
+    the same map as a 0/1 tensor (kh*kw, L, h*w), and the output size (Ho, Wo); L = Ho*Wo. Cached per geometry and
+    device."""
     key = (h, w, k, s, p, str(device))
     hit = _GEOMETRY.get(key)
     if hit is not None:
@@ -311,9 +318,9 @@ def _conv_geometry(
     rows = torch.arange(ho)[None, None, :, None] * sh + torch.arange(kh)[:, None, None, None] - ph  # (kh, 1, Ho, 1)
     cols = torch.arange(wo)[None, None, None, :] * sw + torch.arange(kw)[None, :, None, None] - pw  # (1, kw, 1, Wo)
     inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # (kh, kw, Ho, Wo)
-    flat = torch.where(inside, rows * w + cols, torch.full_like(rows * cols, h * w)).reshape(-1)  # (kh*kw*L,)
-    onehot = F.one_hot(flat, h * w + 1)[:, : h * w].to(torch.float32).reshape(kh * kw, ho * wo, h * w)
-    hit = (flat.to(device), onehot.to(device), ho, wo)
+    pixel = torch.where(inside, rows * w + cols, h * w).reshape(-1)  # (kh*kw*L,), h*w = padding
+    onehot = F.one_hot(pixel, h * w + 1)[:, : h * w].to(torch.float32).reshape(kh * kw, ho * wo, h * w)
+    hit = (pixel.to(device), onehot.to(device), ho, wo)
     _GEOMETRY[key] = hit
     return hit
 
@@ -345,7 +352,7 @@ class MemberConv2d(nn.Conv2d):
         kk = self.kernel_size[0] * self.kernel_size[1]
         if h * w <= 2 * kk:
             dense = torch.einsum("ock,kpq->opcq", self.weight.flatten(2), onehot.to(x.dtype))  # (O, L, C, H*W)
-            out = x.flatten(1) @ dense.reshape(-1, c * h * w).T  # (B, O*L)
+            out = x.flatten(1) @ dense.reshape(-1, c * h * w).T  # (B, O*L): the layer as one matrix
             out = out.view(b, self.out_channels, ho * wo)
         else:
             padded = F.pad(x.flatten(2), (0, 1))  # (B, C, H*W + 1), the last slot is the zero padding
@@ -375,17 +382,18 @@ class MemberGRU(nn.GRU):
             raise ValueError(f"MemberGRU expects batch-first input (B, T, {self.input_size}); got {tuple(input.shape)}")
         b, t_len, _ = input.shape
         h = input.new_zeros(b, self.hidden_size) if hx is None else hx[0]  # (B, H)
-        gi = F.linear(input, self.weight_ih_l0, self.bias_ih_l0)  # (B, T, 3H)
+        gis = F.linear(input, self.weight_ih_l0, self.bias_ih_l0).unbind(1)  # T x (B, 3H); one stack in backward
+        masks = mask.unbind(1) if mask is not None else [None] * t_len
         outs = []
-        for t in range(t_len):
+        for gi, m in zip(gis, masks):
             gh = F.linear(h, self.weight_hh_l0, self.bias_hh_l0)  # (B, 3H)
-            i_r, i_z, i_n = gi[:, t].chunk(3, dim=-1)
+            i_r, i_z, i_n = gi.chunk(3, dim=-1)
             h_r, h_z, h_n = gh.chunk(3, dim=-1)
             r = torch.sigmoid(i_r + h_r)
             z = torch.sigmoid(i_z + h_z)
             n = torch.tanh(i_n + r * h_n)
             h_new = (1 - z) * n + z * h
-            h = h_new if mask is None else torch.where(mask[:, t, None], h_new, h)
+            h = h_new if m is None else torch.where(m[:, None], h_new, h)
             outs.append(h)
         return torch.stack(outs, dim=1), h.unsqueeze(0)  # (B, T, H), (1, B, H)
 

@@ -82,7 +82,7 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
 }
 _STREAM_INIT, _STREAM_DATA, _STREAM_NOISE = 0, 1, 2  # independent random streams of one member
 _EVAL_ROWS = 1 << 16  # members x samples per evaluation call (bounds activation memory)
-_M32 = 0xFFFFFFFF
+_M31 = 0x7FFFFFFF
 
 
 # ------------------------------------------------------------------------------------------------- seeds, data
@@ -113,11 +113,15 @@ class MemberDataOrder:
 
 
 def dropout_noise_key(seed: int | torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-    """The int64 key of a member's dropout noise at (epoch, step of that epoch); `seed` may be a tensor of seeds'
+    """The int32 key of a member's dropout noise at (epoch, step of that epoch); `seed` may be a tensor of seeds'
     noise bases (as the engine holds them) or a member seed."""
-    base = seed if isinstance(seed, torch.Tensor) else torch.tensor(_stream_seed(int(seed), _STREAM_NOISE) & _M32)
-    when = _mix32(torch.tensor(((epoch * 1_000_003) ^ step) & _M32, device=base.device))
+    base = seed if isinstance(seed, torch.Tensor) else torch.tensor(_noise_base(int(seed)), dtype=torch.int32)
+    when = _mix32(torch.tensor(((epoch * 1_000_003) ^ step) & _M31, dtype=torch.int32, device=base.device))
     return _mix32(base ^ when)
+
+
+def _noise_base(seed: int) -> int:
+    return _stream_seed(seed, _STREAM_NOISE) & _M31
 
 
 def init_member_weights(module: nn.Module, init_std: float, seed: int) -> dict[str, torch.Tensor]:
@@ -350,7 +354,7 @@ def train_population(
         "weight_decay": f32(hp["weight_decay"])[:, None],
     }
     rates = f32(hp["dropout"])
-    noise_base = torch.tensor([_stream_seed(int(seeds[i]), _STREAM_NOISE) & _M32 for i in order], device=dev)
+    noise_base = torch.tensor([_noise_base(int(seeds[i])) for i in order], dtype=torch.int32, device=dev)
     subset_mask = torch.zeros(n_mem, n_train, dtype=torch.bool)
     for r, p in enumerate(plans):
         subset_mask[r, torch.from_numpy(p.subset)] = True
@@ -446,10 +450,16 @@ def train_population(
 
 
 def train_member_reference(
-    job: ChunkJob, hparams: Mapping[str, float], seed: int, device: str | torch.device = "cpu"
+    job: ChunkJob,
+    hparams: Mapping[str, float],
+    seed: int,
+    device: str | torch.device = "cpu",
+    *,
+    exact_noise: bool = True,
 ) -> PopulationResult:
     """Train ONE member with a plain PyTorch loop (nn modules, torch.optim, one step per batch): the oracle for
-    train_population and the baseline of its benchmark. Same init, subset, data order and dropout masks."""
+    train_population and the baseline of its benchmark. Same init, subset and data order; the same dropout masks
+    when `exact_noise`, else standard nn.Dropout with torch's generator (a plain loop's usual cost)."""
     hp, seeds = _check_inputs({k: np.asarray([v]) for k, v in hparams.items()}, np.asarray([seed]))
     hp = {k: float(v[0]) for k, v in hp.items()}
     dev = device if isinstance(device, torch.device) else resolve_device(device)
@@ -461,8 +471,9 @@ def train_member_reference(
             model.get_parameter(name).copy_(t)
     drops = [model.get_submodule(n) for n in drop_names]
     for d in drops:
-        d.counter_noise = hp["dropout"] > 0
+        d.counter_noise = exact_noise and hp["dropout"] > 0
         d.rate.fill_(hp["dropout"])
+        d.p = hp["dropout"]
     params = list(model.parameters())
     if job.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=hp["lr"], betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=hp["weight_decay"])
@@ -472,7 +483,7 @@ def train_member_reference(
     data = MemberDataOrder(seed, len(task.y_train), hp["train_fraction"])
     x_train, y_train = task.x_train.to(dev), task.y_train.to(dev)
     x_test, y_test = task.x_test.to(dev), task.y_test.to(dev)
-    base = torch.tensor(_stream_seed(seed, _STREAM_NOISE) & _M32, device=dev)
+    base = torch.tensor(_noise_base(seed), dtype=torch.int32, device=dev)
 
     def evaluate(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         model.eval()
@@ -493,8 +504,9 @@ def train_member_reference(
             seq = torch.from_numpy(data.epoch()).to(dev)
             for s, start in enumerate(range(0, len(seq), bsz)):
                 bidx = seq[start : start + bsz]
-                for d in drops:
-                    d.noise_key.copy_(dropout_noise_key(base, epoch, s))
+                if exact_noise:
+                    for d in drops:
+                        d.noise_key.copy_(dropout_noise_key(base, epoch, s))
                 out = _run_model(model, kind, None, x_train[bidx], y_train[bidx])
                 loss = F.cross_entropy(out.flatten(0, -2), y_train[bidx].flatten(), ignore_index=pad_id if kind == "seq2seq" else -100)
                 if not math.isfinite(loss.item()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -10,6 +11,7 @@ from torch.func import functional_call, vmap
 from pipeline.errors import ConfigError
 from pipeline.members import (
     ARCH_NAMES,
+    _mix32,
     GRUSeq2Seq,
     MemberConv2d,
     MemberDropout,
@@ -136,11 +138,23 @@ def test_encoder_layer_equals_torch_pre_norm_layer() -> None:
     torch.testing.assert_close(layer(x, src_mask=causal), ref(x, src_mask=causal))
 
 
+def test_counter_hash_is_exact_uint32_arithmetic() -> None:
+    """The int32 torch hash equals the same rounds in numpy uint32 (well-defined wrapping), on every element."""
+    x = np.random.default_rng(0).integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32)
+    ref = x.copy()
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x2C1B3C6D)):
+        ref = ref ^ (ref >> np.uint32(shift))
+        ref = ref * np.uint32(mult)
+    ref = ref ^ (ref >> np.uint32(16))
+    out = _mix32(torch.from_numpy(x.view(np.int32).copy()))
+    assert np.array_equal(out.numpy().view(np.uint32), ref)
+
+
 def test_dropout_counter_noise_is_per_member_and_deterministic() -> None:
     drop = MemberDropout(salt=1)
     drop.counter_noise = True
     x = torch.ones(1000)
-    key = torch.tensor(12345)
+    key = torch.tensor(12345, dtype=torch.int32)
     drop.noise_key.copy_(key)
     drop.rate.fill_(0.0)
     assert torch.equal(drop(x), x)  # rate 0 is exactly the identity
@@ -151,11 +165,11 @@ def test_dropout_counter_noise_is_per_member_and_deterministic() -> None:
     drop.noise_key.fill_(999)
     assert not torch.equal(drop(x), y)
     # vmapped over members with their own rates and keys = each member alone
-    rates, keys = torch.tensor([0.0, 0.5, 0.9]), torch.tensor([1, 2, 3])
+    rates, keys = torch.tensor([0.0, 0.5, 0.9]), torch.tensor([1, 2, 3], dtype=torch.int32)
     out = vmap(lambda r, k: functional_call(drop, {"rate": r, "noise_key": k}, (x,)))(rates, keys)
     for m in range(3):
         torch.testing.assert_close(out[m], functional_call(drop, {"rate": rates[m], "noise_key": keys[m]}, (x,)))
-    u = counter_uniform(torch.tensor(7), 0, (4096,))
+    u = counter_uniform(torch.tensor(7, dtype=torch.int32), 0, (4096,))
     assert 0.0 <= float(u.min()) and float(u.max()) < 1.0 and abs(float(u.mean()) - 0.5) < 0.03
     drop.eval()
     assert torch.equal(drop(x), x)
