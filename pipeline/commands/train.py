@@ -47,10 +47,10 @@ def train(
     split_seed: int = typer.Option(0, help="Seed of the split (fixed across model seeds)."),
     seeds: int = typer.Option(1, help="Model seeds per model (initialisation and batch order); mean and spread "
                               "are reported."),
-    epochs: int = typer.Option(40, help="Maximum epochs of the torch models."),
+    epochs: int = typer.Option(25, help="Maximum epochs of the torch models (early stopping usually ends sooner)."),
     batch_size: int = typer.Option(10, help="Batch size (members) of the torch models."),
     lr: float = typer.Option(1e-3, help="Adam learning rate."),
-    patience: int = typer.Option(10, help="Early stopping: epochs without a better validation tau."),
+    patience: int = typer.Option(6, help="Early stopping: epochs without a better validation tau."),
     augment: bool = typer.Option(False, help="Random permutation of each training batch (symmetry augmentation)."),
     features: str = typer.Option("raw", help="Input channels of the torch models: raw | raw+log (adds log|w|, "
                                  "pointwise, so symmetries are kept)."),

@@ -70,10 +70,10 @@ class TrainConfig:
     include_diverged: bool = False
     loss: str = "auto"  # "auto" (BCE when train+val targets lie in [0, 1], else MSE) | "bce" | "mse"
     # torch models (unf, deepsets, flat)
-    epochs: int = 40
+    epochs: int = 25
     batch_size: int = 10
     lr: float = 1e-3
-    patience: int = 10  # epochs without a better validation tau before stopping
+    patience: int = 6  # epochs without a better validation tau before stopping
     augment: bool = False  # random permutation (group element) per batch on the training inputs
     features: str = "raw"  # pointwise input channels of the torch models: "raw" | "raw+log" (adds log|w|)
     unf_hidden: tuple[int, ...] = (16, 16)
