@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.errors import CheckpointError, StoreError, StoreMismatchError
+from pipeline.errors import CheckpointError, StoreMismatchError
 from pipeline.store import MemberBlock, StoreLayout, _jsonable, create_store, store_exists, write_members, write_splits
 
 __all__ = ["import_checkpoints", "import_small_cnn_zoo", "load_state_dict", "parse_arch", "CHECKPOINT_SUFFIXES"]

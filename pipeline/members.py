@@ -32,6 +32,8 @@ __all__ = [
     "resolve_arch",
     "build_member",
     "small_cnn_zoo_arch",
+    "make_activation",
+    "counter_uniform",
     "CNNMember",
     "MLPMember",
     "GRUSeq2Seq",

@@ -426,11 +426,14 @@ def train_population(
             hp_k = {"lr": hps["lr"][:k], "lr64": hps["lr64"][:k], "weight_decay": hps["weight_decay"][:k]}
             new_p, new_state = opt.update(flat[:k], g, {n: t[:k] for n, t in state.items()}, hp_k)
             ok = alive[:k] & torch.isfinite(loss) & torch.isfinite(new_p).all(dim=1)  # (k,)
-            dead_epoch[:k].masked_fill_(alive[:k] & ~ok, epoch)
-            alive[:k] = ok
-            flat[:k] = torch.where(ok[:, None], new_p, flat[:k])
+            if not bool(ok.all()):  # freeze dead members: keep their last finite weights and optimizer state
+                dead_epoch[:k].masked_fill_(alive[:k] & ~ok, epoch)
+                alive[:k] = ok
+                new_p = torch.where(ok[:, None], new_p, flat[:k])
+                new_state = {n: torch.where(ok.view(-1, *[1] * (t.dim() - 1)), t, state[n][:k]) for n, t in new_state.items()}
+            flat[:k] = new_p
             for n, t in new_state.items():
-                state[n][:k] = torch.where(ok.view(-1, *[1] * (t.dim() - 1)), t, state[n][:k])
+                state[n][:k] = t
         if epoch in ck_index:
             checkpoint(ck_index[epoch], epoch)
         if progress is not None:

@@ -7,14 +7,12 @@ that chunk alone, status last. Killing it at any moment and running it again fin
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +41,7 @@ from pipeline.store import (
 )
 
 __all__ = ["ZooPlan", "ChunkTask", "ChunkOutcome", "BuildReport", "plan_zoo", "build_zoo", "train_chunk", "default_workers"]
+
 
 @dataclass(frozen=True)
 class ZooPlan:
@@ -114,19 +113,11 @@ def _metric_names() -> tuple[str, ...]:
     return tuple(METRIC_NAMES)
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_task(name: str, params_json: str) -> Any:
-    import json
-
+def _load_task(recipe: Recipe) -> Any:
+    """The recipe's task (`load_task` caches it per process, so every chunk of a worker shares one copy)."""
     from pipeline.tasks import load_task
 
-    return load_task(name, **json.loads(params_json))
-
-
-def _load_task(recipe: Recipe) -> Any:
-    import json
-
-    return _cached_task(recipe.task, json.dumps(dict(recipe.task_params), sort_keys=True))
+    return load_task(recipe.task, **dict(recipe.task_params))
 
 
 def _with_activation(arch: Mapping[str, Any], activation: Any) -> dict[str, Any]:
@@ -178,7 +169,7 @@ def plan_zoo(recipe: Recipe) -> ZooPlan:
         "arch": arch,
         "task": {
             "name": recipe.task,
-            "params": dict(recipe.task_params),
+            "params": dict(getattr(task, "params", recipe.task_params)),  # resolved, defaults included
             "fingerprint": getattr(task, "fingerprint", None),
             "info": getattr(task, "info", None),
         },

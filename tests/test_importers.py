@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.store import DIVERGED, DONE, Zoo
+from pipeline.store import DONE, Zoo
 
 runner = CliRunner()
 
