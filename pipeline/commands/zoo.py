@@ -12,14 +12,14 @@ from pipeline.commands._common import console, user_errors
 def zoo(
     recipe: str = typer.Argument(..., help="Recipe name from datasets/ (e.g. cnn-digits) or a path to a TOML file."),
     members: Optional[int] = typer.Option(None, "--members", help="Member count (larger than the store's extends it)."),
-    out: Optional[str] = typer.Option(None, "--out", help="Store path or fsspec URL [default: datasets/zoos/NAME.zarr]."),
+    out: Optional[str] = typer.Option(None, "--out", help="Store path or fsspec URL (default: datasets/zoos/NAME.zarr)."),
     workers: Optional[int] = typer.Option(
         None, "--workers", help="Dask worker processes (default: one per core); 0 trains in this process."
     ),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store that holds another recipe's zoo."),
     threads: Optional[int] = typer.Option(
-        None, "--threads", help="Torch threads per task [default: cores / workers]; keep it fixed for bit-identical reruns."
+        None, "--threads", help="Torch threads per task (default: cores / workers); keep it fixed for bit-identical reruns."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
