@@ -309,6 +309,8 @@ async def _write_members(url: str, start: int, block: MemberBlock) -> None:
             raise StoreError(f"chunk data {name!r} has shape {v.shape}, the store expects {expected}")
     sl = slice(start, stop)
     arrays = await asyncio.gather(*(root.getitem(name) for name in values))
+    # A chunk of a finished member is never "empty"; skipping zarr's all-fill-value scan doubles the write rate.
+    arrays = [arr.with_config({"write_empty_chunks": True}) for arr in arrays]
     await asyncio.gather(*(arr.setitem(sl, values[name]) for arr, name in zip(arrays, values)))
     codes = np.where(np.asarray(block.diverged, bool), DIVERGED, DONE).astype(np.int8)
     await status.setitem(sl, codes)  # last: marks the chunk's data as complete
