@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
+from pipeline.checkpoints import CHECKPOINT_SUFFIXES, load_checkpoint
 from pipeline.errors import CheckpointError, StoreMismatchError
 from pipeline.store import MemberBlock, StoreLayout, _jsonable, create_store, store_exists, write_members, write_splits
 
 __all__ = ["import_checkpoints", "import_small_cnn_zoo", "load_state_dict", "parse_arch", "CHECKPOINT_SUFFIXES"]
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
 _SMALL_CNN_METRICS = {"test_accuracy": "test_acc", "train_accuracy": "train_acc", "test_loss": "test_loss", "train_loss": "train_loss"}
 _SMALL_CNN_HPARAMS = {"learning_rate": "lr", "l2reg": "weight_decay"}
 _NOT_METRICS = {"step", "laststep", "modeldir", "model_dir", "run", "index"}
@@ -55,31 +56,8 @@ def parse_arch(arch: str | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_state_dict(path: str | Path) -> dict[str, Any]:
-    """Tensors of one checkpoint file, loaded safely (no arbitrary unpickling)."""
-    import torch
-
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any load failure is the file's fault
-        raise CheckpointError(
-            f"{path}: cannot be loaded as a state dict safely ({type(err).__name__}: {err}); save it with "
-            "torch.save(model.state_dict(), ...) or safetensors"
-        ) from err
-    if isinstance(state, Mapping):
-        for key in ("state_dict", "model_state_dict", "model"):
-            inner = state.get(key)
-            if isinstance(inner, Mapping) and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                state = inner
-                break
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
-    return dict(state)
+    """Tensors of one checkpoint file, loaded safely and unwrapped (the same loader as `unfzoo score`)."""
+    return dict(load_checkpoint(path).state)
 
 
 def _refuse_existing(out: str, overwrite: bool) -> None:
