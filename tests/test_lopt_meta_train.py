@@ -70,6 +70,7 @@ def test_meta_training_lowers_the_meta_loss_of_sgdm() -> None:
         horizon=10,
         truncation=5,
         outer_lr=0.1,
+        hp_lr=0.1,
     )
     problem = mlp_problem()
     res = meta_train([problem], cfg)

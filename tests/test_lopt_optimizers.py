@@ -24,7 +24,7 @@ def _lopt(kind: str, widths=(8, 12, 4), dtype=torch.float64):
         from unf_models import WeightSpec
 
         spec = WeightSpec.from_module(problem.model)
-    return problem, ResidualLOpt(LOptConfig(kind=kind), spec)
+    return problem, ResidualLOpt(LOptConfig(kind=kind, head_scale=1.0), spec)  # random head: f != 0
 
 
 @pytest.mark.parametrize("kind", ["sgdm", "perparam", "unf"])
@@ -165,3 +165,43 @@ def test_meta_flattening_round_trips_and_config_errors() -> None:
         LOptConfig(kind="lstm")
     with pytest.raises(ConfigError, match="WeightSpec"):
         ResidualLOpt(LOptConfig(kind="unf"), None)
+    with pytest.raises(ConfigError, match="head_scale"):
+        LOptConfig(head_scale=-1.0)
+
+
+@pytest.mark.parametrize("kind", ["perparam", "unf"])
+def test_default_init_starts_as_sgdm(kind: str) -> None:
+    """head_scale 0 (the default) zeroes f's head only: the fresh optimizer takes SGDM's step, its hidden layers are
+    random (so ES has gradients for the head), and a head_scale of 1 restores the random head."""
+    problem = mlp_problem(widths=(8, 12, 4), dtype=torch.float64)
+    from unf_models import WeightSpec
+
+    spec = WeightSpec.from_module(problem.model) if kind == "unf" else None
+    lopt = ResidualLOpt(LOptConfig(kind=kind), spec)
+    meta = {k: v.double() for k, v in lopt.init_meta(0).items()}
+    heads = [k for k in meta if k.startswith("f.head.")]
+    assert heads and all(float(meta[k].abs().max()) == 0 for k in heads)
+    assert float(meta["f.pointwise.0.weight"].abs().max()) > 0
+    params = dict(problem.init)
+    g = grad(problem.loss)(params, problem.x_train[:16], problem.y_train[:16])
+    new, _ = lopt.update(meta, lopt.init(params), params, g)
+    sgdm, _ = ResidualLOpt(LOptConfig(kind="sgdm")).update(meta, lopt.init(params), params, g)
+    assert all(torch.equal(new[k], sgdm[k]) for k in new)
+    random_head = ResidualLOpt(LOptConfig(kind=kind, head_scale=1.0), spec).init_meta(0)
+    assert all(float(random_head[k].abs().max()) > 0 for k in heads if k.endswith("weight"))
+
+
+def test_centred_f_adds_no_uniform_drift() -> None:
+    """center=True: f's part of the step sums to zero over each tensor; without it a random head's does not."""
+    problem = mlp_problem(dtype=torch.float64)
+    params = dict(problem.init)
+    g = grad(problem.loss)(params, problem.x_train[:16], problem.y_train[:16])
+    means = {}
+    for center in (True, False):
+        lopt = ResidualLOpt(LOptConfig(kind="perparam", head_scale=1.0, center=center))
+        meta = {k: v.double() for k, v in lopt.init_meta(0).items()}
+        meta["log_beta"] = torch.tensor(0.0, dtype=torch.float64)
+        new, _ = lopt.update(meta, lopt.init(params), params, g)
+        sgdm, _ = ResidualLOpt(LOptConfig(kind="sgdm")).update(meta, lopt.init(params), params, g)
+        means[center] = max(float((new[k] - sgdm[k]).mean().abs()) for k in new)
+    assert means[True] < 1e-12 < 1e-4 < means[False]

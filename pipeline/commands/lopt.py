@@ -18,7 +18,8 @@ _EPILOG = """
   unfzoo lopt eval runs/lopt/mlp-digits --zoo datasets/zoos/mlp-digits-lopt.zarr
 
 Rerunning meta-train with the same options resumes from its last checkpoint (a larger --outer-steps extends a run).
-GPU-sized settings: --pairs 16 --truncation 50 --horizon 1000 --outer-steps 2000 (the UNF paper's PES setup).
+Defaults fit `make lopt` (~30 min on 2 CPU cores). GPU-sized settings: --pairs 16 --truncation 50 --horizon 1000
+--outer-steps 2000 --hidden 32 --layers 3 (the UNF paper's PES setup and f).
 """
 
 lopt_app = typer.Typer(
@@ -47,15 +48,20 @@ def meta_train_cmd(
     zoo: str = typer.Argument(..., help="Zoo store whose train-split members are the inner problems."),
     optimizer: str = typer.Option("unf", "--optimizer", "-o", help="unf | perparam | sgdm"),
     out: Path = typer.Option(..., "--out", help="Output folder (config.json, meta.safetensors, checkpoint)."),
-    outer_steps: int = typer.Option(300, help="ES steps (each one truncation window)."),
-    horizon: int = typer.Option(200, help="Inner steps per inner run (the meta-training horizon)."),
-    truncation: int = typer.Option(20, help="Inner steps per ES step; must divide --horizon."),
+    outer_steps: int = typer.Option(1000, help="ES steps (each one truncation window)."),
+    horizon: int = typer.Option(100, help="Inner steps per inner run (the meta-training horizon)."),
+    truncation: int = typer.Option(10, help="Inner steps per ES step; must divide --horizon."),
     pairs: int = typer.Option(8, help="Antithetic pairs (population = 2 x pairs, vmapped)."),
     sigma: float = typer.Option(0.01, help="ES perturbation scale."),
     estimator: str = typer.Option("pes", help="pes (unbiased over truncations) | tes (truncated ES)."),
-    outer_lr: float = typer.Option(3e-3, help="Adam learning rate on the meta-parameters."),
+    outer_lr: float = typer.Option(3e-3, help="Adam learning rate on f's weights."),
+    hp_lr: float = typer.Option(3e-2, help="Adam learning rate on log alpha, log beta, logit gamma0."),
     grad_clip: float = typer.Option(1.0, help="Norm bound of the ES gradient."),
-    hidden: int = typer.Option(32, help="Channels of f's pointwise layers."),
+    hidden: int = typer.Option(16, help="Channels of f's pointwise layers."),
+    layers: int = typer.Option(2, help="Pointwise layers of f before its head."),
+    alpha: float = typer.Option(0.1, help="Initial step size alpha."),
+    beta: float = typer.Option(0.01, help="Initial scale beta of f's output."),
+    head_scale: float = typer.Option(0.0, help="Scale of f's head at init; 0 = start as SGDM (f = 0)."),
     seed: int = typer.Option(0, help="Seed of f's init, perturbations and episode draws."),
     max_members: int = typer.Option(0, help="Use at most N train-split members (0 = all)."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N."),
@@ -68,12 +74,13 @@ def meta_train_cmd(
         from pipeline.lopt.runs import meta_train_zoo
 
         config = MetaTrainConfig(
-            optimizer=LOptConfig(kind=optimizer, hidden=hidden),
+            optimizer=LOptConfig(kind=optimizer, hidden=hidden, layers=layers, alpha=alpha, beta=beta, head_scale=head_scale),
             es=ESConfig(estimator=estimator, pairs=pairs, sigma=sigma),
             outer_steps=outer_steps,
             horizon=horizon,
             truncation=truncation,
             outer_lr=outer_lr,
+            hp_lr=hp_lr,
             grad_clip=grad_clip,
             seed=seed,
         )

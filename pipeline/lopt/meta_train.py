@@ -53,10 +53,14 @@ class MetaTrainConfig:
 
     optimizer: LOptConfig = field(default_factory=LOptConfig)
     es: ESConfig = field(default_factory=ESConfig)
-    outer_steps: int = 300
-    horizon: int = 200  # inner steps per episode: the meta-training horizon
-    truncation: int = 20  # inner steps per outer step
-    outer_lr: float = 3e-3  # Adam on the meta-parameters
+    outer_steps: int = 1000  # CPU-sized (`make lopt`); the CLI's --help lists GPU-sized settings
+    horizon: int = 100  # inner steps per episode: the meta-training horizon
+    truncation: int = 10  # inner steps per outer step
+    outer_lr: float = 3e-3  # Adam on f's weights
+    # Adam on log_alpha, log_beta, logit_gamma0. Adam moves each coordinate by about its learning rate per step, so at
+    # outer_lr a step size could change by e^(0.003 * 300) = 2.5x in a 300-step run at most: too little to find
+    # alpha ~ 1 from 0.1, or to grow beta until f matters. These three scalars get their own, larger rate.
+    hp_lr: float = 3e-2
     grad_clip: float = 1.0  # L2 norm bound of the ES gradient
     loss_cap: float = 2.0  # per-step meta-loss is loss / initial loss, clipped here; NaN counts as the cap
     seed: int = 0
@@ -67,8 +71,8 @@ class MetaTrainConfig:
             raise ConfigError(f"horizon ({self.horizon}) must be a positive multiple of truncation ({self.truncation})")
         if self.outer_steps < 0 or self.checkpoint_every < 1:
             raise ConfigError("outer_steps must be >= 0 and checkpoint_every >= 1")
-        if not (self.outer_lr > 0 and self.grad_clip > 0 and self.loss_cap > 1):
-            raise ConfigError("need outer_lr > 0, grad_clip > 0 and loss_cap > 1")
+        if not (self.outer_lr > 0 and self.hp_lr > 0 and self.grad_clip > 0 and self.loss_cap > 1):
+            raise ConfigError("need outer_lr > 0, hp_lr > 0, grad_clip > 0 and loss_cap > 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -226,6 +230,7 @@ def meta_train(
     theta = flatten_meta(template).to(device)
     outer = Adam()
     outer_state = outer.init({"theta": theta})
+    outer_lr = _outer_lrs(template, config).to(device)
     stored = {
         "meta_train": config.to_dict(),
         "spec": _spec_dict(spec),
@@ -260,7 +265,7 @@ def meta_train(
             gen = seeded_generator(config.seed, "outer", step)
             res = es_step(unroll, theta, state, accum, config.es, gen)
             grad = clip_by_norm(res.grad, config.grad_clip)
-            new, outer_state = outer.update({"lr": torch.tensor(config.outer_lr, device=device)}, outer_state, {"theta": theta}, {"theta": grad})
+            new, outer_state = outer.update({"lr": outer_lr}, outer_state, {"theta": theta}, {"theta": grad})
             theta = new["theta"]
             state, accum = res.state, res.accum
             hp = ResidualLOpt.hyperparameters(unflatten_meta(theta.cpu(), template))
@@ -277,6 +282,13 @@ def meta_train(
     if out_dir is not None:
         save_file({k: v.contiguous() for k, v in meta.items()}, str(out_dir / META_FILE))
     return MetaTrainResult(meta=meta, history=history, wall_time_s=wall, out=out_dir)
+
+
+def _outer_lrs(template: Mapping[str, Tensor], config: MetaTrainConfig) -> Tensor:
+    """Per-coordinate Adam learning rates of the flat meta-parameter vector: `hp_lr` for the scalar
+    hyperparameters (log_alpha, log_beta, logit_gamma0), `outer_lr` for f's weights."""
+    parts = [torch.full((v.numel(),), config.outer_lr if k.startswith("f.") else config.hp_lr) for k, v in template.items()]
+    return torch.cat(parts)
 
 
 def _episode_unroll(lopt: ResidualLOpt, template: Mapping[str, Tensor], problems: Sequence[InnerProblem], config: MetaTrainConfig, episode: int) -> PopulationUnroll:
