@@ -11,11 +11,11 @@ from pipeline.commands._common import console, user_errors
 _EPILOG = """
 [bold]Examples[/]
 
-  unfzoo lopt meta-train datasets/zoos/mlp-digits-lopt.zarr --optimizer unf --out runs/lopt/mlp-digits/unf
+  unfzoo lopt meta-train datasets/zoos/mlp-digits-lopt.zarr --optimizer unf --out runs/lopt/mlp-digits-lopt/unf
 
-  unfzoo lopt meta-train datasets/zoos/mlp-digits-lopt.zarr --optimizer sgdm --out runs/lopt/mlp-digits/sgdm
+  unfzoo lopt meta-train datasets/zoos/mlp-digits-lopt.zarr --optimizer sgdm --out runs/lopt/mlp-digits-lopt/sgdm
 
-  unfzoo lopt eval runs/lopt/mlp-digits --zoo datasets/zoos/mlp-digits-lopt.zarr
+  unfzoo lopt eval runs/lopt/mlp-digits-lopt --zoo datasets/zoos/mlp-digits-lopt.zarr
 
 Rerunning meta-train with the same options resumes from its last checkpoint (a larger --outer-steps extends a run).
 Defaults fit `make lopt` (~30 min on 2 CPU cores). GPU-sized settings: --pairs 16 --truncation 50 --horizon 1000
