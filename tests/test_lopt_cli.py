@@ -49,6 +49,16 @@ def test_meta_train_resume_and_eval_on_a_zoo(predict_zoo, tmp_path) -> None:
     again = runner.invoke(app, ["lopt", "meta-train", zoo, "--optimizer", "sgdm", "--out", str(tmp_path / "sgdm"), *common])
     assert again.exit_code == 0, again.output
     assert len(json.loads((tmp_path / "sgdm" / "progress.json").read_text())["history"]) == 2  # nothing redone
+    assert "selected step" in again.output
+    from pipeline.lopt.runs import split_members
+
+    source = json.loads((tmp_path / "sgdm" / "config.json").read_text())["source"]
+    progress = json.loads((tmp_path / "sgdm" / "progress.json").read_text())
+    assert source["val_members"] == split_members(predict_zoo, "val", 8)  # validation: val split only
+    assert not set(source["val_members"]) & set(split_members(predict_zoo, "test"))
+    assert not set(source["val_members"]) & set(source["members"])
+    assert [v["step"] for v in progress["validation"]] == [0, 2]
+    assert progress["selected"]["val_loss"] == min(v["val_loss"] for v in progress["validation"])
     clash = runner.invoke(app, ["lopt", "meta-train", zoo, "--optimizer", "sgdm", "--out", str(tmp_path / "sgdm"),
                                 *common, "--seed", "5"])
     assert clash.exit_code == 2 and "different meta-train" in clash.output
@@ -59,5 +69,6 @@ def test_meta_train_resume_and_eval_on_a_zoo(predict_zoo, tmp_path) -> None:
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert set(report["rows"]) == {"unf", "sgdm", f"adam (lr {report['adam']['lr']:g})"}
     assert report["eval_at"] == [4, 8] and len(report["members"]) == 3
+    assert report["rows"]["sgdm"]["selected_step"] == progress["selected"]["step"]
     assert report["reference"] is not None and report["reference"]["train_loss@horizon"] > 0
     assert (tmp_path / "eval" / "curves.png").is_file() and "adam" in result.output

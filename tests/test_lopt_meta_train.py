@@ -104,3 +104,63 @@ def test_evaluation_report(tmp_path) -> None:
 def test_paired_difference_interval() -> None:
     d = paired_difference([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0])
     assert d["mean"] == 2.5 and d["lo"] == pytest.approx(2.5 - 3.182446 * 1.290994 / 2, rel=1e-5)
+
+
+def _val_config(steps: int = 6, **kw) -> MetaTrainConfig:
+    return _config("sgdm", steps=steps, validate_every=2, val_members=2, **kw)
+
+
+def test_validation_selects_the_best_scoring_meta_parameters(tmp_path, monkeypatch) -> None:
+    """The saved optimizer is the one with the lowest recorded validation score (here step 2 of 0, 2, 4, 6), and
+    meta_last.safetensors holds the last step's; training itself is unchanged by validation."""
+    import importlib
+
+    from safetensors.torch import load_file
+
+    problems, val = [mlp_problem(seed=0)], [mlp_problem(seed=s) for s in (7, 8)]
+    scores = iter([0.5, 0.3, 0.4, 0.6])
+    seen: list[list] = []
+
+    def fake_score(probs, lopt, meta, horizon, seed, cap):
+        seen.append(list(probs))
+        return next(scores)
+
+    monkeypatch.setattr(importlib.import_module("pipeline.lopt.meta_train"), "validation_score", fake_score)
+    res = meta_train(problems, _val_config(), tmp_path / "run", val_problems=val)
+    assert [v["step"] for v in res.validation] == [0, 2, 4, 6] and res.selected_step == 2 and res.selected_val_loss == 0.3
+    assert all(s == val for s in seen)  # scored on the validation problems only
+    at2 = meta_train(problems, _config("sgdm", steps=2))  # no validation: the meta-parameters after 2 steps
+    plain = meta_train(problems, _config("sgdm", steps=6))
+    _, saved, _ = load_optimizer(tmp_path / "run")
+    last = load_file(str(tmp_path / "run" / "meta_last.safetensors"))
+    for k in saved:
+        assert torch.equal(saved[k], at2.meta[k]) and torch.equal(res.meta[k], at2.meta[k])
+        assert torch.equal(last[k], plain.meta[k])
+    assert any(not torch.equal(saved[k], last[k]) for k in saved)
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert progress["selected"] == {"step": 2, "val_loss": 0.3} and progress["validation"] == res.validation
+
+
+def test_recorded_curve_and_saved_file_agree(tmp_path) -> None:
+    """With the real score: the saved optimizer rescored gives the curve's minimum."""
+    from pipeline.lopt.meta_train import validation_score
+
+    problems, val = [mlp_problem(seed=0)], [mlp_problem(seed=s) for s in (7, 8)]
+    cfg = _val_config(steps=4)
+    res = meta_train(problems, cfg, tmp_path / "run", val_problems=val)
+    best = min(res.validation, key=lambda v: v["val_loss"])
+    assert res.selected_step == best["step"]
+    lopt, saved, _ = load_optimizer(tmp_path / "run")
+    assert validation_score(val, lopt, saved, cfg.horizon, cfg.seed, cfg.loss_cap) == pytest.approx(best["val_loss"], abs=1e-9)
+
+
+def test_resume_keeps_the_best(tmp_path) -> None:
+    problems, val = [mlp_problem(seed=s) for s in range(2)], [mlp_problem(seed=s) for s in (7, 8)]
+    straight = meta_train(problems, _val_config(steps=6), tmp_path / "a", val_problems=val)
+    meta_train(problems, _val_config(steps=6), tmp_path / "b", val_problems=val, stop_after=3)  # after the step-2 validation
+    resumed = meta_train(problems, _val_config(steps=6), tmp_path / "b", val_problems=val)
+    assert resumed.validation == straight.validation and resumed.selected_step == straight.selected_step
+    for k in straight.meta:
+        assert torch.equal(resumed.meta[k], straight.meta[k]) and torch.equal(resumed.meta_last[k], straight.meta_last[k])
+    with pytest.raises(ConfigError, match="different meta-train"):  # validation settings are part of the run
+        meta_train(problems, _config("sgdm", steps=6, validate_every=3, val_members=2), tmp_path / "b", val_problems=val)

@@ -63,6 +63,9 @@ def meta_train_cmd(
     beta: float = typer.Option(0.01, help="Initial scale beta of f's output."),
     head_scale: float = typer.Option(0.0, help="Scale of f's head at init; 0 = start as SGDM (f = 0)."),
     seed: int = typer.Option(0, help="Seed of f's init, perturbations and episode draws."),
+    validate_every: int = typer.Option(50, help="Score the meta-parameters on val-split members every N outer steps "
+                                       "(and at 0 and the end); the best are saved as the optimizer. 0 = keep the last."),
+    val_members: int = typer.Option(8, help="Val-split members used by --validate-every."),
     max_members: int = typer.Option(0, help="Use at most N train-split members (0 = all)."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N."),
 ) -> None:
@@ -83,14 +86,23 @@ def meta_train_cmd(
             hp_lr=hp_lr,
             grad_clip=grad_clip,
             seed=seed,
+            validate_every=validate_every,
+            val_members=val_members,
         )
         result = meta_train_zoo(zoo, config, out, device=device, max_members=max_members, progress=True)
         hp = result.history[-1] if result.history else {}
         console.print(
-            f"meta-trained {optimizer} in {result.wall_time_s / 60:.1f} min: "
+            f"meta-trained {optimizer} in {result.wall_time_s / 60:.1f} min; last step: "
             + ", ".join(f"{k} {hp[k]:.4g}" for k in ("alpha", "beta", "gamma0", "meta_loss") if k in hp)
             + f"; wrote {out}/"
         )
+        if result.selected_step is not None:
+            last = result.validation[-1]
+            console.print(
+                f"selected step {result.selected_step} (val loss {result.selected_val_loss:.4f} x initial, best of "
+                f"{len(result.validation)} validations; last step {last['step']}: {last['val_loss']:.4f}) -> meta.safetensors; "
+                "last step -> meta_last.safetensors"
+            )
 
 
 @lopt_app.command("eval", epilog=_EPILOG)

@@ -258,7 +258,7 @@ def format_table(report: Mapping[str, Any]) -> Any:
             ci(vs.get(f"test_acc@{long}")),
             f"{100 * row['diverged']:.0f}%",
             f"{row['ms_per_step']:.1f}",
-            f"{wall / 60:.1f} min" if wall is not None else "-",
+            (f"{wall / 60:.1f} min" if wall is not None else "-") + (f", step {row['selected_step']}" if row.get("selected_step") is not None else ""),
         )
     ref = report.get("reference")
     if ref:

@@ -6,8 +6,16 @@ One outer step = one truncation window of `truncation` inner steps for a vmapped
 episode); within a pair both particles see the same problem, initialization and batches. All randomness derives
 from (seed, outer step) or (seed, episode), so a resumed run continues exactly where it stopped.
 
+Meta-validation: every `validate_every` outer steps (and at step 0 and the last step) the current meta-parameters,
+unperturbed, train a fixed set of validation problems (the zoo's val-split members) from their initializations for
+the horizon with fixed batches, through the evaluation's inner loop; the score is the mean training loss at the horizon
+relative to the initial loss (NaN or above `loss_cap` -> `loss_cap`). The best-scoring meta-parameters are the
+selected optimizer (ES can drift late in a run, and the final step is not necessarily the best one).
+
 Output directory: `config.json` (resolved config, optimizer architecture, spec, source), `meta.safetensors` (the
-meta-parameters by name), `checkpoint.safetensors` + `progress.json` (outer state, population state, history).
+selected meta-parameters by name: best on validation, or the last ones without validation), `meta_last.safetensors`
+(the last ones), `checkpoint.safetensors` + `progress.json` (outer state, population state, best-so-far, history,
+validation curve, selected step).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -38,10 +47,12 @@ __all__ = [
     "load_optimizer",
     "meta_train",
     "seeded_generator",
+    "validation_score",
 ]
 
 CONFIG_FILE = "config.json"
 META_FILE = "meta.safetensors"
+META_LAST_FILE = "meta_last.safetensors"
 CKPT_FILE = "checkpoint.safetensors"
 PROGRESS_FILE = "progress.json"
 _RESUME_FREE = ("outer_steps", "checkpoint_every")  # may change between a run and its resume
@@ -65,12 +76,16 @@ class MetaTrainConfig:
     loss_cap: float = 2.0  # per-step meta-loss is loss / initial loss, clipped here; NaN counts as the cap
     seed: int = 0
     checkpoint_every: int = 25
+    validate_every: int = 50  # outer steps between meta-validations (0 = off: the last meta-parameters are kept)
+    val_members: int = 8  # validation-split members scored at each meta-validation
 
     def __post_init__(self) -> None:
         if self.horizon < 1 or self.truncation < 1 or self.horizon % self.truncation:
             raise ConfigError(f"horizon ({self.horizon}) must be a positive multiple of truncation ({self.truncation})")
         if self.outer_steps < 0 or self.checkpoint_every < 1:
             raise ConfigError("outer_steps must be >= 0 and checkpoint_every >= 1")
+        if self.validate_every < 0 or self.val_members < 1:
+            raise ConfigError(f"validate_every must be >= 0 and val_members >= 1, got {self.validate_every} and {self.val_members}")
         if not (self.outer_lr > 0 and self.hp_lr > 0 and self.grad_clip > 0 and self.loss_cap > 1):
             raise ConfigError("need outer_lr > 0, hp_lr > 0, grad_clip > 0 and loss_cap > 1")
 
@@ -85,10 +100,26 @@ class MetaTrainConfig:
 
 @dataclass
 class MetaTrainResult:
-    meta: dict[str, Tensor]
+    meta: dict[str, Tensor]  # the selected meta-parameters (best on validation; the last ones without validation)
     history: list[dict[str, float]]
     wall_time_s: float
     out: Path | None
+    meta_last: dict[str, Tensor] = field(default_factory=dict)
+    validation: list[dict[str, float]] = field(default_factory=list)  # [{"step", "val_loss"}]
+    selected_step: int | None = None  # outer step of `meta` (None without validation)
+    selected_val_loss: float | None = None
+
+
+def validation_score(problems: Sequence[InnerProblem], lopt: ResidualLOpt, meta: Mapping[str, Tensor], horizon: int, seed: int, cap: float) -> float:
+    """Mean over `problems` of the whole-train-split loss after `horizon` steps of (lopt, meta) from each problem's
+    initialization, relative to its initial loss; non-finite or above `cap` counts as `cap`. Deterministic: the
+    evaluation's inner loop with its per-member data order."""
+    from pipeline.lopt.evaluate import run_optimizer
+
+    res = run_optimizer(problems, lopt, meta, horizon, (horizon,), seed)
+    rel = res.train_loss[:, 0] / res.initial_loss
+    rel = np.where(np.isfinite(rel), np.minimum(rel, cap), cap)
+    return float(rel.mean())
 
 
 def seeded_generator(*keys: int | str) -> torch.Generator:
@@ -213,8 +244,13 @@ def meta_train(
     device: torch.device | str = "cpu",
     progress: bool = False,
     stop_after: int | None = None,
+    val_problems: Sequence[InnerProblem] | None = None,
 ) -> MetaTrainResult:
     """Meta-train `config.optimizer` on `problems` (inner problems of the meta-train split).
+
+    With `val_problems` (validation-split problems, never test ones) and `config.validate_every` > 0, the
+    meta-parameters are scored on them at step 0, every `validate_every` steps and at `outer_steps`
+    (`validation_score`), and the best-scoring ones are returned as `meta` and saved as the optimizer.
 
     With `out`, checkpoints every `checkpoint_every` outer steps and resumes from an existing compatible run there
     (raising `ConfigError` if the directory holds a different run). `spec` is the inner network's WeightSpec (kind
@@ -225,6 +261,7 @@ def meta_train(
         raise ConfigError("meta-training needs at least one inner problem (is the zoo's train split empty?)")
     device = torch.device(device)
     problems = [p.to(device) for p in problems]
+    val = [p.to(device) for p in val_problems or []] if config.validate_every else []
     lopt = ResidualLOpt(config.optimizer, spec)
     template = lopt.init_meta(config.seed)
     theta = flatten_meta(template).to(device)
@@ -240,11 +277,12 @@ def meta_train(
     start, elapsed, history = 0, 0.0, []
     state: Any = None
     accum: Tensor | None = None
+    best = _Best()
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         resumed = _try_resume(out_dir, stored, device)
         if resumed is not None:
-            start, elapsed, history, theta, outer_state, state, accum = resumed
+            start, elapsed, history, theta, outer_state, state, accum, best = resumed
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
         _write_json(out_dir / CONFIG_FILE, stored)
@@ -254,7 +292,14 @@ def meta_train(
     end = config.outer_steps if stop_after is None else min(config.outer_steps, start + stop_after)
     bar = _progress_bar(progress, start, config.outer_steps)
     t0 = time.perf_counter()
+
+    def validate(done: int) -> None:
+        meta = unflatten_meta(theta, template)
+        best.record(done, validation_score(val, lopt, meta, config.horizon, config.seed, config.loss_cap), theta)
+
     with torch.no_grad():
+        if val and start == 0 and not best.curve:
+            validate(0)
         for step in range(start, end):
             episode, window = divmod(step, windows)
             if unroll is None or window == 0:
@@ -270,18 +315,45 @@ def meta_train(
             state, accum = res.state, res.accum
             hp = ResidualLOpt.hyperparameters(unflatten_meta(theta.cpu(), template))
             history.append({"step": step + 1, "meta_loss": res.loss, "grad_norm": float(res.grad.norm()), **hp})
-            if bar is not None:
-                bar[0].update(bar[1], advance=1, description=f"meta-train {config.optimizer.kind} loss {res.loss:.3f}")
             done = step + 1
+            if val and (done % config.validate_every == 0 or done == config.outer_steps):
+                validate(done)
+            if bar is not None:
+                bar[0].update(bar[1], advance=1, description=f"meta-train {config.optimizer.kind} loss {res.loss:.3f}{best.describe()}")
             if out_dir is not None and (done % config.checkpoint_every == 0 or done == end):
-                _save(out_dir, template, theta, outer_state, state, accum, done, elapsed + time.perf_counter() - t0, history)
+                _save(out_dir, template, theta, outer_state, state, accum, done, elapsed + time.perf_counter() - t0, history, best)
     if bar is not None:
         bar[0].stop()
-    meta = unflatten_meta(theta.cpu(), template)
+    last = unflatten_meta(theta.cpu(), template)
+    meta = unflatten_meta(best.theta.cpu(), template) if best.theta is not None else last
     wall = elapsed + time.perf_counter() - t0
     if out_dir is not None:
-        save_file({k: v.contiguous() for k, v in meta.items()}, str(out_dir / META_FILE))
-    return MetaTrainResult(meta=meta, history=history, wall_time_s=wall, out=out_dir)
+        _save_meta(out_dir, template, theta, best)
+    return MetaTrainResult(meta=meta, history=history, wall_time_s=wall, out=out_dir, meta_last=last, validation=list(best.curve),
+                           selected_step=best.step, selected_val_loss=best.score)
+
+
+@dataclass
+class _Best:
+    """Best-so-far meta-parameters on validation and the validation curve (the step 0 point included)."""
+
+    curve: list[dict[str, float]] = field(default_factory=list)
+    step: int | None = None
+    score: float | None = None
+    theta: Tensor | None = None
+
+    def record(self, step: int, score: float, theta: Tensor) -> None:
+        self.curve.append({"step": step, "val_loss": score})
+        if self.score is None or score < self.score:  # ties keep the earlier step
+            self.step, self.score, self.theta = step, score, theta.detach().clone()
+
+    def describe(self) -> str:
+        if not self.curve:
+            return ""
+        return f" | val {self.curve[-1]['val_loss']:.3f} (best {self.score:.3f} @ {self.step})"
+
+    def progress(self) -> dict[str, Any]:
+        return {"validation": self.curve, "selected": None if self.step is None else {"step": self.step, "val_loss": self.score}}
 
 
 def _outer_lrs(template: Mapping[str, Tensor], config: MetaTrainConfig) -> Tensor:
@@ -299,8 +371,18 @@ def _episode_unroll(lopt: ResidualLOpt, template: Mapping[str, Tensor], problems
     return PopulationUnroll(lopt, template, problem, order, config.loss_cap, config.truncation)
 
 
-def _save(out: Path, template: Mapping[str, Tensor], theta: Tensor, outer_state: Any, state: Any, accum: Tensor | None, step: int, elapsed: float, history: list[dict[str, float]]) -> None:
+def _save_meta(out: Path, template: Mapping[str, Tensor], theta: Tensor, best: _Best) -> None:
+    """meta_last.safetensors = the last meta-parameters; meta.safetensors = the selected ones (best, else last)."""
+    last = unflatten_meta(theta.detach().cpu(), template)
+    save_file({k: v.contiguous() for k, v in last.items()}, str(out / META_LAST_FILE))
+    chosen = unflatten_meta(best.theta.detach().cpu(), template) if best.theta is not None else last
+    save_file({k: v.contiguous() for k, v in chosen.items()}, str(out / META_FILE))
+
+
+def _save(out: Path, template: Mapping[str, Tensor], theta: Tensor, outer_state: Any, state: Any, accum: Tensor | None, step: int, elapsed: float, history: list[dict[str, float]], best: _Best) -> None:
     tensors = {"theta": theta.detach().cpu().contiguous()}
+    if best.theta is not None:
+        tensors["best_theta"] = best.theta.detach().cpu().contiguous()
     tensors.update(_flatten_tree(outer_state, "outer"))
     if state is not None:
         tensors.update(_flatten_tree(state, "population"))
@@ -309,9 +391,8 @@ def _save(out: Path, template: Mapping[str, Tensor], theta: Tensor, outer_state:
     tmp = out / (CKPT_FILE + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, out / CKPT_FILE)
-    meta = unflatten_meta(theta.detach().cpu(), template)
-    save_file({k: v.contiguous() for k, v in meta.items()}, str(out / META_FILE))
-    _write_json(out / PROGRESS_FILE, {"step": step, "elapsed_s": elapsed, "history": history})
+    _save_meta(out, template, theta, best)
+    _write_json(out / PROGRESS_FILE, {"step": step, "elapsed_s": elapsed, "history": history, **best.progress()})
 
 
 def _try_resume(out: Path, stored: Mapping[str, Any], device: torch.device) -> tuple[Any, ...] | None:
@@ -342,7 +423,13 @@ def _try_resume(out: Path, stored: Mapping[str, Any], device: torch.device) -> t
     outer_state = _unflatten_tree(flat, "outer", device)
     state = _unflatten_tree(flat, "population", device) or None
     accum = flat["accum"].to(device) if "accum" in flat else None
-    return int(progress["step"]), float(progress["elapsed_s"]), list(progress["history"]), theta, outer_state, state, accum
+    best = _Best(curve=list(progress.get("validation") or []))
+    selected = progress.get("selected")
+    if selected is not None:
+        if "best_theta" not in flat:
+            raise CheckpointError(f"{out / CKPT_FILE}: progress names a selected step but the checkpoint lacks its meta-parameters; delete {out} to start over")
+        best.step, best.score, best.theta = int(selected["step"]), float(selected["val_loss"]), flat["best_theta"].to(device)
+    return int(progress["step"]), float(progress["elapsed_s"]), list(progress["history"]), theta, outer_state, state, accum, best
 
 
 def _progress_bar(enabled: bool, start: int, total: int) -> tuple[Any, Any] | None:

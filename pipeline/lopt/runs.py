@@ -73,7 +73,8 @@ def meta_train_zoo(
     max_members: int = 0,
     progress: bool = False,
 ) -> MetaTrainResult:
-    """Meta-train on the zoo's train-split members (stored initializations, their batch sizes)."""
+    """Meta-train on the zoo's train-split members (stored initializations, their batch sizes), selecting the
+    meta-parameters on the first `config.val_members` val-split members (never test members)."""
     from pipeline.device import resolve_device
 
     dev = resolve_device(device)
@@ -81,8 +82,10 @@ def meta_train_zoo(
     members = split_members(zoo, "train", max_members)
     problems = problems_from_zoo(zoo, members, dev)
     spec = _spec_for(zoo, problems[0]) if config.optimizer.kind == "unf" else None
-    source = {"fingerprint": zoo.fingerprint, "task": zoo.task_name, "arch": zoo.arch, "members": members}
-    return meta_train(problems, config, out, spec=spec, source=source, device=dev, progress=progress)
+    val_members = split_members(zoo, "val", config.val_members) if config.validate_every else []
+    val = problems_from_zoo(zoo, val_members, dev)
+    source = {"fingerprint": zoo.fingerprint, "task": zoo.task_name, "arch": zoo.arch, "members": members, "val_members": val_members}
+    return meta_train(problems, config, out, spec=spec, source=source, device=dev, progress=progress, val_problems=val)
 
 
 def find_optimizer_dirs(directory: str | Path) -> list[Path]:
@@ -151,6 +154,8 @@ def evaluate_zoo(
         name: {
             "meta_train_wall_s": progress.get("elapsed_s"),
             "outer_steps": progress.get("step"),
+            "selected_step": (progress.get("selected") or {}).get("step"),
+            "selected_val_loss": (progress.get("selected") or {}).get("val_loss"),
             "directory": str(d),
             **ResidualLOpt.hyperparameters(meta),
         }
