@@ -107,7 +107,9 @@ def test_end_to_end_beats_chance_and_writes_reports(trained_predictors) -> None:
     # chance is 0; a few epochs on 38 training members already rank the held-out checkpoints
     assert summary.loc["unf", "test_tau_mean"] > 0.15
     assert summary.loc["statnn", "test_tau_mean"] > 0.3
-    assert summary.loc["deepsets", "test_tau_mean"] > 0.3
+    # Deep Sets: 0.15 since the raw+log default (0.21 here after 4 epochs; > 0.3 with --features raw). On cnn-digits
+    # the log channel raises its validation tau (README "Predictors"); this 38-member smoke zoo only checks > chance.
+    assert summary.loc["deepsets", "test_tau_mean"] > 0.15
     for name in ("metrics.json", "predictions.csv", "comparison.md", "comparison.csv", "test_scatter.png",
                  "val_tau.png", "unf/predictor.json", "unf/model.safetensors", "unf/seed0/result.json"):
         assert (result.out_dir / name).is_file(), name
@@ -129,6 +131,7 @@ def test_saved_predictor_reproduces_training_predictions(trained_predictors, pre
 
 def test_unf_predictor_is_invariant_and_width_agnostic(trained_predictors, predict_zoo) -> None:
     unf = load_predictor(trained_predictors.out_dir / "unf", device="cpu")
+    assert unf.config["hyperparameters"]["features"] == "raw+log"  # the default: the log|w| channel keeps symmetry
     spec = predict_zoo.spec
     weights = predict_zoo.weights(np.arange(8), -1)
     perm = spec.random_permutation(torch.Generator().manual_seed(0))

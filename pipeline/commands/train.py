@@ -52,8 +52,8 @@ def train(
     lr: float = typer.Option(1e-3, help="Adam learning rate."),
     patience: int = typer.Option(6, help="Early stopping: epochs without a better validation tau."),
     augment: bool = typer.Option(False, help="Random permutation of each training batch (symmetry augmentation)."),
-    features: str = typer.Option("raw", help="Input channels of the torch models: raw | raw+log (adds log|w|, "
-                                 "pointwise, so symmetries are kept)."),
+    features: str = typer.Option("raw+log", help="Input channels of the torch models: raw+log (adds log|w|, "
+                                 "pointwise, so symmetries are kept: weight scales differ ~50x between members) | raw."),
     loss: str = typer.Option("auto", help="auto (BCE when train/val targets lie in [0,1], else MSE) | bce | mse."),
     include_diverged: bool = typer.Option(False, help="Keep diverged members (their non-finite rows are dropped)."),
     max_members: int = typer.Option(None, help="Use only the first N members (quick runs)."),

@@ -75,7 +75,10 @@ class TrainConfig:
     lr: float = 1e-3
     patience: int = 6  # epochs without a better validation tau before stopping
     augment: bool = False  # random permutation (group element) per batch on the training inputs
-    features: str = "raw"  # pointwise input channels of the torch models: "raw" | "raw+log" (adds log|w|)
+    # pointwise input channels of the torch models: "raw" | "raw+log" (adds log|w|). raw+log by default: member weight
+    # scales span ~50x (init std, lr, decay) and a per-tensor normalizer maps small-scale members to ~0; on a 302-member
+    # validation of cnn-digits UNF's tau rose 0.690 -> 0.741 with it (README "Predictors").
+    features: str = "raw+log"
     unf_hidden: tuple[int, ...] = (16, 16)
     unf_head: tuple[int, ...] = (512,)
     deepsets_hidden: int = 32
