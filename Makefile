@@ -51,6 +51,8 @@ train: $(STAMP)
 # The mlp-digits-lopt recipe keeps init_std in a range where the MLP trains (see datasets/mlp-digits-lopt.toml).
 # Meta-train defaults (1000 ES steps, horizon 100, truncation 10, 8 pairs, f 16 wide x 2) fit ~30 min on 2 CPU cores;
 # on a GPU try LOPT_ARGS="--pairs 16 --horizon 1000 --truncation 50 --outer-steps 2000 --hidden 32 --layers 3".
+# Each run saves the meta-parameters that scored best on 8 val members (checked every 50 steps), not the last ones.
+# A LOPT_DIR from a run with other options is refused (exit 2): pass a fresh one, e.g. LOPT_DIR=runs/lopt/mlp-digits-lopt-v2.
 LOPT_RECIPE ?= mlp-digits-lopt
 LOPT_MEMBERS ?= 128
 LOPT_ZOO ?= $(ZOO_DIR)/$(LOPT_RECIPE).zarr
