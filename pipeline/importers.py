@@ -23,7 +23,6 @@ from pipeline.store import MemberBlock, StoreLayout, _jsonable, create_store, st
 
 __all__ = ["import_checkpoints", "import_small_cnn_zoo", "load_state_dict", "parse_arch", "CHECKPOINT_SUFFIXES"]
 
-
 _SMALL_CNN_METRICS = {"test_accuracy": "test_acc", "train_accuracy": "train_acc", "test_loss": "test_loss", "train_loss": "train_loss"}
 _SMALL_CNN_HPARAMS = {"learning_rate": "lr", "l2reg": "weight_decay"}
 _NOT_METRICS = {"step", "laststep", "modeldir", "model_dir", "run", "index"}

@@ -324,11 +324,10 @@ def meta_train(
                 _save(out_dir, template, theta, outer_state, state, accum, done, elapsed + time.perf_counter() - t0, history, best)
     if bar is not None:
         bar[0].stop()
-    last = unflatten_meta(theta.cpu(), template)
-    meta = unflatten_meta(best.theta.cpu(), template) if best.theta is not None else last
+    last, meta = _last_and_selected(template, theta, best)
     wall = elapsed + time.perf_counter() - t0
     if out_dir is not None:
-        _save_meta(out_dir, template, theta, best)
+        _save_meta(out_dir, last, meta)
     return MetaTrainResult(meta=meta, history=history, wall_time_s=wall, out=out_dir, meta_last=last, validation=list(best.curve),
                            selected_step=best.step, selected_val_loss=best.score)
 
@@ -371,12 +370,18 @@ def _episode_unroll(lopt: ResidualLOpt, template: Mapping[str, Tensor], problems
     return PopulationUnroll(lopt, template, problem, order, config.loss_cap, config.truncation)
 
 
-def _save_meta(out: Path, template: Mapping[str, Tensor], theta: Tensor, best: _Best) -> None:
-    """meta_last.safetensors = the last meta-parameters; meta.safetensors = the selected ones (best, else last)."""
+def _last_and_selected(template: Mapping[str, Tensor], theta: Tensor, best: _Best
+                       ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(last, selected) meta-parameters by name on the CPU; selected = best on validation, else the last ones."""
     last = unflatten_meta(theta.detach().cpu(), template)
+    selected = unflatten_meta(best.theta.detach().cpu(), template) if best.theta is not None else last
+    return last, selected
+
+
+def _save_meta(out: Path, last: Mapping[str, Tensor], selected: Mapping[str, Tensor]) -> None:
+    """meta_last.safetensors = the last meta-parameters; meta.safetensors = the selected ones."""
     save_file({k: v.contiguous() for k, v in last.items()}, str(out / META_LAST_FILE))
-    chosen = unflatten_meta(best.theta.detach().cpu(), template) if best.theta is not None else last
-    save_file({k: v.contiguous() for k, v in chosen.items()}, str(out / META_FILE))
+    save_file({k: v.contiguous() for k, v in selected.items()}, str(out / META_FILE))
 
 
 def _save(out: Path, template: Mapping[str, Tensor], theta: Tensor, outer_state: Any, state: Any, accum: Tensor | None, step: int, elapsed: float, history: list[dict[str, float]], best: _Best) -> None:
@@ -391,7 +396,7 @@ def _save(out: Path, template: Mapping[str, Tensor], theta: Tensor, outer_state:
     tmp = out / (CKPT_FILE + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, out / CKPT_FILE)
-    _save_meta(out, template, theta, best)
+    _save_meta(out, *_last_and_selected(template, theta, best))
     _write_json(out / PROGRESS_FILE, {"step": step, "elapsed_s": elapsed, "history": history, **best.progress()})
 
 

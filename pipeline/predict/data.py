@@ -74,9 +74,8 @@ def select_checkpoints(zoo: Any, checkpoints: str | tuple[int, ...]) -> np.ndarr
         return np.arange(len(epochs))
     missing = [e for e in checkpoints if e not in epochs]
     if missing:
-        raise ConfigError(f"--checkpoints {','.join(map(str, missing))}: not stored in {zoo.url}; its checkpoint "
-                          "epochs "
-                          f"are {','.join(map(str, epochs))}")
+        raise ConfigError(f"--checkpoints {','.join(map(str, missing))}: not stored in {zoo.url}; "
+                          f"its checkpoint epochs are {','.join(map(str, epochs))}")
     return np.asarray(sorted({epochs.index(e) for e in checkpoints}))
 
 
