@@ -10,7 +10,10 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 
-__all__ = ["MODEL_NAMES", "MODEL_KINDS", "TrainConfig", "parse_models", "parse_checkpoints"]
+__all__ = ["MODEL_NAMES", "MODEL_KINDS", "FEATURES", "TrainConfig", "parse_models", "parse_checkpoints"]
+
+# `--features` choices of the torch models -> input channels per weight (see `models.pointwise_features`)
+FEATURES: dict[str, int] = {"raw": 1, "raw+log": 2}
 
 # Model names a user may ask for -> the predictor kind they train. "unf-perm" is the ablation: UNF with fixed axes
 # (input features, classes, kernel positions) treated as permutable, as the reference implementation does.
@@ -97,8 +100,8 @@ class TrainConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.split not in ("run", "config"):
             raise ConfigError(f"--split {self.split!r} is unknown; use run or config")
-        if self.features not in ("raw", "raw+log"):
-            raise ConfigError(f"--features {self.features!r} is unknown; use raw or raw+log")
+        if self.features not in FEATURES:
+            raise ConfigError(f"--features {self.features!r} is unknown; use {' or '.join(FEATURES)}")
         if self.loss not in ("auto", "bce", "mse"):
             raise ConfigError(f"loss {self.loss!r} is unknown; use auto, bce or mse")
         if len(self.fractions) != 3 or min(self.fractions) < 0 or abs(sum(self.fractions) - 1) > 1e-6:

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.predict.config import FEATURES
+
 __all__ = ["TensorNormalizer", "UNFNet", "DeepSetsNet", "FlatNet", "build_net", "pointwise_features", "WIDTH_AGNOSTIC",
            "FEATURES"]
 
 WIDTH_AGNOSTIC = {"unf": True, "statnn": True, "deepsets": True, "flat": False}
-FEATURES = {"raw": 1, "raw+log": 2}  # input channels per weight
 
 
 def pointwise_features(x: torch.Tensor, features: str) -> torch.Tensor:
