@@ -39,3 +39,11 @@ class CheckpointError(UnfzooError, ValueError):
 
 class PredictorError(UnfzooError, ValueError):
     """A trained predictor directory is missing, incomplete or incompatible."""
+
+
+class DamagedStoreError(StoreError):
+    """Chunks of a zoo store fail their checksums or cannot be read: names the chunks, members and arrays."""
+
+
+class StoreBusyError(StoreError):
+    """Another process holds the store's writer lock: names its pid and host."""

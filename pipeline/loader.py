@@ -110,7 +110,13 @@ class ZooLoader:
         k, n = self.zoo.members_per_chunk, self.zoo.n_members
         bounds = [(int(c) * k, min((int(c) + 1) * k, n)) for c in chunks]
         names = [f"weights/{key}" for key in self.zoo.weight_keys]
-        blocks = read_blocks(self.zoo.url, names, [slice(a, b) for a, b in bounds])  # whole chunks (k, C_all, ...)
+        try:
+            blocks = read_blocks(self.zoo.url, names, [slice(a, b) for a, b in bounds])  # whole chunks (k, C_all, ...)
+        except Exception as err:  # noqa: BLE001 - a missing or undecodable chunk: name it
+            raise self.zoo._located_error(err, np.concatenate([np.arange(a, b) for a, b in bounds])) from err
+        for (a, b), block in zip(bounds, blocks):
+            for name in names:
+                self.zoo._check_rows(name, np.arange(a, b), block[name])
         n_c = len(self.checkpoints)
         all_c = n_c == len(self.zoo.checkpoint_epochs) and bool((self.checkpoints == np.arange(n_c)).all())
         weights: dict[str, list[np.ndarray]] = {key: [] for key in self.zoo.weight_keys}

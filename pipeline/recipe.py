@@ -52,6 +52,7 @@ _TOP_LEVEL = (
     "hparams",
 )
 _REQUIRED = ("members", "epochs", "task", "arch", "hparams")
+MAX_MEMBERS = 100_000_000  # as pipeline.store.MAX_MEMBERS: the coordinator holds a few bytes per member in memory
 # Salts that keep the per-chunk, per-configuration and per-split random streams apart.
 _SALT_CATEGORICAL = 0xC47
 _SALT_CONTINUOUS = 0xC0F
@@ -153,8 +154,8 @@ class Recipe:
 
     def with_members(self, members: int) -> Recipe:
         """This recipe with another member count (the identity is unchanged)."""
-        if members < 1:
-            raise RecipeError(f"{self.source}: --members must be >= 1, got {members}")
+        if not 1 <= members <= MAX_MEMBERS:
+            raise RecipeError(f"{self.source}: --members must be between 1 and {MAX_MEMBERS}, got {members}")
         return replace(self, members=int(members))
 
 
@@ -199,9 +200,14 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     """Read and validate a recipe by name or path; raises RecipeError naming the file and field."""
     path = find_recipe(name_or_path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as err:
         raise RecipeError(f"cannot read recipe {path}: {err}") from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        kind = "UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "not UTF-8"
+        raise RecipeError(f"{path}: the file is {kind} text (byte {err.start}); save it as UTF-8") from None
     return parse_recipe(text, source=str(path), default_name=path.stem)
 
 
@@ -225,6 +231,8 @@ def parse_recipe(text: str | Mapping[str, Any], *, source: str = "<string>", def
         raise RecipeError(f"{where}: missing field {missing[0]!r}; required fields: {', '.join(_REQUIRED)}")
 
     members = _int_field(raw, "members", where, minimum=1)
+    if members > MAX_MEMBERS:
+        raise RecipeError(f"{where}: field 'members' ({members}) is above the limit of {MAX_MEMBERS} members")
     mpc = _int_field(raw, "members_per_chunk", where, minimum=1, default=min(64, members))
     runs = _int_field(raw, "runs_per_config", where, minimum=1, default=1)
     if mpc % runs:
@@ -262,6 +270,9 @@ def parse_recipe(text: str | Mapping[str, Any], *, source: str = "<string>", def
     description = raw.get("description", "")
     if not isinstance(name, str) or not name or not isinstance(description, str):
         raise RecipeError(f"{where}: fields 'name' and 'description' must be strings")
+    if any(c in name for c in "/\\:") or name in (".", "..") or not name.isprintable():
+        raise RecipeError(f"{where}: field 'name' {name!r} must be a plain file name (no '/', '\\', ':' or "
+                          "control characters): it names the default store datasets/zoos/NAME.zarr")
     return Recipe(
         name=name,
         task=task["name"],

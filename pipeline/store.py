@@ -8,7 +8,13 @@ Layout (N members, C checkpoints, chunks of K members along the member axis ever
     metrics/<name>          float32 (member, checkpoint), fill NaN; metrics/checkpoint as above
     hparams/<name>          float64 (member,) or int16 codes with attrs["categories"] (fill -1)
     members/status          int8 (member,) 0 pending, 1 done, 2 diverged; written last by each task
+    members/checksum        uint32 (member, array): CRC-32 of each member's row of each array the task writes
+                            (attrs["arrays"] names the columns); written after the data, before the status
     members/seed, config, diverged_epoch, split_run, split_config
+
+The root attrs carry "state": "creating" from the first write of a new store until every array exists; a store in
+that state holds nothing trained, so a rerun simply creates it again. A writer holds the store's lock
+(`pipeline.storelock`) for the whole build.
 
 Rules that keep zarr 3.1 from losing data (see GUIDE section 4): only the coordinator creates or resizes arrays,
 before any task runs; a task reopens the group (never consolidated metadata), writes whole chunks it alone owns, and
@@ -19,6 +25,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -27,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import StoreError
+from pipeline.errors import DamagedStoreError, StoreError
 from pipeline.splits import DEFAULT_FRACTIONS, SPLIT_KINDS, assign_split, check_fractions, split_indices
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
@@ -57,10 +65,19 @@ __all__ = [
     "read_blocks",
     "write_splits",
     "store_size",
+    "normalize_url",
+    "read_meta",
+    "check_capacity",
+    "Damage",
+    "verify_store",
+    "recreate_missing_arrays",
+    "MAX_MEMBERS",
     "Zoo",
 ]
 
 FORMAT = "unfzoo.zoo/1"
+MAX_MEMBERS = 100_000_000  # the coordinator holds a few bytes per member in memory; far above any real zoo
+CHECKSUM = "members/checksum"
 STATUS_NAMES = ("pending", "done", "diverged")
 PENDING, DONE, DIVERGED = 0, 1, 2
 _MEMBER_ARRAYS = {  # name -> (dtype, fill value)
@@ -128,19 +145,41 @@ class MemberBlock:
         return len(self.seed)
 
 
+_KILL_COUNTS: dict[str, int] = {}
+
+
+def _kill_point(name: str) -> None:
+    """Fault injection for the crash-safety tests: UNFZOO_KILL_AT=name[:n] SIGKILLs this process at the n-th pass."""
+    spec = os.environ.get("UNFZOO_KILL_AT")
+    if not spec or spec.partition(":")[0] != name:
+        return
+    _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
+    if _KILL_COUNTS[name] >= int(spec.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def normalize_url(url: str | os.PathLike[str]) -> str:
+    """A local path for `file://` URLs (zarr's fsspec route for them cannot create stores); other URLs unchanged."""
+    url = str(url)
+    if url.startswith("file://"):
+        rest = url[len("file://"):]
+        return rest[len("localhost"):] if rest.startswith("localhost/") else rest
+    return url
+
+
 def _is_local(url: str) -> bool:
     return "://" not in str(url) or str(url).startswith("file://")
 
 
 def _local_path(url: str) -> Path:
-    return Path(str(url).removeprefix("file://"))
+    return Path(normalize_url(url))
 
 
 def open_group(url: str | os.PathLike[str], mode: str = "r") -> zarr.Group:
     """Open the zoo group at a path or fsspec URL, always bypassing consolidated metadata."""
     import zarr
 
-    url = str(url)
+    url = normalize_url(url)
     if mode == "r" and _is_local(url) and not (_local_path(url) / "zarr.json").is_file():
         raise StoreError(f"{url} is not a zoo store (no zarr.json there); build one with `unfzoo zoo RECIPE --out {url}`")
     try:
@@ -153,7 +192,7 @@ def store_exists(url: str | os.PathLike[str]) -> bool:
     """True when a zarr group (of any kind) is at `url`."""
     import zarr
 
-    url = str(url)
+    url = normalize_url(url)
     if _is_local(url):
         return (_local_path(url) / "zarr.json").is_file()
     try:
@@ -163,60 +202,144 @@ def store_exists(url: str | os.PathLike[str]) -> bool:
     return True
 
 
-def create_store(url: str | os.PathLike[str], layout: StoreLayout, attrs: Mapping[str, Any], members: int) -> zarr.Group:
-    """Create an empty zoo of `members` members (all pending), replacing anything at `url`. Coordinator only."""
-    import zarr
-    from zarr.codecs import ZstdCodec
+def check_capacity(url: str | os.PathLike[str], layout: StoreLayout, members: int, existing: int = 0) -> None:
+    """Refuse, before anything is written, a member count the coordinator cannot hold or the disk cannot store."""
+    if not 1 <= members <= MAX_MEMBERS:
+        raise StoreError(f"a zoo of {members} members is out of range: use 1 to {MAX_MEMBERS} members")
+    url = normalize_url(url)
+    if not _is_local(url):
+        return
+    import shutil
 
-    url = str(url)
+    per_member = layout.n_checkpoints * 4 * (sum(int(np.prod(s)) for s in layout.weight_shapes.values())
+                                             + len(layout.metric_names))
+    need = per_member * max(0, members - existing)
+    folder = _local_path(url).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise StoreError(
+            f"{members} members need about {_human_bytes(need)} at {url}, but only {_human_bytes(free)} is free "
+            "there; use fewer members (--members or the recipe's 'members') or another --out"
+        )
+
+
+def _check_target(url: str) -> None:
+    """Refuse a local target that is a file, or a non-empty folder that is not a zarr store."""
+    if not _is_local(url):
+        return
+    path = _local_path(url)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} is a file, not a zoo store; choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").is_file():
+        raise StoreError(f"{path} exists, is not empty and is not a zarr store; refusing to replace it")
+
+
+def _clear(url: str) -> None:
+    """Delete the store at `url`. Locally the folder is first renamed aside (atomic), so a kill never leaves a
+    half-deleted store at `url`; leftovers of such kills are removed by `remove_trash`."""
+    import shutil
+    import uuid
+
+    if not _is_local(url):
+        return  # zarr's mode="w" clears it
+    path = _local_path(url)
+    if path.is_dir():
+        trash = path.with_name(f".{path.name}.deleting-{uuid.uuid4().hex[:8]}")
+        path.rename(trash)
+        _kill_point("create:moved-aside")
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_trash(url: str | os.PathLike[str]) -> None:
+    """Remove folders a killed `--overwrite` left renamed aside next to a local store. Lock holders only."""
+    import shutil
+
+    url = normalize_url(url)
     if _is_local(url):
-        path = _local_path(url)
-        if path.exists() and any(path.iterdir()) and not (path / "zarr.json").is_file():
-            raise StoreError(f"{path} exists, is not empty and is not a zarr store; refusing to replace it")
-    root = zarr.open_group(url, mode="w")
-    k, n_ck = layout.members_per_chunk, layout.n_checkpoints
-    small = {"compressors": ZstdCodec(level=3)}
+        path = _local_path(url).absolute()
+        if path.parent.is_dir():
+            for trash in path.parent.glob(f".{path.name}.deleting-*"):
+                shutil.rmtree(trash, ignore_errors=True)
+
+
+def create_store(url: str | os.PathLike[str], layout: StoreLayout, attrs: Mapping[str, Any], members: int) -> zarr.Group:
+    """Create an empty zoo of `members` members (all pending), replacing anything at `url`. Coordinator only.
+
+    The root attributes are written first with "state": "creating" and rewritten without it once every array
+    exists, so a store whose creation was killed is recognised (and created again) by the next run.
+    """
+    import zarr
+
+    url = normalize_url(url)
+    check_capacity(url, layout, members)
+    _check_target(url)
+    meta = _jsonable({**dict(attrs), "format": FORMAT, "layout": layout.to_json(), "members": int(members),
+                      "checksums": CHECKSUM})
+    _clear(url)
+    root = zarr.open_group(url, mode="w", attributes={"unfzoo": {**meta, "state": "creating"}})
+    _kill_point("create:started")
     epochs = np.asarray(layout.checkpoint_epochs, dtype=np.int32)
     for group_name in ("weights", "metrics"):
         grp = root.create_group(group_name)
-        coord = grp.create_array("checkpoint", shape=(n_ck,), chunks=(n_ck,), dtype="int32", dimension_names=("checkpoint",))
+        coord = grp.create_array("checkpoint", shape=(epochs.size,), chunks=(epochs.size,), dtype="int32",
+                                 dimension_names=("checkpoint",))
         coord[:] = epochs
+    root.create_group("hparams")
+    root.create_group("members")
+    _create_member_arrays(root, layout, members)
+    _kill_point("create:arrays")
+    root.attrs["unfzoo"] = meta  # last: the store is complete
+    return root
+
+
+def _checksum_columns(layout: StoreLayout) -> list[str]:
+    """The arrays a task writes, in checksum-column order (status last)."""
+    names = [f"weights/{k}" for k in layout.weight_shapes]
+    names += [f"metrics/{n}" for n in layout.metric_names]
+    names += [f"hparams/{n}" for n in (*layout.continuous, *layout.categorical)]
+    names += ["members/seed", "members/config", "members/diverged_epoch", "members/status"]
+    return names
+
+
+def _create_member_arrays(root: zarr.Group, layout: StoreLayout, members: int, only: Sequence[str] | None = None) -> None:
+    """Create the member-axis arrays (all, or those named in `only`, replacing them)."""
+    from zarr.codecs import ZstdCodec
+
+    k, n_ck = layout.members_per_chunk, layout.n_checkpoints
+    small = {"compressors": ZstdCodec(level=3)}
+    specs: dict[str, dict[str, Any]] = {}
     for key, shape in layout.weight_shapes.items():
-        root.create_array(
-            f"weights/{key}",
-            shape=(members, n_ck, *shape),
-            chunks=(k, n_ck, *shape),
-            dtype="float32",
-            fill_value=np.nan,
+        specs[f"weights/{key}"] = dict(
+            shape=(members, n_ck, *shape), chunks=(k, n_ck, *shape), dtype="float32", fill_value=np.nan,
             compressors=None,  # float32 weights compress ~1.1x; raw chunks read 3-4x faster
             dimension_names=("member", "checkpoint", *(f"{key}.{i}" for i in range(len(shape)))),
         )
     for name in layout.metric_names:
-        root.create_array(
-            f"metrics/{name}", shape=(members, n_ck), chunks=(k, n_ck), dtype="float32", fill_value=np.nan,
-            dimension_names=("member", "checkpoint"), **small,
-        )
-    root.create_group("hparams")
+        specs[f"metrics/{name}"] = dict(shape=(members, n_ck), chunks=(k, n_ck), dtype="float32", fill_value=np.nan,
+                                        dimension_names=("member", "checkpoint"), **small)
     for name in layout.continuous:
-        root.create_array(
-            f"hparams/{name}", shape=(members,), chunks=(k,), dtype="float64", fill_value=np.nan,
-            dimension_names=("member",), **small,
-        )
-    for name, categories in layout.categorical.items():
-        arr = root.create_array(
-            f"hparams/{name}", shape=(members,), chunks=(k,), dtype="int16", fill_value=-1,
-            dimension_names=("member",), **small,
-        )
-        arr.attrs["categories"] = list(categories)
-    root.create_group("members")
+        specs[f"hparams/{name}"] = dict(shape=(members,), chunks=(k,), dtype="float64", fill_value=np.nan,
+                                        dimension_names=("member",), **small)
+    for name in layout.categorical:
+        specs[f"hparams/{name}"] = dict(shape=(members,), chunks=(k,), dtype="int16", fill_value=-1,
+                                        dimension_names=("member",), **small)
     for name, (dtype, fill) in _MEMBER_ARRAYS.items():
-        root.create_array(
-            f"members/{name}", shape=(members,), chunks=(k,), dtype=dtype, fill_value=fill,
-            dimension_names=("member",), **small,
-        )
-    meta = {**dict(attrs), "format": FORMAT, "layout": layout.to_json(), "members": int(members)}
-    root.attrs["unfzoo"] = _jsonable(meta)
-    return root
+        specs[f"members/{name}"] = dict(shape=(members,), chunks=(k,), dtype=dtype, fill_value=fill,
+                                        dimension_names=("member",), **small)
+    columns = _checksum_columns(layout)
+    specs[CHECKSUM] = dict(shape=(members, len(columns)), chunks=(k, len(columns)), dtype="uint32", fill_value=0,
+                           dimension_names=("member", "array"), **small)
+    for name, spec in specs.items():
+        if only is not None and name not in only:
+            continue
+        arr = root.create_array(name, overwrite=only is not None, **spec)
+        _kill_point("create:array")
+        if name.startswith("hparams/") and name[8:] in layout.categorical:
+            arr.attrs["categories"] = list(layout.categorical[name[8:]])
+        if name == CHECKSUM:
+            arr.attrs.update({"arrays": columns, "algorithm": "crc32"})
 
 
 def _jsonable(obj: Any) -> Any:
@@ -228,15 +351,51 @@ def _member_arrays(root: zarr.Group, layout: StoreLayout) -> list[zarr.Array]:
     names += [f"metrics/{n}" for n in layout.metric_names]
     names += [f"hparams/{n}" for n in (*layout.continuous, *layout.categorical)]
     names += [f"members/{n}" for n in _MEMBER_ARRAYS]
+    if _has_checksums(root):
+        names.append(CHECKSUM)
     return [root[n] for n in names]
 
 
-def read_layout(root: zarr.Group) -> StoreLayout:
-    """The layout recorded in a zoo group's attributes."""
+def _has_checksums(root: Any) -> bool:
+    try:
+        return CHECKSUM in root
+    except Exception:  # noqa: BLE001 - an unreadable members group: treated as no checksums here
+        return False
+
+
+_REQUIRED_META = ("layout", "members")
+_REQUIRED_LAYOUT = ("weight_shapes", "metric_names", "checkpoint_epochs", "members_per_chunk")
+
+
+def read_meta(root: zarr.Group, url: str | None = None, *, allow_creating: bool = False) -> dict[str, Any]:
+    """The zoo's attrs["unfzoo"], checked: format, required keys, and not a store whose creation never finished."""
+    where = url or str(root.store)
     meta = root.attrs.get("unfzoo")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise StoreError(f"{root.store} is a zarr group but not an unfzoo zoo (no attrs['unfzoo'] of format {FORMAT})")
-    return StoreLayout.from_json(meta["layout"])
+        raise StoreError(f"{where} is a zarr group but not an unfzoo zoo (no attrs['unfzoo'] of format {FORMAT})")
+    if meta.get("state") == "creating" and not allow_creating:
+        raise StoreError(f"{where}: the creation of this store was interrupted, so it holds no members yet; "
+                         "rerun `unfzoo zoo RECIPE --out` on it to create it")
+    missing = [k for k in _REQUIRED_META if k not in meta]
+    layout = meta.get("layout")
+    if not missing and isinstance(layout, dict):
+        missing = [f"layout.{k}" for k in _REQUIRED_LAYOUT if k not in layout]
+    elif not missing:
+        missing = ["layout"]
+    if missing:
+        raise StoreError(f"{where}: the store's attrs['unfzoo'] lack the key {missing[0]!r}, so its metadata is damaged; "
+                         "rebuild it (`unfzoo zoo RECIPE --out ... --overwrite`) or restore its zarr.json")
+    try:
+        StoreLayout.from_json(layout)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise StoreError(f"{where}: the store's attrs['unfzoo']['layout'] is malformed ({err!r}); rebuild it with "
+                         "--overwrite or restore its zarr.json") from err
+    return dict(meta)
+
+
+def read_layout(root: zarr.Group, url: str | None = None) -> StoreLayout:
+    """The layout recorded in a zoo group's attributes."""
+    return StoreLayout.from_json(read_meta(root, url, allow_creating=True)["layout"])
 
 
 def resize_store(url: str | os.PathLike[str], members: int) -> None:
@@ -245,6 +404,7 @@ def resize_store(url: str | os.PathLike[str], members: int) -> None:
     layout = read_layout(root)
     for arr in _member_arrays(root, layout):
         arr.resize((members, *arr.shape[1:]))
+        _kill_point("resize:array")
     meta = dict(root.attrs["unfzoo"])
     meta["members"] = int(members)
     root.attrs["unfzoo"] = meta
@@ -255,25 +415,40 @@ def reset_members(url: str | os.PathLike[str], start: int, stop: int) -> None:
     root = open_group(url, mode="r+")
     status = root["members/status"]
     status[start:stop] = np.full(stop - start, PENDING, dtype=np.int8)
+    _kill_point("reset")
 
 
-def write_members(url: str | os.PathLike[str], start: int, block: MemberBlock) -> None:
-    """Write members [start, start + len(block)) — one whole chunk — data first, status last. Safe in any worker."""
+def write_members(
+    url: str | os.PathLike[str], start: int, block: MemberBlock, identity: Mapping[str, Any] | None = None
+) -> None:
+    """Write members [start, start + len(block)) — one whole chunk — data, then checksums, then status. Safe in any
+    worker. With `identity`, refuses (StoreMismatchError) a store that now holds another recipe's zoo."""
     from zarr.core.sync import sync
 
-    sync(_write_members(str(url), start, block))
+    sync(_write_members(normalize_url(url), start, block, identity))
 
 
-async def _write_members(url: str, start: int, block: MemberBlock) -> None:
+def _row_checksums(values: np.ndarray) -> np.ndarray:
+    """(m,) uint32 CRC-32 of each member's row (the bytes of values[i], C order)."""
+    values = np.ascontiguousarray(values)
+    return np.fromiter((zlib.crc32(row.tobytes()) for row in values), dtype=np.uint32, count=len(values))
+
+
+async def _write_members(url: str, start: int, block: MemberBlock, identity: Mapping[str, Any] | None) -> None:
     import asyncio
 
     from zarr.api.asynchronous import open_group as open_async
+
+    from pipeline.errors import StoreMismatchError
 
     try:  # reopened here: a handle from before a resize would drop writes
         root = await open_async(url, mode="r+", use_consolidated=False)
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise StoreError(f"cannot open zoo store {url} for writing: {err}") from err
-    layout = read_layout(root)
+    meta = read_meta(root, url, allow_creating=True)
+    if identity is not None and (meta.get("identity") != _jsonable(dict(identity)) or meta.get("state") == "creating"):
+        raise StoreMismatchError(f"{url} was replaced by another zoo while this build ran; its chunk was not written")
+    layout = StoreLayout.from_json(meta["layout"])
     m = len(block)
     stop = start + m
     k = layout.members_per_chunk
@@ -312,8 +487,22 @@ async def _write_members(url: str, start: int, block: MemberBlock) -> None:
     # A chunk of a finished member is never "empty"; skipping zarr's all-fill-value scan doubles the write rate.
     arrays = [arr.with_config({"write_empty_chunks": True}) for arr in arrays]
     await asyncio.gather(*(arr.setitem(sl, values[name]) for arr, name in zip(arrays, values)))
+    _kill_point("write:data")
     codes = np.where(np.asarray(block.diverged, bool), DIVERGED, DONE).astype(np.int8)
+    try:
+        checksum = await root.getitem(CHECKSUM)
+    except KeyError:
+        checksum = None  # a store from before checksums
+    if checksum is not None:
+        values["members/status"] = codes
+        columns = list(checksum.attrs.get("arrays", ()))
+        if set(columns) != set(values):
+            raise StoreError(f"{url}: members/checksum covers {columns}, the chunk holds {sorted(values)}")
+        sums = np.stack([_row_checksums(values[name]) for name in columns], axis=1)
+        await checksum.with_config({"write_empty_chunks": True}).setitem(sl, sums)
+        _kill_point("write:checksum")
     await status.setitem(sl, codes)  # last: marks the chunk's data as complete
+    _kill_point("write:status")
 
 
 async def _read_arrays(url: str, names: Sequence[str], selections: Sequence[Any]) -> list[list[np.ndarray]]:
@@ -360,7 +549,13 @@ def _cat_key(v: Any) -> str:
 def read_status(url: str | os.PathLike[str]) -> np.ndarray:
     """Per-member status codes; a chunk that cannot be decoded (torn write on a non-atomic store) reads as pending."""
     root = open_group(url, mode="r")
-    status = root["members/status"]
+    try:
+        status = root["members/status"]
+    except Exception as err:  # noqa: BLE001 - the array itself is gone: the status of every member is lost
+        raise DamagedStoreError(
+            f"{url} is damaged: its members/status array is missing or unreadable ({type(err).__name__}); for a "
+            f"zoo built from a recipe run `unfzoo zoo RECIPE --out {url} --repair` (retrains every member)"
+        ) from err
     n, k = status.shape[0], status.chunks[0]
     out = np.zeros(n, dtype=np.int8)
     for start in range(0, n, k):
@@ -369,6 +564,140 @@ def read_status(url: str | os.PathLike[str]) -> np.ndarray:
         except Exception:  # noqa: BLE001 - unreadable chunk = not done; it gets rewritten
             out[start : start + k] = PENDING
     return out
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A damaged chunk: which members fail, in which arrays, and why."""
+
+    chunk: int
+    start: int
+    stop: int
+    members: tuple[int, ...]
+    arrays: tuple[str, ...]
+    reason: str
+
+    def describe(self) -> str:
+        """One line: `chunk 2 (members 8-11): checksum mismatch in weights/fc1.weight (members 8, 9)`."""
+        who = ", ".join(map(str, self.members[:8])) + (f" and {len(self.members) - 8} more" if len(self.members) > 8 else "")
+        arrays = ", ".join(self.arrays[:4]) + (f" and {len(self.arrays) - 4} more arrays" if len(self.arrays) > 4 else "")
+        return f"chunk {self.chunk} (members {self.start}-{self.stop - 1}): {self.reason} in {arrays} (members {who})"
+
+
+@dataclass
+class VerifyReport:
+    """What `verify_store` found: chunks checked, damaged chunks, and whether the store has checksums at all."""
+
+    url: str
+    checked: int
+    damaged: list[Damage]
+    checksums: bool
+    missing_arrays: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+
+def _damage_error(url: str, meta: Mapping[str, Any], damaged: Sequence[Damage]) -> DamagedStoreError:
+    """The error `zoo` reruns and readers raise: names the damaged chunks and says how to repair them."""
+    shown = "; ".join(d.describe() for d in damaged[:3]) + (f"; and {len(damaged) - 3} more chunks" if len(damaged) > 3 else "")
+    if meta.get("kind") == "recipe":
+        fix = f"run `unfzoo zoo {meta.get('name', 'RECIPE')} --out {url} --repair` to retrain exactly those chunks"
+    else:
+        fix = "import the zoo again (--overwrite): imported members cannot be retrained"
+    return DamagedStoreError(f"{url} is damaged: {shown}; {fix}")
+
+
+async def _read_tolerant(url: str, names: Sequence[str], selections: Sequence[slice]) -> dict[tuple[str, int], Any]:
+    """{(name, i): data or the exception} for each array and selection; a missing array gives KeyError."""
+    import asyncio
+
+    from zarr.api.asynchronous import open_group as open_async
+
+    root = await open_async(url, mode="r", use_consolidated=False)
+    arrays = await asyncio.gather(*(root.getitem(n) for n in names), return_exceptions=True)
+    jobs, keys = [], []
+    for name, arr in zip(names, arrays):
+        for i, sel in enumerate(selections):
+            keys.append((name, i))
+            jobs.append(arr.getitem(sel) if not isinstance(arr, BaseException) else _raise(arr))
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    return dict(zip(keys, results))
+
+
+async def _raise(err: BaseException) -> Any:
+    raise err
+
+
+def verify_store(url: str | os.PathLike[str], chunks: Sequence[int] | None = None, batch: int = 16) -> VerifyReport:
+    """Read every finished chunk (or those in `chunks`) of every array a task writes and compare each member's row
+    with its stored CRC-32. Pending chunks are skipped: they hold nothing yet and the next build writes them."""
+    from zarr.core.sync import sync
+
+    url = normalize_url(url)
+    root = open_group(url, mode="r")
+    meta = read_meta(root, url)
+    layout = StoreLayout.from_json(meta["layout"])
+    status = read_status(url)
+    n, k = len(status), layout.members_per_chunk
+    has = meta.get("checksums") == CHECKSUM
+    columns = _checksum_columns(layout)
+    if has and _has_checksums(root):
+        columns = list(root[CHECKSUM].attrs.get("arrays", columns))
+    names = [c for c in columns if c != "members/status"] + ([CHECKSUM] if has else [])
+    missing = []
+    for name in names:
+        try:
+            root[name]
+        except Exception:  # noqa: BLE001 - missing or unreadable metadata: damaged either way
+            missing.append(name)
+    todo = [c for c in range(-(-n // k)) if (status[c * k : (c + 1) * k] != PENDING).any()]
+    if chunks is not None:
+        todo = [c for c in todo if c in set(chunks)]
+    damaged: list[Damage] = []
+    for b in range(0, len(todo), batch):
+        group = todo[b : b + batch]
+        sels = [slice(c * k, min((c + 1) * k, n)) for c in group]
+        data = sync(_read_tolerant(url, names, sels))
+        for i, c in enumerate(group):
+            start, stop = sels[i].start, sels[i].stop
+            st = status[start:stop]
+            done = np.flatnonzero(st != PENDING)
+            bad_arrays: dict[str, set[int]] = {}
+            reason = "checksum mismatch"
+            stored = data.get((CHECKSUM, i)) if has else None
+            if has and (isinstance(stored, BaseException) or stored is None or stored.shape != (stop - start, len(columns))):
+                bad_arrays[CHECKSUM] = set(done.tolist())
+                reason = "unreadable or missing chunk"
+                stored = None
+            for j, name in enumerate(columns):
+                value = st if name == "members/status" else data[(name, i)]
+                if isinstance(value, BaseException):
+                    bad_arrays[name] = set(done.tolist())
+                    reason = "missing array" if name in missing else "unreadable or missing chunk"
+                    continue
+                if stored is None:
+                    continue
+                got = _row_checksums(value[done])
+                wrong = done[got != stored[done, j]]
+                if wrong.size:
+                    bad_arrays[name] = set(wrong.tolist())
+            if bad_arrays:
+                members = sorted(set().union(*bad_arrays.values()))
+                damaged.append(Damage(c, start, stop, tuple(start + m for m in members), tuple(bad_arrays), reason))
+    return VerifyReport(url, len(todo), damaged, has, tuple(missing))
+
+
+def recreate_missing_arrays(url: str | os.PathLike[str], names: Sequence[str]) -> None:
+    """Create again (empty, at the store's member count) member arrays that were deleted. Coordinator only."""
+    root = open_group(url, mode="r+")
+    layout = read_layout(root)
+    members = int(read_meta(root, str(url))["members"])
+    for group in ("weights", "metrics", "hparams", "members"):
+        if group not in root:
+            root.create_group(group)
+    _create_member_arrays(root, layout, members, only=list(names))
 
 
 def write_splits(url: str | os.PathLike[str], seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> None:
@@ -425,17 +754,71 @@ class Zoo:
     def __init__(self, root: zarr.Group, url: str) -> None:
         self.root = root
         self.url = url
-        self.attrs: dict[str, Any] = dict(root.attrs["unfzoo"])
-        self.layout = read_layout(root)
+        self.attrs: dict[str, Any] = read_meta(root, url)
+        self.layout = StoreLayout.from_json(self.attrs["layout"])
         self._cache: dict[str, np.ndarray] | None = None
 
     @classmethod
     def open(cls, path_or_url: str | os.PathLike[str]) -> Zoo:
         """Open a store read-only (a local path or any fsspec URL zarr accepts)."""
-        url = str(path_or_url)
-        root = open_group(url, mode="r")
-        read_layout(root)
-        return cls(root, url)
+        url = normalize_url(path_or_url)
+        return cls(open_group(url, mode="r"), url)
+
+    # ---- integrity ------------------------------------------------------------------------------------------------
+    @cached_property
+    def _checksums(self) -> tuple[np.ndarray, dict[str, int]] | None:
+        """(members, arrays) stored CRC-32s and {array name: column}, or None for a store without checksums."""
+        if self.attrs.get("checksums") != CHECKSUM:
+            return None
+        try:
+            arr = self.root[CHECKSUM]
+            table = arr[:]
+        except Exception as err:  # noqa: BLE001 - a lost checksum chunk or array is damage like any other
+            raise self._located_error(err) from err
+        return table, {name: j for j, name in enumerate(arr.attrs.get("arrays", ()))}
+
+    def _check_rows(self, name: str, members: np.ndarray, values: np.ndarray) -> None:
+        """Raise DamagedStoreError when finished members' rows of `name` differ from their stored checksums."""
+        sums = self._checksums
+        if sums is None or name not in sums[1]:
+            return
+        finished = self.status[members] != PENDING
+        if not finished.any():
+            return
+        rows = members[finished]
+        wrong = rows[_row_checksums(values[finished]) != sums[0][rows, sums[1][name]]]
+        if wrong.size:
+            k = self.members_per_chunk
+            damaged = [
+                Damage(int(c), int(c) * k, min((int(c) + 1) * k, self.n_members),
+                       tuple(int(m) for m in wrong[wrong // k == c]), (name,), "checksum mismatch")
+                for c in np.unique(wrong // k)
+            ]
+            raise _damage_error(self.url, self.attrs, damaged)
+
+    def _located_error(self, err: BaseException, members: np.ndarray | None = None) -> StoreError:
+        """A read failed: name the damaged chunks (by verifying those read), or say what failed."""
+        chunks = None if members is None else sorted(set((members // self.members_per_chunk).tolist()))
+        try:
+            report = verify_store(self.url, chunks)
+        except Exception:  # noqa: BLE001 - fall through to the plain message
+            report = None
+        if report is not None and report.damaged:
+            return _damage_error(self.url, self.attrs, report.damaged)
+        return StoreError(f"cannot read zoo store {self.url}: {type(err).__name__}: {err}")
+
+    def _column(self, name: str) -> np.ndarray:
+        """A whole (member,) or (member, checkpoint) array, checked against the checksums."""
+        try:
+            values = self.root[name][:]
+        except Exception as err:  # noqa: BLE001 - missing or undecodable chunk: say which
+            raise self._located_error(err) from err
+        self._check_rows(name, np.arange(len(values)), values)
+        return values
+
+    def verify(self) -> VerifyReport:
+        """Check every finished chunk against its checksums (see `verify_store`)."""
+        return verify_store(self.url)
 
     def __repr__(self) -> str:
         return f"Zoo({self.url!r}, members={self.n_members}, checkpoints={list(self.checkpoint_epochs)})"
@@ -516,8 +899,7 @@ class Zoo:
 
     def hparam(self, name: str) -> np.ndarray:
         """One hyperparameter column, categoricals decoded to their values."""
-        arr = self.root[f"hparams/{name}"]
-        values = arr[:]
+        values = self._column(f"hparams/{name}")
         if name in self.layout.categorical:
             cats = np.asarray(list(self.layout.categorical[name]) + [None], dtype=object)
             return cats[values]  # code -1 -> None (pending)
@@ -532,7 +914,7 @@ class Zoo:
         for name in (*self.layout.categorical, *self.layout.continuous):
             cols[name] = self.hparam(name)
         for name in ("seed", "config", "diverged_epoch"):
-            cols[name] = self.root[f"members/{name}"][:]
+            cols[name] = self._column(f"members/{name}")
         cols["status"] = pd.Categorical.from_codes(self.status.astype(np.int64), categories=list(STATUS_NAMES))
         codes = self.root["members/split_run"][:].astype(np.int64)
         cols["split"] = pd.Categorical.from_codes(codes, categories=["train", "val", "test"])
@@ -548,7 +930,7 @@ class Zoo:
         """(members, checkpoints) float32 values of one metric."""
         if name not in self.metric_names:
             raise StoreError(f"{self.url} has no metric {name!r}; it has {', '.join(self.metric_names)}")
-        return self.root[f"metrics/{name}"][:]
+        return self._column(f"metrics/{name}")
 
     def split(
         self, kind: str = "run", seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS
@@ -595,13 +977,23 @@ class Zoo:
             return {k: pick(self._cache[k][m_idx]) for k in self.weight_keys}
         names = [f"weights/{k}" for k in self.weight_keys]
         if (np.diff(m_idx) == 1).all():  # a contiguous range: whole-chunk reads, all arrays at once
-            data = read_arrays(self.url, names, slice(int(m_idx[0]), int(m_idx[-1]) + 1))
+            try:
+                data = read_arrays(self.url, names, slice(int(m_idx[0]), int(m_idx[-1]) + 1))
+            except Exception as err:  # noqa: BLE001 - missing or undecodable chunk: say which
+                raise self._located_error(err, m_idx) from err
+            for name in names:
+                self._check_rows(name, m_idx, data[name])
             return {k: pick(data[n]) for k, n in zip(self.weight_keys, names)}
         order = np.argsort(m_idx, kind="stable")  # zarr reads sorted indices chunk by chunk
         inverse = np.argsort(order, kind="stable")
         out = {}
         for key, name in zip(self.weight_keys, names):
-            out[key] = self.root[name].oindex[m_idx[order], c_idx][inverse]
+            try:  # whole rows (chunks hold every checkpoint anyway), so they can be checked
+                rows = self.root[name].oindex[m_idx[order]]
+            except Exception as err:  # noqa: BLE001 - missing or undecodable chunk: say which
+                raise self._located_error(err, m_idx) from err
+            self._check_rows(name, m_idx[order], rows)
+            out[key] = pick(rows)[inverse]
         return out
 
     def weights(self, members: Any, checkpoint: int = -1) -> dict[str, torch.Tensor]:
@@ -632,7 +1024,12 @@ class Zoo:
 
     def load(self) -> Zoo:
         """Read every weight array into memory; later weight reads and loaders use it."""
-        data = read_arrays(self.url, [f"weights/{k}" for k in self.weight_keys])
+        try:
+            data = read_arrays(self.url, [f"weights/{k}" for k in self.weight_keys])
+        except Exception as err:  # noqa: BLE001 - missing or undecodable chunk: say which
+            raise self._located_error(err) from err
+        for k in self.weight_keys:
+            self._check_rows(f"weights/{k}", np.arange(self.n_members), data[f"weights/{k}"])
         self._cache = {k: data[f"weights/{k}"] for k in self.weight_keys}
         return self
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.errors import StoreError, StoreMismatchError
+from pipeline.errors import ConfigError, StoreError, StoreMismatchError
 from pipeline.recipe import Recipe, chunk_bounds, draw_chunk, load_recipe, n_chunks
 from pipeline.store import (
     DIVERGED,
@@ -27,18 +27,28 @@ from pipeline.store import (
     FORMAT,
     MemberBlock,
     StoreLayout,
+    _check_target,
+    _damage_error,
     _is_local,
     _jsonable,
+    _kill_point,
     _local_path,
+    check_capacity,
     create_store,
+    normalize_url,
     open_group,
+    read_meta,
     read_status,
+    recreate_missing_arrays,
+    remove_trash,
     reset_members,
     resize_store,
     store_exists,
+    verify_store,
     write_members,
     write_splits,
 )
+from pipeline.storelock import StoreLock
 
 __all__ = ["ZooPlan", "ChunkTask", "ChunkOutcome", "BuildReport", "plan_zoo", "build_zoo", "train_chunk", "default_workers"]
 
@@ -93,6 +103,7 @@ class BuildReport:
     wall_s: float
     workers: int
     final_test_acc: np.ndarray = field(repr=False)
+    repaired: list[int] = field(default_factory=list)  # chunks a --repair found damaged and retrained
 
     @property
     def members_per_s(self) -> float:
@@ -241,7 +252,7 @@ def train_chunk(task: ChunkTask) -> ChunkOutcome:
         diverged=np.asarray(result.diverged, dtype=bool),
         diverged_epoch=np.asarray(result.diverged_epoch, dtype=np.int32),
     )
-    write_members(task.url, int(draw.members[0]), block)
+    write_members(task.url, int(draw.members[0]), block, identity=recipe.identity())
     test_acc = metrics.get("test_acc", np.full((m, 1), np.nan, np.float32))[:, -1]
     return ChunkOutcome(
         chunk=task.chunk,
@@ -253,12 +264,19 @@ def train_chunk(task: ChunkTask) -> ChunkOutcome:
     )
 
 
+def _creation_unfinished(url: str) -> bool:
+    """True when the store at `url` is one whose creation was killed (it holds nothing trained)."""
+    meta = open_group(url, mode="r").attrs.get("unfzoo")
+    return isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("state") == "creating"
+
+
 def _check_compatible(url: str, plan: ZooPlan) -> int:
     """Members already in the store at `url`; raises StoreMismatchError if it holds another recipe's zoo."""
     root = open_group(url, mode="r")
     meta = root.attrs.get("unfzoo")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise StoreMismatchError(f"{url} holds a zarr group that is not an unfzoo zoo; pass --overwrite to replace it")
+    meta = read_meta(root, url)
     if meta.get("kind") != "recipe":
         raise StoreMismatchError(f"{url} holds an imported zoo, not one built from a recipe; pass --overwrite to replace it")
     ours, theirs = plan.attrs["identity"], meta.get("identity", {})
@@ -292,6 +310,7 @@ def build_zoo(
     workers: int | None = None,
     scheduler: str | None = None,
     overwrite: bool = False,
+    repair: bool = False,
     device: str = "auto",
     threads: int | None = None,
     on_start: Callable[[int, int, int], None] | None = None,
@@ -304,17 +323,39 @@ def build_zoo(
     with one single-threaded worker per core; `scheduler` connects to a running Dask scheduler instead. `threads` is
     torch's thread count per task (default: cores // workers on a LocalCluster, torch's own setting otherwise); a
     rerun gives bit-identical weights when it uses the same thread count.
+    `repair` verifies every finished chunk and retrains the damaged ones (without it, damage is refused).
+    The store's writer lock is held throughout (StoreBusyError when another process holds it).
     `on_start(total, already_done, to_train)` and `on_chunk(outcome)` report progress.
     """
     t0 = time.perf_counter()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    url = str(out)
+    url = normalize_url(out)
     if members is not None:
         recipe = recipe.with_members(members)
+    if repair and overwrite:
+        raise ConfigError("--repair keeps a store and --overwrite replaces it; pass one of them")
     plan = plan_zoo(recipe)  # validates task, arch and spec before anything is written
+    _check_target(url)
+    check_capacity(url, plan.layout, recipe.members)
+    if scheduler is not None:
+        _check_scheduler(scheduler)
+    with StoreLock(url):
+        recipe, n_new, repaired = _prepare_store(url, recipe, plan, members, overwrite, repair)
+        report = _train_pending(url, recipe, plan, n_new, workers, scheduler, device, threads, on_start, on_chunk)
+    report.repaired = repaired
+    report.wall_s = time.perf_counter() - t0
+    return report
 
-    if store_exists(url) and not overwrite:
+
+def _prepare_store(
+    url: str, recipe: Recipe, plan: ZooPlan, members: int | None, overwrite: bool, repair: bool
+) -> tuple[Recipe, int, list[int]]:
+    """Create, resume, repair or grow the store (lock held); returns the recipe at its final member count, that
+    count, and the chunks marked for retraining by a repair."""
+    remove_trash(url)
+    repaired: list[int] = []
+    if store_exists(url) and not overwrite and not _creation_unfinished(url):
         n_old = _check_compatible(url, plan)
         n_new = recipe.members if members is not None else max(recipe.members, n_old)
         if n_new < n_old:
@@ -322,7 +363,9 @@ def build_zoo(
                 f"{url} holds {n_old} members; --members {n_new} would drop some. Use a larger count, or --overwrite "
                 "to rebuild it smaller"
             )
+        check_capacity(url, plan.layout, n_new, existing=n_old)
         _remove_partials(url)
+        repaired = _check_damage(url, repair)
         if n_new > n_old:
             k = recipe.members_per_chunk
             if n_old % k:  # the partial last chunk grows: retrain it whole, as a fresh build would
@@ -331,7 +374,82 @@ def build_zoo(
     else:
         n_new = recipe.members
         create_store(url, plan.layout, plan.attrs, n_new)
-    recipe = recipe.with_members(n_new)
+        _kill_point("build:created")
+    return recipe.with_members(n_new), n_new, repaired
+
+
+def _check_damage(url: str, repair: bool) -> list[int]:
+    """Verify the finished chunks. Damage is refused, or with `repair` its chunks are marked pending (missing
+    arrays created again first) so this build retrains exactly them. Returns the chunks marked."""
+    report = verify_store(url) if not repair else None
+    if report is not None:
+        if report.damaged:
+            raise _damage_error(url, read_meta(open_group(url), url), report.damaged)
+        return []
+    missing = _missing_arrays(url)
+    if missing:
+        recreate_missing_arrays(url, missing)
+    report = verify_store(url)
+    for damage in report.damaged:
+        reset_members(url, damage.start, damage.stop)
+    return [d.chunk for d in report.damaged]
+
+
+def _missing_arrays(url: str) -> list[str]:
+    """Member arrays of the layout whose metadata is gone or unreadable."""
+    from pipeline.store import CHECKSUM, _checksum_columns
+
+    root = open_group(url, mode="r")
+    meta = read_meta(root, url)
+    layout = StoreLayout.from_json(meta["layout"])
+    names = _checksum_columns(layout) + ["members/split_run", "members/split_config"]
+    if meta.get("checksums") == CHECKSUM:
+        names.append(CHECKSUM)
+    missing = []
+    for name in names:
+        try:
+            root[name]
+        except Exception:  # noqa: BLE001 - missing or unreadable metadata
+            missing.append(name)
+    return missing
+
+
+def _check_scheduler(address: str) -> None:
+    """Fail fast (3 s) with a one-line error when nothing listens at a tcp:// scheduler address."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme not in ("tcp", "tls"):
+        return  # other transports (inproc, ucx): Dask's own connect reports them
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise ConfigError(f"--scheduler {address!r} is not an address: give HOST:PORT, e.g. tcp://127.0.0.1:8786")
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as err:
+        raise ConfigError(
+            f"--scheduler {address}: no Dask scheduler answers there ({err.strerror or err}); start one "
+            "(`dask scheduler`) or leave out --scheduler to use this machine's cores"
+        ) from None
+
+
+def _train_pending(
+    url: str,
+    recipe: Recipe,
+    plan: ZooPlan,
+    n_new: int,
+    workers: int | None,
+    scheduler: str | None,
+    device: str,
+    threads: int | None,
+    on_start: Callable[[int, int, int], None] | None,
+    on_chunk: Callable[[ChunkOutcome], None] | None,
+) -> BuildReport:
+    """Train every chunk with a pending member, write the splits, and summarise the store."""
 
     status = read_status(url)
     k = recipe.members_per_chunk
@@ -350,6 +468,7 @@ def build_zoo(
         else:
             n_workers = _run_dask(url, recipe, plan, pending, n_new, workers, scheduler, device, threads, on_chunk)
     write_splits(url)
+    _kill_point("build:splits")
 
     status = read_status(url)
     test_acc = open_group(url)["metrics/test_acc"][:, -1] if "test_acc" in plan.layout.metric_names else np.array([])
@@ -361,7 +480,7 @@ def build_zoo(
         done=int((status == DONE).sum()),
         diverged=int((status == DIVERGED).sum()),
         pending=int((status == PENDING).sum()),
-        wall_s=time.perf_counter() - t0,
+        wall_s=0.0,
         workers=n_workers,
         final_test_acc=np.asarray(test_acc)[status == DONE] if len(test_acc) else np.array([]),
     )
@@ -396,7 +515,10 @@ def _run_dask(
     with dask.config.set(settings):
         cluster = None
         if scheduler is not None:
-            client = Client(scheduler)
+            try:
+                client = Client(scheduler, timeout="10s")
+            except OSError as err:
+                raise ConfigError(f"--scheduler {scheduler}: cannot connect to a Dask scheduler ({err})") from None
             n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         else:
             n_workers = max(1, min(workers or cores, len(pending)))

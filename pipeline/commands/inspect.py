@@ -7,14 +7,22 @@ import typer
 from pipeline.commands._common import console, user_errors
 
 
-def inspect(zoo: str = typer.Argument(..., help="Zoo store path or fsspec URL.")) -> None:
+def inspect(
+    zoo: str = typer.Argument(..., help="Zoo store path or fsspec URL."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Read every finished chunk and check its checksums; exit 1 naming damaged chunks."
+    ),
+) -> None:
     """Summarize a zoo store: what it holds, how much of it is trained, and how good the members are."""
     with user_errors():
         from rich.table import Table
 
         from pipeline.store import Zoo
 
-        summary = Zoo.open(zoo).summary()
+        store = Zoo.open(zoo)
+        if verify:
+            _verify(store)
+        summary = store.summary()
         head = Table(title=f"zoo {summary['name']}", show_header=False, title_justify="left")
         for key in ("store", "kind", "task", "arch", "members", "status", "checkpoint epochs", "chunks", "splits", "size on disk"):
             head.add_row(key, str(summary[key]))
@@ -32,3 +40,27 @@ def inspect(zoo: str = typer.Argument(..., help="Zoo store path or fsspec URL.")
         for (name, epoch), q in summary["metrics"].items():
             metrics.add_row(name, str(epoch), "  ".join(f"{v:.3f}" for v in q))
         console.print(metrics)
+
+
+def _verify(store: object) -> None:
+    """Print what `Zoo.verify` found; damage ends the command with exit code 1 after naming every damaged chunk."""
+    from rich.markup import escape
+
+    from pipeline.commands._common import err_console
+
+    report = store.verify()  # type: ignore[attr-defined]
+    if not report.checksums:
+        console.print(f"verify: {report.checked} finished chunks read; this store predates checksums, so only "
+                      "readability was checked")
+    elif report.ok:
+        console.print(f"verify: {report.checked} finished chunks read, every checksum matches")
+    if report.ok:
+        return
+    for damage in report.damaged:
+        err_console.print(f"damaged: {escape(damage.describe())}", highlight=False, soft_wrap=True)
+    kind = store.attrs.get("kind")  # type: ignore[attr-defined]
+    fix = (f"unfzoo zoo {store.attrs.get('name', 'RECIPE')} --out {store.url} --repair" if kind == "recipe"  # type: ignore[attr-defined]
+           else "import the zoo again with --overwrite")
+    err_console.print(f"verify: {len(report.damaged)} of {report.checked} finished chunks damaged; fix: {escape(fix)}",
+                      highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1)

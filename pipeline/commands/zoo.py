@@ -18,6 +18,9 @@ def zoo(
     ),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store that holds another recipe's zoo."),
+    repair: bool = typer.Option(
+        False, "--repair", help="Verify every finished chunk's checksums and retrain the damaged chunks."
+    ),
     threads: Optional[int] = typer.Option(
         None, "--threads", help="Torch threads per task (default: cores / workers); keep it fixed for bit-identical reruns."
     ),
@@ -42,7 +45,7 @@ def zoo(
         try:
             report = build_zoo(
                 rec, target, members=members, workers=workers, scheduler=scheduler, overwrite=overwrite,
-                device=device, threads=threads, on_start=bar.start, on_chunk=bar.advance,
+                repair=repair, device=device, threads=threads, on_start=bar.start, on_chunk=bar.advance,
             )
         finally:
             bar.stop()
@@ -91,6 +94,8 @@ def _print_summary(name: str, report: Any) -> None:
     table.add_row("store", report.url)
     table.add_row("members", f"{report.members} ({report.done} done, {report.diverged} diverged, {report.pending} pending)")
     table.add_row("trained now", f"{report.trained} ({report.skipped} were already in the store)")
+    if report.repaired:
+        table.add_row("repaired", "chunks " + ", ".join(map(str, report.repaired)) + " (failed their checksums)")
     table.add_row("wall time", f"{report.wall_s:.1f} s")
     if report.trained:
         table.add_row("throughput", f"{report.members_per_s:.1f} members/s with {report.workers or 'in-process'} workers")
