@@ -151,10 +151,15 @@ _KILL_COUNTS: dict[str, int] = {}
 def _kill_point(name: str) -> None:
     """Fault injection for the crash-safety tests: UNFZOO_KILL_AT=name[:n] SIGKILLs this process at the n-th pass."""
     spec = os.environ.get("UNFZOO_KILL_AT")
-    if not spec or spec.partition(":")[0] != name:
+    if not spec:
+        return
+    target, _, count = spec.rpartition(":")
+    if not count.isdigit():
+        target, count = spec, "1"
+    if target != name:
         return
     _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
-    if _KILL_COUNTS[name] >= int(spec.partition(":")[2] or 1):
+    if _KILL_COUNTS[name] >= int(count):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
