@@ -8,8 +8,10 @@ keys and shapes with ``spec.check``; every step is reported so a user can see ho
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+import stat
 import warnings
 import zipfile
 from collections.abc import Hashable, Mapping, Sequence
@@ -144,12 +146,28 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
     )
 
 
+def _check_regular_file(path: Path) -> None:
+    """Refuse anything but a regular file before opening it: reading a named pipe or a device blocks forever or never
+    ends (stat does not open, so it cannot block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the file: {err.strerror or err}") from err
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "not a regular file")
+        raise CheckpointError(f"{path}: is {kind}, not a regular file; only checkpoint files are read")
+
+
 def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     """Read one checkpoint file safely and unwrap it to a flat {key: tensor} state dict.
 
-    Raises CheckpointError (naming the file) for unsafe pickles, truncated or corrupt files and non-state-dict content.
+    Raises CheckpointError (naming the file) for non-regular files (pipes, devices), unsafe pickles, truncated or
+    corrupt files and non-state-dict content.
     """
     path = Path(path)
+    _check_regular_file(path)
     if path.suffix == ".safetensors":
         return LoadedCheckpoint(_load_safetensors(path), "safetensors", "")
     state, wrapper = _unwrap(_load_torch(path), path)
@@ -234,10 +252,7 @@ class SpecMatcher:
         ignored = tuple(sorted(k for k in state if not k.startswith(prefix) or k[len(prefix) :] not in spec))
         tensors: dict[str, torch.Tensor] = {}
         for name in self.names:
-            value = ours[name]
-            if not value.is_floating_point():
-                raise CheckpointError(f"{where}{prefix}{name} has dtype {value.dtype}; expected floating-point weights")
-            tensors[name] = value.detach().to(torch.float32)
+            tensors[name] = _dense_float32(ours[name], f"{where}{prefix}{name}")
         try:
             widths = self._widths(tensors)
         except CheckpointError as err:
@@ -247,6 +262,22 @@ class SpecMatcher:
                 if not bool(torch.isfinite(value).all()):
                     raise CheckpointError(f"{where}{prefix}{name} {_NON_FINITE}")
         return MatchedCheckpoint(tensors, prefix, ignored, widths)
+
+
+def _dense_float32(value: torch.Tensor, what: str) -> torch.Tensor:
+    """`value` as a dense CPU float32 tensor; CheckpointError (naming `what`) for what holds no plain real weights:
+    sparse layouts, meta-device tensors (shapes only), quantized, complex, integer and bool dtypes."""
+    if value.layout != torch.strided:
+        raise CheckpointError(f"{what} is a {str(value.layout).removeprefix('torch.')} tensor; expected dense weights "
+                              "(save tensor.to_dense())")
+    if value.device.type == "meta":
+        raise CheckpointError(f"{what} is on the meta device: the file holds its shape but no values")
+    if value.is_quantized:
+        raise CheckpointError(f"{what} is quantized ({value.dtype}); expected floating-point weights (save "
+                              "tensor.dequantize())")
+    if not value.is_floating_point():
+        raise CheckpointError(f"{what} has dtype {value.dtype}; expected floating-point weights")
+    return value.detach().to("cpu", torch.float32).contiguous()
 
 
 def match_state_dict(
@@ -273,27 +304,28 @@ def read_checkpoints(items: Sequence[tuple[Hashable, str]], matcher: SpecMatcher
     """
     rows: dict[Hashable, dict[str, Any]] = {}
     paths = dict(items)
-    pending: dict[tuple[tuple[int, ...], ...], tuple[list[Hashable], dict[str, list[torch.Tensor]]]] = {}
+    pending: dict[tuple[tuple[int, ...], ...], tuple[list[Hashable], dict[str, list[np.ndarray]]]] = {}
     for key, path in items:
         meta = rows[key] = {"format": "safetensors" if str(path).endswith(".safetensors") else "torch"}
-        try:
+        try:  # everything done with the file's content happens in here, the numpy conversion included
             loaded = load_checkpoint(path)
             meta["wrapper"] = loaded.wrapper
             matched = matcher.match(loaded.state, path, check_finite=False)  # checked below, once per stack
+            arrays = {name: np.asarray(t.numpy(), dtype=np.float32) for name, t in matched.tensors.items()}
         except Exception as err:  # noqa: BLE001 - any failure is this file's verdict, never the batch's
             meta.update(status="error", error=error_text(err))
             continue
         meta.update(status="ok", stripped_prefix=matched.stripped_prefix, widths=matched.widths,
                     ignored_keys=len(matched.ignored_keys))
-        sig = tuple(tuple(t.shape) for t in matched.tensors.values())
-        keys, stacks = pending.setdefault(sig, ([], {name: [] for name in matched.tensors}))
+        sig = tuple(a.shape for a in arrays.values())
+        keys, stacks = pending.setdefault(sig, ([], {name: [] for name in arrays}))
         keys.append(key)
-        for name, tensor in matched.tensors.items():
-            stacks[name].append(tensor)
+        for name, array in arrays.items():
+            stacks[name].append(array)
     groups = {}
     for sig, (keys, stacks) in pending.items():
         # numpy: single-threaded, so no thread-pool contention with the predictor or other workers
-        arrays = {name: np.stack([t.numpy() for t in ts]) for name, ts in stacks.items()}  # (n, *shape) each
+        arrays = {name: np.stack(parts) for name, parts in stacks.items()}  # (n, *shape) each
         finite = np.ones(len(keys), dtype=bool)
         for name, a in arrays.items():
             ok = np.isfinite(a.reshape(len(a), -1)).all(axis=1)

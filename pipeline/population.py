@@ -290,9 +290,21 @@ def _check_inputs(hparams: Mapping[str, Any], seeds: Any) -> tuple[dict[str, np.
     return out, seeds.astype(np.int64)
 
 
-def _template(job: ChunkJob, device: torch.device, batched: bool) -> tuple[nn.Module, list[str]]:
+def _numpy_dtype(dtype: torch.dtype) -> type:
+    if dtype not in (torch.float32, torch.float64):
+        raise ConfigError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
+    return np.float32 if dtype == torch.float32 else np.float64
+
+
+def _task_arrays(task: Task, dev: torch.device, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """(x, y) of the train and test split on `dev`, float inputs in `dtype` (token inputs stay integers)."""
+    cast = lambda t: t.to(dev, dtype) if t.is_floating_point() else t.to(dev)  # noqa: E731
+    return (cast(task.x_train), task.y_train.to(dev)), (cast(task.x_test), task.y_test.to(dev))
+
+
+def _template(job: ChunkJob, device: torch.device, batched: bool, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
     """The member module used as a functional template, and the names of its dropout modules."""
-    model = build_member(job.arch).to(device)
+    model = build_member(job.arch).to(device, dtype)
     drops = []
     for name, m in model.named_modules():
         if isinstance(m, MemberConv2d):
@@ -309,15 +321,18 @@ def train_population(
     device: str | torch.device = "auto",
     *,
     progress: Callable[[int, int], None] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> PopulationResult:
     """Train members with seeds `seeds` (M,) and per-member `hparams` (CONTINUOUS_HPARAMS -> (M,) arrays; all but
-    'lr' default to HPARAM_DEFAULTS) for `job`, all at once on `device`. `progress(epoch, epochs)` after each epoch."""
+    'lr' default to HPARAM_DEFAULTS) for `job`, all at once on `device`. `progress(epoch, epochs)` after each epoch.
+    `dtype` float64 (weights and math; results then float64 too) serves exact comparisons with the plain loop."""
     hp, seeds = _check_inputs(hparams, seeds)
+    np_dtype = _numpy_dtype(dtype)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     task, kind, bsz = job.task, job.task.kind, job.batch_size
     pad_id = int(task.info.get("pad_id", 0))
     n_mem, n_train = len(seeds), len(task.y_train)
-    model, drop_names = _template(job, dev, batched=True)
+    model, drop_names = _template(job, dev, batched=True, dtype=dtype)
     use_noise = bool((hp["dropout"] > 0).any())
     for name in drop_names:
         model.get_submodule(name).counter_noise = use_noise
@@ -339,21 +354,20 @@ def train_population(
             torch.cat([t.reshape(-1) for t in init_member_weights(model, float(hp["init_std"][i]), int(seeds[i])).values()])
             for i in order
         ]
-    ).to(dev)  # (M, P)
+    ).to(dev, dtype)  # (M, P)
 
     def views(rows: torch.Tensor) -> dict[str, torch.Tensor]:
         k = rows.shape[0]
         return {n: rows[:, offsets[j] : offsets[j + 1]].view(k, *shapes[j]) for j, n in enumerate(names)}
 
-    x_train, y_train = task.x_train.to(dev), task.y_train.to(dev)
-    x_test, y_test = task.x_test.to(dev), task.y_test.to(dev)
-    f32 = lambda a: torch.as_tensor(a[order], dtype=torch.float32, device=dev)  # noqa: E731
+    (x_train, y_train), (x_test, y_test) = _task_arrays(task, dev, dtype)
+    per_member = lambda a: torch.as_tensor(a[order], dtype=dtype, device=dev)  # noqa: E731
     hps = {
-        "lr": f32(hp["lr"])[:, None],
+        "lr": per_member(hp["lr"])[:, None],
         "lr64": torch.as_tensor(hp["lr"][order], dtype=torch.float64, device=dev),
-        "weight_decay": f32(hp["weight_decay"])[:, None],
+        "weight_decay": per_member(hp["weight_decay"])[:, None],
     }
-    rates = f32(hp["dropout"])
+    rates = per_member(hp["dropout"])
     noise_base = torch.tensor([_noise_base(int(seeds[i])) for i in order], dtype=torch.int32, device=dev)
     subset_mask = torch.zeros(n_mem, n_train, dtype=torch.bool)
     for r, p in enumerate(plans):
@@ -377,7 +391,7 @@ def train_population(
         params = views(flat)
         fwd = vmap(lambda p, xb, yb: _sample_stats(kind, _run_model(model, kind, p, xb, yb), yb, pad_id), in_dims=(0, None, None))
         rows = max(1, _EVAL_ROWS // n_mem)
-        sums = torch.zeros(n_mem, 4, device=dev)
+        sums = torch.zeros(n_mem, 4, device=dev, dtype=dtype)
         with torch.no_grad():
             for start in range(0, len(y), rows):
                 stats = fwd(params, x[start : start + rows], y[start : start + rows])  # (M, b, 4)
@@ -389,8 +403,8 @@ def train_population(
         return _metrics_from_sums(sums, samples)
 
     n_ck = len(job.checkpoint_epochs)
-    weights_out = {n: np.full((n_mem, n_ck, *s), np.nan, dtype=np.float32) for n, s in zip(names, shapes)}
-    metrics_out = {n: np.full((n_mem, n_ck), np.nan, dtype=np.float32) for n in METRIC_NAMES}
+    weights_out = {n: np.full((n_mem, n_ck, *s), np.nan, dtype=np_dtype) for n, s in zip(names, shapes)}
+    metrics_out = {n: np.full((n_mem, n_ck), np.nan, dtype=np_dtype) for n in METRIC_NAMES}
 
     back = np.argsort(order)  # original member -> internal row
 
@@ -411,7 +425,7 @@ def train_population(
     checkpoint(ck_index[0], 0)
     for epoch in range(1, job.epochs + 1):
         idx = np.zeros((n_mem, len(active) * bsz), dtype=np.int64)  # (M, S*B) sample indices, row = internal member
-        valid = np.zeros(idx.shape, dtype=np.float32)
+        valid = np.zeros(idx.shape, dtype=np_dtype)
         for r, p in enumerate(plans):
             seq = p.epoch()
             idx[r, : len(seq)] = seq
@@ -459,16 +473,18 @@ def train_member_reference(
     device: str | torch.device = "cpu",
     *,
     exact_noise: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> PopulationResult:
     """Train ONE member with a plain PyTorch loop (nn modules, torch.optim, one step per batch): the oracle for
     train_population and the baseline of its benchmark. Same init, subset and data order; the same dropout masks
     when `exact_noise`, else standard nn.Dropout with torch's generator (a plain loop's usual cost)."""
     hp, seeds = _check_inputs({k: np.asarray([v]) for k, v in hparams.items()}, np.asarray([seed]))
     hp = {k: float(v[0]) for k, v in hp.items()}
+    np_dtype = _numpy_dtype(dtype)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     task, kind, bsz = job.task, job.task.kind, job.batch_size
     pad_id = int(task.info.get("pad_id", 0))
-    model, drop_names = _template(job, dev, batched=False)
+    model, drop_names = _template(job, dev, batched=False, dtype=dtype)
     with torch.no_grad():
         for name, t in init_member_weights(model, hp["init_std"], seed).items():
             model.get_parameter(name).copy_(t)
@@ -484,8 +500,7 @@ def train_member_reference(
         momentum = MOMENTUM if job.optimizer == "momentum" else 0.0
         opt = torch.optim.SGD(params, lr=hp["lr"], momentum=momentum, weight_decay=hp["weight_decay"])
     data = MemberDataOrder(seed, len(task.y_train), hp["train_fraction"])
-    x_train, y_train = task.x_train.to(dev), task.y_train.to(dev)
-    x_test, y_test = task.x_test.to(dev), task.y_test.to(dev)
+    (x_train, y_train), (x_test, y_test) = _task_arrays(task, dev, dtype)
     base = torch.tensor(_noise_base(seed), dtype=torch.int32, device=dev)
 
     def evaluate(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -493,11 +508,11 @@ def train_member_reference(
         with torch.no_grad():
             sums = _sample_stats(kind, _run_model(model, kind, None, x, y), y, pad_id).sum(0, keepdim=True)  # (1, 4)
         model.train()
-        return _metrics_from_sums(sums, torch.tensor([float(len(y))], device=dev))
+        return _metrics_from_sums(sums, torch.tensor([float(len(y))], device=dev, dtype=dtype))
 
     n_ck = len(job.checkpoint_epochs)
-    weights = {n: np.full((1, n_ck, *p.shape), np.nan, dtype=np.float32) for n, p in model.named_parameters()}
-    metrics = {n: np.full((1, n_ck), np.nan, dtype=np.float32) for n in METRIC_NAMES}
+    weights = {n: np.full((1, n_ck, *p.shape), np.nan, dtype=np_dtype) for n, p in model.named_parameters()}
+    metrics = {n: np.full((1, n_ck), np.nan, dtype=np_dtype) for n in METRIC_NAMES}
     dead_epoch = -1
     subset = torch.from_numpy(data.subset).to(dev)
     for c, target in enumerate(job.checkpoint_epochs):

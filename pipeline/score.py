@@ -28,7 +28,7 @@ from pipeline.errors import ConfigError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["OUTPUT_COLUMNS", "ScoreInputs", "discover_inputs", "local_cluster_pays_off", "score_checkpoints"]
+__all__ = ["OUTPUT_COLUMNS", "ScoreInputs", "discover_inputs", "local_cluster_pays_off", "printable", "score_checkpoints"]
 
 OUTPUT_COLUMNS: tuple[str, ...] = (
     "path",  # the file, or the zoo directory for zoo members
@@ -386,11 +386,23 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda n: bar.advance(task, n)
 
 
+def printable(text: str) -> str:
+    """`text` as valid UTF-8 whatever it holds: bytes of a file name that are not UTF-8 (which Python keeps as lone
+    surrogates) become backslash escapes, e.g. b"caf\\xe9.pt" -> "caf\\xe9.pt", so any name can be written to a
+    CSV/Parquet table or a terminal."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _frame(rows: Mapping[Key, Mapping[str, Any]]) -> pd.DataFrame:
-    """Rows in input order (zoo members in member order) with every output column and stable dtypes."""
+    """Rows in input order (zoo members in member order) with every output column and stable dtypes; text columns
+    are `printable`."""
     import pandas as pd
 
-    frame = pd.DataFrame.from_records([rows[k] for k in sorted(rows)], columns=list(OUTPUT_COLUMNS))
+    records = [{c: printable(v) if isinstance(v, str) else v for c, v in rows[k].items()} for k in sorted(rows)]
+    frame = pd.DataFrame.from_records(records, columns=list(OUTPUT_COLUMNS))
     frame["status"] = frame["status"].fillna("error").astype(str)
     for col in ("error", "format", "wrapper", "stripped_prefix", "widths"):
         frame[col] = frame[col].astype(object).fillna("").astype(str)

@@ -164,3 +164,98 @@ def test_resume_keeps_the_best(tmp_path) -> None:
         assert torch.equal(resumed.meta[k], straight.meta[k]) and torch.equal(resumed.meta_last[k], straight.meta_last[k])
     with pytest.raises(ConfigError, match="different meta-train"):  # validation settings are part of the run
         meta_train(problems, _config("sgdm", steps=6, validate_every=3, val_members=2), tmp_path / "b", val_problems=val)
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL at a chosen write: nothing after it runs (BaseException: no handler catches it)."""
+
+
+@pytest.mark.parametrize("killed_at", ["meta", "progress"])
+def test_kill_between_checkpoint_and_derived_files_resumes_exactly(tmp_path, monkeypatch, killed_at: str) -> None:
+    """Killed after checkpoint.safetensors holds step 4 but before meta*.safetensors / progress.json follow (they still
+    say step 2): the rerun resumes from step 4 exactly, never pairs step-4 parameters with step-2 progress."""
+    import importlib
+
+    mt = importlib.import_module("pipeline.lopt.meta_train")
+    problems = [mlp_problem(seed=s) for s in range(2)]
+    straight = meta_train(problems, _config(steps=6), tmp_path / "a")
+    saves = {"n": 0}
+    real_meta, real_json = mt._save_meta, mt._write_json
+
+    def save_meta(out, last, selected):
+        saves["n"] += 1  # one call per checkpoint (steps 2, 4, 6)
+        if killed_at == "meta" and saves["n"] == 2:
+            raise _Killed
+        real_meta(out, last, selected)
+
+    def write_json(path, data):
+        if killed_at == "progress" and path.name == "progress.json" and data["step"] == 4:
+            raise _Killed
+        real_json(path, data)
+
+    monkeypatch.setattr(mt, "_save_meta", save_meta)
+    monkeypatch.setattr(mt, "_write_json", write_json)
+    with pytest.raises(_Killed):
+        meta_train(problems, _config(steps=6), tmp_path / "b")
+    monkeypatch.undo()
+    run = tmp_path / "b"
+    assert json.loads((run / "progress.json").read_text())["step"] == 2  # the window of the bug: files disagree
+    resumed = meta_train(problems, _config(steps=6), run)
+    assert [h["meta_loss"] for h in resumed.history] == [h["meta_loss"] for h in straight.history]
+    for k in straight.meta:
+        assert torch.equal(resumed.meta[k], straight.meta[k]), k
+    _, saved, _ = load_optimizer(run)
+    assert all(torch.equal(saved[k], straight.meta[k]) for k in saved)
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["step"] == 6 and progress["history"] == straight.history
+
+
+def test_kill_after_the_last_checkpoint_rebuilds_the_derived_files(tmp_path, monkeypatch) -> None:
+    """Killed after the final checkpoint but before progress.json: the rerun trains nothing and repairs progress.json."""
+    import importlib
+
+    mt = importlib.import_module("pipeline.lopt.meta_train")
+    problems = [mlp_problem()]
+    real_json = mt._write_json
+
+    def write_json(path, data):
+        if path.name == "progress.json" and data["step"] == 4:
+            raise _Killed
+        real_json(path, data)
+
+    monkeypatch.setattr(mt, "_write_json", write_json)
+    with pytest.raises(_Killed):
+        meta_train(problems, _config(steps=4), tmp_path / "run")
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "run" / "progress.json").read_text())["step"] == 2
+    again = meta_train(problems, _config(steps=4), tmp_path / "run")
+    straight = meta_train(problems, _config(steps=4))
+    assert again.history == straight.history and all(torch.equal(again.meta[k], straight.meta[k]) for k in again.meta)
+    assert json.loads((tmp_path / "run" / "progress.json").read_text())["history"] == straight.history
+
+
+def test_unverifiable_or_foreign_checkpoints_are_refused(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    problems = [mlp_problem()]
+    meta_train(problems, _config(steps=2), tmp_path / "run")
+    meta_train(problems, _config(steps=2, seed=1), tmp_path / "other")
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    tensors = load_file(str(ckpt))
+    with safe_open(str(ckpt), framework="pt") as f:
+        metadata = f.metadata()
+
+    def refused(match: str) -> None:
+        with pytest.raises(CheckpointError, match=match):
+            meta_train(problems, _config(steps=4), tmp_path / "run")
+
+    save_file(tensors, str(ckpt))  # an older checkpoint: no step record, cannot be paired safely
+    refused("does not record its own outer step")
+    save_file(tensors, str(ckpt), metadata={**metadata, "progress": json.dumps({**json.loads(metadata["progress"]), "step": 1})})
+    refused("step 1 disagrees with its history")
+    save_file(load_file(str(tmp_path / "other" / "checkpoint.safetensors")), str(ckpt),
+              metadata=safe_open(str(tmp_path / "other" / "checkpoint.safetensors"), framework="pt").metadata())
+    refused("another meta-training run")
+    ckpt.write_bytes(b"\x10\x00")  # torn file
+    refused("checkpoint unreadable")

@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import pickle
 import shlex
+import signal
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +242,60 @@ def test_no_inputs_is_a_usage_error(tmp_path: Path, score_predictors) -> None:
         score_checkpoints(score_predictors["unf"], [tmp_path / "missing.pt"])
     with pytest.raises(ConfigError, match="--batch-size"):
         score_checkpoints(score_predictors["unf"], [tmp_path], batch_size=0)
+
+
+@contextmanager
+def _deadline(seconds: int):
+    """Fail instead of hanging (e.g. on opening a named pipe nobody writes to): SIGALRM interrupts the blocked open."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _odd_tensor_files(folder: Path, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Files whose convs.0.weight cannot be scored, by name -> the error they must get."""
+    w = state["convs.0.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantize_per_tensor is deprecated; such files still exist
+        odd = {
+            "sparse.pt": (w.to_sparse(), "is a sparse_coo tensor"),
+            "meta.pt": (torch.empty(w.shape, device="meta"), "is on the meta device"),
+            "quantized.pt": (torch.quantize_per_tensor(w, 0.01, 0, torch.qint8), "is quantized (torch.qint8)"),
+            "complex.pt": (w.to(torch.complex64), "has dtype torch.complex64"),
+            "integer.pt": (w.to(torch.int64), "has dtype torch.int64"),
+        }
+        for name, (tensor, _) in odd.items():
+            torch.save({**state, "convs.0.weight": tensor}, folder / name)
+    return {name: why for name, (_, why) in odd.items()}
+
+
+def test_pipes_odd_tensors_and_non_utf8_names_fail_alone(tmp_path: Path, score_zoo, score_predictors) -> None:
+    """A named pipe is not opened (it would block forever), every tensor is converted inside the file's own guard
+    (sparse, meta, quantized, complex, integer: error rows), any file name reaches the table, the rest are scored."""
+    state = _member_state(score_zoo, 1)
+    torch.save(state, tmp_path / "good.pt")
+    torch.save(state, tmp_path / os.fsdecode(b"caf\xe9.pt"))  # a Latin-1 name: not valid UTF-8
+    os.mkfifo(tmp_path / "pipe.pt")
+    os.symlink(tmp_path / "gone.pt", tmp_path / "dangling.pt")
+    expected = {**_odd_tensor_files(tmp_path, state), "pipe.pt": "is a named pipe, not a regular file",
+                "dangling.pt": "No such file"}
+    with _deadline(60):
+        frame = score_checkpoints(score_predictors["unf"], [tmp_path], workers=0)
+    by_name = {Path(p).name: row for p, row in zip(frame["path"], frame.to_dict("records"))}
+    assert set(by_name) == {"good.pt", "caf\\xe9.pt", *expected}
+    for name in ("good.pt", "caf\\xe9.pt"):
+        assert by_name[name]["status"] == "ok" and np.isfinite(by_name[name]["prediction"]), by_name[name]
+    assert by_name["good.pt"]["prediction"] == by_name["caf\\xe9.pt"]["prediction"]
+    for name, why in expected.items():
+        row = by_name[name]
+        assert row["status"] == "error" and why in row["error"] and name in row["error"], row
+        assert np.isnan(row["prediction"])
+    for text in frame["path"].tolist() + frame["error"].tolist():
+        text.encode("utf-8")  # strict: every cell is valid UTF-8, so CSV/Parquet writers and terminals take it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -70,3 +71,24 @@ def test_usage_errors_exit_2_with_a_message(tmp_path: Path, checkpoints: Path, s
     assert result.exit_code == 2, result.output
     assert expected in result.output and "Traceback" not in result.output
     assert not Path(out).exists()
+
+
+def test_pipes_odd_tensors_and_any_file_name_are_rows_of_a_valid_table(tmp_path: Path, checkpoints: Path,
+                                                                      score_predictor_dirs) -> None:
+    """A folder with a named pipe, a meta-device tensor and a non-UTF-8 file name: the run ends (exit 1), the table is
+    valid UTF-8 with one row per file, the good files (the oddly named one too) are scored."""
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    state = torch.load(checkpoints / "run1.pt", weights_only=True)
+    torch.save(state, folder / "good.pt")
+    torch.save(state, folder / os.fsdecode(b"r\xe9sum\xe9.pt"))  # Latin-1 bytes in the name
+    torch.save({**state, "head.weight": torch.empty(state["head.weight"].shape, device="meta")}, folder / "meta.pt")
+    os.mkfifo(folder / "pipe.pt")
+    out = tmp_path / "scores.csv"
+    result = runner.invoke(app, ["score", str(score_predictor_dirs["unf"]), str(folder), "--out", str(out),
+                                 "--workers", "0"])
+    assert result.exit_code == 1, result.output
+    assert "2 input(s) failed" in result.output and "Traceback" not in result.output
+    frame = pd.read_csv(out, encoding="utf-8")  # strict decoding: the file is valid UTF-8
+    names = {Path(p).name: s for p, s in zip(frame["path"], frame["status"])}
+    assert names == {"good.pt": "ok", "r\\xe9sum\\xe9.pt": "ok", "meta.pt": "error", "pipe.pt": "error"}

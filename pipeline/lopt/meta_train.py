@@ -16,6 +16,12 @@ Output directory: `config.json` (resolved config, optimizer architecture, spec, 
 selected meta-parameters by name: best on validation, or the last ones without validation), `meta_last.safetensors`
 (the last ones), `checkpoint.safetensors` + `progress.json` (outer state, population state, best-so-far, history,
 validation curve, selected step).
+
+Resume: `checkpoint.safetensors` is the one atomic unit (written to a temporary file, then renamed). Its metadata
+holds the outer step, history, validation curve and selection together with the tensors of that same step, and the
+digest of the run's resume-relevant config. `progress.json`, `meta.safetensors` and `meta_last.safetensors` are
+derived from it after each save and rebuilt from it on resume, so a kill between any two writes resumes exactly. A
+checkpoint without that record (older format) or of another run is refused, never guessed at.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.func import grad_and_value, vmap
@@ -56,6 +63,7 @@ META_LAST_FILE = "meta_last.safetensors"
 CKPT_FILE = "checkpoint.safetensors"
 PROGRESS_FILE = "progress.json"
 _RESUME_FREE = ("outer_steps", "checkpoint_every")  # may change between a run and its resume
+_CKPT_FORMAT = "unfzoo-lopt-checkpoint/2"  # metadata "format" of a checkpoint that records its own step
 
 
 @dataclass(frozen=True)
@@ -207,6 +215,20 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _save_tensors(tensors: Mapping[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors file written whole or not at all (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _run_digest(stored: Mapping[str, Any]) -> str:
+    """sha256 of what identifies a run for resuming: config.json's content less the options free to change."""
+    ident = dict(stored)
+    ident["meta_train"] = {k: v for k, v in dict(stored.get("meta_train") or {}).items() if k not in _RESUME_FREE}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _spec_dict(spec: Any) -> Any:
     return None if spec is None else spec.to_dict()
 
@@ -279,10 +301,14 @@ def meta_train(
     accum: Tensor | None = None
     best = _Best()
     out_dir = Path(out) if out is not None else None
+    run = _run_digest(stored)
     if out_dir is not None:
-        resumed = _try_resume(out_dir, stored, device)
+        resumed = _try_resume(out_dir, stored, run, device)
         if resumed is not None:
             start, elapsed, history, theta, outer_state, state, accum, best = resumed
+            # the derived files may lag the checkpoint (a kill between writes): rebuild them from it
+            _save_meta(out_dir, *_last_and_selected(template, theta, best))
+            _write_json(out_dir / PROGRESS_FILE, _progress(start, elapsed, history, best))
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
         _write_json(out_dir / CONFIG_FILE, stored)
@@ -321,7 +347,7 @@ def meta_train(
             if bar is not None:
                 bar[0].update(bar[1], advance=1, description=f"meta-train {config.optimizer.kind} loss {res.loss:.3f}{best.describe()}")
             if out_dir is not None and (done % config.checkpoint_every == 0 or done == end):
-                _save(out_dir, template, theta, outer_state, state, accum, done, elapsed + time.perf_counter() - t0, history, best)
+                _save(out_dir, run, template, theta, outer_state, state, accum, done, elapsed + time.perf_counter() - t0, history, best)
     if bar is not None:
         bar[0].stop()
     last, meta = _last_and_selected(template, theta, best)
@@ -380,11 +406,16 @@ def _last_and_selected(template: Mapping[str, Tensor], theta: Tensor, best: _Bes
 
 def _save_meta(out: Path, last: Mapping[str, Tensor], selected: Mapping[str, Tensor]) -> None:
     """meta_last.safetensors = the last meta-parameters; meta.safetensors = the selected ones."""
-    save_file({k: v.contiguous() for k, v in last.items()}, str(out / META_LAST_FILE))
-    save_file({k: v.contiguous() for k, v in selected.items()}, str(out / META_FILE))
+    _save_tensors(last, out / META_LAST_FILE)
+    _save_tensors(selected, out / META_FILE)
 
 
-def _save(out: Path, template: Mapping[str, Tensor], theta: Tensor, outer_state: Any, state: Any, accum: Tensor | None, step: int, elapsed: float, history: list[dict[str, float]], best: _Best) -> None:
+def _progress(step: int, elapsed: float, history: list[dict[str, float]], best: _Best) -> dict[str, Any]:
+    return {"step": step, "elapsed_s": elapsed, "history": history, **best.progress()}
+
+
+def _save(out: Path, run: str, template: Mapping[str, Tensor], theta: Tensor, outer_state: Any, state: Any, accum: Tensor | None, step: int, elapsed: float, history: list[dict[str, float]], best: _Best) -> None:
+    """The checkpoint (tensors + its step's progress in the metadata, one atomic file), then the derived files."""
     tensors = {"theta": theta.detach().cpu().contiguous()}
     if best.theta is not None:
         tensors["best_theta"] = best.theta.detach().cpu().contiguous()
@@ -393,14 +424,39 @@ def _save(out: Path, template: Mapping[str, Tensor], theta: Tensor, outer_state:
         tensors.update(_flatten_tree(state, "population"))
     if accum is not None:
         tensors["accum"] = accum.detach().cpu().contiguous()
-    tmp = out / (CKPT_FILE + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out / CKPT_FILE)
+    progress = _progress(step, elapsed, history, best)
+    _save_tensors(tensors, out / CKPT_FILE, {"format": _CKPT_FORMAT, "run": run, "progress": json.dumps(progress)})
     _save_meta(out, *_last_and_selected(template, theta, best))
-    _write_json(out / PROGRESS_FILE, {"step": step, "elapsed_s": elapsed, "history": history, **best.progress()})
+    _write_json(out / PROGRESS_FILE, progress)
 
 
-def _try_resume(out: Path, stored: Mapping[str, Any], device: torch.device) -> tuple[Any, ...] | None:
+def _read_checkpoint(path: Path, run: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, progress) of a checkpoint, checked to be whole, of this run and self-consistent."""
+    restart = f"delete {path} to restart the meta-training from step 0"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: checkpoint unreadable ({err}); {restart}") from err
+    if metadata.get("format") != _CKPT_FORMAT or "progress" not in metadata:
+        raise CheckpointError(f"{path}: checkpoint does not record its own outer step (older format), so resuming "
+                              f"it could pair its parameters with another step's progress; {restart}")
+    if metadata.get("run") != run:
+        raise CheckpointError(f"{path}: checkpoint belongs to another meta-training run than {path.parent / CONFIG_FILE}; {restart}")
+    try:
+        progress = json.loads(metadata["progress"])
+        step, history = int(progress["step"]), list(progress["history"])
+        consistent = len(history) == step and (step == 0 or int(history[-1]["step"]) == step) and "theta" in flat
+        float(progress["elapsed_s"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: checkpoint's progress record is damaged ({err}); {restart}") from err
+    if not consistent:
+        raise CheckpointError(f"{path}: checkpoint's step {step} disagrees with its history or tensors; {restart}")
+    return flat, progress
+
+
+def _try_resume(out: Path, stored: Mapping[str, Any], run: str, device: torch.device) -> tuple[Any, ...] | None:
     cfg_path = out / CONFIG_FILE
     if not cfg_path.exists():
         if out.exists() and any(out.iterdir()):
@@ -417,13 +473,9 @@ def _try_resume(out: Path, stored: Mapping[str, Any], device: torch.device) -> t
             b = {k: v for k, v in b.items() if k not in _RESUME_FREE}
         if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             raise ConfigError(f"--out {out} holds a meta-training run with a different {key.replace('_', '-')}; use another --out, or delete it to start over")
-    if not (out / CKPT_FILE).exists() or not (out / PROGRESS_FILE).exists():
+    if not (out / CKPT_FILE).exists():  # killed before the first checkpoint: start over (progress.json is derived)
         return None
-    try:
-        flat = load_file(str(out / CKPT_FILE))
-        progress = json.loads((out / PROGRESS_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{out}: checkpoint unreadable ({err}); delete {out / CKPT_FILE} to restart") from err
+    flat, progress = _read_checkpoint(out / CKPT_FILE, run)
     theta = flat["theta"].to(device)
     outer_state = _unflatten_tree(flat, "outer", device)
     state = _unflatten_tree(flat, "population", device) or None
