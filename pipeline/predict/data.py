@@ -271,6 +271,11 @@ def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) ->
         for role, zs in (("zoo", train_zoos[1:]), ("eval zoo", eval_zoos)):
             for z in zs:
                 _check_family(spec, first, z, role)
+    train_urls = {str(z.url) for z in train_zoos}
+    both = [str(z.url) for z in eval_zoos if str(z.url) in train_urls]
+    if both:
+        raise ConfigError(f"--eval-zoo {both[0]} is also a training zoo; an eval zoo must be one the predictor never "
+                          "trains on")
     split = parse_split(config.split)
     all_zoos = [(z, "train") for z in train_zoos] + [(z, "eval") for z in eval_zoos]
     usable = []
@@ -281,14 +286,14 @@ def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) ->
     held = (_group_held_out(train_zoos, [u[0] for u in usable[: len(train_zoos)]], split, config.split_seed)
             if isinstance(split, GroupSplit) else None)
 
-    seen: dict[str, int] = {}
+    seen: dict[tuple[str, str], int] = {}
     blocks, parts, zoo_info = [], [], []
     split_names = list(SPLITS)
     excluded_total = {"pending": 0, "diverged": 0, "non_finite": 0}
     for b, ((zoo, role), (keep, excluded, limit)) in enumerate(zip(all_zoos, usable)):
         name = _zoo_name(zoo)
-        seen[name] = seen.get(name, 0) + 1
-        name = name if seen[name] == 1 else f"{name}-{seen[name]}"
+        seen[(role, name)] = seen.get((role, name), 0) + 1
+        name = name if seen[(role, name)] == 1 else f"{name}-{seen[(role, name)]}"
         eval_c = select_checkpoints(zoo, config.checkpoints)
         train_c = eval_c if role == "eval" or config.train_checkpoints == "same" else \
             select_checkpoints(zoo, config.train_checkpoints)

@@ -275,9 +275,9 @@ def _atomic(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_report(result: TrainResult, data: PredictData | None = None) -> None:
+def write_report(result: TrainResult, data: PredictData | None = None) -> tuple[Any, Any, Any]:
     """Write metrics.json, predictions.csv, comparison.csv/.md, pairs.csv, test_scatter.png and val_tau.png into the
-    out dir, each atomically (temporary file, then rename)."""
+    out dir, each atomically (temporary file, then rename); return (statistics, bias by width, pairs)."""
     out = result.out_dir
     n_boot = int(result.config.bootstrap)
     stats = widths = pairs = None
@@ -307,3 +307,4 @@ def write_report(result: TrainResult, data: PredictData | None = None) -> None:
         comparison_markdown(result.summary, stats, widths, pairs, threshold)))
     _atomic(out / "test_scatter.png", lambda p: plot_test_scatter(result.runs, p, result.data_info["target"]))
     _atomic(out / "val_tau.png", lambda p: plot_val_tau(result.runs, p))
+    return stats, widths, pairs

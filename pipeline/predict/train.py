@@ -90,6 +90,9 @@ class TrainResult:
     runs: list[RunResult]
     summary: pd.DataFrame  # one row per model: test/val tau mean and std over seeds, R^2, MAE, best seed
     data_info: dict[str, Any]
+    statistics: list[dict[str, Any]] | None = None  # per model and split (see pipeline.predict.report)
+    bias_by_width: list[dict[str, Any]] | None = None
+    pairs: list[dict[str, Any]] | None = None  # paired bootstrap of tau differences
 
     def predictor_dir(self, model: str) -> Path:
         return self.out_dir / model
@@ -493,5 +496,5 @@ def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[st
                  "clip": _clip_range(data)}
     result = TrainResult(out_dir=out_dir, config=config, runs=runs, summary=summarize(runs, data, config.ensemble),
                          data_info=data_info)
-    write_report(result, data)
+    result.statistics, result.bias_by_width, result.pairs = write_report(result, data)
     return result
