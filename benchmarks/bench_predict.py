@@ -52,7 +52,7 @@ def synthetic_data(spec: WeightSpec, members: int, seed: int = 0) -> PredictData
     n_tr, n_va = int(0.8 * members), int(0.1 * members)
     rows = {"train": np.sort(order[:n_tr]), "val": np.sort(order[n_tr:n_tr + n_va]),
             "test": np.sort(order[n_tr + n_va:])}
-    return PredictData(weights=weights, y=y, member=np.arange(members), epoch=np.zeros(members, int), rows=rows,
+    return PredictData.single(weights, y=y, member=np.arange(members), epoch=np.zeros(members, int), rows=rows,
                        target="test_acc", loss="bce", y_mean=0.0, y_std=1.0, names=tuple(spec.names),
                        info={"checkpoint_epochs": [0]})
 

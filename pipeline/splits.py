@@ -7,13 +7,15 @@ permutation of the group count, so extending a zoo moves few existing members be
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.errors import ConfigError
 
-__all__ = ["SPLIT_NAMES", "SPLIT_KINDS", "DEFAULT_FRACTIONS", "check_fractions", "assign_split", "split_indices"]
+__all__ = ["SPLIT_NAMES", "SPLIT_KINDS", "DEFAULT_FRACTIONS", "check_fractions", "assign_split", "split_indices",
+           "GroupSplit", "parse_split", "group_sizes", "assign_group_split"]
 
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_KINDS = ("run", "config")
@@ -60,3 +62,54 @@ def split_indices(codes: np.ndarray) -> dict[str, np.ndarray]:
     """{"train": idx, "val": idx, "test": idx} member indices from split codes (members coded -1 are left out)."""
     codes = np.asarray(codes)
     return {name: np.flatnonzero(codes == i).astype(np.int64) for i, name in enumerate(SPLIT_NAMES)}
+
+
+@dataclass(frozen=True)
+class GroupSplit:
+    """`--split group:<hparam>[=v1,v2]`: every member whose categorical hyperparameter `hparam` takes a held-out value
+    is in test; `values` None means one value picked by the split seed (sorted values, index seed % count)."""
+
+    hparam: str
+    values: tuple[str, ...] | None = None
+
+    def __str__(self) -> str:
+        return f"group:{self.hparam}" + (f"={','.join(self.values)}" if self.values else "")
+
+
+def parse_split(text: str) -> str | GroupSplit:
+    """'run' | 'config' | 'group:<hparam>' | 'group:<hparam>=v1,v2' -> the kind, or a GroupSplit."""
+    text = str(text).strip()
+    if text in SPLIT_KINDS:
+        return text
+    if text.startswith("group:") and text[6:].split("=")[0].strip():
+        name, _, values = text[6:].partition("=")
+        vals = tuple(v.strip() for v in values.split(",") if v.strip()) if values else None
+        return GroupSplit(name.strip(), vals or None)
+    raise ConfigError(f"--split {text!r} is unknown; use run, config, group:<hyperparameter> (e.g. group:optimizer) "
+                      f"or group:<hyperparameter>=<value>[,<value>...]")
+
+
+def group_sizes(values: Mapping[str, np.ndarray]) -> str:
+    """'optimizer (adam 30, sgd 34), activation (relu 40, tanh 24)' from {hparam: values of the usable members}."""
+    parts = []
+    for name, vals in values.items():
+        uniq, counts = np.unique(np.asarray([str(v) for v in vals], dtype=object), return_counts=True)
+        parts.append(f"{name} ({', '.join(f'{u} {c}' for u, c in zip(uniq, counts))})")
+    return ", ".join(parts) or "none"
+
+
+def assign_group_split(values: np.ndarray, held_out: Sequence[str], seed: int = 0,
+                       fractions: Sequence[float] = DEFAULT_FRACTIONS) -> np.ndarray:
+    """Split code per member: 2 (test) for members whose value (as text) is held out; the others are split by run
+    into train and val in the ratio fractions[0]:fractions[1] (the test fraction is unused: test is the group)."""
+    fr = check_fractions(fractions)
+    text = np.asarray([str(v) for v in values], dtype=object)
+    test = np.isin(text, np.asarray(list(held_out), dtype=object))
+    codes = np.full(len(text), 2, dtype=np.int8)
+    rest = np.flatnonzero(~test)
+    if len(rest):
+        tv = fr[0] + fr[1]
+        inner = (fr[0] / tv, fr[1] / tv, 0.0) if tv > 0 else (0.5, 0.5, 0.0)
+        sub = assign_split(rest, seed, inner)
+        codes[rest] = np.where(sub == 2, 1, sub)  # rounding leftovers go to val, never to the held-out test
+    return codes

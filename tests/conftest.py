@@ -122,3 +122,19 @@ def score_predictors(score_predictor_dirs):
     from pipeline.predict import load_predictor
 
     return {kind: load_predictor(path, device="cpu") for kind, path in score_predictor_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def predict_zoo_wide(tmp_path_factory):
+    """Like `predict_zoo` but wider (64 -> 12 -> 10), 32 members, another seed and only the adam optimizer: a
+    "foreign" zoo of the same architecture family for multi-zoo and eval-zoo tests."""
+    from pipeline.store import Zoo
+    from pipeline.zoo import build_zoo
+
+    folder = tmp_path_factory.mktemp("predict_zoo_wide")
+    recipe = (PREDICT_RECIPE.replace('name = "predict-tiny"', 'name = "predict-wide"').replace("members = 64", "members = 32")
+              .replace("hidden = [8]", "hidden = [12]").replace("seed = 3", "seed = 11")
+              .replace('optimizer = {choice = ["sgd", "adam"]}', 'optimizer = {choice = ["adam"]}'))
+    (folder / "predict-wide.toml").write_text(recipe)
+    build_zoo(folder / "predict-wide.toml", folder / "wide.zarr", workers=0, device="cpu")
+    return Zoo.open(folder / "wide.zarr")

@@ -84,7 +84,7 @@ def _poisoned(data):
         weights[name] = w
     y = data.y.copy()
     y[data.rows["test"]] = y[data.rows["test"]][::-1] * 0.5 + 3.0
-    return dataclasses.replace(data, weights=weights, y=y)
+    return dataclasses.replace(data, blocks=[weights], y=y)
 
 
 @pytest.mark.parametrize("model", ["flat", "statnn"])

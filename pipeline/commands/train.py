@@ -19,10 +19,17 @@ _EPILOG = """
 
   unfzoo train datasets/zoos/cnn-digits.zarr --model statnn --target log_lr --out runs/cnn-lr
 
-Models: unf, statnn, deepsets, flat, unf-perm (ablation: fixed axes treated as permutable), all, or a comma list.
+  unfzoo train A.zarr B.zarr --model unf,statnn --eval-zoo C.zarr --split group:optimizer
+
+Models: unf, statnn, deepsets, flat, unf-perm (ablation: fixed axes treated as permutable), unf-hybrid (UNF whose
+head also reads the STATNN statistics), all, or a comma list.
+Several zoos: one architecture family, any widths (flat needs one width); each zoo is split on its own.
+--eval-zoo: predicted and reported as split eval:<name>, never used for selection or early stopping.
+--split group:<hparam>[=v1,v2]: members with the held-out value(s) are the test split (default: one value, the
+sorted values' index split-seed mod count); the rest is split by run into train and val (ratio of --fractions).
 The output folder holds <model>/ (best-validation seed; load it with pipeline.predict.load_predictor),
-<model>/seed<k>/, metrics.json, predictions.csv, comparison.md/.csv, test_scatter.png and val_tau.png.
-Rerunning the same command resumes interrupted runs and skips finished ones.
+<model>/seed<k>/ (history.csv per epoch), metrics.json, predictions.csv, comparison.md/.csv, pairs.csv,
+test_scatter.png and val_tau.png. Rerunning the same command resumes interrupted runs and skips finished ones.
 """
 
 
@@ -36,13 +43,20 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 
 def train(
-    zoo: str = typer.Argument(..., help="Zoo store (path or fsspec URL), e.g. datasets/zoos/cnn-digits.zarr."),
+    zoos: list[str] = typer.Argument(..., help="Zoo store(s) (path or fsspec URL), e.g. datasets/zoos/cnn-digits.zarr; "
+                                     "several: one architecture family, any widths."),
+    eval_zoo: list[str] = typer.Option(None, "--eval-zoo", help="Foreign zoo reported as its own split, never used "
+                                       "for selection (repeatable)."),
     model: str = typer.Option("unf", "--model", "-m", help="unf | statnn | deepsets | flat | unf-perm | all | a,b,..."),
     target: str = typer.Option("test_acc", help="Metric (test_acc, train_loss, ...), gen_gap, or a hyperparameter "
                                "such as log_lr."),
-    checkpoints: str = typer.Option("final", help="final | all | comma list of epochs, e.g. 0,5,20."),
+    checkpoints: str = typer.Option("final", help="Rows evaluated and trained on: final | all | comma list of "
+                                    "epochs, e.g. 0,5,20."),
+    train_checkpoints: str = typer.Option("same", help="Extra training rows from other checkpoints of the training "
+                                          "members: same | all | comma list of epochs (val/test stay --checkpoints)."),
     split: str = typer.Option("run", help="run (every checkpoint of a member on one side) | config (every seed of a "
-                              "hyperparameter configuration on one side)."),
+                              "hyperparameter configuration on one side) | group:<hparam>[=v1,v2] (held-out "
+                              "group(s) = test)."),
     fractions: str = typer.Option("0.8,0.1,0.1", help="train,val,test fractions of members (or configurations)."),
     split_seed: int = typer.Option(0, help="Seed of the split (fixed across model seeds)."),
     seeds: int = typer.Option(1, help="Model seeds per model (initialisation and batch order); mean and spread "
@@ -52,6 +66,12 @@ def train(
     lr: float = typer.Option(1e-3, help="Adam learning rate."),
     patience: int = typer.Option(6, help="Early stopping: epochs without a better validation tau."),
     augment: bool = typer.Option(False, help="Random permutation of each training batch (symmetry augmentation)."),
+    normalize: str = typer.Option("tensor", help="tensor (one mean/std per tensor from training rows) | member "
+                                  "(scale-aware: each member's tensor / its RMS, plus a log-RMS channel)."),
+    ensemble: bool = typer.Option(False, help="Also report <model>-ens: the mean prediction over seeds."),
+    chance_margin: float = typer.Option(0.05, help="Trained = accuracy above 1/classes + this (tau above chance, "
+                                        "AUC)."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples of the intervals."),
     features: str = typer.Option("raw+log", help="Input channels of the torch models: raw+log (adds log|w|, "
                                  "pointwise, so symmetries are kept: weight scales differ ~50x between members) | raw."),
     loss: str = typer.Option("auto", help="auto (BCE when train/val targets lie in [0,1], else MSE) | bce | mse."),
@@ -69,24 +89,48 @@ def train(
         from pipeline.predict import TrainConfig, available_targets, build_data, train_predictor
         from pipeline.store import Zoo
 
-        if "://" not in zoo and not Path(zoo).exists():
-            raise StoreError(f"zoo {zoo} does not exist; build it first, e.g. `make zoo` or "
-                             f"`unfzoo zoo cnn-digits --out {zoo}`")
-        store = Zoo.open(zoo)
-        config = TrainConfig(models=model, target=target, checkpoints=checkpoints, split=split,
-                             fractions=_fractions(fractions), split_seed=split_seed, seeds=seeds, epochs=epochs,
-                             batch_size=batch_size, lr=lr, patience=patience, augment=augment, features=features, loss=loss,
+        from rich.markup import escape
+
+        for path in (*zoos, *(eval_zoo or ())):
+            if "://" not in path and not Path(path).exists():
+                raise StoreError(f"zoo {path} does not exist; build it first, e.g. `make zoo` or "
+                                 f"`unfzoo zoo cnn-digits --out {path}`")
+        stores = [Zoo.open(z) for z in zoos]
+        evals = [Zoo.open(z) for z in (eval_zoo or ())]
+        config = TrainConfig(models=model, target=target, checkpoints=checkpoints,
+                             train_checkpoints=train_checkpoints, split=split, fractions=_fractions(fractions),
+                             split_seed=split_seed, seeds=seeds, epochs=epochs, batch_size=batch_size, lr=lr,
+                             patience=patience, augment=augment, normalize=normalize, ensemble=ensemble,
+                             chance_margin=chance_margin, bootstrap=bootstrap, features=features, loss=loss,
                              include_diverged=include_diverged, max_members=max_members, device=device)
-        targets = available_targets(store)
-        if target not in targets:
-            raise ConfigError(f"unknown target {target!r} for {zoo}; available: {', '.join(targets)}")
-        out = out or Path("runs/train") / f"{Path(zoo.rstrip('/')).stem}-{target}"
-        with console.status(f"loading {zoo}"):
-            data = build_data(store, config)
+        for path, store in zip((*zoos, *(eval_zoo or ())), (*stores, *evals)):
+            targets = available_targets(store)
+            if target not in targets:
+                raise ConfigError(f"unknown target {target!r} for {path}; available: {', '.join(targets)}")
+        if out is not None and out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is an existing file, not a folder; pass a folder path")
+        out = out or Path("runs/train") / f"{'+'.join(Path(z.rstrip('/')).stem for z in zoos)}-{target}"
+        with console.status(f"loading {', '.join(zoos)}"):
+            data = build_data(stores, config, evals)
         counts = data.counts()
-        console.print(f"[bold]{zoo}[/]: target {target} ({data.loss.upper()}), rows train/val/test "
-                      f"{counts['train']['rows']}/{counts['val']['rows']}/{counts['test']['rows']} "
-                      f"from {sum(c['members'] for c in counts.values())} members; excluded {data.excluded}")
+        extra = "".join(f", {s} {c['rows']}" for s, c in counts.items() if s.startswith("eval:"))
+        console.print(f"[bold]{escape(', '.join(zoos))}[/]: target {target} ({data.loss.upper()}), rows "
+                      f"train/val/test {counts['train']['rows']}/{counts['val']['rows']}/{counts['test']['rows']}"
+                      f"{escape(extra)} from {sum(c['members'] for c in counts.values())} members; "
+                      f"excluded {data.excluded}"
+                      + (f"; held out {split.split('=')[0][6:]} = {','.join(data.info['held_out'])}"
+                         if data.info.get("held_out") else ""))
+
+        if not console.is_terminal:  # a log file: one plain line per epoch, as it happens
+            def on_line(name: str, seed: int, epoch: int, total: int, info: dict) -> None:
+                loss = info.get("train_loss")
+                print(f"{name} seed {seed} epoch {epoch}/{total}" + (f" train_loss {loss:.4f}" if loss is not None
+                      else "") + f" val_tau {info['val_tau']:.4f} best {info.get('best_tau', info['val_tau']):.4f}",
+                      flush=True)
+
+            result = train_predictor(stores, config, out, progress=on_line, data=data, eval_zoos=evals)
+            _print_summary(result, config, target, out)
+            return
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn())
@@ -101,17 +145,44 @@ def train(
                     tasks[key] = progress.add_task(f"{name} seed {seed}", total=total, info="")
                 progress.update(tasks[key], completed=epoch, info=f"val tau {info['val_tau']:.3f}")
 
-            result = train_predictor(store, config, out, progress=on_epoch, data=data)
+            result = train_predictor(stores, config, out, progress=on_epoch, data=data, eval_zoos=evals)
             for task_id in tasks.values():
                 progress.update(task_id, total=progress.tasks[task_id].completed)
+        _print_summary(result, config, target, out)
 
-        table = Table(title=f"{target}: Kendall tau (mean ± spread over {config.seeds} seed(s))")
-        for col in ("model", "test tau", "val tau", "test R^2", "test MAE"):
-            table.add_column(col, justify="left" if col == "model" else "right")
-        for r in result.summary.itertuples():
-            table.add_row(r.model, f"{r.test_tau_mean:.3f} ± {r.test_tau_std:.3f}",
-                          f"{r.val_tau_mean:.3f} ± {r.val_tau_std:.3f}", f"{r.test_r2_mean:.3f}",
-                          f"{r.test_mae_mean:.4f}")
-        console.print(table)
-        console.print(f"wrote {out}/ (metrics.json, predictions.csv, comparison.md, test_scatter.png, val_tau.png; "
-                      f"predictors in {', '.join(f'{out}/{m}' for m in config.models)})")
+
+def _print_summary(result, config, target: str, out: Path) -> None:
+    """The comparison table: tau with its 90% bootstrap interval per split (the seed spread with 2+ seeds)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from pipeline.commands._common import console
+
+    stats = [s for s in (result.statistics or []) if s["split"] != "train"]
+    splits = list(dict.fromkeys(s["split"] for s in stats))
+    table = Table(title=f"{target}: Kendall tau [90% bootstrap interval over members]"
+                  + (f", ± sd over {config.seeds} seeds" if config.seeds > 1 else " (1 seed)"))
+    table.add_column("model")
+    for split in splits:
+        table.add_column(escape(f"{split} tau"), justify="right")
+    table.add_column("test R^2", justify="right")
+    table.add_column("test MAE", justify="right")
+    table.add_column("test bias", justify="right")
+
+    def fmt(x, d=3):
+        return "-" if x is None or x != x else f"{x:.{d}f}"
+
+    for model in dict.fromkeys(s["model"] for s in stats):
+        cells, test = [], {}
+        for split in splits:
+            s = next((x for x in stats if x["model"] == model and x["split"] == split), None)
+            if s is None or not s.get("n"):
+                cells.append("-")
+                continue
+            test = s if split == "test" else test
+            sd = f" ± {fmt(s['tau_sd'])}" if s["seeds"] > 1 else ""
+            cells.append(f"{fmt(s['tau'])}{sd} [{fmt(s['tau_low'])}, {fmt(s['tau_high'])}]")
+        table.add_row(model, *cells, fmt(test.get("r2")), fmt(test.get("mae"), 4), fmt(test.get("bias"), 4))
+    console.print(table, soft_wrap=not console.is_terminal)
+    console.print(f"wrote {out}/ (metrics.json, predictions.csv, comparison.md, pairs.csv, test_scatter.png, "
+                  f"val_tau.png; predictors in {', '.join(f'{out}/{m}' for m in config.models)})")

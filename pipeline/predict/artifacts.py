@@ -67,9 +67,9 @@ class Predictor:
 
     def _outputs_to_target(self, raw: torch.Tensor) -> torch.Tensor:
         out = self.config["output"]
-        if out["transform"] == "sigmoid":
-            return torch.sigmoid(raw)
-        return raw * out["y_std"] + out["y_mean"]
+        y = torch.sigmoid(raw) if out["transform"] == "sigmoid" else raw * out["y_std"] + out["y_mean"]
+        clip = out.get("clip")
+        return y.clamp(clip[0], clip[1]) if clip else y
 
     @torch.no_grad()
     def predict(self, weights: Mapping[str, torch.Tensor | np.ndarray], batch_size: int | None = None) -> np.ndarray:

@@ -10,19 +10,25 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 
-__all__ = ["MODEL_NAMES", "MODEL_KINDS", "FEATURES", "TrainConfig", "parse_models", "parse_checkpoints"]
+__all__ = ["MODEL_NAMES", "MODEL_KINDS", "FEATURES", "NORMALIZE", "TrainConfig", "parse_models", "parse_checkpoints"]
 
 # `--features` choices of the torch models -> input channels per weight (see `models.pointwise_features`)
 FEATURES: dict[str, int] = {"raw": 1, "raw+log": 2}
+# `--normalize` choices: "tensor" (one scalar mean/std per tensor from the training rows) | "member" (scale-aware:
+# each member's tensor divided by its own RMS, plus a constant channel holding log10 of that RMS, so the network sees
+# shape and scale separately; still permutation invariant and width-agnostic)
+NORMALIZE: dict[str, int] = {"tensor": 0, "member": 1}  # extra input channels
 
 # Model names a user may ask for -> the predictor kind they train. "unf-perm" is the ablation: UNF with fixed axes
 # (input features, classes, kernel positions) treated as permutable, as the reference implementation does.
+# "unf-hybrid": UNF whose head also reads the STATNN statistics (standardized) beside the UNF pooled features.
 MODEL_KINDS: dict[str, str] = {
     "unf": "unf",
     "unf-perm": "unf",
     "statnn": "statnn",
     "deepsets": "deepsets",
     "flat": "flat",
+    "unf-hybrid": "hybrid",
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_KINDS)
 _ALL = ("unf", "statnn", "deepsets", "flat", "unf-perm")
@@ -65,8 +71,10 @@ class TrainConfig:
 
     models: tuple[str, ...] = ("unf",)
     target: str = "test_acc"
-    checkpoints: str | tuple[int, ...] = "final"  # "final" | "all" | epochs
-    split: str = "run"  # "run" | "config"
+    checkpoints: str | tuple[int, ...] = "final"  # rows evaluated (and trained on): "final" | "all" | epochs
+    # extra checkpoints used as training rows only (val/test/eval rows stay `checkpoints`): "same" | "all" | epochs
+    train_checkpoints: str | tuple[int, ...] = "same"
+    split: str = "run"  # "run" | "config" | "group:<hparam>[=v1,v2]" (held-out hyperparameter group(s) = test)
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_seed: int = 0
     seeds: int = 1
@@ -78,6 +86,10 @@ class TrainConfig:
     lr: float = 1e-3
     patience: int = 6  # epochs without a better validation tau before stopping
     augment: bool = False  # random permutation (group element) per batch on the training inputs
+    normalize: str = "tensor"  # "tensor" | "member" (scale-aware, see NORMALIZE)
+    ensemble: bool = False  # also report "<model>-ens": the mean prediction over seeds
+    bootstrap: int = 1000  # resamples of every bootstrap interval (tau, paired tau differences)
+    chance_margin: float = 0.05  # members with accuracy > 1/n_classes + margin count as trained (tau_above, AUC)
     # pointwise input channels of the torch models: "raw" | "raw+log" (adds log|w|). raw+log by default: member weight
     # scales span ~50x (init std, lr, decay) and a per-tensor normalizer maps small-scale members to ~0; on a 302-member
     # validation of cnn-digits UNF's tau rose 0.690 -> 0.741 with it (README "Predictors").
@@ -96,17 +108,24 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", parse_models(self.models))
         object.__setattr__(self, "checkpoints", parse_checkpoints(self.checkpoints))
+        tc = self.train_checkpoints
+        object.__setattr__(self, "train_checkpoints", tc if tc == "same" else parse_checkpoints(tc))
+        from pipeline.splits import parse_split
+
+        object.__setattr__(self, "split", str(parse_split(self.split)))
         for name in ("fractions", "unf_hidden", "unf_head", "deepsets_head", "flat_hidden", "statnn_candidates"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        if self.split not in ("run", "config"):
-            raise ConfigError(f"--split {self.split!r} is unknown; use run or config")
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"--normalize {self.normalize!r} is unknown; use {' or '.join(NORMALIZE)}")
+        if not 0 <= self.chance_margin < 1:
+            raise ConfigError(f"--chance-margin must lie in [0, 1), got {self.chance_margin}")
         if self.features not in FEATURES:
             raise ConfigError(f"--features {self.features!r} is unknown; use {' or '.join(FEATURES)}")
         if self.loss not in ("auto", "bce", "mse"):
             raise ConfigError(f"loss {self.loss!r} is unknown; use auto, bce or mse")
         if len(self.fractions) != 3 or min(self.fractions) < 0 or abs(sum(self.fractions) - 1) > 1e-6:
             raise ConfigError(f"fractions {self.fractions} must be three non-negative numbers summing to 1")
-        for name in ("seeds", "epochs", "batch_size", "patience", "eval_batch_size", "deepsets_hidden"):
+        for name in ("seeds", "epochs", "batch_size", "patience", "eval_batch_size", "deepsets_hidden", "bootstrap"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         from pipeline.predict.statnn import STATNN_CANDIDATES
@@ -133,13 +152,15 @@ class TrainConfig:
         """Hash of the fields that decide one model's runs: a finished or interrupted run is reused only when it
         matches (changing the device, the seed count or another model's settings keeps it)."""
         d = self.to_dict()
-        fields = ["target", "checkpoints", "split", "fractions", "split_seed", "include_diverged", "loss",
-                  "max_members"]
+        fields = ["target", "checkpoints", "train_checkpoints", "split", "fractions", "split_seed",
+                  "include_diverged", "loss", "max_members"]
         kind = MODEL_KINDS[model]
         if kind == "statnn":
             fields += ["statnn_candidates"]
         else:
-            fields += ["epochs", "batch_size", "lr", "patience", "augment", "features", f"{kind}_hidden"]
-            fields += [f"{kind}_head"] if kind in ("unf", "deepsets") else []
+            net = "unf" if kind == "hybrid" else kind
+            fields += ["epochs", "batch_size", "lr", "patience", "augment", "features", f"{net}_hidden"]
+            fields += [f"{net}_head"] if net in ("unf", "deepsets") else []
+            fields += ["normalize"] if self.normalize != "tensor" else []  # old runs keep their keys
         payload = {"model": model, **{k: d[k] for k in fields}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -8,18 +8,21 @@ train (+ val) rows only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
 from pipeline.predict.config import TrainConfig
+from pipeline.splits import GroupSplit, assign_group_split, group_sizes, parse_split
 
 __all__ = ["SPLITS", "PredictData", "available_targets", "target_values", "select_checkpoints", "build_data",
-           "normalization_stats"]
+           "normalization_stats", "zoo_width", "n_classes"]
 
 SPLITS = ("train", "val", "test")
 _DONE, _DIVERGED = 1, 2  # pipeline.store status codes
@@ -79,13 +82,40 @@ def select_checkpoints(zoo: Any, checkpoints: str | tuple[int, ...]) -> np.ndarr
     return np.asarray(sorted({epochs.index(e) for e in checkpoints}))
 
 
+def _zoo_name(zoo: Any) -> str:
+    return Path(str(zoo.url).rstrip("/")).stem
+
+
+def zoo_width(spec: Any, shapes: Mapping[str, Sequence[int]]) -> str:
+    """A readable width label of a zoo: the sizes of the spec's permutable axes at these shapes ('16' when they
+    are all equal, else e.g. '16,32')."""
+    sizes = spec.infer_sizes({k: tuple(v) for k, v in shapes.items()}, allow_other_widths=True)
+    values = [int(sizes[label]) for label in spec.permutable_labels]
+    return str(values[0]) if values and len(set(values)) == 1 else ",".join(map(str, values))
+
+
+def n_classes(zoo: Any) -> int | None:
+    """The zoo task's number of classes (recipe zoos record it), else the architecture's `num_classes`."""
+    task = getattr(zoo, "attrs", {}).get("task") or {}
+    info = task.get("info") or {}
+    value = info.get("num_classes") or (zoo.arch or {}).get("num_classes")
+    return int(value) if value else None
+
+
 @dataclass
 class PredictData:
-    """Rows (member, checkpoint) with weights, targets and split membership; weights stay on the CPU."""
+    """Rows (zoo, member, checkpoint) with weights, targets and split membership; weights stay on the CPU.
 
-    weights: dict[str, torch.Tensor]  # name -> (R, *shape) float32
+    Weights live in `blocks`, one per zoo ({name: (rows of that zoo, *shape)}), since zoos may differ in width; row
+    r is `blocks[block[r]][name][pos[r]]`. Splits: "train", "val", "test" (from the training zoos, each split on its
+    own) and "eval:<zoo name>" per `--eval-zoo` (never used for selection or early stopping).
+    """
+
+    blocks: list[dict[str, torch.Tensor]]
+    block: np.ndarray  # (R,) index into blocks (= index into zoos)
+    pos: np.ndarray  # (R,) row inside its block
     y: np.ndarray  # (R,) float64, target units
-    member: np.ndarray  # (R,) member index in the zoo
+    member: np.ndarray  # (R,) member index in its zoo
     epoch: np.ndarray  # (R,) checkpoint epoch
     rows: dict[str, np.ndarray]  # split -> row indices
     target: str
@@ -95,74 +125,229 @@ class PredictData:
     names: tuple[str, ...]
     excluded: dict[str, int] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    zoos: list[dict[str, Any]] = field(default_factory=list)  # per block: name, url, role, width, n_classes, ...
+    threshold: float | None = None  # chance threshold of the target (accuracy > threshold = trained), recorded
+
+    @classmethod
+    def single(cls, weights: dict[str, torch.Tensor], **kwargs: Any) -> PredictData:
+        """One block (one zoo): `weights` {name: (R, *shape)} with rows in order."""
+        n = next(iter(weights.values())).shape[0]
+        return cls(blocks=[weights], block=np.zeros(n, dtype=np.int64), pos=np.arange(n), **kwargs)
 
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, split: str) -> dict[str, torch.Tensor]:
-        idx = torch.from_numpy(self.rows[split])
-        return {n: w.index_select(0, idx) for n, w in self.weights.items()}
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """{name: (R, *shape)} when every row has the same shapes (one block)."""
+        if len(self.blocks) != 1:
+            raise ValueError("rows come from several zoos; use PredictData.take(rows)")
+        return self.blocks[0]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.rows)
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        return tuple(s for s in self.rows if s not in SPLITS)
+
+    def take(self, rows: np.ndarray) -> list[tuple[np.ndarray, int, dict[str, torch.Tensor]]]:
+        """`rows` grouped by block: [(positions within `rows`, block index, {name: (n, *shape)})]."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = []
+        for b in np.unique(self.block[rows]):
+            where = np.flatnonzero(self.block[rows] == b)
+            idx = torch.from_numpy(self.pos[rows[where]])
+            out.append((where, int(b), {n: w.index_select(0, idx) for n, w in self.blocks[b].items()}))
+        return out
 
     def scaled_y(self) -> np.ndarray:
         """Targets as the torch models learn them: raw for BCE, standardized with train statistics for MSE."""
         return (self.y - self.y_mean) / self.y_std
 
+    def width(self) -> np.ndarray:
+        """(R,) width label of every row's zoo."""
+        labels = np.asarray([z.get("width", "") for z in self.zoos] or [""], dtype=object)
+        return labels[self.block] if len(self.zoos) else np.full(len(self), "", dtype=object)
+
     def check_disjoint(self) -> None:
         """Raise if any member (hence any of its checkpoints) sits on two sides of the split."""
-        sides = {s: set(self.member[r].tolist()) for s, r in self.rows.items()}
-        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
-            both = sides[a] & sides[b]
-            if both:
-                raise AssertionError(f"members {sorted(both)[:5]} are in both {a} and {b}")
+        key = self.block.astype(np.int64) * (1 << 40) + self.member.astype(np.int64)
+        sides = {s: set(key[r].tolist()) for s, r in self.rows.items()}
+        names = list(sides)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                both = sides[a] & sides[b]
+                if both:
+                    raise AssertionError(f"members {sorted(both)[:5]} are in both {a} and {b}")
 
     def counts(self) -> dict[str, dict[str, int]]:
-        return {s: {"members": int(len(np.unique(self.member[r]))), "rows": int(len(r))} for s, r in self.rows.items()}
+        key = self.block.astype(np.int64) * (1 << 40) + self.member.astype(np.int64)
+        return {s: {"members": int(len(np.unique(key[r]))), "rows": int(len(r))} for s, r in self.rows.items()}
 
 
-def build_data(zoo: Any, config: TrainConfig) -> PredictData:
-    """Load the rows for `config` from `zoo` into memory (weights as float32 tensors)."""
-    spec = zoo.spec
-    names = tuple(spec.names) if spec is not None else tuple(zoo.weight_keys)
-    c_idx = select_checkpoints(zoo, config.checkpoints)
-    y_all = target_values(zoo, config.target)  # (M, C)
-    n = zoo.n_members
-    limit = n if config.max_members is None else min(n, int(config.max_members))
+def _check_family(spec: Any, first: Any, zoo: Any, role: str) -> None:
+    names = list(spec.names)
+    keys = list(zoo.weight_keys)
+    problem = None
+    if zoo.spec is None:
+        problem = "records no weight-space spec"
+    elif sorted(keys) != sorted(names):
+        problem = f"has tensors {keys[:4]}{'...' if len(keys) > 4 else ''}, not {names[:4]}{'...' if len(names) > 4 else ''}"
+    else:
+        try:
+            spec.infer_sizes(zoo.weight_shapes, allow_other_widths=True)
+        except Exception as err:  # SpecMismatchError
+            problem = f"is not the same architecture family at another width ({err})"
+    if problem:
+        arch = (zoo.arch or {}).get("name")
+        first_arch = (first.arch or {}).get("name")
+        raise ConfigError(f"{role} {zoo.url} ({arch}) {problem}; it cannot be mixed with {first.url} ({first_arch}): "
+                          "pass zoos of one architecture family")
+
+
+def _usable(zoo: Any, config: TrainConfig, limit: int) -> tuple[np.ndarray, dict[str, int]]:
     status = np.asarray(zoo.status)[:limit]
-
     excluded = {"pending": int((status == 0).sum()), "diverged": 0, "non_finite": 0}
     keep = status == _DONE
     if config.include_diverged:
         keep |= status == _DIVERGED
     else:
         excluded["diverged"] = int((status == _DIVERGED).sum())
-    split = zoo.split(kind=config.split, seed=config.split_seed, fractions=config.fractions)
-    side = np.full(n, -1, dtype=np.int64)
-    for code, name in enumerate(SPLITS):
-        side[np.asarray(split[name], dtype=np.int64)] = code
-    members = np.flatnonzero(keep & (side[:limit] >= 0))
-
-    raw = zoo.read_weights(members, c_idx) if len(members) else {k: np.zeros((0, len(c_idx), *s), np.float32)
-                                                                  for k, s in zoo.weight_shapes.items()}
-    y = y_all[members][:, c_idx]  # (m, c)
-    finite = np.isfinite(y)
-    for key in names:
-        finite &= np.isfinite(raw[key]).reshape(len(members), len(c_idx), -1).all(axis=2)
-    excluded["non_finite"] = int((~finite).sum())  # rows (member, checkpoint) with a NaN/inf target or weight
-    m_rows, c_rows = np.nonzero(finite)
-    weights = {k: torch.from_numpy(np.ascontiguousarray(raw[k][m_rows, c_rows])) for k in names}
-    member = members[m_rows]
-    epoch = np.asarray(zoo.checkpoint_epochs)[c_idx][c_rows]
-    y_rows = y[m_rows, c_rows]
-    rows = {name: np.flatnonzero(side[member] == code) for code, name in enumerate(SPLITS)}
-
-    empty = [s for s in SPLITS if len(rows[s]) == 0]
-    if empty:
+    if not keep.any():
         raise ConfigError(
-            f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty for zoo {zoo.url}: "
-            f"{len(np.unique(member))} usable members (excluded: {excluded}) with --split {config.split} and fractions "
-            f"{list(config.fractions)}; build more members or pick other --fractions"
-            + (" or --split run" if config.split == "config" else "")
-        )
+            f"zoo {zoo.url} has no usable members: {excluded['pending']} pending, {int((status == _DIVERGED).sum())} "
+            f"diverged of {len(status)}; finish building it (`unfzoo zoo` with the same recipe and --out)"
+            + ("" if config.include_diverged else " or pass --include-diverged"))
+    return keep, excluded
+
+
+def _categorical_values(zoo: Any, keep: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: np.asarray(zoo.hparam(name), dtype=object)[: len(keep)][keep] for name in zoo.layout.categorical}
+
+
+def _group_held_out(zoos: Sequence[Any], keeps: Sequence[np.ndarray], group: GroupSplit, seed: int) -> tuple[str, ...]:
+    """Validate a group split against the training zoos; return the held-out values (as text)."""
+    values = []
+    for zoo, keep in zip(zoos, keeps):
+        cats = _categorical_values(zoo, keep)
+        if group.hparam not in cats:
+            raise ConfigError(f"--split {group}: {group.hparam!r} is not a categorical hyperparameter of {zoo.url}; "
+                              f"valid (usable members per value): {group_sizes(cats)}")
+        values.append(np.asarray([str(v) for v in cats[group.hparam]], dtype=object))
+    allv = np.concatenate(values)
+    uniq, counts = np.unique(allv, return_counts=True)
+    sizes = ", ".join(f"{u} {c}" for u, c in zip(uniq, counts))
+    if group.values is None:
+        if len(uniq) < 2:
+            raise ConfigError(f"--split {group}: {group.hparam} has one value among usable members ({sizes}); "
+                              "a leave-group-out split needs at least two")
+        held = (str(uniq[seed % len(uniq)]),)
+    else:
+        unknown = [v for v in group.values if v not in set(uniq.tolist())]
+        if unknown:
+            raise ConfigError(f"--split {group}: no usable member has {group.hparam} = {', '.join(unknown)}; "
+                              f"values and sizes: {sizes}")
+        held = tuple(group.values)
+    n_test = int(np.isin(allv, np.asarray(held, dtype=object)).sum())
+    if n_test < 2 or len(allv) - n_test < 4:
+        raise ConfigError(f"--split {group}: held-out {group.hparam} = {','.join(held)} leaves {n_test} test and "
+                          f"{len(allv) - n_test} train+val members; too small to split (values and sizes: {sizes})")
+    return held
+
+
+def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) -> PredictData:
+    """Load the rows for `config` from one zoo or a list of zoos (one architecture family, any widths; each split on
+    its own) and from `eval_zoos` (every usable member in its own "eval:<name>" split) into memory."""
+    train_zoos = list(zoos) if isinstance(zoos, (list, tuple)) else [zoos]
+    eval_zoos = list(eval_zoos)
+    if not train_zoos:
+        raise ConfigError("no training zoo given")
+    first = train_zoos[0]
+    spec = first.spec
+    names = tuple(spec.names) if spec is not None else tuple(first.weight_keys)
+    if spec is not None:
+        for role, zs in (("zoo", train_zoos[1:]), ("eval zoo", eval_zoos)):
+            for z in zs:
+                _check_family(spec, first, z, role)
+    train_urls = {str(z.url) for z in train_zoos}
+    both = [str(z.url) for z in eval_zoos if str(z.url) in train_urls]
+    if both:
+        raise ConfigError(f"--eval-zoo {both[0]} is also a training zoo; an eval zoo must be one the predictor never "
+                          "trains on")
+    split = parse_split(config.split)
+    all_zoos = [(z, "train") for z in train_zoos] + [(z, "eval") for z in eval_zoos]
+    usable = []
+    for zoo, role in all_zoos:
+        limit = zoo.n_members if config.max_members is None or role == "eval" else min(zoo.n_members,
+                                                                                      int(config.max_members))
+        usable.append((*_usable(zoo, config, limit), limit))
+    held = (_group_held_out(train_zoos, [u[0] for u in usable[: len(train_zoos)]], split, config.split_seed)
+            if isinstance(split, GroupSplit) else None)
+
+    seen: dict[tuple[str, str], int] = {}
+    blocks, parts, zoo_info = [], [], []
+    split_names = list(SPLITS)
+    excluded_total = {"pending": 0, "diverged": 0, "non_finite": 0}
+    for b, ((zoo, role), (keep, excluded, limit)) in enumerate(zip(all_zoos, usable)):
+        name = _zoo_name(zoo)
+        seen[(role, name)] = seen.get((role, name), 0) + 1
+        name = name if seen[(role, name)] == 1 else f"{name}-{seen[(role, name)]}"
+        eval_c = select_checkpoints(zoo, config.checkpoints)
+        train_c = eval_c if role == "eval" or config.train_checkpoints == "same" else \
+            select_checkpoints(zoo, config.train_checkpoints)
+        c_idx = np.union1d(eval_c, train_c)
+        y_all = target_values(zoo, config.target)  # (M, C)
+        side = np.full(zoo.n_members, -1, dtype=np.int64)
+        if role == "eval":
+            split_names.append(f"eval:{name}")
+            side[:limit] = len(split_names) - 1
+        elif isinstance(split, GroupSplit):
+            values = np.asarray(zoo.hparam(split.hparam), dtype=object)[:limit]
+            side[:limit] = assign_group_split(values, held, config.split_seed, config.fractions)
+        else:
+            sp = zoo.split(kind=split, seed=config.split_seed, fractions=config.fractions)
+            for code, s in enumerate(SPLITS):
+                side[np.asarray(sp[s], dtype=np.int64)] = code
+        members = np.flatnonzero(keep & (side[:limit] >= 0))
+        raw = zoo.read_weights(members, c_idx)
+        y = y_all[members][:, c_idx]  # (m, c)
+        finite = np.isfinite(y)
+        for key in names:
+            finite &= np.isfinite(raw[key]).reshape(len(members), len(c_idx), -1).all(axis=2)
+        epochs_c = np.asarray(zoo.checkpoint_epochs)[c_idx]
+        is_train = side[members][:, None] == 0
+        wanted = np.where(is_train, np.isin(c_idx, train_c)[None, :], np.isin(c_idx, eval_c)[None, :])
+        excluded["non_finite"] = int((~finite & wanted).sum())  # rows (member, checkpoint) with a NaN/inf
+        m_rows, c_rows = np.nonzero(finite & wanted)
+        blocks.append({k: torch.from_numpy(np.ascontiguousarray(raw[k][m_rows, c_rows])) for k in names})
+        parts.append({"member": members[m_rows], "epoch": epochs_c[c_rows], "y": y[m_rows, c_rows],
+                      "side": side[members[m_rows]]})
+        for k in excluded_total:
+            excluded_total[k] += excluded[k]
+        zoo_info.append({"name": name, "url": str(zoo.url), "role": role, "fingerprint": zoo.fingerprint,
+                         "width": zoo_width(spec, zoo.weight_shapes) if spec is not None else "",
+                         "n_classes": n_classes(zoo), "members": int(zoo.n_members), "excluded": excluded,
+                         "checkpoint_epochs": [int(e) for e in np.asarray(zoo.checkpoint_epochs)[eval_c]],
+                         "train_checkpoint_epochs": [int(e) for e in np.asarray(zoo.checkpoint_epochs)[train_c]]})
+
+    block = np.concatenate([np.full(len(p["y"]), i, dtype=np.int64) for i, p in enumerate(parts)])
+    pos = np.concatenate([np.arange(len(p["y"])) for p in parts])
+    member = np.concatenate([p["member"] for p in parts])
+    epoch = np.concatenate([p["epoch"] for p in parts])
+    y_rows = np.concatenate([p["y"] for p in parts]).astype(np.float64)
+    side_rows = np.concatenate([p["side"] for p in parts])
+    rows = {s: np.flatnonzero(side_rows == code) for code, s in enumerate(split_names)}
+
+    empty = [s for s in split_names if len(rows[s]) == 0]
+    if empty:
+        n_usable = len(np.unique(block * (1 << 40) + member))
+        raise ConfigError(
+            f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty for "
+            f"{', '.join(str(z.url) for z in train_zoos)}: {n_usable} usable members (excluded: {excluded_total}) "
+            f"with --split {config.split} and fractions {list(config.fractions)}; build more members or pick other "
+            "--fractions" + (" or --split run" if config.split == "config" else ""))
 
     fit_rows = np.concatenate([rows["train"], rows["val"]])
     loss = config.loss
@@ -174,19 +359,28 @@ def build_data(zoo: Any, config: TrainConfig) -> PredictData:
     else:
         y_mean = float(y_rows[rows["train"]].mean())
         y_std = float(y_rows[rows["train"]].std()) or 1.0
+    from pipeline.predict.stats import chance_threshold
+
+    threshold = chance_threshold(config.target, zoo_info[0]["n_classes"], config.chance_margin)
     data = PredictData(
-        weights=weights, y=y_rows, member=member, epoch=epoch, rows=rows, target=config.target, loss=loss,
-        y_mean=y_mean, y_std=y_std, names=names, excluded=excluded,
-        info={"members_total": n, "checkpoint_epochs": [int(e) for e in np.asarray(zoo.checkpoint_epochs)[c_idx]]},
+        blocks=blocks, block=block, pos=pos, y=y_rows, member=member, epoch=epoch, rows=rows, target=config.target,
+        loss=loss, y_mean=y_mean, y_std=y_std, names=names, excluded=excluded_total, zoos=zoo_info,
+        threshold=threshold,
+        info={"members_total": int(sum(z.n_members for z in train_zoos)),
+              "checkpoint_epochs": zoo_info[0]["checkpoint_epochs"],
+              "train_checkpoint_epochs": zoo_info[0]["train_checkpoint_epochs"],
+              "held_out": list(held) if held else None},
     )
     data.check_disjoint()
     return data
 
 
-def normalization_stats(weights: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> tuple[list[float], list[float]]:
-    """Per-tensor scalar mean and std over every entry of the given (training) rows (`unf_models.normalize`); a
-    constant tensor keeps std 1 so unseen values stay finite."""
+def normalization_stats(weights: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
+                        names: tuple[str, ...]) -> tuple[list[float], list[float]]:
+    """Per-tensor scalar mean and std over every entry of the given (training) rows, one dict or one per block
+    (`unf_models.normalize`); a constant tensor keeps std 1 so unseen values stay finite."""
     from unf_models.normalize import WeightStats
 
-    stats = WeightStats.estimate({n: weights[n] for n in names})
+    samples = [weights] if isinstance(weights, Mapping) else list(weights)
+    stats = WeightStats.estimate([{n: w[n] for n in names} for w in samples])
     return [stats.mean[n] for n in names], [stats.std[n] if stats.std[n] > 1e-6 else 1.0 for n in names]

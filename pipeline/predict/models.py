@@ -14,12 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.predict.config import FEATURES
+from pipeline.predict.config import FEATURES, NORMALIZE
 
-__all__ = ["TensorNormalizer", "UNFNet", "DeepSetsNet", "FlatNet", "build_net", "pointwise_features", "WIDTH_AGNOSTIC",
-           "FEATURES"]
+__all__ = ["TensorNormalizer", "UNFNet", "UNFHybridNet", "DeepSetsNet", "FlatNet", "build_net", "pointwise_features",
+           "WIDTH_AGNOSTIC", "FEATURES"]
 
-WIDTH_AGNOSTIC = {"unf": True, "statnn": True, "deepsets": True, "flat": False}
+WIDTH_AGNOSTIC = {"unf": True, "hybrid": True, "statnn": True, "deepsets": True, "flat": False}
+
+
+def n_channels(features: str, normalize: str = "tensor") -> int:
+    """Input channels per weight of the torch models for these `--features` / `--normalize` choices."""
+    return FEATURES[features] + NORMALIZE[normalize]
 
 
 def pointwise_features(x: torch.Tensor, features: str) -> torch.Tensor:
@@ -41,16 +46,42 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
 
 
 class TensorNormalizer(nn.Module):
-    """(w - mean_t) / std_t with one scalar pair per tensor t: invariant to permutations and to width."""
+    """(w - mean_t) / std_t with one scalar pair per tensor t: invariant to permutations and to width.
 
-    def __init__(self, names: Sequence[str], mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    mode "member" (scale-aware): w / rms_m,t (each member's own tensor RMS) instead, and `channels` adds a constant
+    channel log10(rms_m,t / std_t): the scale is kept, but as one explicit number per tensor rather than spread over
+    every weight. Both are per-tensor statistics, so permutation invariance and width-agnosticism hold."""
+
+    def __init__(self, names: Sequence[str], mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 mode: str = "tensor"):
         super().__init__()
         self.names = list(names)
+        self.mode = mode
         self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * len(names)))  # (T,)
         self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * len(names)))  # (T,)
 
     def forward(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {n: (weights[n].to(self.mean.dtype) - self.mean[i]) / self.std[i] for i, n in enumerate(self.names)}
+        if self.mode == "tensor":
+            return {n: (weights[n].to(self.mean.dtype) - self.mean[i]) / self.std[i] for i, n in enumerate(self.names)}
+        return {n: weights[n].to(self.mean.dtype) / self._rms(weights[n]) for n in self.names}
+
+    def _rms(self, w: torch.Tensor) -> torch.Tensor:
+        """(B, *shape) -> (B, 1, ..., 1) RMS per member, floored so an all-zero tensor stays finite."""
+        flat = w.to(self.mean.dtype).reshape(w.shape[0], -1)
+        return flat.pow(2).mean(dim=1).sqrt().clamp_min(1e-8).reshape(-1, *[1] * (w.dim() - 1))
+
+    def channels(self, weights: Mapping[str, torch.Tensor], features: str) -> dict[str, torch.Tensor]:
+        """{name: (B, *shape)} -> {name: (B, C, *shape)}: normalized weights, pointwise features and (mode "member")
+        the log-scale channel."""
+        x = self(weights)
+        out = {}
+        for i, n in enumerate(self.names):
+            c = pointwise_features(x[n], features)  # (B, F, *shape)
+            if self.mode == "member":
+                scale = torch.log10(self._rms(weights[n]) / self.std[i])  # (B, 1, ..., 1)
+                c = torch.cat([c, scale.unsqueeze(1).expand(-1, 1, *x[n].shape[1:])], dim=1)
+            out[n] = c
+        return out
 
 
 class UNFNet(nn.Module):
@@ -63,14 +94,45 @@ class UNFNet(nn.Module):
 
         self.norm = normalizer or TensorNormalizer(spec.names)
         self.features = features
+        self.channels = n_channels(features, self.norm.mode)
         self.unf = UNFPredictor(spec, hidden=tuple(hidden), head=tuple(head), fixed_axes=fixed_axes,
-                                in_channels=FEATURES[features])
+                                in_channels=self.channels)
+
+    def _inputs(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.channels == 1:
+            return self.norm(weights)  # {name: (B, *shape)}
+        return self.norm.channels(weights, self.features)  # {name: (B, C, *shape)}
 
     def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        x = self.norm(weights)
-        if self.features != "raw":
-            x = {n: pointwise_features(v, self.features) for n, v in x.items()}  # {name: (B, C, *shape)}
-        return self.unf(x).reshape(-1)  # (B,)
+        return self.unf(self._inputs(weights)).reshape(-1)  # (B,)
+
+
+class UNFHybridNet(UNFNet):
+    """UNF layers -> invariant pooling, concatenated with the standardized STATNN statistics of the raw weights ->
+    MLP head -> (B,). The statistics' mean/std are buffers set from the training rows (`set_stat_scaling`)."""
+
+    def __init__(self, spec: Any, hidden: Sequence[int], head: Sequence[int], fixed_axes: str = "exact",
+                 normalizer: TensorNormalizer | None = None, features: str = "raw"):
+        super().__init__(spec, hidden, (), fixed_axes, normalizer, features)
+        n_pool = self.unf.pool.num_features
+        self.unf.head = nn.Identity()  # the UNF part returns its pooled features (B, n_pool)
+        n_stats = 7 * len(spec.names)
+        self.register_buffer("stat_mean", torch.zeros(n_stats))
+        self.register_buffer("stat_std", torch.ones(n_stats))
+        self.head = _mlp([n_pool + n_stats, *head, 1])
+        self.names = list(spec.names)
+
+    def set_stat_scaling(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.stat_mean.copy_(mean)
+        self.stat_std.copy_(torch.where(std > 1e-12, std, torch.ones_like(std)))
+
+    def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        from pipeline.predict.features import statnn_features
+
+        pooled = self.unf(self._inputs(weights))  # (B, n_pool)
+        stats = statnn_features(weights, self.names).to(pooled.dtype)  # (B, 7T)
+        stats = (stats - self.stat_mean) / self.stat_std
+        return self.head(torch.cat([pooled, stats], dim=1)).reshape(-1)  # (B,)
 
 
 class DeepSetsNet(nn.Module):
@@ -83,16 +145,16 @@ class DeepSetsNet(nn.Module):
         self.names = list(names)
         self.norm = normalizer or TensorNormalizer(names)
         self.features = features
-        self.inp = nn.Linear(FEATURES[features], hidden)
+        self.inp = nn.Linear(n_channels(features, self.norm.mode), hidden)
         self.tensor_embedding = nn.Parameter(torch.zeros(len(names), hidden))  # (T, H)
         self.phi = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
         self.rho = _mlp([len(names) * hidden, *head, 1])
 
     def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        x = self.norm(weights)
+        x = self.norm.channels(weights, self.features)  # {name: (B, C, *shape)}
         pooled = []
         for i, name in enumerate(self.names):
-            w = pointwise_features(x[name].reshape(x[name].shape[0], -1), self.features).transpose(1, 2)  # (B, n, C)
+            w = x[name].reshape(x[name].shape[0], x[name].shape[1], -1).transpose(1, 2)  # (B, n, C)
             h = self.phi(self.inp(w) + self.tensor_embedding[i])  # (B, n, H)
             pooled.append(h.mean(dim=1))  # (B, H)
         return self.rho(torch.cat(pooled, dim=1)).reshape(-1)  # (B,)
@@ -107,11 +169,11 @@ class FlatNet(nn.Module):
         self.names = list(names)
         self.norm = normalizer or TensorNormalizer(names)
         self.features = features
-        self.mlp = _mlp([n_inputs * FEATURES[features], *hidden, 1])
+        self.mlp = _mlp([n_inputs * n_channels(features, self.norm.mode), *hidden, 1])
 
     def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        x = self.norm(weights)
-        flat = torch.cat([pointwise_features(x[n].reshape(x[n].shape[0], -1), self.features).flatten(1)
+        x = self.norm.channels(weights, self.features)  # {name: (B, C, *shape)}
+        flat = torch.cat([x[n].reshape(x[n].shape[0], x[n].shape[1], -1).flatten(1)
                           for n in self.names], dim=1)  # (B, C * P)
         return self.mlp(flat).reshape(-1)  # (B,)
 
@@ -120,8 +182,13 @@ def build_net(kind: str, spec: Any, params: Mapping[str, Any], normalizer: Tenso
     """Build a torch predictor from its JSON-able hyperparameters (the same dict is saved with the artifact)."""
     names = list(spec.names)
     features = params.get("features", "raw")
+    normalizer = normalizer or TensorNormalizer(names)
+    normalizer.mode = params.get("normalize", "tensor")
     if kind == "unf":
         return UNFNet(spec, params["hidden"], params["head"], params.get("fixed_axes", "exact"), normalizer, features)
+    if kind == "hybrid":
+        return UNFHybridNet(spec, params["hidden"], params["head"], params.get("fixed_axes", "exact"), normalizer,
+                            features)
     if kind == "deepsets":
         return DeepSetsNet(names, params["hidden"], params["head"], normalizer, features)
     if kind == "flat":

@@ -1,68 +1,223 @@
-"""Reports of a `train_predictor` call: metrics.json, predictions.csv, the comparison table and PNG plots."""
+"""Reports of a `train_predictor` call: metrics.json, predictions.csv, comparison.csv/.md, pairs.csv and PNG plots.
+
+Every figure comes from `pipeline.predict.stats`: per model and split (test, val and each `eval:<zoo>`) the mean over
+model seeds of Kendall tau, Spearman, tau among members above chance, R^2, MAE, bias and AUC, a 90% bootstrap interval
+of tau over members, the seed spread (only with 2+ seeds), the bias per width, and for every pair of models the
+paired bootstrap interval of their tau difference over the same members.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from pipeline.predict.stats import CONFIDENCE, pairwise_differences, split_statistics, tau_interval
+
 if TYPE_CHECKING:
+    from pipeline.predict.data import PredictData
     from pipeline.predict.train import RunResult, TrainResult
 
-__all__ = ["summarize", "comparison_markdown", "write_report", "plot_test_scatter", "plot_val_tau"]
+__all__ = ["summarize", "statistics_table", "comparison_markdown", "write_report", "plot_test_scatter",
+           "plot_val_tau", "clean_json", "model_predictions"]
+
+_STATS = ("tau", "spearman", "tau_above", "r2", "mae", "bias", "auc")
 
 
 def _spread(values: list[float]) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    return float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
 
 
-def summarize(runs: list[RunResult]) -> pd.DataFrame:
-    """One row per model: mean and spread (sample std over seeds) of test/val tau, test R^2 and MAE."""
+def _mean(values: list[Any]) -> float:
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def _val(r: RunResult) -> float:
+    t = r.metrics["val"]["tau"]
+    return float(t) if t is not None and np.isfinite(t) else -1.0
+
+
+def model_predictions(runs: list[RunResult], ensemble: bool = False) -> dict[str, list[np.ndarray]]:
+    """{model: [(R,) predictions of each seed]} in data row order; with `ensemble`, also "<model>-ens": the mean
+    prediction over seeds (models with 2+ seeds)."""
+    preds: dict[str, list[np.ndarray]] = {}
+    for r in runs:
+        preds.setdefault(r.model, []).append(r.predictions["prediction"].to_numpy(dtype=np.float64))
+    if ensemble:
+        for model in list(preds):
+            if len(preds[model]) > 1:
+                preds[f"{model}-ens"] = [np.mean(preds[model], axis=0)]
+    return preds
+
+
+def summarize(runs: list[RunResult], data: PredictData | None = None, ensemble: bool = False) -> pd.DataFrame:
+    """One row per model: mean and spread (sample std over seeds; NaN with one seed) of test/val tau, test R^2 and
+    MAE, the best-validation seed; with `data`, also Spearman, tau above chance, bias, AUC on test and tau per eval
+    split, and "<model>-ens" rows when `ensemble`."""
     rows = []
-    for model in dict.fromkeys(r.model for r in runs):
+    preds = model_predictions(runs, ensemble) if data is not None else {}
+    for model in dict.fromkeys([*(r.model for r in runs), *preds]):
         mine = [r for r in runs if r.model == model]
-        test_tau = [r.metrics["test"]["tau"] for r in mine]
-        val_tau = [r.metrics["val"]["tau"] for r in mine]
-        rows.append({
-            "model": model,
-            "seeds": len(mine),
-            "test_tau_mean": float(np.mean(test_tau)),
-            "test_tau_std": _spread(test_tau),
-            "val_tau_mean": float(np.mean(val_tau)),
-            "val_tau_std": _spread(val_tau),
-            "test_r2_mean": float(np.mean([r.metrics["test"]["r2"] for r in mine])),
-            "test_mae_mean": float(np.mean([r.metrics["test"]["mae"] for r in mine])),
-            "best_seed": int(mine[int(np.argmax(val_tau))].seed),
-            "seconds": float(sum(r.seconds for r in mine)),
-        })
+        if mine:
+            metrics = [r.metrics for r in mine]
+            best_seed, seconds = int(mine[int(np.argmax([_val(r) for r in mine]))].seed), sum(r.seconds for r in mine)
+        else:  # an ensemble: statistics of the mean prediction
+            assert data is not None
+            metrics = [{s: split_statistics(preds[model][0][idx][np.isfinite(preds[model][0][idx])],
+                                            data.y[idx][np.isfinite(preds[model][0][idx])], data.threshold)
+                        for s, idx in data.rows.items()}]
+            best_seed, seconds = -1, 0.0
+        row: dict[str, Any] = {"model": model, "seeds": len(mine) or len(runs_of(runs, model[:-4]))}
+        for split in ("test", "val"):
+            for stat in ("tau",):
+                vals = [m[split][stat] for m in metrics]
+                row[f"{split}_{stat}_mean"], row[f"{split}_{stat}_std"] = _mean(vals), _spread(vals)
+        for stat in ("r2", "mae", "spearman", "tau_above", "bias", "auc"):
+            row[f"test_{stat}_mean"] = _mean([m["test"].get(stat) for m in metrics])
+        for split in metrics[0]:
+            if split.startswith("eval:"):
+                row[f"{split}_tau_mean"] = _mean([m[split]["tau"] for m in metrics])
+                row[f"{split}_bias_mean"] = _mean([m[split].get("bias") for m in metrics])
+        row["best_seed"], row["seconds"] = best_seed, float(seconds)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _pm(mean: float, std: float) -> str:
-    return f"{mean:.3f} ± {std:.3f}"
+def runs_of(runs: list[RunResult], model: str) -> list[RunResult]:
+    return [r for r in runs if r.model == model]
 
 
-def comparison_markdown(summary: pd.DataFrame) -> str:
-    """The comparison as a Markdown table (mean ± sample std over seeds)."""
-    lines = ["| model | test tau | val tau | test R^2 | test MAE | seeds |", "|---|---|---|---|---|---|"]
-    for r in summary.itertuples():
-        lines.append(f"| {r.model} | {_pm(r.test_tau_mean, r.test_tau_std)} | {_pm(r.val_tau_mean, r.val_tau_std)} | "
-                     f"{r.test_r2_mean:.3f} | {r.test_mae_mean:.4f} | {r.seeds} |")
-    return "\n".join(lines) + "\n"
+def statistics_table(preds: dict[str, list[np.ndarray]], data: PredictData, n_resamples: int = 1000
+                     ) -> list[dict[str, Any]]:
+    """Per model and split: every statistic averaged over seeds, its seed spread, and the bootstrap interval of tau."""
+    out = []
+    for split, idx in data.rows.items():
+        true = data.y[idx]
+        for model, seeds in preds.items():
+            ok = np.all([np.isfinite(p[idx]) for p in seeds], axis=0)
+            if not ok.any():
+                out.append({"model": model, "split": split, "n": 0, "note": "no prediction (fixed width)"})
+                continue
+            per_seed = [split_statistics(p[idx][ok], true[ok], data.threshold) for p in seeds]
+            row: dict[str, Any] = {"model": model, "split": split, "seeds": len(seeds), "n": int(ok.sum()),
+                                   "threshold": data.threshold, "n_above": per_seed[0]["n_above"]}
+            for stat in _STATS:
+                row[stat] = _mean([s[stat] for s in per_seed])
+                row[f"{stat}_sd"] = _spread([s[stat] for s in per_seed])
+            row["tau_low"], row["tau_high"] = (tau_interval([p[idx][ok] for p in seeds], true[ok],
+                                                            n_resamples=n_resamples) if split != "train"
+                                               else (float("nan"), float("nan")))
+            out.append(row)
+    return out
 
 
-def _clean(obj: Any) -> Any:
-    """JSON without NaN: non-finite floats become null."""
+def bias_by_width(preds: dict[str, list[np.ndarray]], data: PredictData) -> list[dict[str, Any]]:
+    """Mean error (prediction - target) and MAE per model, split (test and eval) and width, averaged over seeds."""
+    out = []
+    width = data.width()
+    for split, idx in data.rows.items():
+        if split in ("train", "val"):
+            continue
+        for w in sorted(set(width[idx].tolist())):
+            sel = idx[width[idx] == w]
+            for model, seeds in preds.items():
+                errs = [p[sel] - data.y[sel] for p in seeds]
+                if not np.isfinite(errs[0]).any():
+                    continue
+                out.append({"model": model, "split": split, "width": w, "n": int(len(sel)),
+                            "bias": _mean([float(np.nanmean(e)) for e in errs]),
+                            "mae": _mean([float(np.nanmean(np.abs(e))) for e in errs])})
+    return out
+
+
+def pair_table(preds: dict[str, list[np.ndarray]], data: PredictData, n_resamples: int = 1000
+               ) -> list[dict[str, Any]]:
+    """Paired bootstrap interval of tau(a) - tau(b) for every pair of models, on test and on every eval split,
+    over the members both models predict."""
+    out = []
+    for split, idx in data.rows.items():
+        if split in ("train", "val"):
+            continue
+        usable = {m: s for m, s in preds.items() if np.all([np.isfinite(p[idx]) for p in s])}
+        true = data.y[idx]
+        for pair in pairwise_differences({m: [p[idx] for p in s] for m, s in usable.items()}, true,
+                                         n_resamples=n_resamples):
+            out.append({"split": split, **pair})
+    return out
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def comparison_markdown(summary: pd.DataFrame, stats: list[dict[str, Any]] | None = None,
+                        widths: list[dict[str, Any]] | None = None, pairs: list[dict[str, Any]] | None = None,
+                        threshold: float | None = None) -> str:
+    """The comparison as Markdown: per split, tau with its 90% bootstrap interval over members (and the spread over
+    seeds when there are 2+), the other statistics; bias per width; paired differences of tau."""
+    if stats is None:  # summary only (old callers)
+        lines = ["| model | test tau | val tau | test R^2 | test MAE | seeds |", "|---|---|---|---|---|---|"]
+        for r in summary.itertuples():
+            lines.append(f"| {r.model} | {_f(r.test_tau_mean)} | {_f(r.val_tau_mean)} | {_f(r.test_r2_mean)} | "
+                         f"{_f(r.test_mae_mean, 4)} | {r.seeds} |")
+        return "\n".join(lines) + "\n"
+    pct = int(CONFIDENCE * 100)
+    lines = []
+    thr = f"target > {threshold:.3f} (1/classes + margin)" if threshold is not None else "no threshold (not an accuracy)"
+    for split in dict.fromkeys(s["split"] for s in stats):
+        if split == "train":
+            continue
+        lines += [f"### {split}", "",
+                  f"| model | tau [{pct}% CI] | seed sd | Spearman | tau above chance (n) | R^2 | MAE | bias | AUC | n |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for s in (s for s in stats if s["split"] == split):
+            if s["n"] == 0:
+                lines.append(f"| {s['model']} | {s.get('note', '-')} | | | | | | | | 0 |")
+                continue
+            ci = f"{_f(s['tau'])} [{_f(s['tau_low'])}, {_f(s['tau_high'])}]"
+            sd = _f(s["tau_sd"]) if s["seeds"] > 1 else "1 seed"
+            above = f"{_f(s['tau_above'])} ({s['n_above']})" if s["n_above"] is not None else "-"
+            lines.append(f"| {s['model']} | {ci} | {sd} | {_f(s['spearman'])} | {above} | {_f(s['r2'])} | "
+                         f"{_f(s['mae'], 4)} | {_f(s['bias'], 4)} | {_f(s['auc'])} | {s['n']} |")
+        lines.append("")
+    lines.append(f"Chance threshold: {thr}. Intervals: percentile bootstrap over members, {pct}%.")
+    lines.append("")
+    if widths:
+        lines += ["### Mean error (prediction - target) per width", "", "| split | width | model | n | bias | MAE |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {w['split']} | {w['width']} | {w['model']} | {w['n']} | {_f(w['bias'], 4)} | {_f(w['mae'], 4)} |"
+                  for w in widths]
+        lines.append("")
+    if pairs:
+        lines += [f"### Paired differences of tau (a - b), {pct}% paired bootstrap over the same members", "",
+                  "| split | a | b | tau(a) - tau(b) | interval | n |", "|---|---|---|---|---|---|"]
+        lines += [f"| {p['split']} | {p['a']} | {p['b']} | {_f(p['diff'])} | [{_f(p['low'])}, {_f(p['high'])}] | "
+                  f"{p['n']} |" for p in pairs]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def clean_json(obj: Any) -> Any:
+    """JSON without NaN: non-finite floats become null; numpy scalars become Python numbers."""
+    if isinstance(obj, (np.floating, np.integer)):
+        obj = obj.item()
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: clean_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [clean_json(v) for v in obj]
     return obj
+
+
+_clean = clean_json  # old name
 
 
 def plot_test_scatter(runs: list[RunResult], path: Any, target: str) -> None:
@@ -75,17 +230,17 @@ def plot_test_scatter(runs: list[RunResult], path: Any, target: str) -> None:
     models = list(dict.fromkeys(r.model for r in runs))
     fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.6), squeeze=False)
     for ax, model in zip(axes[0], models):
-        best = max((r for r in runs if r.model == model), key=lambda r: r.metrics["val"]["tau"])
+        best = max((r for r in runs if r.model == model), key=_val)
         test = best.predictions[best.predictions["split"] == "test"]
         ax.scatter(test["target"], test["prediction"], s=6, alpha=0.5)
         lo = float(np.nanmin([test["target"].min(), test["prediction"].min()]))
         hi = float(np.nanmax([test["target"].max(), test["prediction"].max()]))
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
-        ax.set_title(f"{model} (seed {best.seed}): tau {best.metrics['test']['tau']:.3f}", fontsize=9)
+        ax.set_title(f"{model} (seed {best.seed}): tau {_f(best.metrics['test']['tau'])}", fontsize=9)
         ax.set_xlabel(f"true {target}")
         ax.set_ylabel("predicted")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -105,27 +260,51 @@ def plot_val_tau(runs: list[RunResult], path: Any) -> None:
             ax.plot([h["epoch"] for h in r.history], [h["val_tau"] for h in r.history], color=colors[r.model],
                     alpha=0.8, label=label)
         else:
-            ax.axhline(r.metrics["val"]["tau"], color=colors[r.model], ls="--", alpha=0.8, label=label)
+            ax.axhline(_val(r), color=colors[r.model], ls="--", alpha=0.8, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation Kendall tau")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
-def write_report(result: TrainResult) -> None:
-    """Write metrics.json, predictions.csv, comparison.csv/.md, test_scatter.png and val_tau.png into the out dir."""
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_report(result: TrainResult, data: PredictData | None = None) -> tuple[Any, Any, Any]:
+    """Write metrics.json, predictions.csv, comparison.csv/.md, pairs.csv, test_scatter.png and val_tau.png into the
+    out dir, each atomically (temporary file, then rename); return (statistics, bias by width, pairs)."""
     out = result.out_dir
+    n_boot = int(result.config.bootstrap)
+    stats = widths = pairs = None
+    if data is not None:
+        preds = model_predictions(result.runs, result.config.ensemble)
+        stats = statistics_table(preds, data, n_boot)
+        widths = bias_by_width(preds, data)
+        pairs = pair_table(preds, data, n_boot)
     metrics = {
         "config": result.config.to_dict(),
         "data": result.data_info,
         "summary": result.summary.to_dict(orient="records"),
+        "statistics": stats,
+        "bias_by_width": widths,
+        "pairs": pairs,
+        "bootstrap": {"resamples": n_boot, "confidence": CONFIDENCE, "method": "percentile, paired over members"},
         "runs": [r.to_json() for r in result.runs],
     }
-    (out / "metrics.json").write_text(json.dumps(_clean(metrics), indent=2))
-    pd.concat([r.predictions for r in result.runs], ignore_index=True).to_csv(out / "predictions.csv", index=False)
-    result.summary.to_csv(out / "comparison.csv", index=False)
-    (out / "comparison.md").write_text(comparison_markdown(result.summary))
-    plot_test_scatter(result.runs, out / "test_scatter.png", result.data_info["target"])
-    plot_val_tau(result.runs, out / "val_tau.png")
+    _atomic(out / "metrics.json", lambda p: p.write_text(json.dumps(clean_json(metrics), indent=2)))
+    frame = pd.concat([r.predictions for r in result.runs], ignore_index=True)
+    _atomic(out / "predictions.csv", lambda p: frame.to_csv(p, index=False))
+    _atomic(out / "comparison.csv", lambda p: result.summary.to_csv(p, index=False))
+    if pairs is not None:
+        _atomic(out / "pairs.csv", lambda p: pd.DataFrame(pairs).to_csv(p, index=False))
+    threshold = data.threshold if data is not None else None
+    _atomic(out / "comparison.md", lambda p: p.write_text(
+        comparison_markdown(result.summary, stats, widths, pairs, threshold)))
+    _atomic(out / "test_scatter.png", lambda p: plot_test_scatter(result.runs, p, result.data_info["target"]))
+    _atomic(out / "val_tau.png", lambda p: plot_val_tau(result.runs, p))
+    return stats, widths, pairs

@@ -29,7 +29,8 @@ def _tau(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass
 class StatNNModel:
-    """A fitted STATNN regressor as arrays: x -> (x - x_mean) / x_scale -> gbr or mlp -> y * y_std + y_mean."""
+    """A fitted STATNN regressor as arrays: x -> (x - x_mean) / x_scale -> gbr or mlp -> y * y_std + y_mean, clipped
+    to `y_clip` (the target's range, e.g. [0, 1] for accuracies) when present."""
 
     family: str  # "gbr" | "mlp"
     name: str
@@ -40,7 +41,8 @@ class StatNNModel:
         a = self.arrays
         x = (np.asarray(features, dtype=np.float64) - a["x_mean"]) / a["x_scale"]  # (N, F)
         raw = _predict_gbr(a, x) if self.family == "gbr" else _predict_mlp(a, x)
-        return raw * float(a["y_std"][0]) + float(a["y_mean"][0])
+        y = raw * float(a["y_std"][0]) + float(a["y_mean"][0])
+        return np.clip(y, a["y_clip"][0], a["y_clip"][1]) if "y_clip" in a else y  # stay in the target's range
 
     def tensors(self) -> dict[str, np.ndarray]:
         return dict(self.arrays)
@@ -112,12 +114,13 @@ def _export_mlp(model: Any) -> dict[str, np.ndarray]:
 
 def fit_statnn(
     x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, seed: int,
-    candidates: tuple[str, ...] | None = None,
+    candidates: tuple[str, ...] | None = None, clip: list[float] | None = None,
 ) -> tuple[StatNNModel, dict[str, float], Any]:
     """Fit every candidate on train and keep the best validation tau (test is never seen here).
 
     Returns (exported model, {candidate: validation tau}, the winner's scikit-learn estimator, which takes
-    standardized features and predicts standardized targets)."""
+    standardized features and predicts standardized targets). `clip` [lo, hi]: the saved model clips its
+    predictions to it (the target's range)."""
     from sklearn.ensemble import GradientBoostingRegressor
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPRegressor
@@ -129,6 +132,8 @@ def fit_statnn(
     xs_train = (x_train - x_mean) / x_scale
     ys_train = (y_train - y_mean) / y_std
     common = {"x_mean": x_mean, "x_scale": x_scale, "y_mean": np.asarray([y_mean]), "y_std": np.asarray([y_std])}
+    if clip is not None:
+        common["y_clip"] = np.asarray(clip, dtype=np.float64)
 
     best: tuple[float, StatNNModel, Any] | None = None
     val_taus: dict[str, float] = {}

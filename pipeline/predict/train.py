@@ -16,21 +16,34 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.stats import kendalltau
-from sklearn.metrics import mean_absolute_error, r2_score
 
 from pipeline.errors import ConfigError
 from pipeline.predict.artifacts import CONFIG_FILE, STATE_FILE, Predictor, save_predictor
 from pipeline.predict.config import MODEL_KINDS, TrainConfig
 from pipeline.predict.data import SPLITS, PredictData, build_data, normalization_stats
 from pipeline.predict.features import statnn_features
-from pipeline.predict.models import TensorNormalizer, build_net
+from pipeline.predict.models import WIDTH_AGNOSTIC, TensorNormalizer, build_net
 from pipeline.predict.statnn import fit_statnn
+from pipeline.predict.stats import split_statistics
 
 __all__ = ["RunResult", "TrainResult", "train_predictor", "fit_run", "split_metrics", "kendall_tau"]
 
 # progress(model, seed, epoch, total_epochs, info) is called after every epoch (once for STATNN).
 ProgressFn = Callable[[str, int, int, int, dict[str, Any]], None]
-RESULT_FILE, RESUME_FILE, PRED_FILE = "result.json", "resume.pt", "predictions.csv"
+RESULT_FILE, RESUME_FILE, PRED_FILE, HISTORY_FILE = "result.json", "resume.pt", "predictions.csv", "history.csv"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temporary file and os.replace: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_csv(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
 
 
 def kendall_tau(pred: np.ndarray, true: np.ndarray) -> float:
@@ -41,14 +54,11 @@ def kendall_tau(pred: np.ndarray, true: np.ndarray) -> float:
     return float(t) if np.isfinite(t) else -1.0
 
 
-def split_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """tau, R^2 and MAE of predictions against targets."""
-    return {
-        "tau": kendall_tau(pred, true),
-        "r2": float(r2_score(true, pred)) if len(true) > 1 else float("nan"),
-        "mae": float(mean_absolute_error(true, pred)),
-        "n": int(len(true)),
-    }
+def split_metrics(pred: np.ndarray, true: np.ndarray, threshold: float | None = None) -> dict[str, Any]:
+    """Every statistic of `pipeline.predict.stats.split_statistics` over the rows with a prediction (a fixed-width
+    model has none on a zoo of another width: then the split reports n 0 and NaN)."""
+    ok = np.isfinite(pred)
+    return split_statistics(pred[ok], true[ok], threshold)
 
 
 @dataclass
@@ -80,6 +90,9 @@ class TrainResult:
     runs: list[RunResult]
     summary: pd.DataFrame  # one row per model: test/val tau mean and std over seeds, R^2, MAE, best seed
     data_info: dict[str, Any]
+    statistics: list[dict[str, Any]] | None = None  # per model and split (see pipeline.predict.report)
+    bias_by_width: list[dict[str, Any]] | None = None
+    pairs: list[dict[str, Any]] | None = None  # paired bootstrap of tau differences
 
     def predictor_dir(self, model: str) -> Path:
         return self.out_dir / model
@@ -87,13 +100,15 @@ class TrainResult:
 
 def _hyperparameters(model: str, config: TrainConfig) -> dict[str, Any]:
     kind = MODEL_KINDS[model]
-    if kind == "unf":
+    norm = {"normalize": config.normalize} if config.normalize != "tensor" else {}
+    if kind in ("unf", "hybrid"):
         return {"hidden": list(config.unf_hidden), "head": list(config.unf_head),
-                "fixed_axes": "permutable" if model == "unf-perm" else "exact", "features": config.features}
+                "fixed_axes": "permutable" if model == "unf-perm" else "exact", "features": config.features, **norm}
     if kind == "deepsets":
-        return {"hidden": config.deepsets_hidden, "head": list(config.deepsets_head), "features": config.features}
+        return {"hidden": config.deepsets_hidden, "head": list(config.deepsets_head), "features": config.features,
+                **norm}
     if kind == "flat":
-        return {"hidden": list(config.flat_hidden), "features": config.features}
+        return {"hidden": list(config.flat_hidden), "features": config.features, **norm}
     return {}
 
 
@@ -123,7 +138,7 @@ def _predictor_config(model: str, data: PredictData, config: TrainConfig, spec: 
         "target": data.target,
         "loss": data.loss,
         "output": {"transform": "sigmoid" if data.loss == "bce" else "affine", "y_mean": data.y_mean,
-                   "y_std": data.y_std},
+                   "y_std": data.y_std, "clip": _clip_range(data)},
         "spec": spec.to_dict(),
         "normalization": {"names": list(data.names), "mean": norm[0], "std": norm[1]},
         "hyperparameters": params,
@@ -136,29 +151,55 @@ def _predictor_config(model: str, data: PredictData, config: TrainConfig, spec: 
     }
 
 
+def _clip_range(data: PredictData) -> list[float] | None:
+    """The target's range, which every prediction is clipped to: [0, 1] for targets in the unit interval (BCE:
+    accuracies), else none (targets such as log_lr have no natural bound)."""
+    return [0.0, 1.0] if data.loss == "bce" else None
+
+
 def _predictions_frame(model: str, seed: int, data: PredictData, pred: np.ndarray) -> pd.DataFrame:
     split = np.empty(len(data), dtype=object)
-    for s in SPLITS:
-        split[data.rows[s]] = s
-    return pd.DataFrame({"model": model, "seed": seed, "split": split, "member": data.member, "epoch": data.epoch,
-                         "target": data.y, "prediction": pred})
+    for s, r in data.rows.items():
+        split[r] = s
+    zoo = np.asarray([z.get("name", "") for z in data.zoos] or [""], dtype=object)[data.block] if data.zoos else ""
+    return pd.DataFrame({"model": model, "seed": seed, "split": split, "zoo": zoo, "width": data.width(),
+                         "member": data.member, "epoch": data.epoch, "target": data.y, "prediction": pred})
 
 
-def _metrics(data: PredictData, pred: np.ndarray) -> dict[str, dict[str, float]]:
-    return {s: split_metrics(pred[data.rows[s]], data.y[data.rows[s]]) for s in SPLITS}
+def _metrics(data: PredictData, pred: np.ndarray) -> dict[str, dict[str, Any]]:
+    return {s: split_metrics(pred[r], data.y[r], data.threshold) for s, r in data.rows.items()}
+
+
+def _fits(spec: Any, kind: str, weights: dict[str, torch.Tensor]) -> bool:
+    """Whether a model of `kind` (trained on `spec`) can read these weights: always for width-agnostic kinds."""
+    return WIDTH_AGNOSTIC[kind] or all(tuple(weights[n].shape[1:]) == tuple(spec.shapes[n]) for n in spec.names)
 
 
 @torch.no_grad()
-def _raw_outputs(net: torch.nn.Module, weights: dict[str, torch.Tensor], batch_size: int,
-                 device: torch.device) -> torch.Tensor:
+def _raw_outputs(net: torch.nn.Module, data: PredictData, rows: np.ndarray, batch_size: int, device: torch.device,
+                 spec: Any = None, kind: str = "unf") -> torch.Tensor:
+    """(len(rows),) raw outputs in `rows` order; NaN for rows a fixed-width model cannot read."""
     net.eval()
-    n = next(iter(weights.values())).shape[0]
-    outs = [net({k: v[i:i + batch_size].to(device) for k, v in weights.items()}) for i in range(0, n, batch_size)]
-    return torch.cat(outs).double().cpu() if outs else torch.zeros(0, dtype=torch.float64)
+    out = torch.full((len(rows),), float("nan"), dtype=torch.float64)
+    for where, _, weights in data.take(rows):
+        if spec is not None and not _fits(spec, kind, weights):
+            continue
+        n = len(where)
+        outs = [net({k: v[i:i + batch_size].to(device) for k, v in weights.items()}) for i in range(0, n, batch_size)]
+        if outs:
+            out[torch.from_numpy(where)] = torch.cat(outs).double().cpu()
+    return out
 
 
 def _to_target(raw: torch.Tensor, data: PredictData) -> np.ndarray:
-    return (torch.sigmoid(raw) if data.loss == "bce" else raw * data.y_std + data.y_mean).numpy()
+    pred = (torch.sigmoid(raw) if data.loss == "bce" else raw * data.y_std + data.y_mean).numpy()
+    clip = _clip_range(data)
+    return np.clip(pred, *clip) if clip else pred
+
+
+def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_csv(pd.DataFrame(history, columns=["epoch", "train_loss", "val_tau", "best_val_tau", "seconds"]),
+                     path)
 
 
 def _save_resume(path: Path, payload: dict[str, Any]) -> None:
@@ -172,16 +213,21 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
                ) -> tuple[torch.nn.Module, list[dict[str, Any]], int, tuple[list[float], list[float]]]:
     kind = MODEL_KINDS[model]
     params = _hyperparameters(model, config)
-    train_w = data.subset("train")
-    norm = normalization_stats(train_w, data.names)  # training rows only
+    train_rows = data.rows["train"]
+    parts = data.take(train_rows)  # [(positions in train_rows, block, {name: (n_b, *shape_b)})]
+    norm = normalization_stats([w for _, _, w in parts], data.names)  # training rows only
     torch.manual_seed(seed)
     net = build_net(kind, spec, params, TensorNormalizer(data.names, *norm)).to(device)
+    if kind == "hybrid":
+        feats = torch.from_numpy(_features(data, device, config.eval_batch_size, train_rows))  # (n_train, 7T)
+        net.set_stat_scaling(feats.mean(dim=0).to(device, torch.float32), feats.std(dim=0).to(device, torch.float32))
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     y_scaled = torch.as_tensor(data.scaled_y(), dtype=torch.float32)
-    train_x = {k: v.to(device) for k, v in train_w.items()}
-    train_y = y_scaled[data.rows["train"]].to(device)  # (n_train,)
-    val_x = {k: v.to(device) for k, v in data.subset("val").items()}
-    val_y = data.y[data.rows["val"]]
+    train_parts = [({k: v.to(device) for k, v in w.items()}, y_scaled[train_rows[where]].to(device),
+                    spec.infer_sizes({k: tuple(v.shape[1:]) for k, v in w.items()}))
+                   for where, _, w in parts]
+    val_rows = data.rows["val"]
+    val_y = data.y[val_rows]
     loss_fn = torch.nn.BCEWithLogitsLoss() if data.loss == "bce" else torch.nn.MSELoss()
 
     history: list[dict[str, Any]] = []
@@ -195,38 +241,45 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
             opt.load_state_dict(st["opt"])
             best_state = st["best_state"]
             best_tau, best_epoch, history, start = st["best_tau"], st["best_epoch"], st["history"], st["epoch"]
-    n_train = len(data.rows["train"])
     stopped = start > 0 and start - best_epoch >= config.patience
     for epoch in range(start, config.epochs):
         if stopped:
             break
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # batch order depends on (seed, epoch) only
-        order = torch.randperm(n_train, generator=gen)
+        batches = []  # (part, row indices within the part): a batch never mixes widths
+        for p, (_, y_part, _) in enumerate(train_parts):
+            order = torch.randperm(len(y_part), generator=gen)
+            batches += [(p, order[i:i + config.batch_size]) for i in range(0, len(y_part), config.batch_size)]
+        if len(train_parts) > 1:
+            batches = [batches[int(i)] for i in torch.randperm(len(batches), generator=gen)]
         net.train()
         total, count = torch.zeros((), device=device), 0
-        for i in range(0, n_train, config.batch_size):
-            idx = order[i:i + config.batch_size].to(device)
-            batch = {k: v.index_select(0, idx) for k, v in train_x.items()}  # {name: (b, *shape)}
+        for p, idx in batches:
+            x_part, y_part, sizes = train_parts[p]
+            idx = idx.to(device)
+            batch = {k: v.index_select(0, idx) for k, v in x_part.items()}  # {name: (b, *shape)}
             if config.augment:
-                batch = spec.permute(batch, spec.random_permutation(gen, device=device))
-            loss = loss_fn(net(batch), train_y[idx])
+                batch = spec.permute(batch, spec.random_permutation(gen, sizes=sizes, device=device))
+            loss = loss_fn(net(batch), y_part[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total, count = total + loss.detach() * len(idx), count + len(idx)  # no host sync per step
-        val_pred = _to_target(_raw_outputs(net, val_x, config.eval_batch_size, device), data)
+        val_pred = _to_target(_raw_outputs(net, data, val_rows, config.eval_batch_size, device), data)
         val_tau = kendall_tau(val_pred, val_y)
         if val_tau > best_tau:
             best_tau, best_epoch = val_tau, epoch + 1
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         history.append({"epoch": epoch + 1, "train_loss": float(total) / max(count, 1), "val_tau": val_tau,
-                        "seconds": time.perf_counter() - t0})
+                        "best_val_tau": float(best_tau), "seconds": time.perf_counter() - t0})
         _save_resume(resume_path, {"run_key": run_key, "epoch": epoch + 1, "net": net.state_dict(),
                                    "opt": opt.state_dict(), "best_state": best_state, "best_tau": float(best_tau),
                                    "best_epoch": best_epoch, "history": history})
+        _write_history(run_dir / HISTORY_FILE, history)
         if progress is not None:
-            progress(model, seed, epoch + 1, config.epochs, {"val_tau": val_tau, "best_tau": float(best_tau)})
+            progress(model, seed, epoch + 1, config.epochs, {"val_tau": val_tau, "best_tau": float(best_tau),
+                                                             "train_loss": history[-1]["train_loss"]})
         stopped = epoch + 1 - best_epoch >= config.patience
     net.load_state_dict(best_state)
     return net, history, best_epoch, norm
@@ -246,7 +299,7 @@ def fit_run(model: str, data: PredictData, config: TrainConfig, spec: Any, seed:
     device = device or resolve_device(config.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_key = config.run_key(model) + f"-seed{seed}"
-    done = _load_done(run_dir, run_key)
+    done = _load_done(run_dir, run_key, data, device)
     if done is not None:
         return done
     t0 = time.perf_counter()
@@ -257,7 +310,7 @@ def fit_run(model: str, data: PredictData, config: TrainConfig, spec: Any, seed:
         x = features if features is not None else _features(data, device, config.eval_batch_size)
         tr, va = data.rows["train"], data.rows["val"]
         statnn_model, val_taus, _ = fit_statnn(x[tr], data.y[tr], x[va], data.y[va], seed,
-                                                config.statnn_candidates)
+                                                config.statnn_candidates, clip=_clip_range(data))
         params = {"family": statnn_model.family, "name": statnn_model.name}
         extra["candidates_val_tau"] = val_taus
         pred = statnn_model.predict(x)
@@ -265,12 +318,17 @@ def fit_run(model: str, data: PredictData, config: TrainConfig, spec: Any, seed:
         predictor_cfg = _predictor_config(model, data, config, spec, zoo_info, params, norm, seed)
         predictor = Predictor(spec, predictor_cfg, statnn=statnn_model, device=device)
         history, best_epoch = [], None
+        _write_history(run_dir / HISTORY_FILE, [{"epoch": 1, "train_loss": None,
+                                                 "val_tau": val_taus[statnn_model.name],
+                                                 "best_val_tau": val_taus[statnn_model.name],
+                                                 "seconds": time.perf_counter() - t0}])
         if progress is not None:
             progress(model, seed, 1, 1, {"val_tau": val_taus[statnn_model.name]})
     else:
         net, history, best_epoch, norm = _fit_torch(model, data, config, spec, seed, device, run_dir, run_key,
                                                      progress)
-        pred = _to_target(_raw_outputs(net, data.weights, config.eval_batch_size, device), data)
+        pred = _to_target(_raw_outputs(net, data, np.arange(len(data)), config.eval_batch_size, device, spec, kind),
+                          data)
         predictor_cfg = _predictor_config(model, data, config, spec, zoo_info, params, norm, seed)
         predictor = Predictor(spec, predictor_cfg, net=net, device=device)
     metrics = _metrics(data, pred)
@@ -279,72 +337,143 @@ def fit_run(model: str, data: PredictData, config: TrainConfig, spec: Any, seed:
     result = RunResult(model=model, kind=kind, seed=seed, metrics=metrics, history=history, best_epoch=best_epoch,
                        seconds=time.perf_counter() - t0, directory=run_dir,
                        predictions=_predictions_frame(model, seed, data, pred), extra=extra)
-    result.predictions.to_csv(run_dir / PRED_FILE, index=False)
-    (run_dir / RESULT_FILE).write_text(json.dumps({"run_key": run_key, **result.to_json()}, indent=2))
+    atomic_write_csv(result.predictions, run_dir / PRED_FILE)
+    from pipeline.predict.report import clean_json
+
+    atomic_write_text(run_dir / RESULT_FILE, json.dumps(clean_json({"run_key": run_key, **result.to_json()}), indent=2))
     (run_dir / RESUME_FILE).unlink(missing_ok=True)
     return result
 
 
-def _load_done(run_dir: Path, run_key: str) -> RunResult | None:
+def _load_done(run_dir: Path, run_key: str, data: PredictData, device: torch.device) -> RunResult | None:
+    """The stored result of a finished run with this key, or None. Rows the run has not predicted yet (an
+    `--eval-zoo` added later) are predicted with the saved predictor and the result is rewritten."""
     path = run_dir / RESULT_FILE
     if not (path.is_file() and (run_dir / CONFIG_FILE).is_file() and (run_dir / STATE_FILE).is_file()
             and (run_dir / PRED_FILE).is_file()):
         return None
-    stored = json.loads(path.read_text())
-    if stored.get("run_key") != run_key:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is damaged ({err}); delete that file (or its folder) to retrain this run") from err
+    if not isinstance(stored, dict) or stored.get("run_key") != run_key:
         return None
-    return RunResult(model=stored["model"], kind=stored["kind"], seed=stored["seed"], metrics=stored["metrics"],
-                     history=stored["history"], best_epoch=stored["best_epoch"], seconds=stored["seconds"],
-                     directory=run_dir, predictions=pd.read_csv(run_dir / PRED_FILE), extra=stored.get("extra", {}))
+    result = RunResult(model=stored["model"], kind=stored["kind"], seed=stored["seed"], metrics=stored["metrics"],
+                       history=stored["history"], best_epoch=stored["best_epoch"], seconds=stored["seconds"],
+                       directory=run_dir, predictions=pd.read_csv(run_dir / PRED_FILE), extra=stored.get("extra", {}))
+    have = result.predictions
+    if len(have) == len(data) and set(have["split"]) == set(data.rows) and set(stored["metrics"]) == set(data.rows):
+        return result
+    pred = _predict_saved(run_dir, data, device)
+    result.metrics = _metrics(data, pred)
+    result.predictions = _predictions_frame(result.model, result.seed, data, pred)
+    from pipeline.predict.report import clean_json
+
+    atomic_write_csv(result.predictions, run_dir / PRED_FILE)
+    atomic_write_text(path, json.dumps(clean_json({"run_key": run_key, **result.to_json()}), indent=2))
+    return result
 
 
-def _features(data: PredictData, device: torch.device, batch_size: int) -> np.ndarray:
-    n = len(data)
-    chunks = [statnn_features({k: v[i:i + batch_size].to(device) for k, v in data.weights.items()}, data.names)
-              .cpu().numpy() for i in range(0, n, batch_size)]
-    return np.concatenate(chunks) if chunks else np.zeros((0, 7 * len(data.names)))
+def _predict_saved(run_dir: Path, data: PredictData, device: torch.device) -> np.ndarray:
+    """Predictions of the predictor saved in `run_dir` for every row (NaN where it cannot read the width)."""
+    from pipeline.predict.artifacts import load_predictor
+
+    predictor = load_predictor(run_dir, device=str(device))
+    out = np.full(len(data), np.nan)
+    for where, _, weights in data.take(np.arange(len(data))):
+        if _fits(predictor.spec, predictor.kind, weights):
+            out[where] = predictor.predict(weights)
+    return out
 
 
-def _check_out_dir(out_dir: Path, config: TrainConfig) -> None:
-    """Refuse to mix runs of a different data setup into one folder (other models/seeds may be added)."""
+def _features(data: PredictData, device: torch.device, batch_size: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """(len(rows), 7T) STATNN features of `rows` (default: every row), in row order."""
+    rows = np.arange(len(data)) if rows is None else rows
+    out = np.zeros((len(rows), 7 * len(data.names)))
+    for where, _, weights in data.take(rows):
+        n = len(where)
+        chunks = [statnn_features({k: v[i:i + batch_size].to(device) for k, v in weights.items()}, data.names)
+                  .cpu().numpy() for i in range(0, n, batch_size)]
+        out[where] = np.concatenate(chunks)
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is damaged ({err}); delete it (or use another --out) and run again") from err
+
+
+def _check_out_dir(out_dir: Path, config: TrainConfig, zoos: list[str]) -> None:
+    """Refuse a path that is a file, and refuse to mix runs of a different data setup into one folder (other models,
+    seeds or eval zoos may be added)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is an existing file, not a folder; pass a folder path")
     path = out_dir / "train_config.json"
     if not path.is_file():
         return
-    old = json.loads(path.read_text())
-    keys = ("target", "checkpoints", "split", "fractions", "split_seed", "include_diverged", "max_members", "loss")
-    new = config.to_dict()
-    diff = [k for k in keys if old.get(k) != new.get(k)]
+    old = _read_json(path)
+    keys = ("target", "checkpoints", "train_checkpoints", "split", "fractions", "split_seed", "include_diverged",
+            "max_members", "loss", "zoos")
+    defaults = {"train_checkpoints": "same", "zoos": zoos}  # folders written before these keys existed
+    new = {**config.to_dict(), "zoos": zoos}
+    diff = [k for k in keys if old.get(k, defaults.get(k)) != new.get(k)]
     if diff:
-        was = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
+        was = ", ".join(f"{k}={old.get(k, defaults.get(k))!r}" for k in diff)
         raise ConfigError(f"{out_dir} holds runs with different {', '.join(diff)} ({was}); "
                           "use another --out or delete that folder")
 
 
-def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[str],
-                    progress: ProgressFn | None = None, data: PredictData | None = None) -> TrainResult:
-    """Train `config.models` x `config.seeds` predictors on `zoo` (a `Zoo` or a store path) and write `out_dir`:
+def _val_tau(run: RunResult) -> float:
+    t = run.metrics["val"]["tau"]
+    return float(t) if t is not None and np.isfinite(t) else -1.0
 
-    `<model>/seed<k>/` (predictor + result + predictions of each run), `<model>/` (the seed with the best
-    validation tau, loadable with `load_predictor`), `metrics.json`, `predictions.csv`, `comparison.csv/.md` and
-    PNG plots. Passing `data` (from `build_data`) skips loading the zoo's weights again.
-    """
-    from pipeline.device import resolve_device
-    from pipeline.predict.report import summarize, write_report
 
+def _open(zoo: Any) -> Any:
     if isinstance(zoo, (str, os.PathLike)):
         from pipeline.store import Zoo
 
-        zoo = Zoo.open(zoo)
-    if zoo.spec is None:
-        raise ConfigError(f"zoo {zoo.url} records no weight-space spec; predictors need one (rebuild or re-import it)")
+        return Zoo.open(zoo)
+    return zoo
+
+
+def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[str],
+                    progress: ProgressFn | None = None, data: PredictData | None = None,
+                    eval_zoos: list[Any] | tuple[Any, ...] = ()) -> TrainResult:
+    """Train `config.models` x `config.seeds` predictors on `zoo` (a `Zoo`, a store path, or a list of them: one
+    architecture family, any widths, each split on its own) and write `out_dir`:
+
+    `<model>/seed<k>/` (predictor, result.json, history.csv, predictions of each run), `<model>/` (the seed with the
+    best validation tau, loadable with `load_predictor`), `metrics.json`, `predictions.csv`, `comparison.csv/.md`,
+    `pairs.csv` and PNG plots. `eval_zoos` are predicted and reported as their own splits ("eval:<name>"), never
+    used for selection. Passing `data` (from `build_data`) skips loading the zoos' weights again.
+    """
+    from pipeline.device import resolve_device
+    from pipeline.predict.report import clean_json, summarize, write_report
+
+    zoos = [_open(z) for z in (zoo if isinstance(zoo, (list, tuple)) else [zoo])]
+    eval_zoos = [_open(z) for z in eval_zoos]
+    for z in (*zoos, *eval_zoos):
+        if z.spec is None:
+            raise ConfigError(f"zoo {z.url} records no weight-space spec; predictors need one (rebuild or re-import it)")
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, config)
+    urls = [str(z.url) for z in zoos]
+    _check_out_dir(out_dir, config, urls)
     device = resolve_device(config.device)
-    data = data if data is not None else build_data(zoo, config)
+    data = data if data is not None else build_data(zoos, config, eval_zoos)
+    widths = sorted({z["width"] for z in data.zoos if z["role"] == "train"})
+    fixed = [m for m in config.models if not WIDTH_AGNOSTIC[MODEL_KINDS[m]]]
+    if fixed and len(widths) > 1:
+        raise ConfigError(f"--model {','.join(fixed)} reads one width only, and the training zoos have widths "
+                          f"{', '.join(widths)}; drop {','.join(fixed)} or train it on zoos of one width")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    zoo_info = _zoo_info(zoo)
-    spec = zoo.spec
+    atomic_write_text(out_dir / "train_config.json", json.dumps(
+        clean_json({**config.to_dict(), "zoos": urls, "eval_zoos": [str(z.url) for z in eval_zoos]}), indent=2))
+    zoo_info = _zoo_info(zoos[0])
+    if len(zoos) > 1:
+        zoo_info["zoos"] = [_zoo_info(z) for z in zoos]
+    spec = zoos[0].spec
     features = None
     runs: list[RunResult] = []
     for model in config.models:
@@ -354,11 +483,18 @@ def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[st
             runs.append(fit_run(model, data, config, spec, seed, out_dir / model / f"seed{seed}", zoo_info, device,
                                 progress, features))
         # the model's default predictor: the seed with the best validation tau (never test)
-        best = max((r for r in runs if r.model == model), key=lambda r: r.metrics["val"]["tau"])
+        best = max((r for r in runs if r.model == model), key=_val_tau)
         for name in (CONFIG_FILE, STATE_FILE):
-            shutil.copyfile(best.directory / name, out_dir / model / name)
+            tmp = out_dir / model / (name + ".tmp")
+            shutil.copyfile(best.directory / name, tmp)
+            os.replace(tmp, out_dir / model / name)
     data_info = {"target": data.target, "loss": data.loss, "excluded": data.excluded, "counts": data.counts(),
-                 "checkpoint_epochs": data.info["checkpoint_epochs"], "zoo": zoo_info}
-    result = TrainResult(out_dir=out_dir, config=config, runs=runs, summary=summarize(runs), data_info=data_info)
-    write_report(result)
+                 "checkpoint_epochs": data.info["checkpoint_epochs"],
+                 "train_checkpoint_epochs": data.info.get("train_checkpoint_epochs"),
+                 "held_out": data.info.get("held_out"), "threshold": data.threshold,
+                 "chance_margin": config.chance_margin, "zoos": data.zoos, "zoo": zoo_info,
+                 "clip": _clip_range(data)}
+    result = TrainResult(out_dir=out_dir, config=config, runs=runs, summary=summarize(runs, data, config.ensemble),
+                         data_info=data_info)
+    result.statistics, result.bias_by_width, result.pairs = write_report(result, data)
     return result

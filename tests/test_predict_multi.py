@@ -1,0 +1,177 @@
+"""`unfzoo train` on several zoos, eval zoos, leave-group-out splits, train-only checkpoint rows, bounded outputs,
+history.csv, and the bad inputs of these options (one-line errors, nothing written)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.errors import ConfigError
+from pipeline.predict import TrainConfig, build_data, load_predictor, train_predictor
+
+runner = CliRunner()
+SMALL = {"device": "cpu", "epochs": 2, "patience": 10, "fractions": (0.6, 0.2, 0.2), "unf_hidden": (4,),
+         "unf_head": (16,), "deepsets_hidden": 8, "deepsets_head": (16,), "flat_hidden": (16,), "bootstrap": 100,
+         "statnn_candidates": ("gbr-d3",)}
+
+
+def _config(**kw) -> TrainConfig:
+    return TrainConfig(**{**SMALL, **kw})
+
+
+def test_two_widths_and_an_eval_zoo(predict_zoo, predict_zoo_wide, tmp_path: Path) -> None:
+    data = build_data([predict_zoo, predict_zoo_wide], _config())
+    assert [z["width"] for z in data.zoos] == ["8", "12"] and [z["role"] for z in data.zoos] == ["train", "train"]
+    for split in ("train", "val", "test"):  # each zoo split on its own: both zoos on every side
+        assert set(data.block[data.rows[split]].tolist()) == {0, 1}
+    data.check_disjoint()
+    two = train_predictor([predict_zoo, predict_zoo_wide], _config(models=("unf",)), tmp_path / "two", data=data)
+    assert {(w["split"], w["width"]) for w in two.bias_by_width} == {("test", "8"), ("test", "12")}
+    result = train_predictor(predict_zoo, _config(models=("unf", "statnn")), tmp_path / "o",
+                             eval_zoos=[predict_zoo_wide])
+    stats = {(s["model"], s["split"]): s for s in result.statistics}
+    assert stats[("unf", "eval:wide")]["n"] == stats[("statnn", "eval:wide")]["n"] > 0
+    widths = {(w["model"], w["split"], w["width"]) for w in result.bias_by_width}
+    assert ("unf", "test", "8") in widths and ("statnn", "eval:wide", "12") in widths
+    preds = pd.read_csv(tmp_path / "o" / "predictions.csv")
+    assert preds["prediction"].between(0, 1).all()  # accuracies stay accuracies, STATNN included
+    assert set(preds["zoo"]) == {"zoo", "wide"}
+    md = (tmp_path / "o" / "comparison.md").read_text()
+    assert "### eval:wide" in md and "Paired differences" in md and "± 0.000" not in md
+    with pytest.raises(ConfigError, match="also a training zoo"):
+        build_data(predict_zoo, _config(), eval_zoos=[predict_zoo])
+    with pytest.raises(ConfigError, match="flat reads one width only"):
+        train_predictor([predict_zoo, predict_zoo_wide], _config(models=("flat",)), tmp_path / "f")
+    assert not (tmp_path / "f").exists()
+
+
+def test_eval_zoo_never_influences_selection(predict_zoo, predict_zoo_wide, tmp_path: Path) -> None:
+    config = _config(models=("flat",), epochs=3)
+    alone = train_predictor(predict_zoo, config, tmp_path / "a")
+    both = train_predictor(predict_zoo, config, tmp_path / "b", eval_zoos=[predict_zoo_wide])
+    assert alone.runs[0].history[-1]["val_tau"] == both.runs[0].history[-1]["val_tau"]
+    assert alone.runs[0].metrics["test"] == both.runs[0].metrics["test"]
+    assert both.runs[0].metrics["eval:wide"]["n"] == 0  # flat cannot read width 12: reported, not guessed
+    again = train_predictor(predict_zoo, config, tmp_path / "a", eval_zoos=[predict_zoo_wide])  # added later
+    assert "eval:wide" in again.runs[0].metrics and again.runs[0].history == alone.runs[0].history
+
+
+def test_group_split_holds_out_a_hyperparameter_value(predict_zoo) -> None:
+    data = build_data(predict_zoo, _config(split="group:optimizer=adam", checkpoints="all"))
+    opt = np.asarray(predict_zoo.hparam("optimizer"), dtype=object)
+    assert set(opt[data.member[data.rows["test"]]]) == {"adam"}
+    assert set(opt[data.member[data.rows["train"]]]) == {"sgd"} == set(opt[data.member[data.rows["val"]]])
+    assert data.info["held_out"] == ["adam"]
+    default = build_data(predict_zoo, _config(split="group:activation", split_seed=1))
+    assert default.info["held_out"] == ["tanh"]  # sorted values, index split_seed mod count
+    with pytest.raises(ConfigError, match=r"'lr' is not a categorical.*optimizer \(adam \d+, sgd \d+\)"):
+        build_data(predict_zoo, _config(split="group:lr"))
+    with pytest.raises(ConfigError, match="no usable member has optimizer = rmsprop"):
+        build_data(predict_zoo, _config(split="group:optimizer=rmsprop"))
+    with pytest.raises(ConfigError, match="too small"):
+        build_data(predict_zoo, _config(split="group:optimizer=adam,sgd"))
+    with pytest.raises(ConfigError, match="--split 'grp:x' is unknown"):
+        _config(split="grp:x")
+
+
+def test_train_checkpoints_add_training_rows_only(predict_zoo) -> None:
+    data = build_data(predict_zoo, _config(train_checkpoints="all"))
+    assert set(data.epoch[data.rows["train"]].tolist()) == {0, 1, 4}
+    for split in ("val", "test"):
+        assert set(data.epoch[data.rows[split]].tolist()) == {4}
+    data.check_disjoint()
+
+
+def _pending_zoo(tmp_path: Path) -> str:
+    from pipeline.store import StoreLayout, create_store
+    from unf_models import WeightSpec
+
+    spec = WeightSpec({"w": ("h", "in"), "b": ("h",)}, shapes={"w": (4, 3), "b": (4,)}, fixed=("in",))
+    layout = StoreLayout(weight_shapes=spec.shapes, metric_names=("test_acc",), checkpoint_epochs=(0, 1),
+                         members_per_chunk=10)
+    url = str(tmp_path / "pending.zarr")
+    create_store(url, layout, {"spec": spec.to_dict(), "task": {"name": "synthetic"}}, 20)
+    return url
+
+
+def test_cli_bad_inputs_are_one_line_errors(predict_zoo, tmp_path: Path) -> None:
+    pending = _pending_zoo(tmp_path)
+    r = runner.invoke(app, ["train", pending, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "has no usable members: 20 pending" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["train", predict_zoo.url, "--eval-zoo", pending, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "cannot be mixed with" in r.output  # another architecture family, both named
+    assert "pending.zarr" in r.output and "zoo.zarr" in r.output
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = runner.invoke(app, ["train", predict_zoo.url, "--out", str(afile)])
+    assert r.exit_code == 2 and "is an existing file" in r.output and afile.read_text() == "x"
+    r = runner.invoke(app, ["train", predict_zoo.url, "--split", "group:lr", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "valid" in r.output and "optimizer (" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_log_lines_history_and_damaged_result(predict_zoo, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train", predict_zoo.url, "--model", "flat", "--epochs", "2", "--device", "cpu", "--fractions",
+            "0.6,0.2,0.2", "--bootstrap", "100", "--out", str(out)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "flat seed 0 epoch 1/2 train_loss" in r.output and "flat seed 0 epoch 2/2" in r.output  # not a terminal
+    history = pd.read_csv(out / "flat" / "seed0" / "history.csv")
+    assert history["epoch"].tolist() == [1, 2] and {"train_loss", "val_tau", "best_val_tau"} <= set(history)
+    assert not list(out.rglob("*.tmp"))
+    result = out / "flat" / "seed0" / "result.json"
+    result.write_text(result.read_text()[:50])  # truncated by something outside the tool
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "result.json is damaged" in r.output and "delete" in r.output
+    assert "Traceback" not in r.output
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("candidate", ["gbr-d3", "gbr-d5", "mlp-a1e-3", "mlp-a1e-1"])
+def test_loaded_statnn_equals_scikit_learn_predict(predict_zoo, tmp_path: Path, candidate: str) -> None:
+    """Every candidate STATNN can pick: the saved (pickle-free) predictor equals scikit-learn's own `predict`."""
+    from pipeline.predict.features import statnn_features
+    from pipeline.predict.statnn import fit_statnn
+
+    config = _config(models=("statnn",), statnn_candidates=(candidate,), checkpoints="all")
+    result = train_predictor(predict_zoo, config, tmp_path / "o")
+    predictor = load_predictor(tmp_path / "o" / "statnn", device="cpu")
+    assert predictor.config["hyperparameters"]["name"] == candidate
+    data = build_data(predict_zoo, config)
+    x = statnn_features(data.weights, data.names).numpy()
+    tr, va = data.rows["train"], data.rows["val"]
+    model, _, est = fit_statnn(x[tr], data.y[tr], x[va], data.y[va], 0, (candidate,), clip=[0.0, 1.0])
+    a = model.arrays
+    expected = np.clip(est.predict((x - a["x_mean"]) / a["x_scale"]) * a["y_std"][0] + a["y_mean"][0], 0, 1)
+    np.testing.assert_allclose(predictor.predict(data.weights), expected, rtol=0, atol=1e-9)
+    assert not any(p.suffix in (".pkl", ".pickle", ".joblib") for p in (tmp_path / "o").rglob("*"))
+    assert result.runs[0].metrics["test"]["n"] > 0
+
+
+@pytest.mark.parametrize("model,normalize", [("unf-hybrid", "tensor"), ("unf", "member"), ("deepsets", "member")])
+def test_hybrid_and_scale_aware_models_are_invariant_and_width_agnostic(predict_zoo, tmp_path: Path, model: str,
+                                                                        normalize: str) -> None:
+    result = train_predictor(predict_zoo, _config(models=(model,), normalize=normalize), tmp_path / "o")
+    predictor = load_predictor(tmp_path / "o" / model, device="cpu")
+    spec = predict_zoo.spec
+    weights = predict_zoo.weights(np.arange(8), -1)
+    base = predictor.predict(weights)
+    perm = spec.random_permutation(torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(predictor.predict(spec.permute(weights, perm)), base, atol=1e-5)
+    wide = spec.resize({label: 2 * spec.sizes[label] for label in spec.permutable_labels})
+    out = predictor.predict({n: 0.1 * torch.randn(4, *s) for n, s in wide.shapes.items()})
+    assert np.isfinite(out).all() and ((out >= 0) & (out <= 1)).all()
+    run = result.runs[0]
+    rows = run.predictions[(run.predictions["split"] == "test")]
+    w = predict_zoo.weights(rows["member"].to_numpy(), -1)
+    np.testing.assert_allclose(predictor.predict(w), rows["prediction"].to_numpy(), atol=1e-6)
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["config"]["normalize"] == normalize
