@@ -147,10 +147,7 @@ def import_checkpoints(
         raise CheckpointError(f"--arch {arch_d!r} cannot be built: {err}") from err
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
-    try:
-        table = pd.read_csv(metrics_csv)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise CheckpointError(f"cannot read metrics CSV {metrics_csv}: {err}") from err
+    table = _read_csv(metrics_csv)
     if "file" not in table.columns:
         raise CheckpointError(f"{metrics_csv}: needs a 'file' column naming each checkpoint (relative to {directory})")
     hp_cols = [c for c in table.columns if c.startswith("hp.")]
@@ -158,8 +155,9 @@ def import_checkpoints(
     for c in metric_cols:
         if not pd.api.types.is_numeric_dtype(table[c]):
             raise CheckpointError(f"{metrics_csv}: column {c!r} is not numeric; prefix hyperparameter columns with 'hp.'")
-    table["member"] = table["member"].astype(str) if "member" in table.columns else table["file"].astype(str)
-    table["epoch"] = table["epoch"].astype(int) if "epoch" in table.columns else 0
+    table["file"] = _text_cells(table, "file", metrics_csv)
+    table["member"] = _text_cells(table, "member", metrics_csv) if "member" in table.columns else table["file"]
+    table["epoch"] = _epoch_cells(table, metrics_csv) if "epoch" in table.columns else 0
     if table.duplicated(["member", "epoch"]).any():
         dup = table[table.duplicated(["member", "epoch"], keep=False)].iloc[0]
         raise CheckpointError(f"{metrics_csv}: member {dup['member']!r} has two rows for epoch {dup['epoch']}")
@@ -169,11 +167,12 @@ def import_checkpoints(
     if (counts != len(epochs)).any():
         bad = counts[counts != len(epochs)].index[0]
         raise CheckpointError(f"{metrics_csv}: member {bad!r} lacks some of the epochs {list(epochs)}")
-    for f in table["file"]:
+    for i, f in enumerate(table["file"]):
+        _check_inside(directory, f, f"{metrics_csv} line {i + 2}")
         if not (directory / f).is_file():
-            raise CheckpointError(f"{metrics_csv}: file {f!r} is not in {directory}")
+            raise CheckpointError(f"{metrics_csv} line {i + 2}: file {f!r} is not in {directory}")
         if Path(f).suffix not in CHECKPOINT_SUFFIXES:
-            raise CheckpointError(f"{metrics_csv}: file {f!r} is not one of {', '.join(CHECKPOINT_SUFFIXES)}")
+            raise CheckpointError(f"{metrics_csv} line {i + 2}: file {f!r} is not one of {', '.join(CHECKPOINT_SUFFIXES)}")
 
     firsts = table.drop_duplicates("member").set_index("member").loc[names]
     hp_frame = firsts[hp_cols].rename(columns=lambda c: c[3:]).reset_index(drop=True)
@@ -234,6 +233,51 @@ def import_checkpoints(
     return len(names)
 
 
+def _read_csv(path: str | Path, **kwargs: Any) -> Any:
+    """pandas.read_csv with every way it fails on a user's file turned into a CheckpointError naming the file."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, **kwargs)
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 text (it holds byte 0x{err.object[err.start]:02x}); "
+                              "save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from err
+    except (OSError, EOFError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise CheckpointError(f"cannot read CSV {path}: {err}") from err
+
+
+def _text_cells(table: Any, column: str, path: str | Path) -> Any:
+    """The column as strings; an empty cell is refused naming its line (line 1 is the header)."""
+    empty = table[column].isna() | (table[column].astype(str).str.strip() == "")
+    if empty.any():
+        raise CheckpointError(f"{path} line {int(empty.to_numpy().argmax()) + 2}: the {column!r} cell is empty")
+    return table[column].astype(str)
+
+
+def _epoch_cells(table: Any, path: str | Path) -> Any:
+    """The 'epoch' column as non-negative integers; an empty or non-integer cell is refused naming its line."""
+    import pandas as pd
+
+    raw = table["epoch"]
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(values) & (values >= 0) & (values < 2**53) & (values == np.round(values))
+    if not ok.all():
+        i = int((~ok).argmax())
+        cell = "" if pd.isna(raw.iloc[i]) else str(raw.iloc[i])
+        raise CheckpointError(f"{path} line {i + 2}: epoch {cell!r} is not a non-negative integer")
+    return pd.Series(values.astype(np.int64), index=table.index)
+
+
+def _check_inside(directory: Path, name: str, where: str) -> None:
+    """Refuse a listed file that resolves outside `directory` (an absolute path, '..', or a symlink leading out)."""
+    root = directory.resolve()
+    target = (directory / name).resolve()
+    if Path(name).is_absolute() or not target.is_relative_to(root):
+        raise CheckpointError(f"{where}: file {name!r} lies outside the checkpoint folder {directory}; list files "
+                              "relative to it (copy the file in if it belongs to the zoo)")
+
+
 def _check_state(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], path: Path) -> None:
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
@@ -255,12 +299,7 @@ def _spec_for(module: Any, task: Any = None) -> dict[str, Any] | None:
 
 # ---- the Small CNN Zoo release -----------------------------------------------------------------------------------------
 def _read_layout(path: Path) -> list[dict[str, Any]]:
-    import pandas as pd
-
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from err
+    frame = _read_csv(path)
     need = {"varname", "start_idx", "end_idx", "shape"}
     if not need <= set(frame.columns):
         raise CheckpointError(f"{path}: needs columns {sorted(need)}; has {list(frame.columns)}")
@@ -344,10 +383,7 @@ def import_small_cnn_zoo(
     width = max(v["end"] for v in layout_vars)
     if flat.ndim != 2 or flat.shape[1] < width:
         raise CheckpointError(f"{files['weights.npy']}: shape {flat.shape}, layout.csv needs (rows, {width})")
-    try:
-        table = pd.read_csv(files["metrics.csv.gz"], compression="gzip")
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise CheckpointError(f"cannot read {files['metrics.csv.gz']}: {err}") from err
+    table = _read_csv(files["metrics.csv.gz"], compression="gzip")
     table = table.drop(columns=[c for c in table.columns if str(c).startswith("Unnamed")])
     if len(table) != flat.shape[0]:
         raise CheckpointError(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -170,3 +171,51 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path: Path) -> None:
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "o.zarr")])
     assert result.exit_code == 2 and "a.pt: refused to unpickle" in result.output
     assert not (tmp_path / "o.zarr").exists()
+
+
+def _one_member_folder(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A folder with one valid checkpoint (a.pt) and the CLI arguments up to --metrics."""
+    src = tmp_path / "ckpts"
+    src.mkdir()
+    torch.save(_mlp_states(1, [0])[(0, 0)], src / "a.pt")
+    arch = '{"name": "mlp", "hidden": [8], "activation": "tanh"}'
+    return src, ["import", "checkpoints", str(src), "--arch", arch, "--task", "digits"]
+
+
+@pytest.mark.parametrize(
+    ("csv", "expected"),
+    [
+        ("file,epoch,test_acc\na.pt,0,0.5\na.pt,x,0.6\n", "line 3: epoch 'x' is not a non-negative integer"),
+        ("file,epoch,test_acc\na.pt,0,0.5\na.pt,,0.6\n", "line 3: epoch '' is not a non-negative integer"),
+        ("file,epoch,test_acc\na.pt,1.5,0.5\n", "line 2: epoch '1.5' is not a non-negative integer"),
+        ("file,epoch,test_acc\na.pt,-1,0.5\n", "line 2: epoch '-1' is not a non-negative integer"),
+        ("file,test_acc\na.pt,0.5\n,0.6\n", "line 3: the 'file' cell is empty"),
+        ("file,test_acc\n../outside.pt,0.5\n", "line 2: file '../outside.pt' lies outside the checkpoint folder"),
+        ("file,test_acc\n{abs},0.5\n", "lies outside the checkpoint folder"),
+        ("file,test_acc\nlink.pt,0.5\n", "line 2: file 'link.pt' lies outside the checkpoint folder"),
+        ("file,hp.name,test_acc\na.pt,caf\xe9,0.5\n", "not UTF-8 text (it holds byte 0xe9)"),
+    ],
+)
+def test_bad_import_csv_is_one_line_naming_file_and_row(tmp_path: Path, csv: str, expected: str) -> None:
+    """Non-integer/empty epochs, empty file cells, files outside the folder and non-UTF-8 CSVs: exit 2, one line
+    naming the CSV and the row, nothing written, and nothing outside the folder read."""
+    src, args = _one_member_folder(tmp_path)
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes((src / "a.pt").read_bytes())  # a valid checkpoint: only the path check can refuse it
+    (src / "link.pt").symlink_to(outside)
+    metrics = tmp_path / "m.csv"
+    metrics.write_bytes(csv.replace("{abs}", str(outside)).encode("latin-1"))
+    out = tmp_path / "o.zarr"
+    result = runner.invoke(app, [*args, "--metrics", str(metrics), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and str(metrics) in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) <= 3  # one message (rich may wrap a long path)
+    assert not out.exists()
+
+
+def test_epochs_written_as_floats_are_accepted(tmp_path: Path) -> None:
+    src, args = _one_member_folder(tmp_path)
+    (tmp_path / "m.csv").write_text("file,epoch,test_acc\na.pt,3.0,0.5\n")
+    result = runner.invoke(app, [*args, "--metrics", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o.zarr")])
+    assert result.exit_code == 0, result.output
+    assert Zoo.open(str(tmp_path / "o.zarr")).checkpoint_epochs == (3,)

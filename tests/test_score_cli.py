@@ -92,3 +92,14 @@ def test_pipes_odd_tensors_and_any_file_name_are_rows_of_a_valid_table(tmp_path:
     frame = pd.read_csv(out, encoding="utf-8")  # strict decoding: the file is valid UTF-8
     names = {Path(p).name: s for p, s in zip(frame["path"], frame["status"])}
     assert names == {"good.pt": "ok", "r\\xe9sum\\xe9.pt": "ok", "meta.pt": "error", "pipe.pt": "error"}
+
+
+def test_brackets_in_file_names_are_printed(tmp_path: Path, checkpoints: Path, score_predictor_dirs) -> None:
+    """rich would read '[lr=0.1]' as markup and drop it from the summary and the error list."""
+    good, bad = tmp_path / "run[lr=0.1].pt", tmp_path / "bad[arch].pt"
+    good.write_bytes((checkpoints / "run1.pt").read_bytes())
+    bad.write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["score", str(score_predictor_dirs["unf"]), str(good), str(bad), "--out",
+                                 str(tmp_path / "s.csv"), "--workers", "0"])
+    assert result.exit_code == 1, result.output
+    assert "run[lr=0.1].pt (" in result.output and "bad[arch].pt" in result.output

@@ -1,4 +1,8 @@
-"""Shared CLI plumbing: user errors become a message and an exit code, never a traceback."""
+"""Shared CLI plumbing: user errors become a message and an exit code, never a traceback.
+
+Text that comes from the user (paths, names, error messages quoting a recipe's `[arch]` table) goes through
+`escape` before it is printed with rich, which would otherwise read `[...]` as markup and drop it.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,11 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.errors import UnfzooError
+
+__all__ = ["console", "err_console", "escape", "user_errors"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -34,5 +41,5 @@ def user_errors() -> Iterator[None]:
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
         if not isinstance(err, _user_error_types()):
             raise
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=getattr(err, "exit_code", 2)) from None

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.commands._common import console, user_errors
+from pipeline.commands._common import console, escape, user_errors
 
 import_app = typer.Typer(
     help="Import zoos trained elsewhere: a folder of PyTorch checkpoints, or the Small CNN Zoo release.",
@@ -28,7 +28,7 @@ def checkpoints(
         from pipeline.importers import import_checkpoints
 
         n = import_checkpoints(directory, arch, metrics, out, task=task, overwrite=overwrite)
-        console.print(f"imported {n} members into {out}")
+        console.print(f"imported {n} members into {escape(out)}")
 
 
 @import_app.command("small-cnn-zoo")
@@ -42,4 +42,4 @@ def small_cnn_zoo(
         from pipeline.importers import import_small_cnn_zoo
 
         n = import_small_cnn_zoo(directory, out, overwrite=overwrite)
-        console.print(f"imported {n} runs into {out}")
+        console.print(f"imported {n} runs into {escape(out)}")

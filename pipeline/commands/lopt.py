@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.commands._common import console, user_errors
+from pipeline.commands._common import console, escape, user_errors
 
 _EPILOG = """
 [bold]Examples[/]
@@ -94,7 +94,7 @@ def meta_train_cmd(
         console.print(
             f"meta-trained {optimizer} in {result.wall_time_s / 60:.1f} min; last step: "
             + ", ".join(f"{k} {hp[k]:.4g}" for k in ("alpha", "beta", "gamma0", "meta_loss") if k in hp)
-            + f"; wrote {out}/"
+            + f"; wrote {escape(str(out))}/"
         )
         if result.selected_step is not None:
             last = result.validation[-1]
@@ -136,4 +136,4 @@ def eval_cmd(
         console.print(format_table(report))
         grid = ", ".join(f"{k}: {v:.4f}" for k, v in report["adam"]["grid"].items())
         console.print(f"adam lr {report['adam']['lr']:g} chosen on {report['adam']['val_members']} val members (loss@{report['horizon']}: {grid})")
-        console.print(f"wrote {path} and {path.parent / 'curves.png'}")
+        console.print(escape(f"wrote {path} and {path.parent / 'curves.png'}"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.commands._common import console, err_console, user_errors
+from pipeline.commands._common import console, err_console, escape, user_errors
 
 _EPILOG = """
 [bold]Examples[/]
@@ -75,7 +75,7 @@ def _summarize(frame, title: str, out: Path) -> int:  # noqa: ANN001 - a pandas 
     from rich.table import Table
 
     ok, failed = frame[frame["status"] == "ok"], frame[frame["status"] != "ok"]
-    table = Table(title=f"{title}: {len(frame)} inputs")
+    table = Table(title=escape(f"{title}: {len(frame)} inputs"))
     for col in ("scored", "failed", "min", "median", "max"):
         table.add_column(col, justify="right")
     quantiles = [f"{ok['prediction'].quantile(q):.4f}" if len(ok) else "-" for q in (0.0, 0.5, 1.0)]
@@ -84,12 +84,13 @@ def _summarize(frame, title: str, out: Path) -> int:  # noqa: ANN001 - a pandas 
     if len(ok):
         best = ok.nlargest(min(5, len(ok)), "prediction")
         names = [p if pd.isna(m) else f"{p}#member={m}" for p, m in zip(best["path"], best["member"])]
-        console.print("highest: " + ", ".join(f"{n} ({v:.4f})" for n, v in zip(names, best["prediction"])))
-    console.print(f"wrote {out}")
+        console.print("highest: " + ", ".join(f"{escape(n)} ({v:.4f})" for n, v in zip(names, best["prediction"])),
+                      soft_wrap=True)  # paths stay whole, for copying
+    console.print(f"wrote {escape(str(out))}", soft_wrap=True)
     if len(failed):
-        err_console.print(f"[bold red]{len(failed)} input(s) failed[/] (status=error in {out}):")
+        err_console.print(f"[bold red]{len(failed)} input(s) failed[/] (status=error in {escape(str(out))}):")
         for error in failed["error"].head(_SHOW_ERRORS):
-            err_console.print(f"  {error}", highlight=False, soft_wrap=True)
+            err_console.print(f"  {escape(error)}", highlight=False, soft_wrap=True)
         if len(failed) > _SHOW_ERRORS:
             err_console.print(f"  ... and {len(failed) - _SHOW_ERRORS} more")
     return len(failed)

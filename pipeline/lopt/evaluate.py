@@ -230,7 +230,9 @@ def evaluate_optimizers(
 
 
 def format_table(report: Mapping[str, Any]) -> Any:
-    """A rich Table of the report: one row per optimizer, differences vs tuned Adam with 95% intervals."""
+    """A rich Table of the report: one row per optimizer, differences vs tuned Adam with 95% intervals (names,
+    which come from folder names, are escaped: rich would read `[...]` in them as markup)."""
+    from rich.markup import escape
     from rich.table import Table
 
     h, long = report["eval_at"][0], report["eval_at"][-1]
@@ -249,7 +251,7 @@ def format_table(report: Mapping[str, Any]) -> Any:
         vs = row.get("vs_adam") or {}
         wall = row.get("meta_train_wall_s")
         table.add_row(
-            name,
+            escape(name),
             f"{row['train_loss'][str(h)]:.4f}",
             f"{row['train_loss'][str(long)]:.4f}",
             ci(vs.get(f"train_loss@{h}")),
@@ -263,7 +265,7 @@ def format_table(report: Mapping[str, Any]) -> Any:
     ref = report.get("reference")
     if ref:
         table.add_row(
-            ref.get("name", "zoo record"),
+            escape(ref.get("name", "zoo record")),
             _fmt(ref.get("train_loss@horizon")),
             _fmt(ref.get("train_loss@long")),
             "-",
@@ -272,7 +274,7 @@ def format_table(report: Mapping[str, Any]) -> Any:
             "-",
             "-",
             "-",
-            ref.get("note", "-"),
+            escape(ref.get("note", "-")),
         )
     return table
 
