@@ -435,8 +435,10 @@ def write_members(
 
 def _row_checksums(values: np.ndarray) -> np.ndarray:
     """(m,) uint32 CRC-32 of each member's row (the bytes of values[i], C order)."""
-    values = np.ascontiguousarray(values)
-    return np.fromiter((zlib.crc32(row.tobytes()) for row in values), dtype=np.uint32, count=len(values))
+    if len(values) == 0:
+        return np.zeros(0, dtype=np.uint32)
+    flat = np.ascontiguousarray(values).reshape(len(values), -1).view(np.uint8)  # rows as bytes, no copy
+    return np.fromiter((zlib.crc32(row) for row in flat), dtype=np.uint32, count=len(values))
 
 
 async def _write_members(url: str, start: int, block: MemberBlock, identity: Mapping[str, Any] | None) -> None:
@@ -561,6 +563,10 @@ def read_status(url: str | os.PathLike[str]) -> np.ndarray:
             f"{url} is damaged: its members/status array is missing or unreadable ({type(err).__name__}); for a "
             f"zoo built from a recipe run `unfzoo zoo RECIPE --out {url} --repair` (retrains every member)"
         ) from err
+    try:  # one read; chunk by chunk only when some chunk cannot be decoded
+        return np.asarray(status[:], dtype=np.int8)
+    except Exception:  # noqa: BLE001 - located below
+        pass
     n, k = status.shape[0], status.chunks[0]
     out = np.zeros(n, dtype=np.int8)
     for start in range(0, n, k):
@@ -788,10 +794,11 @@ class Zoo:
         if sums is None or name not in sums[1]:
             return
         finished = self.status[members] != PENDING
-        if not finished.any():
-            return
-        rows = members[finished]
-        wrong = rows[_row_checksums(values[finished]) != sums[0][rows, sums[1][name]]]
+        if not finished.all():  # pending rows hold no data yet (fancy indexing copies, so only when needed)
+            if not finished.any():
+                return
+            members, values = members[finished], values[finished]
+        wrong = members[_row_checksums(values) != sums[0][members, sums[1][name]]]
         if wrong.size:
             k = self.members_per_chunk
             damaged = [
