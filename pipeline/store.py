@@ -237,6 +237,11 @@ def _check_target(url: str) -> None:
     path = _local_path(url)
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path} is a file, not a zoo store; choose another --out")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StoreError(f"{parent} is a file, so {path} cannot be created there; choose another --out")
     if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").is_file():
         raise StoreError(f"{path} exists, is not empty and is not a zarr store; refusing to replace it")
 

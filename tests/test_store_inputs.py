@@ -76,6 +76,8 @@ def test_out_naming_an_existing_file(tmp_path: Path) -> None:
     line = _one_line_error(_zoo(str(_recipe(tmp_path)), "--out", str(target)))
     assert str(target) in line and "is a file" in line
     assert target.read_text() == "keep me" and not lock_path(str(target)).exists()
+    line = _one_line_error(_zoo(str(_recipe(tmp_path)), "--out", str(target / "inner.zarr")))
+    assert "is a file" in line and target.read_text() == "keep me"
 
 
 def test_non_utf8_recipe(tmp_path: Path) -> None:
