@@ -16,7 +16,7 @@ The root attrs carry "state": "creating" from the first write of a new store unt
 that state holds nothing trained, so a rerun simply creates it again. A writer holds the store's lock
 (`pipeline.storelock`) for the whole build.
 
-Rules that keep zarr 3.1 from losing data (see GUIDE section 4): only the coordinator creates or resizes arrays,
+Rules that keep zarr 3.1 from losing data: only the coordinator creates or resizes arrays,
 before any task runs; a task reopens the group (never consolidated metadata), writes whole chunks it alone owns, and
 writes `members/status` after everything else, so a chunk counts as done only once its data is in the store.
 """
@@ -237,6 +237,11 @@ def _check_target(url: str) -> None:
     path = _local_path(url)
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path} is a file, not a zoo store; choose another --out")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StoreError(f"{parent} is a file, so {path} cannot be created there; choose another --out")
     if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").is_file():
         raise StoreError(f"{path} exists, is not empty and is not a zarr store; refusing to replace it")
 
@@ -435,8 +440,10 @@ def write_members(
 
 def _row_checksums(values: np.ndarray) -> np.ndarray:
     """(m,) uint32 CRC-32 of each member's row (the bytes of values[i], C order)."""
-    values = np.ascontiguousarray(values)
-    return np.fromiter((zlib.crc32(row.tobytes()) for row in values), dtype=np.uint32, count=len(values))
+    if len(values) == 0:
+        return np.zeros(0, dtype=np.uint32)
+    flat = np.ascontiguousarray(values).reshape(len(values), -1).view(np.uint8)  # rows as bytes, no copy
+    return np.fromiter((zlib.crc32(row) for row in flat), dtype=np.uint32, count=len(values))
 
 
 async def _write_members(url: str, start: int, block: MemberBlock, identity: Mapping[str, Any] | None) -> None:
@@ -561,6 +568,10 @@ def read_status(url: str | os.PathLike[str]) -> np.ndarray:
             f"{url} is damaged: its members/status array is missing or unreadable ({type(err).__name__}); for a "
             f"zoo built from a recipe run `unfzoo zoo RECIPE --out {url} --repair` (retrains every member)"
         ) from err
+    try:  # one read; chunk by chunk only when some chunk cannot be decoded
+        return np.asarray(status[:], dtype=np.int8)
+    except Exception:  # noqa: BLE001 - located below
+        pass
     n, k = status.shape[0], status.chunks[0]
     out = np.zeros(n, dtype=np.int8)
     for start in range(0, n, k):
@@ -788,10 +799,11 @@ class Zoo:
         if sums is None or name not in sums[1]:
             return
         finished = self.status[members] != PENDING
-        if not finished.any():
-            return
-        rows = members[finished]
-        wrong = rows[_row_checksums(values[finished]) != sums[0][rows, sums[1][name]]]
+        if not finished.all():  # pending rows hold no data yet (fancy indexing copies, so only when needed)
+            if not finished.any():
+                return
+            members, values = members[finished], values[finished]
+        wrong = members[_row_checksums(values) != sums[0][members, sums[1][name]]]
         if wrong.size:
             k = self.members_per_chunk
             damaged = [
@@ -947,15 +959,20 @@ class Zoo:
         if kind not in SPLIT_KINDS:
             raise StoreError(f"split kind {kind!r} is not one of {', '.join(SPLIT_KINDS)}")
         fr = check_fractions(fractions)
-        arr = self.root[f"members/split_{kind}"]
-        stored = arr[:]
-        if arr.attrs.get("seed") == seed and np.allclose(arr.attrs.get("fractions", ()), fr) and (stored >= 0).all():
+        try:  # the coordinator rewrites the split arrays on every build; a lost one is computed below instead
+            arr = self.root[f"members/split_{kind}"]
+            stored, attrs = arr[:], dict(arr.attrs)
+        except Exception:  # noqa: BLE001 - missing or unreadable: recompute
+            stored, attrs = None, {}
+        stored_fr = np.asarray(attrs.get("fractions", ()), dtype=float)
+        if (stored is not None and attrs.get("seed") == seed and stored_fr.shape == (len(fr),)
+                and np.allclose(stored_fr, fr) and (stored >= 0).all()):
             return split_indices(stored)
         n = self.n_members
         if kind == "run":
             groups = np.arange(n)
         else:
-            config = self.root["members/config"][:]
+            config = self._column("members/config")
             groups = np.where(config < 0, -1 - np.arange(n), config)
         return split_indices(assign_split(groups, seed, fr))
 

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import StoreBusyError
+from pipeline.errors import StoreBusyError, StoreError
 
 __all__ = ["StoreLock", "lock_path"]
 
@@ -69,9 +69,13 @@ class StoreLock:
             return
         if self.path is None:
             return  # object stores: no lock (see the module docstring)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(20):  # retried only when the holder removed the file between our open and our flock
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise StoreError(f"cannot create the lock file {self.path} for {self.url}: {err.strerror or err}; "
+                                 "choose an --out in a writable folder") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -336,8 +336,7 @@ def build_zoo(
     if repair and overwrite:
         raise ConfigError("--repair keeps a store and --overwrite replaces it; pass one of them")
     plan = plan_zoo(recipe)  # validates task, arch and spec before anything is written
-    _check_target(url)
-    check_capacity(url, plan.layout, recipe.members)
+    _check_target(url)  # member counts and disk space are checked in _prepare_store, before any write
     if scheduler is not None:
         _check_scheduler(scheduler)
     with StoreLock(url):

@@ -76,6 +76,8 @@ def test_out_naming_an_existing_file(tmp_path: Path) -> None:
     line = _one_line_error(_zoo(str(_recipe(tmp_path)), "--out", str(target)))
     assert str(target) in line and "is a file" in line
     assert target.read_text() == "keep me" and not lock_path(str(target)).exists()
+    line = _one_line_error(_zoo(str(_recipe(tmp_path)), "--out", str(target / "inner.zarr")))
+    assert "is a file" in line and target.read_text() == "keep me"
 
 
 def test_non_utf8_recipe(tmp_path: Path) -> None:
@@ -198,3 +200,23 @@ def test_interrupted_creation_is_named_by_readers(tmp_path: Path) -> None:
     assert root is not None
     line = _one_line_error(runner.invoke(app, ["inspect", str(tmp_path / "c.zarr")]))
     assert "creation of this store was interrupted" in line and "rerun" in line
+
+
+def test_a_task_never_writes_into_a_store_of_another_recipe(small: tuple[Path, Path], tmp_path: Path) -> None:
+    """A chunk task checks the store still holds its recipe's zoo (e.g. replaced while the build ran)."""
+    import dataclasses
+    import shutil
+
+    from pipeline.errors import StoreMismatchError
+    from pipeline.recipe import load_recipe
+    from pipeline.zoo import ChunkTask, plan_zoo, train_chunk
+
+    recipe, built = small
+    out = tmp_path / "z.zarr"
+    shutil.copytree(built, out)
+    plan = plan_zoo(load_recipe(recipe))
+    changed = dataclasses.replace(plan.recipe, seed=99)
+    before = (out / "weights" / "head.bias" / "c" / "0" / "0" / "0").read_bytes()
+    with pytest.raises(StoreMismatchError, match="replaced by another zoo"):
+        train_chunk(ChunkTask(str(out), changed, plan.arch, plan.layout, 0, 4, 1, "cpu"))
+    assert (out / "weights" / "head.bias" / "c" / "0" / "0" / "0").read_bytes() == before

@@ -142,3 +142,35 @@ def test_repair_of_an_undamaged_store_changes_nothing(built: tuple[Path, Path, s
     report = build_zoo(recipe, out, workers=0, threads=1, device="cpu", repair=True)
     assert report.repaired == [] and report.trained == 0
     assert store_hash(out) == ref_hash
+
+
+def test_a_store_killed_before_its_splits_still_opens(built: tuple[Path, Path, str], tmp_path: Path) -> None:
+    """Split arrays without attributes (a build killed before `write_splits`) or deleted: splits are computed."""
+    _, ref, _ = built
+    out = tmp_path / "z.zarr"
+    shutil.copytree(ref, out)
+    expected = Zoo.open(ref).split("config")
+    shutil.rmtree(out / "members" / "split_config")
+    import json
+
+    meta = json.loads((out / "members" / "split_run" / "zarr.json").read_text())
+    meta["attributes"] = {}
+    (out / "members" / "split_run" / "zarr.json").write_text(json.dumps(meta))
+    zoo = Zoo.open(out)
+    assert all(np.array_equal(a, b) for a, b in zip(zoo.split("config").values(), expected.values()))
+    assert sum(len(v) for v in zoo.split("run").values()) == 10
+    assert runner.invoke(app, ["inspect", str(out), "--verify"]).exit_code == 0
+
+
+def test_a_deleted_status_array_is_refused_and_repaired(built: tuple[Path, Path, str], tmp_path: Path) -> None:
+    recipe, ref, ref_hash = built
+    out = tmp_path / "z.zarr"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / "members" / "status")
+    for args in (["inspect", str(out), "--verify"], ["zoo", str(recipe), "--out", str(out), "--workers", "0"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "members/status" in result.output and "--repair" in result.output, result.output
+    fixed = runner.invoke(app, ["zoo", str(recipe), "--out", str(out), "--workers", "0", "--threads", "1",
+                                "--device", "cpu", "--repair", "--no-progress"])
+    assert fixed.exit_code == 0, fixed.output
+    assert store_hash(out) == ref_hash
