@@ -230,11 +230,19 @@ class _Ctx:
     in_spec: frozenset[str] = frozenset()  # buffers (besides parameters) whose axes the spec describes
     strip: str = ""  # prefix of the wrapper around a leaf root module
     where: str = ""  # the module / op being processed (label origins)
+    node: str = ""  # its short name (names labels made by ops)
+    collapsed: dict[int, int] = field(default_factory=dict)  # axis label -> one fixed label standing for it
 
     def new(self, name: str, size: int, status: int = _FREE) -> int:
+        return self.labels.new(self.short(name), size, status, self.where)
+
+    def short(self, name: str) -> str:
+        """A label name: the module's path, or the op's node name for messages such as "op 'cat' (cat)"."""
+        if " " in name:
+            name = self.node
         if self.strip and name.startswith(self.strip.rstrip(".")):
             name = name[len(self.strip) :] or "root"
-        return self.labels.new(name, size, status, self.where)
+        return name
 
     def tie(self, a: int, b: int, where: str) -> int:
         return self.labels.union(a, b, where)
@@ -274,7 +282,7 @@ class _Ctx:
     def label_of(self, dim: tuple[Factor, ...], owner: str) -> int:
         """One label for a whole dim: its label, a fixed one if unlabelled, or the product of its factors."""
         labels, _ = self.consume(dim, owner)
-        return self.labels.compose(_PROD, labels, owner, self.where)
+        return self.labels.compose(_PROD, labels, self.short(owner), self.where)
 
     def fix_dims(self, t: Any) -> None:
         for x in _tensors_in(t):
@@ -529,7 +537,7 @@ def _rule_rnn(ctx: _Ctx, m: nn.RNNBase, name: str, args: list[Any], out_meta: An
                 ctx.param(f"{name}.bias_hh_{end}", [(*pre, h)], [(*pre_size, hsize)])
             if proj:
                 ctx.param(f"{name}.weight_hr_{end}", [(o, h)], [(osize, hsize)])
-        src = [ctx.labels.compose(_SUM, outl[k], f"{name}.out{k}", ctx.where)]
+        src = [ctx.labels.compose(_SUM, outl[k], ctx.short(f"{name}.out{k}"), ctx.where)]
         src_sizes = [osize * dirs]
     out = _T([*x.dims[:-1], ((src[0], osize * dirs),)])
 
@@ -885,7 +893,7 @@ def _call_function(ctx: _Ctx, node: fx.Node, args: list[Any], kwargs: dict[str, 
                         ctx.tie_dims(((labels[0], c),), w.dims[0], where)
                     else:
                         ctx.tie(ctx.label_of(w.dims[0], where),
-                                ctx.labels.compose(_PROD, list(labels), where, where), where)  # type: ignore[arg-type]
+                                ctx.labels.compose(_PROD, list(labels), ctx.node, where), where)  # type: ignore[arg-type]
         else:  # batch_norm(x, running_mean, running_var, weight, bias, ...), instance_norm(x, rm, rv, w, b, ...)
             for key, i in (("running_mean", 1), ("running_var", 2), ("weight", 3), ("bias", 4)):
                 _tie_channel(ctx, x, _arg(args, kwargs, i, key), where)
@@ -990,7 +998,7 @@ def _call_function(ctx: _Ctx, node: fx.Node, args: list[Any], kwargs: dict[str, 
                               [s if i != dim else 1 for i, s in enumerate(base.shape)], where)
         total = sum(_size(t.dims[dim]) for t in parts)
         if any(_labelled(t.dims[dim]) for t in parts):  # the result's axis is the sum of the parts' axes
-            cat = ctx.labels.compose(_SUM, [ctx.label_of(t.dims[dim], where) for t in parts], where, where)
+            cat = ctx.labels.compose(_SUM, [ctx.label_of(t.dims[dim], where) for t in parts], ctx.node, where)
             base.dims[dim] = ((cat, total),)
         else:
             base.dims[dim] = ((None, total),)
@@ -1262,7 +1270,7 @@ def _derive(model: nn.Module, gm: fx.GraphModule, include_buffers: bool, strip: 
             if shape is None:
                 env[node] = _NONTENSOR
                 continue
-            ctx.where = f"input '{node.name}'"
+            ctx.where, ctx.node = f"input '{node.name}'", node.name
             env[node] = _T([((None, shape[0]),)] + [((ctx.new(f"{node.name}.{i}", n, _FIXED), n),)
                                                     for i, n in enumerate(shape[1:], 1)])
             continue
@@ -1272,7 +1280,7 @@ def _derive(model: nn.Module, gm: fx.GraphModule, include_buffers: bool, strip: 
             if value is None or shape is None:
                 env[node] = _NONTENSOR
                 continue
-            ctx.where = f"attribute '{target}'"
+            ctx.where, ctx.node = f"attribute '{target}'", target
             described = target in params or target in in_spec
             status = _PENDING if described else _FIXED  # a constant buffer outside the spec never moves
             labels = [ctx.new(f"{target}.{i}", n, status) for i, n in enumerate(shape)]
@@ -1287,9 +1295,10 @@ def _derive(model: nn.Module, gm: fx.GraphModule, include_buffers: bool, strip: 
         if node.op == "call_module":
             m = gm.get_submodule(node.target)
             ctx.where = f"module '{node.target[len(strip):] or type(m).__name__}' ({type(m).__name__})"
+            ctx.node = node.target
             env[node] = _call_module(ctx, m, node.target, args, kwargs, node.meta.get(_META), shape)
         else:
-            ctx.where = f"op '{_op_name(node)}' ({node.name})"
+            ctx.where, ctx.node = f"op '{_op_name(node)}' ({node.name})", node.name
             env[node] = _call_function(ctx, node, args, kwargs, shape)
         if shape is not None and isinstance(env[node], _T) and env[node].shape != shape:
             got = env[node]
@@ -1348,7 +1357,7 @@ def _expand_param(ctx: _Ctx, name: str, shape: tuple[int, ...], rec: _Param
     """Final parts, views and split dim of one tensor: product labels become several view axes; one concatenated
     axis (the first view axis of its natural dim) splits the tensor into parts; anything else is fixed."""
     labels = ctx.labels
-    collapsed: dict[int, int] = {}
+    collapsed = ctx.collapsed
 
     def collapse(a: int) -> tuple[list[int], list[int]]:
         r = labels.find(a)

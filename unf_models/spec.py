@@ -439,9 +439,17 @@ class WeightSpec:
             if p.shape != (sizes[label],):
                 raise SpecError(f"permutation of label '{label}' has shape {tuple(p.shape)}, expected "
                                 f"({sizes[label]},)")
+        return self._permute_at(tensors, perm, sizes, batch_dims)
+
+    def _permute_at(self, tensors: Mapping[str, Tensor], perm: Mapping[str, Tensor], sizes: Mapping[str, int],
+                    batch_dims: int) -> dict[str, Tensor]:
+        """``permute`` with checked label sizes; tensors without a permuted label are passed through as they are."""
         out = {}
         for t in self._tensors:
             x = tensors[t.name]
+            if not any(label in perm for part in t.parts for label in part.axes):
+                out[t.name] = x
+                continue
             parts = self.split_parts(t.name, x, sizes, batch_dims)
             moved = []
             for part, view in zip(t.parts, parts):

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from unf_models.errors import SpecMismatchError, SymmetryError
 from unf_models.spec import WeightSpec
@@ -85,14 +84,27 @@ def _moves(spec: WeightSpec, label: str) -> str:
     return ", ".join(hits[:6]) + more
 
 
+def _degenerate(t: Tensor, generator: torch.Generator, sample: int = 64) -> bool:
+    """Whether ``t`` may hide an asymmetry: small, or repeated values among a random sample of its entries (a
+    fresh norm layer's ones, a zero-initialised layer, an identity matrix)."""
+    if t.numel() <= 4096:
+        return True
+    idx = torch.randint(t.numel(), (sample,), generator=generator).to(t.device)
+    return int(t.reshape(-1)[idx].unique().numel()) < sample * 0.9
+
+
 def _perturb(tensors: Mapping[str, Tensor], generator: torch.Generator) -> None:
-    """Jitter every covered tensor in place (positive ones multiplicatively), so that symmetric values such as
-    a norm layer's initial ones and zeros cannot hide a wrong claim; the claim is about every weight value."""
+    """Jitter covered tensors in place (positive ones multiplicatively) where their values repeat, so that
+    symmetric values such as a norm layer's initial ones and zeros cannot hide a wrong claim; the claim is about
+    every weight value. Large tensors of distinct (trained or random) values are left as they are."""
     with torch.no_grad():
         for t in tensors.values():
-            if not t.is_floating_point() or t.numel() == 0:
+            if not t.is_floating_point() or t.numel() == 0 or not _degenerate(t, generator):
                 continue
-            noise = torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device, t.dtype)
+            # a random rank-1 pattern (first dim x the rest): generic, and cheap for 10M-parameter models
+            rows = torch.randn(t.shape[0] if t.dim() else 1, generator=generator, dtype=torch.float64)
+            cols = torch.randn(max(t.numel() // rows.numel(), 1), generator=generator, dtype=torch.float64)
+            noise = (rows[:, None] * cols[None, :]).reshape(t.shape).to(t.device, t.dtype)
             if bool((t > 0).all()):
                 t.mul_(torch.exp(0.2 * noise))
             else:
@@ -105,7 +117,13 @@ def verify_spec(spec: WeightSpec, model: nn.Module, example_input: Any, *, seed:
     """Raise `SymmetryError` unless every permutable label of ``spec`` is a symmetry of ``model`` on
     ``example_input`` (see the module docstring); ``origins`` says where a derived spec decided each label.
     ``perturb`` (default) first jitters the covered tensors of the float64 copy (never the model itself)."""
-    twin = copy.deepcopy(model).double().eval()
+    # a float64 copy without a float32 copy first: parameters and buffers are converted while the module is copied
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in memo and t.is_floating_point():
+            value = t.detach().to(torch.float64, copy=True)
+            memo[id(t)] = nn.Parameter(value, t.requires_grad) if isinstance(t, nn.Parameter) else value
+    twin = copy.deepcopy(model, memo).double().eval()
     ref = next(iter(twin.parameters()), None)
     inputs = _double(as_inputs(example_input), ref.device if ref is not None else None)
     state = {k: v.detach() for k, v in twin.state_dict(keep_vars=True).items()}
@@ -120,15 +138,30 @@ def verify_spec(spec: WeightSpec, model: nn.Module, example_input: Any, *, seed:
         _perturb(covered, generator)
     labels = [label for label in spec.permutable_labels if spec.sizes[label] > 1]
     trials = [(label,) for label in labels] + ([tuple(labels)] if len(labels) > 1 else [])
+    live = twin.state_dict(keep_vars=True)  # the copy's parameters and buffers themselves
+
+    def run(changes: Mapping[str, Tensor]) -> list[Tensor]:
+        """The copy's outputs with some state tensors swapped in (their storage, not a copy), then restored."""
+        old = {}
+        for n, v in changes.items():
+            if v is not covered[n]:
+                old[n] = live[n].data
+                live[n].data = v
+        try:
+            return _flat(twin(*inputs))
+        finally:
+            for n, d in old.items():
+                live[n].data = d
+
     with torch.no_grad():
-        base = _flat(functional_call(twin, state, inputs))
+        base = run({})
         scale = max((float(t[torch.isfinite(t)].abs().max()) for t in base
                      if t.is_floating_point() and torch.isfinite(t).any()), default=0.0)
         tol = rtol * (1.0 + scale)
         for trial in trials:
             perm = {label: _moved_perm(spec.sizes[label], generator) for label in trial}
-            moved = spec.permute(covered, perm)
-            diff = _distance(base, _flat(functional_call(twin, {**state, **moved}, inputs)))
+            moved = spec._permute_at(covered, perm, spec.sizes, 0)
+            diff = _distance(base, run(moved))
             if diff <= tol:
                 continue
             if len(trial) > 1:
