@@ -175,6 +175,17 @@ class DenseNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- depthwise / grouped
+def stochastic_depth(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """torchvision's row-mode stochastic depth (fx-wrapped there as here): the identity in eval mode."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty(x.shape[0], 1, 1, 1, dtype=x.dtype).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+torch.fx.wrap("stochastic_depth")
+
+
 class SqueezeExcite(nn.Module):
     def __init__(self, c: int, r: int) -> None:
         super().__init__()
@@ -198,7 +209,7 @@ class InvertedResidual(nn.Module):
         self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.project(self.se(self.dw(self.expand(x))))
+        return x + stochastic_depth(self.project(self.se(self.dw(self.expand(x)))), 0.2, self.training)
 
 
 class MobileNet(nn.Module):
@@ -366,7 +377,7 @@ class TorchEncoderClassifier(nn.Module):
         super().__init__()
         self.inp = nn.Linear(4, 8)
         layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8))
+        self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8), enable_nested_tensor=False)
         self.head = nn.Linear(8, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

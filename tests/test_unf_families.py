@@ -10,9 +10,10 @@ from torch import nn
 from torch.func import functional_call
 
 import unf_models as um
-from _unf_families import FAMILIES, Inception, ResNet
+from _unf_families import FAMILIES, Inception, MobileNet, ResNet
 
 IDS = [f[0] for f in FAMILIES]
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 
 
 def _build(make) -> nn.Module:
@@ -147,3 +148,11 @@ class _Cumsum(nn.Module):
 def test_unsupported_ops_are_refused_naming_them() -> None:
     with pytest.raises(um.UnsupportedModuleError, match=r"cumsum.*WeightSpec\(\{'a.weight'"):
         um.WeightSpec.from_module(_Cumsum(), torch.randn(1, 3, 6, 6))
+
+
+def test_a_model_in_training_mode_is_derived_in_eval_mode_and_left_training() -> None:
+    """Stochastic depth and dropout are identities in eval mode, where the derivation runs; the mode is restored."""
+    model = _build(MobileNet).train()
+    spec = um.WeightSpec.from_module(model, torch.randn(2, 3, 8, 8))
+    assert model.training and all(m.training for m in model.modules())
+    assert not spec.is_fixed(spec.axes("blocks.0.dw.0.weight")[0])

@@ -701,12 +701,18 @@ _UNARY = {
     torch.relu, F.relu, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.gelu, F.silu, F.elu, F.leaky_relu,
     F.softplus, F.dropout, F.hardtanh, F.relu6, F.mish, F.selu, F.celu, torch.abs, torch.neg, operator.neg,
     torch.exp, torch.sqrt, torch.square, torch.clamp, torch.clip, F.softmax, F.log_softmax, torch.softmax,
-    torch.log_softmax, torch.nn.functional.normalize, operator.pos,
+    torch.log_softmax, torch.nn.functional.normalize, operator.pos, F.hardsigmoid, F.hardswish, F.logsigmoid,
+    F.softsign, F.tanhshrink, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    torch.rsqrt, torch.reciprocal, torch.log, torch.log1p, torch.expm1, torch.erf, torch.sin, torch.cos,
+    torch.sign, torch.nan_to_num, torch.exp2,
 }
+# torch.fx-wrapped functions that are the identity in eval mode (derivation and verification run in eval mode)
+_EVAL_IDENTITY = {"stochastic_depth", "drop_path"}
 _UNARY_METHODS = {
     "relu", "tanh", "sigmoid", "exp", "abs", "neg", "clamp", "clip", "softmax", "log_softmax", "contiguous",
     "float", "double", "half", "to", "type", "type_as", "detach", "clone", "sqrt", "square", "relu_", "tanh_",
-    "sigmoid_", "cpu", "cuda", "requires_grad_",
+    "sigmoid_", "cpu", "cuda", "requires_grad_", "rsqrt", "reciprocal", "log", "log1p", "expm1", "erf", "sin",
+    "cos", "sign", "nan_to_num", "exp2", "clamp_", "clamp_min", "clamp_max", "hardtanh_", "relu6",
 }
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
            operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
@@ -910,6 +916,8 @@ def _call_function(ctx: _Ctx, node: fx.Node, args: list[Any], kwargs: dict[str, 
     if target is F.interpolate:
         x = args[0]
         return _rule_pool(x, len(x.dims) - 2, out_shape or ())
+    if not method and getattr(target, "__name__", "") in _EVAL_IDENTITY and tensors:
+        return tensors[0]
     if target is operator.getitem:
         return _getitem(ctx, args[0], args[1], out_shape, where)
     if target in (getattr, len):
@@ -1217,13 +1225,23 @@ def spec_from_module(model: nn.Module, example_input: Any = None, *, include_buf
     """Derive ``model``'s weight-space symmetry (see the module docstring) and, unless ``verify=False``, check it
     on a float64 copy. Raises UnsupportedModuleError (an op it cannot describe) or SymmetryError (a claimed
     symmetry that does not hold: a bug in a rule, reported rather than returned)."""
-    from unf_models.verify import verify_spec
-
     hint = _HINT.format(example=_skeleton(model))
     through = _own_forward(model)
-    first: Exception | None = None
+    was_training = model.training
+    model.eval()  # traced, run and verified in eval mode: dropout and stochastic depth are identities
+    try:
+        return _attempts(model, example_input, include_buffers, verify, hint, through)
+    finally:
+        model.train(was_training)
+
+
+def _attempts(model: nn.Module, example_input: Any, include_buffers: bool, verify: bool, hint: str,
+              through: frozenset[type]) -> WeightSpec:
+    from unf_models.verify import verify_spec
+
     # Subclasses of supported classes count as the class they extend (the zoo's vmappable members do); when that
     # fails to verify, they are traced into instead (a channels-first LayerNorm2d computes something else).
+    first: Exception | None = None
     for attempt in ((frozenset(), through) if through else (frozenset(),)):
         try:
             gm, strip = _trace(model, hint, attempt)
