@@ -1329,31 +1329,33 @@ def _derive(model: nn.Module, gm: fx.GraphModule, include_buffers: bool, strip: 
     return _assemble(model, ctx)
 
 
-def _leaves(labels: _Labels, a: int) -> list[int]:
+def _leaves(labels: _Labels, a: int, depth: int = 0) -> list[int]:
     """The leaf labels of a product structure (row-major), or [] when it contains a concatenation."""
     e = labels.children(a)
     if e is None:
         return [labels.find(a)]
-    if e[0] != _PROD:
+    if e[0] != _PROD or depth > 64:
         return []
     out = []
     for c in e[1]:
-        sub = _leaves(labels, c)
+        sub = _leaves(labels, c, depth + 1)
         if not sub:
             return []
         out.extend(sub)
     return out
 
 
-def _segments(labels: _Labels, a: int) -> list[list[int]]:
+def _segments(labels: _Labels, a: int, depth: int = 0) -> list[list[int]]:
     """A concatenation's blocks, each as leaf labels (nested concatenations flattened); [] if not expressible."""
     e = labels.children(a)
     if e is None or e[0] != _SUM:
         leaves = _leaves(labels, a)
         return [leaves] if leaves else []
+    if depth > 64:
+        return []
     out = []
     for c in e[1]:
-        sub = _segments(labels, c)
+        sub = _segments(labels, c, depth + 1)
         if not sub:
             return []
         out.extend(sub)
