@@ -23,6 +23,11 @@ HAND = {
     "gru": um.WeightSpec({"w_ih": ("gate", "h", "e"), "w_hh": ("gate", "h", "h"), "b": ("gate", "h"),
                           "emb": ("vocab", "e")}, sizes={"gate": 3, "h": 4, "e": 3, "vocab": 5},
                          fixed=("gate", "vocab")),
+    # a conv reading the concatenation of two branches: its input axis is two parts along natural dim 1
+    "concat": um.WeightSpec({"a": ("c1", "in"), "b": ("c2", "in"), "bn": [("c1",), ("c2",)],
+                             "w": [("out", "c1", "k"), ("out", "c2", "k")], "head": ("cls", "out")},
+                            sizes={"c1": 3, "c2": 4, "in": 2, "out": 3, "k": 2, "cls": 2},
+                            shapes={"bn": (7,), "w": (3, 7, 2)}, splits={"w": 1}, fixed=("in", "k", "cls")),
 }
 
 
@@ -122,14 +127,14 @@ def test_pair_term_counts(out_labels, in_labels, expected) -> None:
 
 @pytest.mark.parametrize("name", list(HAND))
 def test_num_terms_is_sum_of_bell_products(name: str) -> None:
-    """(d) layer.num_terms = sum over tensor pairs of prod Bell(c_out + c_in) over permutable labels."""
+    """(d) layer.num_terms = sum over piece pairs of prod Bell(c_out + c_in) over permutable labels."""
     spec = HAND[name]
     for mode in ("exact", "permutable"):
         group = spec if mode == "exact" else spec.with_fixed(())
-        labels = {n: tuple(a for a in group.axes(n) if not group.is_fixed(a)) for n in spec.names}
-        expected = 0
-        for lo in labels.values():
-            for li in labels.values():
+        labels = [tuple(a for a in p.axes if not group.is_fixed(a)) for t in group.tensors for p in t.parts]
+        expected = 0  # over pieces (tensor parts): a split tensor contributes one piece per part
+        for lo in labels:
+            for li in labels:
                 counts = {a: lo.count(a) + li.count(a) for a in set(lo + li)}
                 expected += math.prod(bell(c) for c in counts.values())
         assert um.UNFLinear(spec, 1, 1, fixed_axes=mode).num_terms == expected

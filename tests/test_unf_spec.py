@@ -125,3 +125,34 @@ def test_spec_survives_pickle_for_dask_workers() -> None:
     restored = pickle.loads(pickle.dumps(spec))
     assert restored == spec
     assert restored.to_dict() == spec.to_dict()
+
+
+CONCAT = um.WeightSpec(
+    {"a": ("c1", "in"), "b": ("c2", "in"), "w": [("out", "c1", "k"), ("out", "c2", "k")]},
+    sizes={"c1": 2, "c2": 3, "in": 2, "out": 4, "k": 2}, shapes={"w": (4, 5, 2)}, splits={"w": 1},
+    fixed=("in", "out", "k"),
+)
+
+
+def test_split_along_another_dim_permutes_each_block_by_its_label() -> None:
+    """A tensor split along dim 1 (a conv reading a concatenation): c1 moves columns 0-1, c2 columns 2-4."""
+    w = torch.arange(40.0).reshape(4, 5, 2)
+    tensors = {"a": torch.randn(2, 2), "b": torch.randn(3, 2), "w": w}
+    p1, p2 = torch.tensor([1, 0]), torch.tensor([2, 0, 1])
+    moved = CONCAT.permute(tensors, {"c1": p1, "c2": p2})["w"]
+    assert torch.equal(moved[:, :2], w[:, p1]) and torch.equal(moved[:, 2:], w[:, 2 + p2])
+    parts = CONCAT.split_parts("w", w, CONCAT.sizes, 0)
+    assert [tuple(p.shape) for p in parts] == [(4, 2, 2), (4, 3, 2)]
+    assert torch.equal(CONCAT.join_parts("w", parts, (4, 5, 2), 0), w)
+
+
+def test_split_spec_other_widths_and_json() -> None:
+    assert CONCAT.symbolic_shape("w") == "(4, c1 + c2, 2)"
+    assert CONCAT.infer_sizes({"a": (2, 2), "b": (6, 2), "w": (4, 8, 2)})["c2"] == 6
+    assert CONCAT.resize({"c1": 3})["w"].shape == (4, 6, 2)
+    d = CONCAT.to_dict()
+    assert d["version"] == 2 and d["tensors"][2]["split"] == 1
+    assert um.WeightSpec.from_dict(json.loads(json.dumps(d))) == CONCAT
+    assert GRU_LIKE.to_dict()["version"] == 1 and "split" not in GRU_LIKE.to_dict()["tensors"][0]
+    with pytest.raises(um.SpecError, match="give shapes"):
+        um.WeightSpec({"w": [("o", "a"), ("o", "b")]}, sizes={"o": 2, "a": 1, "b": 2}, splits={"w": 1})

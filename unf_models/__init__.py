@@ -9,7 +9,7 @@ Usable on its own (never imports ``pipeline``)::
 """
 
 from unf_models.basis import bell, num_pair_terms
-from unf_models.errors import SpecError, SpecMismatchError, UNFError, UnsupportedModuleError
+from unf_models.errors import SpecError, SpecMismatchError, SymmetryError, UNFError, UnsupportedModuleError
 from unf_models.layers import UNFLinear, UNFPool
 from unf_models.normalize import WeightStats
 from unf_models.predictor import UNFPredictor
@@ -29,4 +29,5 @@ __all__ = [
     "SpecError",
     "SpecMismatchError",
     "UnsupportedModuleError",
+    "SymmetryError",
 ]

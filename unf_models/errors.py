@@ -19,3 +19,8 @@ class SpecMismatchError(SpecError):
 
 class UnsupportedModuleError(UNFError, TypeError):
     """`WeightSpec.from_module` met an op it cannot derive symmetries for."""
+
+
+class SymmetryError(SpecError):
+    """A spec claims a symmetry the model lacks: permuting a label's axes changes the model's output (names the
+    label, the tensors it moves and where the derivation decided it)."""

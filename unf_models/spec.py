@@ -5,7 +5,9 @@ tensor is seen through one or more *parts*: the flattened tensor is cut into con
 the part's view shape and carrying one label per view axis. Most tensors have one part whose view is the natural
 shape; a GRU's ``weight_hh_l0`` (3h, h) is one part viewed as (3, h, h) labelled ("gate", "h", "h"); a
 MultiheadAttention ``in_proj_weight`` (3d, d) is three parts (heads, head_dim, d) for Q, K and V, so Q/K and V may
-carry different head_dim labels. Axes with equal labels are permuted together. *Fixed* labels (input features,
+carry different head_dim labels. Parts are consecutive blocks along one natural dim, the tensor's ``split`` (0 unless
+given): a convolution reading the concatenation of two branches, weight (out, a + b, k, k), is two parts split along
+dim 1, (out, a, k, k) and (out, b, k, k), whose input-channel axes carry the branches' labels. Axes with equal labels are permuted together. *Fixed* labels (input features,
 classes, kernel positions, vocabulary, gates) are not permuted by the symmetry group.
 """
 
@@ -24,7 +26,7 @@ from unf_models.errors import SpecError, SpecMismatchError
 __all__ = ["Part", "TensorSpec", "WeightSpec"]
 
 _FORMAT = "unf_models.WeightSpec"
-_VERSION = 1
+_VERSION = 2  # highest version read; to_dict writes 1 unless a tensor splits a dim other than 0
 
 
 @dataclass(frozen=True)
@@ -37,13 +39,15 @@ class Part:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A named tensor: natural (state-dict) ``shape``, labelled ``parts``, and ``groups[j]`` = number of view axes
-    merged into natural dim j (the parts split natural dim 0; later dims are the same in every part)."""
+    """A named tensor: natural (state-dict) ``shape``, labelled ``parts``; ``groups[i][j]`` = number of view axes of
+    part i merged into natural dim j. The parts are blocks along natural dim ``split``; the other dims are the same
+    in every part."""
 
     name: str
     shape: tuple[int, ...]
     parts: tuple[Part, ...]
-    groups: tuple[int, ...]
+    groups: tuple[tuple[int, ...], ...]
+    split: int = 0
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -53,55 +57,73 @@ class TensorSpec:
         return self.parts[0].axes
 
     def dim_terms(self, j: int) -> list[tuple[str, ...]]:
-        """Labels whose sizes make natural dim j: a sum over parts (dim 0) of products of view axes."""
-        if j == 0:
-            return [p.axes[: self.groups[0]] for p in self.parts]
-        start = sum(self.groups[:j])
-        return [self.parts[0].axes[start : start + self.groups[j]]]
+        """Labels whose sizes make natural dim j: a sum over parts (the split dim) of products of view axes."""
+        parts = range(len(self.parts)) if j == self.split else range(1)
+        out = []
+        for i in parts:
+            start = sum(self.groups[i][:j])
+            out.append(self.parts[i].axes[start : start + self.groups[i][j]])
+        return out
+
+    def block_shape(self, i: int, view: Sequence[int]) -> tuple[int, ...]:
+        """Natural shape of part i's block, given that part's view sizes."""
+        out, start = [], 0
+        for g in self.groups[i]:
+            out.append(prod(view[start : start + g]))
+            start += g
+        return tuple(out)
 
 
 def _is_label_tuple(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
 
 
-def _group_axes(name: str, shape: tuple[int, ...], views: list[tuple[int, ...]]) -> tuple[int, ...]:
-    """Match view axes to natural dims (each natural dim = product of consecutive view axes)."""
+def _match(name: str, dims: Sequence[int], view: Sequence[int], natural: tuple[int, ...]) -> list[int]:
+    """Greedy: how many consecutive view axes (from the start of ``view``) make each of ``dims``."""
+    pos, groups = 0, []
+    for dim in dims:
+        size, take = 1, 0
+        while pos + take < len(view) and (take == 0 or size < dim):
+            size *= view[pos + take]
+            take += 1
+        if size != dim:
+            raise SpecError(f"tensor '{name}': view {tuple(view)} does not reshape to natural shape {natural} "
+                            f"(natural dim of size {dim} is not a product of consecutive view axes)")
+        pos += take
+        groups.append(take)
+    return groups
+
+
+def _group_axes(name: str, shape: tuple[int, ...], views: list[tuple[int, ...]], split: int = 0
+                ) -> tuple[tuple[int, ...], ...]:
+    """Match each part's view axes to natural dims (each natural dim = product of consecutive view axes); the parts
+    are blocks along natural dim ``split``."""
     if not shape:
         if any(v for v in views) or len(views) != 1:
             raise SpecError(f"tensor '{name}': a scalar tensor needs exactly one part with no axes")
-        return ()
+        return ((),)
+    if not 0 <= split < len(shape):
+        raise SpecError(f"tensor '{name}': split dim {split} is not a dim of its natural shape {shape}")
     if len(views) == 1 and prod(views[0]) != prod(shape):
         raise SpecError(f"tensor '{name}': view {views[0]} has {prod(views[0])} entries, natural shape {shape} has "
                         f"{prod(shape)}")
-    trailing: list[int] | None = None
-    leading_sizes = []
+    out, block_sizes = [], []
     for view in views:
-        pos, groups = len(view), []
-        for dim in reversed(shape[1:]):
-            size, take = 1, 0
-            while pos - take > 0 and (take == 0 or size < dim):
-                take += 1
-                size *= view[pos - take]
-            if size != dim:
-                raise SpecError(f"tensor '{name}': view {view} does not reshape to natural shape {shape} "
-                                f"(natural dim of size {dim} is not a product of consecutive view axes)")
-            pos -= take
-            groups.append(take)
-        if pos == 0:
-            raise SpecError(f"tensor '{name}': view {view} leaves no axes for natural dim 0 of {shape}")
-        groups = [pos, *reversed(groups)]
-        if trailing is not None and groups[1:] != trailing[1:]:
-            raise SpecError(f"tensor '{name}': parts must share their trailing view axes, got views {views}")
-        if trailing is not None and groups[0] != trailing[0]:
-            raise SpecError(f"tensor '{name}': parts must split natural dim 0 with the same number of axes, "
-                            f"got views {views}")
-        trailing = groups
-        leading_sizes.append(prod(view[:pos]))
-    if sum(leading_sizes) != shape[0]:
-        raise SpecError(f"tensor '{name}': parts {views} add up to {sum(leading_sizes)} along dim 0, "
-                        f"natural shape {shape} has {shape[0]}")
-    assert trailing is not None
-    return tuple(trailing)
+        head = _match(name, shape[:split], view, shape)
+        tail = _match(name, shape[:split:-1], view[::-1], shape)[::-1]
+        mid = len(view) - sum(head) - sum(tail)
+        if mid < 1:
+            raise SpecError(f"tensor '{name}': view {view} leaves no axes for natural dim {split} of {shape}")
+        groups = (*head, mid, *tail)
+        if out and (groups[:split] != out[0][:split] or groups[split + 1 :] != out[0][split + 1 :]):
+            raise SpecError(f"tensor '{name}': parts must share their view axes outside the split dim {split}, got "
+                            f"views {views}")
+        out.append(groups)
+        block_sizes.append(prod(view[sum(head) : sum(head) + mid]))
+    if sum(block_sizes) != shape[split]:
+        raise SpecError(f"tensor '{name}': parts {views} add up to {sum(block_sizes)} along dim {split}, "
+                        f"natural shape {shape} has {shape[split]}")
+    return tuple(out)
 
 
 def _default_natural(axes: list[tuple[str, ...]], views: list[tuple[int, ...]]) -> tuple[int, ...]:
@@ -119,7 +141,8 @@ class WeightSpec:
 
     ``WeightSpec({"w": ("h", "in"), "b": ("h",)}, shapes={"w": (4, 3), "b": (4,)}, fixed=("in",))``.
     ``axes[name]`` is a tuple of labels (one part) or a list of such tuples (several parts, see the module doc);
-    ``views[name]`` gives the view shape(s) when they differ from the natural shape; ``sizes`` may replace shapes.
+    ``views[name]`` gives the view shape(s) when they differ from the natural shape; ``sizes`` may replace shapes;
+    ``splits[name]`` is the natural dim a several-part tensor is split along (default 0; give its shape then).
     """
 
     __slots__ = ("_tensors", "_fixed", "_index", "_sizes")
@@ -131,9 +154,11 @@ class WeightSpec:
         fixed: Iterable[str] = (),
         views: Mapping[str, Sequence[int] | Sequence[Sequence[int]]] | None = None,
         sizes: Mapping[str, int] | None = None,
+        splits: Mapping[str, int] | None = None,
     ) -> None:
-        shapes, views, sizes = dict(shapes or {}), dict(views or {}), dict(sizes or {})
-        for extra, what in ((set(shapes) - set(axes), "shapes"), (set(views) - set(axes), "views")):
+        shapes, views, sizes, splits = dict(shapes or {}), dict(views or {}), dict(sizes or {}), dict(splits or {})
+        for extra, what in ((set(shapes) - set(axes), "shapes"), (set(views) - set(axes), "views"),
+                            (set(splits) - set(axes), "splits")):
             if extra:
                 raise SpecError(f"{what} names tensors with no axes: {sorted(extra)}; add them to axes")
         tensors = []
@@ -155,11 +180,14 @@ class WeightSpec:
                                     f"{len(p_view)} axes {p_view}")
                 if any(n < 1 for n in p_view):
                     raise SpecError(f"tensor '{name}': view {p_view} has an empty axis")
+            split = int(splits.get(name, 0))
             if natural is None:
+                if split:
+                    raise SpecError(f"tensor '{name}' is split along dim {split}: give shapes['{name}']")
                 natural = part_views[0] if len(part_views) == 1 else _default_natural(part_axes, part_views)
-            groups = _group_axes(name, natural, part_views)
+            groups = _group_axes(name, natural, part_views, split)
             parts = tuple(Part(a, v) for a, v in zip(part_axes, part_views))
-            tensors.append(TensorSpec(name, natural, parts, groups))
+            tensors.append(TensorSpec(name, natural, parts, groups, split))
         self._init(tuple(tensors), frozenset(fixed))
 
     @staticmethod
@@ -378,18 +406,22 @@ class WeightSpec:
         """View ``tensor`` (*batch, *natural) as its parts, each (*batch, *part_view)."""
         batch = tensor.shape[:batch_dims]
         shapes = self.part_shapes(name, sizes)
-        flat = tensor.reshape(*batch, -1)
         if len(shapes) == 1:
+            flat = tensor.reshape(*batch, -1)
             return [flat.view(*batch, *shapes[0]) if flat.is_contiguous() else flat.reshape(*batch, *shapes[0])]
-        chunks = flat.split([prod(s) for s in shapes], dim=-1)
+        t = self._index[name]
+        blocks = [t.block_shape(i, s) for i, s in enumerate(shapes)]
+        chunks = tensor.split([b[t.split] for b in blocks], dim=batch_dims + t.split)
         return [c.reshape(*batch, *s) for c, s in zip(chunks, shapes)]
 
     def join_parts(self, name: str, parts: Sequence[Tensor], natural: Sequence[int], batch_dims: int) -> Tensor:
         """Inverse of ``split_parts``: parts (*batch, *part_view) -> (*batch, *natural)."""
         batch = parts[0].shape[:batch_dims]
-        flat = [p.reshape(*batch, -1) for p in parts]
-        joined = flat[0] if len(flat) == 1 else torch.cat(flat, dim=-1)
-        return joined.reshape(*batch, *natural)
+        if len(parts) == 1:
+            return parts[0].reshape(*batch, *natural)
+        t = self._index[name]
+        blocks = [p.reshape(*batch, *t.block_shape(i, p.shape[batch_dims:])) for i, p in enumerate(parts)]
+        return torch.cat(blocks, dim=batch_dims + t.split)
 
     def permute(self, tensors: Mapping[str, Tensor], perm: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Apply ``perm`` ({label: index tensor}) to every axis with that label: ``out[..., j, ...] = t[..., p[j], ...]``.
@@ -407,9 +439,17 @@ class WeightSpec:
             if p.shape != (sizes[label],):
                 raise SpecError(f"permutation of label '{label}' has shape {tuple(p.shape)}, expected "
                                 f"({sizes[label]},)")
+        return self._permute_at(tensors, perm, sizes, batch_dims)
+
+    def _permute_at(self, tensors: Mapping[str, Tensor], perm: Mapping[str, Tensor], sizes: Mapping[str, int],
+                    batch_dims: int) -> dict[str, Tensor]:
+        """``permute`` with checked label sizes; tensors without a permuted label are passed through as they are."""
         out = {}
         for t in self._tensors:
             x = tensors[t.name]
+            if not any(label in perm for part in t.parts for label in part.axes):
+                out[t.name] = x
+                continue
             parts = self.split_parts(t.name, x, sizes, batch_dims)
             moved = []
             for part, view in zip(t.parts, parts):
@@ -434,7 +474,7 @@ class WeightSpec:
         new = {**self._sizes, **{k: int(v) for k, v in sizes.items()}}
         shapes = self._shapes_at(new)
         tensors = [TensorSpec(t.name, shapes[t.name],
-                              tuple(Part(p.axes, tuple(new[a] for a in p.axes)) for p in t.parts), t.groups)
+                              tuple(Part(p.axes, tuple(new[a] for a in p.axes)) for p in t.parts), t.groups, t.split)
                    for t in self._tensors]
         return WeightSpec._from_tensors(tensors, self._fixed)
 
@@ -445,13 +485,16 @@ class WeightSpec:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict; ``WeightSpec.from_dict`` inverts it."""
+        """Plain JSON-able dict; ``WeightSpec.from_dict`` inverts it. Version 1 unless a tensor is split along a dim
+        other than 0 (version 2 adds the tensor's ``split``, so older readers refuse it instead of misreading it)."""
+        split = any(t.split for t in self._tensors)
         return {
             "format": _FORMAT,
-            "version": _VERSION,
+            "version": 2 if split else 1,
             "fixed": sorted(self._fixed),
             "tensors": [{"name": t.name, "shape": list(t.shape),
-                         "parts": [{"axes": list(p.axes), "shape": list(p.shape)} for p in t.parts]}
+                         "parts": [{"axes": list(p.axes), "shape": list(p.shape)} for p in t.parts],
+                         **({"split": t.split} if t.split else {})}
                         for t in self._tensors],
         }
 
@@ -464,16 +507,26 @@ class WeightSpec:
             axes = {t["name"]: [tuple(p["axes"]) for p in t["parts"]] for t in data["tensors"]}
             views = {t["name"]: [tuple(p["shape"]) for p in t["parts"]] for t in data["tensors"]}
             shapes = {t["name"]: tuple(t["shape"]) for t in data["tensors"]}
-            return cls(axes, shapes=shapes, fixed=data.get("fixed", ()), views=views)
+            splits = {t["name"]: int(t["split"]) for t in data["tensors"] if t.get("split")}
+            return cls(axes, shapes=shapes, fixed=data.get("fixed", ()), views=views, splits=splits)
         except (KeyError, TypeError, AttributeError) as err:
             raise SpecError(f"malformed spec dict: {err!r}; expected keys format, version, fixed, tensors[name, "
-                            f"shape, parts[axes, shape]]") from err
+                            f"shape, parts[axes, shape], split]") from err
 
     # ------------------------------------------------------------------ derivation
     @classmethod
-    def from_module(cls, model: torch.nn.Module, example_input: Any = None, *, include_buffers: bool = False
-                    ) -> WeightSpec:
-        """Derive the spec of ``model`` (see ``unf_models.derive``)."""
+    def from_module(cls, model: torch.nn.Module, example_input: Any = None, *, include_buffers: bool = False,
+                    verify: bool = True) -> WeightSpec:
+        """Derive the spec of ``model`` (see ``unf_models.derive``): parameters and norm-layer running statistics
+        (``include_buffers=True``: every floating-point buffer). ``verify`` (default) checks every claimed symmetry
+        on a float64 copy (see ``verify``) and raises SymmetryError on a mismatch."""
         from unf_models.derive import spec_from_module
 
-        return spec_from_module(model, example_input, include_buffers=include_buffers)
+        return spec_from_module(model, example_input, include_buffers=include_buffers, verify=verify)
+
+    def verify(self, model: torch.nn.Module, example_input: Any, *, seed: int = 0, rtol: float = 1e-7) -> None:
+        """Raise SymmetryError unless permuting ``model``'s state by this spec (each permutable label alone, then all
+        together) leaves its float64 eval-mode output on ``example_input`` unchanged (see ``unf_models.verify``)."""
+        from unf_models.verify import verify_spec
+
+        verify_spec(self, model, example_input, seed=seed, rtol=rtol)
