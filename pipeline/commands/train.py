@@ -183,6 +183,6 @@ def _print_summary(result, config, target: str, out: Path) -> None:
             sd = f" ± {fmt(s['tau_sd'])}" if s["seeds"] > 1 else ""
             cells.append(f"{fmt(s['tau'])}{sd} [{fmt(s['tau_low'])}, {fmt(s['tau_high'])}]")
         table.add_row(model, *cells, fmt(test.get("r2")), fmt(test.get("mae"), 4), fmt(test.get("bias"), 4))
-    console.print(table, soft_wrap=not console.is_terminal)
+    console.print(table, width=None if console.is_terminal else 240)  # a log file: never cut the table
     console.print(f"wrote {out}/ (metrics.json, predictions.csv, comparison.md, pairs.csv, test_scatter.png, "
                   f"val_tau.png; predictors in {', '.join(f'{out}/{m}' for m in config.models)})")
