@@ -29,7 +29,7 @@ from pipeline.predict.data import PredictData  # noqa: E402
 from pipeline.predict.train import fit_run  # noqa: E402
 from unf_models import WeightSpec  # noqa: E402
 
-MODELS = ("unf", "unf-perm", "statnn", "deepsets", "flat")
+MODELS = ("unf", "unf-perm", "unf-hybrid", "statnn", "deepsets", "flat")
 GOAL_UNF_CPU = 100.0  # members/s: keeps `make train` (~800 training members x <=40 epochs x 3 seeds) in minutes
 GOAL_UNF_GPU = 500.0
 GOAL_RATIO = 0.05  # UNF training may cost up to 20x a flat MLP per member
@@ -102,6 +102,9 @@ def main() -> None:
         ratio = med["unf"] / med[base]
         print(f"BENCH predict_unf_vs_{base}_{tag} throughput_ratio={ratio:.3f} goal=>={GOAL_RATIO:g} "
               f"{'PASS' if ratio >= GOAL_RATIO else 'MISS'}")
+    ratio = med["unf-hybrid"] / med["unf"]  # the hybrid's extra cost: STATNN statistics (quantiles) per batch
+    print(f"BENCH predict_hybrid_vs_unf_{tag} throughput_ratio={ratio:.3f} goal=>=0.5 "
+          f"{'PASS' if ratio >= 0.5 else 'MISS'}")
     ratio = med["unf"] / med["unf-perm"]
     print(f"BENCH predict_unf_exact_vs_perm_{tag} throughput_ratio={ratio:.3f} goal=>=0.5 "
           f"{'PASS' if ratio >= 0.5 else 'MISS'}")

@@ -114,12 +114,15 @@ def train(
             data = build_data(stores, config, evals)
         counts = data.counts()
         extra = "".join(f", {s} {c['rows']}" for s, c in counts.items() if s.startswith("eval:"))
-        console.print(f"[bold]{escape(', '.join(zoos))}[/]: target {target} ({data.loss.upper()}), rows "
-                      f"train/val/test {counts['train']['rows']}/{counts['val']['rows']}/{counts['test']['rows']}"
-                      f"{escape(extra)} from {sum(c['members'] for c in counts.values())} members; "
-                      f"excluded {data.excluded}"
-                      + (f"; held out {split.split('=')[0][6:]} = {','.join(data.info['held_out'])}"
-                         if data.info.get("held_out") else ""))
+        line = (f"{', '.join(zoos)}: target {target} ({data.loss.upper()}), rows train/val/test "
+                f"{counts['train']['rows']}/{counts['val']['rows']}/{counts['test']['rows']}{extra} from "
+                f"{sum(c['members'] for c in counts.values())} members; excluded {data.excluded}"
+                + (f"; held out {split.split('=')[0][6:]} = {','.join(data.info['held_out'])}"
+                   if data.info.get("held_out") else ""))
+        if console.is_terminal:
+            console.print(escape(line))
+        else:
+            print(line, flush=True)  # never wrapped at a console width in a log file
 
         if not console.is_terminal:  # a log file: one plain line per epoch, as it happens
             def on_line(name: str, seed: int, epoch: int, total: int, info: dict) -> None:
@@ -172,6 +175,7 @@ def _print_summary(result, config, target: str, out: Path) -> None:
     def fmt(x, d=3):
         return "-" if x is None or x != x else f"{x:.{d}f}"
 
+    rows = []
     for model in dict.fromkeys(s["model"] for s in stats):
         cells, test = [], {}
         for split in splits:
@@ -182,7 +186,15 @@ def _print_summary(result, config, target: str, out: Path) -> None:
             test = s if split == "test" else test
             sd = f" ± {fmt(s['tau_sd'])}" if s["seeds"] > 1 else ""
             cells.append(f"{fmt(s['tau'])}{sd} [{fmt(s['tau_low'])}, {fmt(s['tau_high'])}]")
-        table.add_row(model, *cells, fmt(test.get("r2")), fmt(test.get("mae"), 4), fmt(test.get("bias"), 4))
-    console.print(table, soft_wrap=not console.is_terminal)
-    console.print(f"wrote {out}/ (metrics.json, predictions.csv, comparison.md, pairs.csv, test_scatter.png, "
-                  f"val_tau.png; predictors in {', '.join(f'{out}/{m}' for m in config.models)})")
+        rows.append([model, *cells, fmt(test.get("r2")), fmt(test.get("mae"), 4), fmt(test.get("bias"), 4)])
+    if console.is_terminal:
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    else:  # a log file: plain Markdown lines, never cut at a console width
+        print(table.title)
+        header = ["model", *(f"{split} tau" for split in splits), "test R^2", "test MAE", "test bias"]
+        for line in (header, ["---"] * len(header), *rows):
+            print("| " + " | ".join(line) + " |")
+    print(f"wrote {out}/ (metrics.json, predictions.csv, comparison.md, pairs.csv, test_scatter.png, "
+          f"val_tau.png; predictors in {', '.join(f'{out}/{m}' for m in config.models)})", flush=True)

@@ -1,5 +1,7 @@
-"""Weight-space predictors (`unfzoo train`): UNF and the STATNN / Deep Sets / flat baselines, trained on a zoo with
-splits by run or configuration, selected on validation Kendall tau, saved as reusable artifacts.
+"""Weight-space predictors (`unfzoo train`): UNF (and the UNF+statistics hybrid) and the STATNN / Deep Sets / flat
+baselines, trained on one or several zoos with splits by run, configuration or held-out hyperparameter group,
+selected on validation Kendall tau, evaluated on test and foreign eval zoos with bootstrap statistics
+(`pipeline.predict.stats`), saved as reusable artifacts.
 
     from pipeline.predict import TrainConfig, train_predictor, load_predictor
     result = train_predictor("datasets/zoos/cnn-digits.zarr", TrainConfig(models=("unf", "statnn")), "runs/cnn")
@@ -11,6 +13,7 @@ from pipeline.predict.artifacts import Predictor, load_predictor, save_predictor
 from pipeline.predict.config import MODEL_KINDS, MODEL_NAMES, TrainConfig
 from pipeline.predict.data import PredictData, available_targets, build_data
 from pipeline.predict.features import statnn_features
+from pipeline.predict.stats import paired_tau_difference, split_statistics, tau_interval
 from pipeline.predict.train import RunResult, TrainResult, kendall_tau, train_predictor
 
 __all__ = [
@@ -21,6 +24,9 @@ __all__ = [
     "available_targets",
     "build_data",
     "statnn_features",
+    "split_statistics",
+    "tau_interval",
+    "paired_tau_difference",
     "Predictor",
     "load_predictor",
     "save_predictor",

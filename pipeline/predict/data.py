@@ -1,7 +1,9 @@
 """From a zoo to a predictor dataset: targets, checkpoint selection, the member split, weights as tensors.
 
-Rows are (member, checkpoint) pairs. The split is over members (or configurations): every checkpoint of a member is
-on one side, and `PredictData.check_disjoint` proves it. Diverged and unfinished members are excluded by default and
+Rows are (zoo, member, checkpoint) triples from one or several training zoos (one architecture family, any widths,
+each split on its own) and from eval zoos (each its own split). The split is over members (or configurations, or
+held-out hyperparameter groups): every checkpoint of a member is on one side, and `PredictData.check_disjoint`
+proves it. Diverged and unfinished members are excluded by default and
 counted. Nothing here looks at test targets to make a choice: the loss (BCE vs MSE) and the target scaling come from
 train (+ val) rows only.
 """

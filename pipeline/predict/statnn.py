@@ -105,6 +105,8 @@ def _export_gbr(model: Any) -> dict[str, np.ndarray]:
 
 
 def _export_mlp(model: Any) -> dict[str, np.ndarray]:
+    if model.activation != "relu" or model.out_activation_ != "identity":  # what _predict_mlp evaluates
+        raise ValueError(f"STATNN exports relu MLP regressors only, got activation {model.activation!r}")
     out: dict[str, np.ndarray] = {"mlp_layers": np.asarray([len(model.coefs_)], dtype=np.int64)}
     for i, (w, b) in enumerate(zip(model.coefs_, model.intercepts_)):
         out[f"mlp_w{i}"] = np.asarray(w, dtype=np.float64)
