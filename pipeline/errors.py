@@ -39,3 +39,7 @@ class CheckpointError(UnfzooError, ValueError):
 
 class PredictorError(UnfzooError, ValueError):
     """A trained predictor directory is missing, incomplete or incompatible."""
+
+
+class MissingExtraError(UnfzooError, ImportError):
+    """A feature needs an optional package: names the pip extra (e.g. unfzoo[parquet]) that installs it."""

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
-from pipeline.commands._common import console, user_errors
+from pipeline.commands._common import print_json, print_table, user_errors
+
+_QUANTILES = ("min", "p10", "median", "p90", "max")
 
 
-def inspect(zoo: str = typer.Argument(..., help="Zoo store path or fsspec URL.")) -> None:
+def inspect(
+    zoo: str = typer.Argument(..., help="Zoo store path or fsspec URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
+) -> None:
     """Summarize a zoo store: what it holds, how much of it is trained, and how good the members are."""
     with user_errors():
         from rich.table import Table
@@ -15,20 +22,35 @@ def inspect(zoo: str = typer.Argument(..., help="Zoo store path or fsspec URL.")
         from pipeline.store import Zoo
 
         summary = Zoo.open(zoo).summary()
+        if as_json:
+            print_json(_json_summary(summary))
+            return
         head = Table(title=f"zoo {summary['name']}", show_header=False, title_justify="left")
         for key in ("store", "kind", "task", "arch", "members", "status", "checkpoint epochs", "chunks", "splits", "size on disk"):
             head.add_row(key, str(summary[key]))
-        console.print(head)
+        print_table(head)
         hp = Table(title="hyperparameters", title_justify="left")
         hp.add_column("name")
         hp.add_column("values")
         for name, text in summary["hparams"].items():
             hp.add_row(name, text)
-        console.print(hp)
+        print_table(hp)
         metrics = Table(title="metrics of done members (min / p10 / median / p90 / max)", title_justify="left")
         metrics.add_column("metric")
         metrics.add_column("epoch", justify="right")
         metrics.add_column("quantiles")
         for (name, epoch), q in summary["metrics"].items():
             metrics.add_row(name, str(epoch), "  ".join(f"{v:.3f}" for v in q))
-        console.print(metrics)
+        print_table(metrics)
+
+
+def _json_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary with structured values: the arch as an object, metric quantiles as records."""
+    import json
+
+    doc = {key.replace(" ", "_"): value for key, value in summary.items() if key != "metrics"}
+    if isinstance(summary.get("arch"), str) and summary["arch"] != "-":
+        doc["arch"] = json.loads(summary["arch"])
+    doc["metrics"] = [{"metric": name, "epoch": int(epoch), **dict(zip(_QUANTILES, q))}
+                      for (name, epoch), q in summary["metrics"].items()]
+    return doc
