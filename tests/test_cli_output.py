@@ -176,3 +176,20 @@ def test_lopt_eval_json_and_results_csv(predict_zoo, tmp_path: Path) -> None:
     sgdm = rows[0]
     assert float(sgdm["train_loss@2"]) == pytest.approx(doc["rows"]["sgdm"]["train_loss"]["2"], rel=1e-6)
     assert float(sgdm["train_loss@2 vs adam lo"]) <= float(sgdm["train_loss@2 vs adam"])
+
+
+def test_python_takes_epochs_where_the_cli_does(predict_zoo) -> None:
+    """Zoo.weights / Zoo.module accept epoch= (as --checkpoint does) besides a checkpoint index."""
+    import torch
+
+    from pipeline.errors import StoreError
+
+    by_index = predict_zoo.weights([3, 5], 1)
+    by_epoch = predict_zoo.weights([3, 5], epoch=1)
+    assert all(torch.equal(by_index[k], by_epoch[k]) for k in by_index)
+    final = predict_zoo.weights([3], epoch="final")
+    assert all(torch.equal(final[k], predict_zoo.weights([3])[k]) for k in final)
+    module = predict_zoo.module(3, epoch=4)
+    assert torch.equal(next(module.parameters()).detach(), predict_zoo.weights([3], 2)[next(iter(final))][0])
+    with pytest.raises(StoreError, match=r"epoch 2; it stores epochs \[0, 1, 4\]"):
+        predict_zoo.weights([3], epoch=2)
