@@ -11,8 +11,9 @@ from rich.console import Console
 
 from pipeline.errors import UnfzooError
 
-console = Console()
-err_console = Console(stderr=True)
+# In a file or pipe, long lines stay whole (no word wrapping at 80 columns); tables go through print_table.
+console = Console(soft_wrap=not sys.stdout.isatty())
+err_console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:

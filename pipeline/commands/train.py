@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.commands._common import DEVICES, check_device, completer, console, one_of, user_errors
+from pipeline.commands._common import DEVICES, check_device, completer, console, one_of, print_table, user_errors
 
 # Mirrors pipeline.predict.config (MODEL_NAMES, FEATURES); kept here so `--help` does not import torch (a test checks).
 MODELS = ("unf", "unf-perm", "statnn", "deepsets", "flat", "all")
@@ -125,6 +125,6 @@ def train(
             table.add_row(r.model, f"{r.test_tau_mean:.3f} ± {r.test_tau_std:.3f}",
                           f"{r.val_tau_mean:.3f} ± {r.val_tau_std:.3f}", f"{r.test_r2_mean:.3f}",
                           f"{r.test_mae_mean:.4f}")
-        console.print(table)
+        print_table(table)
         console.print(f"wrote {out}/ (metrics.json, predictions.csv, comparison.md, test_scatter.png, val_tau.png; "
                       f"predictors in {', '.join(f'{out}/{m}' for m in config.models)})")
