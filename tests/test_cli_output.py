@@ -193,3 +193,16 @@ def test_python_takes_epochs_where_the_cli_does(predict_zoo) -> None:
     assert torch.equal(next(module.parameters()).detach(), predict_zoo.weights([3], 2)[next(iter(final))][0])
     with pytest.raises(StoreError, match=r"epoch 2; it stores epochs \[0, 1, 4\]"):
         predict_zoo.weights([3], epoch=2)
+
+
+def test_missing_extra_names_it(monkeypatch, tmp_path: Path) -> None:
+    """Without pyarrow, --out *.parquet stops before reading anything and names the extra to install."""
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` raise ImportError
+    from pipeline.errors import MissingExtraError
+    from pipeline.extras import require
+
+    with pytest.raises(MissingExtraError, match=r"unfzoo\[parquet\]"):
+        require("pyarrow", extra="parquet", feature="parquet output")
+    result = runner.invoke(app, ["score", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "s.parquet")])
+    assert result.exit_code == 2 and "pip install 'unfzoo[parquet]'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "s.parquet").exists()

@@ -35,7 +35,9 @@ def user_errors() -> Iterator[None]:
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
         if not isinstance(err, _user_error_types()):
             raise
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        from rich.markup import escape  # messages may hold brackets (e.g. unfzoo[parquet]) that are not markup
+
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=getattr(err, "exit_code", 2)) from None
 
 
