@@ -11,11 +11,12 @@ UV_FIND_LINKS := $(foreach dir,$(FIND_LINKS),--find-links $(dir))
 TORCH_PIN := torch==2.13.0
 ZOO_DIR := datasets/zoos
 
-.PHONY: help setup test zoo bench train score lopt clean
+.PHONY: help setup test wheel-check zoo bench train score lopt clean
 
 help:
 	@echo "make zoo    build the default cnn-digits zoo into $(ZOO_DIR)/ (creates .venv on first use)"
 	@echo "make test   run the test suite"
+	@echo "make wheel-check  build the wheel, install it into a fresh venv, build a 64-member zoo with it elsewhere"
 	@echo "make bench  run the benchmarks under benchmarks/"
 	@echo "make train  train the default predictor comparison on the default zoo"
 	@echo "make lopt   meta-train and evaluate a small learned optimizer on the MLP zoo"
@@ -35,6 +36,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The wheel outside the checkout: tests/test_packaging.py with its slow part (a 64-member cnn-digits zoo) switched on.
+wheel-check: $(STAMP)
+	UNFZOO_WHEEL_CHECK=1 $(BIN)/python -m pytest -q tests/test_packaging.py
 
 zoo: $(STAMP)
 	$(BIN)/unfzoo zoo cnn-digits --out $(ZOO_DIR)/cnn-digits.zarr

@@ -10,7 +10,7 @@ app = typer.Typer(
     name="unfzoo",
     help="Model zoos, Universal Neural Functionals and weight-space predictors.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion: options with fixed values complete them
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )

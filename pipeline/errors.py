@@ -47,3 +47,7 @@ class DamagedStoreError(StoreError):
 
 class StoreBusyError(StoreError):
     """Another process holds the store's writer lock: names its pid and host."""
+
+
+class MissingExtraError(UnfzooError, ImportError):
+    """A feature needs an optional package: names the pip extra (e.g. unfzoo[parquet]) that installs it."""

@@ -171,8 +171,14 @@ class ChunkDraw:
 
 
 def recipes_dir() -> Path:
-    """The folder of shipped recipes (`datasets/` at the repository root)."""
-    return Path(__file__).resolve().parents[1] / "datasets"
+    """The folder of shipped recipes: `datasets/` of a checkout (their source), else the copy an installed wheel
+    carries as package data (`pipeline/recipes/`, see setup.py)."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "datasets").is_dir():
+        return checkout / "datasets"
+    from importlib.resources import files
+
+    return Path(str(files("pipeline") / "recipes"))
 
 
 def recipe_names() -> list[str]:

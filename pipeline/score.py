@@ -367,23 +367,14 @@ def _score_zoo(item: _ZooInput, batcher: _Batcher, rows: dict[Key, dict[str, Any
 
 @contextmanager
 def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields `advance(n)`."""
-    if not enabled or total == 0:
-        yield lambda n: None
-        return
+    """Progress on stderr: a rich bar on a terminal, a line every ~5% of the files in a file or pipe; yields
+    `advance(n)`."""
     from rich.console import Console
-    from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
-    columns = (
-        TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-        TextColumn("eta"), TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("score", total=total)
-        yield lambda n: bar.advance(task, n)
+    from pipeline.progress import ProgressReporter
+
+    with ProgressReporter("scoring", total, unit="inputs", console=Console(stderr=True), enabled=enabled) as bar:
+        yield bar.advance
 
 
 def printable(text: str) -> str:

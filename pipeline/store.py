@@ -983,6 +983,15 @@ class Zoo:
             raise IndexError(f"checkpoint index {checkpoint} out of range for {n} checkpoints (epochs {list(self.checkpoint_epochs)})")
         return int(checkpoint) % n
 
+    def epoch_index(self, epoch: int | str) -> int:
+        """The checkpoint index of a stored epoch ('final' = the last); StoreError listing the stored epochs."""
+        epochs = list(self.checkpoint_epochs)
+        if epoch in ("final", "last"):
+            return len(epochs) - 1
+        if int(epoch) not in epochs:
+            raise StoreError(f"{self.url} stores no checkpoint at epoch {epoch}; it stores epochs {epochs}")
+        return epochs.index(int(epoch))
+
     def read_weights(self, members: Any = None, checkpoints: Any = None) -> dict[str, np.ndarray]:
         """{key: (len(members), len(checkpoints), *shape) float32 numpy} for the selection (default: all)."""
         m_idx = _as_indices(members, self.n_members)
@@ -1018,11 +1027,11 @@ class Zoo:
             out[key] = pick(rows)[inverse]
         return out
 
-    def weights(self, members: Any, checkpoint: int = -1) -> dict[str, torch.Tensor]:
-        """{key: tensor (len(members), *shape)} at one checkpoint index (default: the last)."""
+    def weights(self, members: Any, checkpoint: int = -1, *, epoch: int | str | None = None) -> dict[str, torch.Tensor]:
+        """{key: tensor (len(members), *shape)} at one checkpoint index (default: the last), or at `epoch`."""
         import torch
 
-        c = self._checkpoint_index(checkpoint)
+        c = self._checkpoint_index(checkpoint) if epoch is None else self.epoch_index(epoch)
         data = self.read_weights(members, [c])
         return {k: torch.from_numpy(np.ascontiguousarray(v[:, 0])) for k, v in data.items()}
 
@@ -1035,12 +1044,13 @@ class Zoo:
             arch["activation"] = self.hparam("activation")[int(member)]
         return arch
 
-    def module(self, member: int, checkpoint: int = -1) -> torch.nn.Module:
-        """A ready `nn.Module` holding member `member`'s weights at a checkpoint index (default: the last)."""
+    def module(self, member: int, checkpoint: int = -1, *, epoch: int | str | None = None) -> torch.nn.Module:
+        """A ready `nn.Module` holding member `member`'s weights at a checkpoint index (default: the last), or at
+        `epoch`."""
         from pipeline.members import build_member
 
         module = build_member(self.member_arch(member))
-        state = {k: v[0] for k, v in self.weights([int(member)], checkpoint).items()}
+        state = {k: v[0] for k, v in self.weights([int(member)], checkpoint, epoch=epoch).items()}
         module.load_state_dict(state)
         return module.eval()
 

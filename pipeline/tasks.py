@@ -268,6 +268,9 @@ def _build_arith(p: dict[str, Any]) -> _Built:
 
 
 def _build_mnist1d(p: dict[str, Any]) -> _Built:
+    from pipeline.extras import require
+
+    require("mnist1d", extra="mnist1d", feature="the mnist1d task")
     from mnist1d.data import get_dataset_args, make_dataset  # never get_dataset: it tries the network
 
     args = get_dataset_args()

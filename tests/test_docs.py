@@ -88,7 +88,15 @@ def test_docs_links_resolve() -> None:
     for page in pages:
         text = page.read_text()
         assert "GUIDE" not in text, f"{page.name} refers to a guide file outside the project"
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        for target, anchor in re.findall(r"\]\(([^)#\s]+)(?:#([^)]*))?\)", text):
             if "://" in target:
                 continue
             assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+            if anchor:
+                assert anchor in _anchors(page.parent / target), f"{page.name} links to missing {target}#{anchor}"
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
-from pipeline.commands._common import console, user_errors
+from pipeline.commands._common import print_json, print_table, user_errors
+
+_QUANTILES = ("min", "p10", "median", "p90", "max")
 
 
 def inspect(
@@ -12,6 +16,7 @@ def inspect(
     verify: bool = typer.Option(
         False, "--verify", help="Read every finished chunk and check its checksums; exit 1 naming damaged chunks."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
     """Summarize a zoo store: what it holds, how much of it is trained, and how good the members are."""
     with user_errors():
@@ -23,30 +28,43 @@ def inspect(
         if verify:
             _verify(store)
         summary = store.summary()
+        if as_json:
+            print_json(_json_summary(summary))
+            return
         head = Table(title=f"zoo {summary['name']}", show_header=False, title_justify="left")
         for key in ("store", "kind", "task", "arch", "members", "status", "checkpoint epochs", "chunks", "splits", "size on disk"):
             head.add_row(key, str(summary[key]))
-        console.print(head)
+        print_table(head)
         hp = Table(title="hyperparameters", title_justify="left")
         hp.add_column("name")
         hp.add_column("values")
         for name, text in summary["hparams"].items():
             hp.add_row(name, text)
-        console.print(hp)
+        print_table(hp)
         metrics = Table(title="metrics of done members (min / p10 / median / p90 / max)", title_justify="left")
         metrics.add_column("metric")
         metrics.add_column("epoch", justify="right")
         metrics.add_column("quantiles")
         for (name, epoch), q in summary["metrics"].items():
             metrics.add_row(name, str(epoch), "  ".join(f"{v:.3f}" for v in q))
-        console.print(metrics)
+        print_table(metrics)
+
+
+def _json_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary with structured values: the arch as an object, metric quantiles as records."""
+    import json
+
+    doc = {key.replace(" ", "_"): value for key, value in summary.items() if key != "metrics"}
+    if isinstance(summary.get("arch"), str) and summary["arch"] != "-":
+        doc["arch"] = json.loads(summary["arch"])
+    doc["metrics"] = [{"metric": name, "epoch": int(epoch), **dict(zip(_QUANTILES, q))}
+                      for (name, epoch), q in summary["metrics"].items()]
+    return doc
 
 
 def _verify(store: object) -> None:
     """Print what `Zoo.verify` found; damage ends the command with exit code 1 after naming every damaged chunk."""
-    from rich.markup import escape
-
-    from pipeline.commands._common import err_console
+    from pipeline.commands._common import console, err_console, escape
 
     report = store.verify()  # type: ignore[attr-defined]
     if not report.checksums:

@@ -6,7 +6,21 @@ from pathlib import Path
 
 import typer
 
-from pipeline.commands._common import console, escape, user_errors
+from pipeline.commands._common import (
+    DEVICES,
+    check_device,
+    completer,
+    console,
+    escape,
+    one_of,
+    print_json,
+    print_table,
+    user_errors,
+)
+
+# Mirror pipeline.lopt.optimizers.KINDS and the ES estimators; kept here so `--help` does not import torch (a test checks).
+OPTIMIZERS = ("unf", "perparam", "sgdm")
+ESTIMATORS = ("pes", "tes")
 
 _EPILOG = """
 [bold]Examples[/]
@@ -46,14 +60,16 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
 @lopt_app.command("meta-train", epilog=_EPILOG)
 def meta_train_cmd(
     zoo: str = typer.Argument(..., help="Zoo store whose train-split members are the inner problems."),
-    optimizer: str = typer.Option("unf", "--optimizer", "-o", help="unf | perparam | sgdm"),
+    optimizer: str = typer.Option("unf", "--optimizer", "-o", help="UNF, per-parameter MLP, or meta-tuned SGD with "
+                                  "momentum.", metavar=one_of(OPTIMIZERS), autocompletion=completer(OPTIMIZERS)),
     out: Path = typer.Option(..., "--out", help="Output folder (config.json, meta.safetensors, checkpoint)."),
     outer_steps: int = typer.Option(1000, help="ES steps (each one truncation window)."),
     horizon: int = typer.Option(100, help="Inner steps per inner run (the meta-training horizon)."),
     truncation: int = typer.Option(10, help="Inner steps per ES step; must divide --horizon."),
     pairs: int = typer.Option(8, help="Antithetic pairs (population = 2 x pairs, vmapped)."),
     sigma: float = typer.Option(0.01, help="ES perturbation scale."),
-    estimator: str = typer.Option("pes", help="pes (unbiased over truncations) | tes (truncated ES)."),
+    estimator: str = typer.Option("pes", help="pes (unbiased over truncations) | tes (truncated ES).",
+                                  metavar=one_of(ESTIMATORS), autocompletion=completer(ESTIMATORS)),
     outer_lr: float = typer.Option(3e-3, help="Adam learning rate on f's weights."),
     hp_lr: float = typer.Option(3e-2, help="Adam learning rate on log alpha, log beta, logit gamma0."),
     grad_clip: float = typer.Option(1.0, help="Norm bound of the ES gradient."),
@@ -67,7 +83,8 @@ def meta_train_cmd(
                                        "(and at 0 and the end); the best are saved as the optimizer. 0 = keep the last."),
     val_members: int = typer.Option(8, help="Val-split members used by --validate-every."),
     max_members: int = typer.Option(0, help="Use at most N train-split members (0 = all)."),
-    device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N.", metavar=one_of(DEVICES),
+                               autocompletion=completer(DEVICES)),
 ) -> None:
     """Meta-train a learned optimizer with ES on a zoo's train-split members."""
     with user_errors():
@@ -76,6 +93,7 @@ def meta_train_cmd(
         from pipeline.lopt.optimizers import LOptConfig
         from pipeline.lopt.runs import meta_train_zoo
 
+        check_device(device)
         config = MetaTrainConfig(
             optimizer=LOptConfig(kind=optimizer, hidden=hidden, layers=layers, alpha=alpha, beta=beta, head_scale=head_scale),
             es=ESConfig(estimator=estimator, pairs=pairs, sigma=sigma),
@@ -113,16 +131,20 @@ def eval_cmd(
     val_members: int = typer.Option(8, help="Validation members for tuning Adam's learning rate (0 = all)."),
     horizon: int = typer.Option(0, help="Inner steps of the horizon (0 = the meta-training horizon)."),
     multiple: int = typer.Option(4, help="Also report at this multiple of the horizon."),
-    adam_lrs: str = typer.Option("1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1", help="Adam learning-rate grid."),
+    adam_lrs: str = typer.Option("1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1", help="Adam learning-rate grid."),
     seed: int = typer.Option(0, help="Seed of the data order (the same for every optimizer)."),
-    device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N."),
-    out: Path = typer.Option(None, help="Output folder [default: DIRECTORY/eval]."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N.", metavar=one_of(DEVICES),
+                               autocompletion=completer(DEVICES)),
+    out: Path = typer.Option(None, help="Output folder (results.json, results.csv, curves.png).",
+                             show_default="DIRECTORY/eval"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON document on stdout."),
 ) -> None:
     """Evaluate meta-trained optimizers and tuned Adam on a zoo's held-out members."""
     with user_errors():
         from pipeline.lopt.evaluate import EvalConfig, format_table
         from pipeline.lopt.runs import evaluate_zoo
 
+        check_device(device)
         config = EvalConfig(
             horizon=horizon,
             multiple=multiple,
@@ -131,9 +153,39 @@ def eval_cmd(
             adam_lrs=_floats(adam_lrs, "--adam-lrs"),
             seed=seed,
         )
-        with console.status("training held-out members with every optimizer"):
+        if as_json:
             report, path = evaluate_zoo(directory, zoo, config, out=out, device=device)
-        console.print(format_table(report))
+        else:
+            with console.status("training held-out members with every optimizer"):
+                report, path = evaluate_zoo(directory, zoo, config, out=out, device=device)
+        _results_frame(report).to_csv(path.parent / "results.csv", index=False)
+        if as_json:
+            print_json(report)
+            return
+        print_table(format_table(report))
         grid = ", ".join(f"{k}: {v:.4f}" for k, v in report["adam"]["grid"].items())
         console.print(f"adam lr {report['adam']['lr']:g} chosen on {report['adam']['val_members']} val members (loss@{report['horizon']}: {grid})")
-        console.print(escape(f"wrote {path} and {path.parent / 'curves.png'}"))
+        console.print(escape(f"wrote {path}, {path.parent / 'results.csv'} and {path.parent / 'curves.png'}"))
+
+
+def _results_frame(report: dict):  # noqa: ANN202 - a pandas DataFrame (pandas is imported lazily)
+    """One row per optimizer (tuned Adam and the zoo record included): losses, accuracies, differences vs Adam with
+    their 95% intervals, divergence, speed; the columns of `results.csv`."""
+    import pandas as pd
+
+    rows = []
+    for name, row in report["rows"].items():
+        flat = {"optimizer": name}
+        for key in ("train_loss", "test_acc"):
+            flat.update({f"{key}@{step}": value for step, value in row.get(key, {}).items()})
+        for key, d in (row.get("vs_adam") or {}).items():
+            flat.update({f"{key} vs adam": d.get("mean"), f"{key} vs adam lo": d.get("lo"),
+                         f"{key} vs adam hi": d.get("hi")})
+        flat.update({k: v for k, v in row.items()
+                     if k not in ("train_loss", "test_acc", "vs_adam") and not isinstance(v, (dict, list))})
+        rows.append(flat)
+    ref = report.get("reference")
+    if ref:
+        rows.append({"optimizer": ref.get("name", "zoo record"),
+                     **{k: v for k, v in ref.items() if k != "name" and not isinstance(v, (dict, list))}})
+    return pd.DataFrame(rows)

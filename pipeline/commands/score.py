@@ -6,7 +6,18 @@ from pathlib import Path
 
 import typer
 
-from pipeline.commands._common import console, err_console, escape, user_errors
+from pipeline.commands._common import (
+    DEVICES,
+    check_device,
+    completer,
+    console,
+    err_console,
+    escape,
+    one_of,
+    print_json,
+    print_table,
+    user_errors,
+)
 
 _EPILOG = """
 [bold]Examples[/]
@@ -32,14 +43,17 @@ def score(
                                          "output folder holding a single model)."),
     inputs: list[str] = typer.Argument(..., help="Checkpoint files, directories, globs or zoo stores."),
     out: Path = typer.Option(..., "--out", "-o", help="Output table: .csv or .parquet, one row per input."),
-    checkpoint: str = typer.Option("final", help="Zoo inputs: the epoch to score (final = the last stored)."),
+    checkpoint: str = typer.Option("final", help="Zoo inputs: the epoch to score (final = the last stored).",
+                                   metavar="[final|EPOCH]"),
     batch_size: int = typer.Option(256, help="Checkpoints per predictor call."),
     workers: int = typer.Option(None, help="Reader processes; 0 reads in-process. Default: a LocalCluster of one "
                                 "process per core when the files are many enough to repay its start-up (~11,000 "
-                                "small files on 2 cores), else in-process."),
+                                "small files on 2 cores), else in-process.", show_default="automatic"),
     scheduler: str = typer.Option(None, help="Address of a running Dask scheduler (e.g. tcp://host:8786) to read "
                                   "files on; 'sync' reads in-process."),
-    device: str = typer.Option("auto", help="Predictor device: auto (CUDA when present) | cpu | cuda | cuda:N."),
+    device: str = typer.Option("auto", help="Predictor device: auto (CUDA when present), cpu, cuda or cuda:N.",
+                               metavar=one_of(DEVICES), autocompletion=completer(DEVICES)),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document on stdout."),
 ) -> None:
     """Score checkpoint files, folders, globs or zoo stores with a trained predictor; one verdict per input."""
     with user_errors():
@@ -53,6 +67,11 @@ def score(
                 zoo_checkpoint = int(checkpoint)
             except ValueError as err:
                 raise ConfigError(f"--checkpoint {checkpoint!r}: use an epoch number or 'final'") from err
+        if out.suffix.lower() != ".csv":
+            from pipeline.extras import require
+
+            require("pyarrow", extra="parquet", feature=f"--out {out.name} (parquet output)")
+        check_device(device)
 
         from pipeline.predict import load_predictor
         from pipeline.score import score_checkpoints
@@ -64,7 +83,11 @@ def score(
         )
         _write(frame, out)
 
-        failed = _summarize(frame, f"{predictor.kind} predictor of {predictor.target}", out)
+        if as_json:
+            print_json(_summary(frame, out))
+            failed = int((frame["status"] != "ok").sum())
+        else:
+            failed = _summarize(frame, f"{predictor.kind} predictor of {predictor.target}", out)
         if failed:
             raise typer.Exit(code=1)
 
@@ -80,7 +103,7 @@ def _summarize(frame, title: str, out: Path) -> int:  # noqa: ANN001 - a pandas 
         table.add_column(col, justify="right")
     quantiles = [f"{ok['prediction'].quantile(q):.4f}" if len(ok) else "-" for q in (0.0, 0.5, 1.0)]
     table.add_row(str(len(ok)), str(len(failed)), *quantiles)
-    console.print(table)
+    print_table(table)
     if len(ok):
         best = ok.nlargest(min(5, len(ok)), "prediction")
         names = [p if pd.isna(m) else f"{p}#member={m}" for p, m in zip(best["path"], best["member"])]
@@ -94,6 +117,22 @@ def _summarize(frame, title: str, out: Path) -> int:  # noqa: ANN001 - a pandas 
         if len(failed) > _SHOW_ERRORS:
             err_console.print(f"  ... and {len(failed) - _SHOW_ERRORS} more")
     return len(failed)
+
+
+def _summary(frame, out: Path) -> dict:  # noqa: ANN001 - a pandas DataFrame
+    """The `--json` summary: counts, prediction quantiles, the five highest inputs and the failures."""
+    import pandas as pd
+
+    ok, failed = frame[frame["status"] == "ok"], frame[frame["status"] != "ok"]
+    stats = {k: float(ok["prediction"].quantile(q)) if len(ok) else None
+             for k, q in (("min", 0.0), ("median", 0.5), ("max", 1.0))}
+    best = ok.nlargest(min(5, len(ok)), "prediction")
+    return {
+        "out": str(out), "inputs": len(frame), "scored": len(ok), "failed": len(failed), "prediction": stats,
+        "highest": [{"path": p, "member": None if pd.isna(m) else int(m), "prediction": float(v)}
+                    for p, m, v in zip(best["path"], best["member"], best["prediction"])],
+        "errors": [str(e) for e in failed["error"]],
+    }
 
 
 def _write(frame, out: Path) -> None:  # noqa: ANN001 - a pandas DataFrame (pandas is imported lazily)

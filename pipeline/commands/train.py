@@ -6,7 +6,13 @@ from pathlib import Path
 
 import typer
 
-from pipeline.commands._common import console, user_errors
+from pipeline.commands._common import DEVICES, check_device, completer, console, escape, one_of, user_errors
+
+# Mirrors pipeline.predict.config (MODEL_NAMES, FEATURES); kept here so `--help` does not import torch (a test checks).
+MODELS = ("unf", "unf-perm", "unf-hybrid", "statnn", "deepsets", "flat", "all")
+SPLITS = ("run", "config")
+FEATURES = ("raw+log", "raw")
+LOSSES = ("auto", "bce", "mse")
 
 _EPILOG = """
 [bold]Examples[/]
@@ -47,16 +53,20 @@ def train(
                                      "several: one architecture family, any widths."),
     eval_zoo: list[str] = typer.Option(None, "--eval-zoo", help="Foreign zoo reported as its own split, never used "
                                        "for selection (repeatable)."),
-    model: str = typer.Option("unf", "--model", "-m", help="unf | statnn | deepsets | flat | unf-perm | all | a,b,..."),
+    model: str = typer.Option("unf", "--model", "-m", help="unf, unf-perm, unf-hybrid, statnn, deepsets, flat, all, or a "
+                              "comma list such as unf,statnn.", metavar="MODEL[,MODEL...]",
+                              autocompletion=completer(MODELS, comma_list=True)),
     target: str = typer.Option("test_acc", help="Metric (test_acc, train_loss, ...), gen_gap, or a hyperparameter "
                                "such as log_lr."),
-    checkpoints: str = typer.Option("final", help="Rows evaluated and trained on: final | all | comma list of "
-                                    "epochs, e.g. 0,5,20."),
+    checkpoints: str = typer.Option("final", help="Rows evaluated and trained on, by epoch: final, all or a comma list "
+                                    "such as 0,5,20.", metavar="[final|all|EPOCH,...]"),
     train_checkpoints: str = typer.Option("same", help="Extra training rows from other checkpoints of the training "
-                                          "members: same | all | comma list of epochs (val/test stay --checkpoints)."),
-    split: str = typer.Option("run", help="run (every checkpoint of a member on one side) | config (every seed of a "
-                              "hyperparameter configuration on one side) | group:<hparam>[=v1,v2] (held-out "
-                              "group(s) = test)."),
+                                          "members: same, all or a comma list of epochs (val/test stay --checkpoints).",
+                                          metavar="[same|all|EPOCH,...]"),
+    split: str = typer.Option("run", help="run (every checkpoint of a member on one side), config (every seed of a "
+                              "hyperparameter configuration on one side) or group:<hparam>[=v1,v2] (held-out "
+                              "group(s) = test).", metavar=one_of(SPLITS, more="group:HPARAM[=V,...]"),
+                              autocompletion=completer(SPLITS)),
     fractions: str = typer.Option("0.8,0.1,0.1", help="train,val,test fractions of members (or configurations)."),
     split_seed: int = typer.Option(0, help="Seed of the split (fixed across model seeds)."),
     seeds: int = typer.Option(1, help="Model seeds per model (initialisation and batch order); mean and spread "
@@ -73,12 +83,15 @@ def train(
                                         "AUC)."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples of the intervals."),
     features: str = typer.Option("raw+log", help="Input channels of the torch models: raw+log (adds log|w|, "
-                                 "pointwise, so symmetries are kept: weight scales differ ~50x between members) | raw."),
-    loss: str = typer.Option("auto", help="auto (BCE when train/val targets lie in [0,1], else MSE) | bce | mse."),
+                                 "pointwise, so symmetries are kept: weight scales differ ~50x between members) | raw.",
+                                 metavar=one_of(FEATURES), autocompletion=completer(FEATURES)),
+    loss: str = typer.Option("auto", help="auto (BCE when train/val targets lie in [0,1], else MSE) | bce | mse.",
+                             metavar=one_of(LOSSES), autocompletion=completer(LOSSES)),
     include_diverged: bool = typer.Option(False, help="Keep diverged members (their non-finite rows are dropped)."),
-    max_members: int = typer.Option(None, help="Use only the first N members (quick runs)."),
-    device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N."),
-    out: Path = typer.Option(None, help="Output folder [default: runs/train/<zoo name>-<target>]."),
+    max_members: int = typer.Option(None, help="Use only the first N members (quick runs).", show_default="all"),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N.", metavar=one_of(DEVICES),
+                               autocompletion=completer(DEVICES)),
+    out: Path = typer.Option(None, help="Output folder.", show_default="runs/train/<zoo name>-<target>"),
 ) -> None:
     """Train weight-space predictors (UNF and baselines) on a zoo; report Kendall tau on a held-out test split."""
     with user_errors():
@@ -89,8 +102,7 @@ def train(
         from pipeline.predict import TrainConfig, available_targets, build_data, train_predictor
         from pipeline.store import Zoo
 
-        from rich.markup import escape
-
+        check_device(device)
         for path in (*zoos, *(eval_zoo or ())):
             if "://" not in path and not Path(path).exists():
                 raise StoreError(f"zoo {path} does not exist; build it first, e.g. `make zoo` or "
@@ -156,10 +168,7 @@ def train(
 
 def _print_summary(result, config, target: str, out: Path) -> None:
     """The comparison table: tau with its 90% bootstrap interval per split (the seed spread with 2+ seeds)."""
-    from rich.markup import escape
     from rich.table import Table
-
-    from pipeline.commands._common import console
 
     stats = [s for s in (result.statistics or []) if s["split"] != "train"]
     splits = list(dict.fromkeys(s["split"] for s in stats))

@@ -6,15 +6,27 @@ from typing import Any, Optional
 
 import typer
 
-from pipeline.commands._common import console, user_errors
+from pipeline.commands._common import DEVICES, check_device, completer, console, one_of, print_table, user_errors
+
+
+def _recipe_names(incomplete: str) -> list[str]:
+    from pipeline.recipe import recipe_names
+
+    return [n for n in recipe_names() if n.startswith(incomplete)]
+
+
+_recipe_names.__annotations__ = {"incomplete": str, "return": list[str]}  # typer matches real types, not strings
 
 
 def zoo(
-    recipe: str = typer.Argument(..., help="Recipe name from datasets/ (e.g. cnn-digits) or a path to a TOML file."),
-    members: Optional[int] = typer.Option(None, "--members", help="Member count (larger than the store's extends it)."),
-    out: Optional[str] = typer.Option(None, "--out", help="Store path or fsspec URL (default: datasets/zoos/NAME.zarr)."),
+    recipe: str = typer.Argument(..., help="Recipe name from datasets/ (e.g. cnn-digits) or a path to a TOML file.",
+                                 autocompletion=_recipe_names),
+    members: Optional[int] = typer.Option(None, "--members", help="Member count (larger than the store's extends it).",
+                                          show_default="the recipe's"),
+    out: Optional[str] = typer.Option(None, "--out", help="Store path or fsspec URL.",
+                                      show_default="datasets/zoos/NAME.zarr"),
     workers: Optional[int] = typer.Option(
-        None, "--workers", help="Dask worker processes (default: one per core); 0 trains in this process."
+        None, "--workers", help="Dask worker processes; 0 trains in this process.", show_default="one per core"
     ),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store that holds another recipe's zoo."),
@@ -22,10 +34,13 @@ def zoo(
         False, "--repair", help="Verify every finished chunk's checksums and retrain the damaged chunks."
     ),
     threads: Optional[int] = typer.Option(
-        None, "--threads", help="Torch threads per task (default: cores / workers); keep it fixed for bit-identical reruns."
+        None, "--threads", help="Torch threads per task; keep it fixed for bit-identical reruns.",
+        show_default="cores / workers"
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N.",
+                               metavar=one_of(DEVICES), autocompletion=completer(DEVICES)),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress (a bar on a terminal, a "
+                                  "line per chunk in a file or pipe)."),
 ) -> None:
     """Train every member of RECIPE in chunks and write them to a zarr store; rerun to resume after a crash."""
     with user_errors():
@@ -39,6 +54,7 @@ def zoo(
             raise ConfigError(f"--threads must be >= 1, got {threads}")
         if members is not None and members < 1:
             raise ConfigError(f"--members must be >= 1, got {members}")
+        check_device(device)
         rec = load_recipe(recipe)
         target = out or f"datasets/zoos/{rec.name}.zarr"
         bar = _ProgressBar(enabled=progress)
@@ -53,37 +69,28 @@ def zoo(
 
 
 class _ProgressBar:
-    """Rich progress: members done, diverged, elapsed and ETA."""
+    """Members done, diverged, elapsed and ETA: a bar on a terminal, a line per chunk in a file or pipe."""
 
     def __init__(self, enabled: bool) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("members  diverged {task.fields[diverged]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not enabled,
-        )
-        self.task: Any = None
+        self.enabled = enabled
+        self.reporter: Any = None
         self.diverged = 0
 
     def start(self, total: int, done: int, to_train: int) -> None:
+        from pipeline.progress import ProgressReporter
+
         if done:
             console.print(f"resuming: {done} of {total} members already in the store, {to_train} to train")
-        self.progress.start()
-        self.task = self.progress.add_task("training", total=total, completed=done, diverged=0)
+        self.reporter = ProgressReporter("training", total, unit="members", completed=done, console=console,
+                                         every=1, enabled=self.enabled, diverged=0)
 
     def advance(self, outcome: Any) -> None:
         self.diverged += outcome.n_diverged
-        self.progress.update(self.task, advance=outcome.n, diverged=self.diverged)
+        self.reporter.advance(outcome.n, diverged=self.diverged)
 
     def stop(self) -> None:
-        self.progress.stop()
+        if self.reporter is not None:
+            self.reporter.close()
 
 
 def _print_summary(name: str, report: Any) -> None:
@@ -103,4 +110,4 @@ def _print_summary(name: str, report: Any) -> None:
     if acc.size:
         q = np.quantile(acc, [0, 0.1, 0.5, 0.9, 1.0])
         table.add_row("final test acc", "min {:.3f}  p10 {:.3f}  median {:.3f}  p90 {:.3f}  max {:.3f}".format(*q))
-    console.print(table)
+    print_table(table)
