@@ -71,8 +71,14 @@ class _Layout:
         self.fixed_axes = fixed_axes
         self.pieces = _pieces(spec, fixed_axes)
         self._sizes_cache: dict[tuple, dict[str, int]] = {}
+        self._size_plan = _size_plan(spec)
 
     def sizes(self, x: Mapping[str, Tensor], batch_dims: int) -> dict[str, int]:
+        """Label sizes of ``x`` (checked against the spec; cached per shape). While ``torch.compile`` traces, the
+        sizes are read off the shapes by a plan solved at construction instead (plain arithmetic, no dict state),
+        so one graph serves every call and, with dynamic shapes, every width."""
+        if torch.compiler.is_compiling():
+            return _apply_size_plan(self._size_plan, self.spec.sizes, x, batch_dims)
         key = tuple(tuple(x[n].shape[batch_dims:]) if n in x else None for n in self.spec.names)
         sizes = self._sizes_cache.get(key)
         if sizes is None:
@@ -97,7 +103,9 @@ class _Layout:
             out.append(v)
         return out
 
-    def from_internal(self, pieces: list[Tensor], sizes: Mapping[str, int], channels: int) -> dict[str, Tensor]:
+    def from_internal(self, pieces: list[Tensor], sizes: Mapping[str, int], channels: int,
+                      like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Pieces back to ``{name: (B, channels, *natural)}``, natural shapes those of ``like`` (the layer's input)."""
         parts: dict[str, list[Tensor]] = {}
         for p, y in zip(self.pieces, pieces):
             if p.fixed_pos:
@@ -106,8 +114,46 @@ class _Layout:
                 order = [*p.fixed_pos, *p.perm_pos]  # view axis held by each of dims 2..
                 y = y.permute(0, 1, *(2 + order.index(a) for a in range(len(order))))  # (B, C, *view)
             parts.setdefault(p.name, []).append(y)
-        shapes = self.spec._shapes_at(sizes)
-        return {name: self.spec.join_parts(name, parts[name], shapes[name], 2) for name in self.spec.names}
+        return {name: self.spec.join_parts(name, parts[name], like[name].shape[2:], 2) for name in self.spec.names}
+
+
+_Equation = tuple[str, str, int, tuple[tuple[str, ...], ...]]  # (label, tensor, natural dim, dim terms)
+
+
+def _size_plan(spec: WeightSpec) -> tuple[_Equation, ...]:
+    """Which tensor dim determines each permutable label, in solving order (as ``WeightSpec.infer_sizes`` solves)."""
+    unknown = set(spec.permutable_labels)
+    equations = [(t.name, j, t.dim_terms(j)) for t in spec.tensors for j in range(len(t.shape))]
+    plan = []
+    progress = True
+    while unknown and progress:
+        progress = False
+        for name, j, terms in equations:
+            todo = {a for x in terms for a in x if a in unknown}
+            if len(todo) == 1 and not any(x.count(next(iter(todo))) > 1 for x in terms):
+                (label,) = todo
+                plan.append((label, name, j, tuple(tuple(x) for x in terms)))
+                unknown.discard(label)
+                progress = True
+    return tuple(plan)
+
+
+def _apply_size_plan(plan: tuple[_Equation, ...], defaults: Mapping[str, int], x: Mapping[str, Tensor],
+                     batch_dims: int) -> dict[str, int]:
+    sizes = dict(defaults)
+    for label, name, j, terms in plan:  # natural size = coef * size(label) + rest
+        coef, rest = 0, 0
+        for term in terms:
+            value = 1
+            for a in term:
+                if a != label:
+                    value = value * sizes[a]
+            if label in term:
+                coef = coef + value
+            else:
+                rest = rest + value
+        sizes[label] = (x[name].shape[batch_dims + j] - rest) // coef
+    return sizes
 
 
 def _read(x: Tensor, read: Read) -> Tensor:
@@ -123,8 +169,10 @@ def _read(x: Tensor, read: Read) -> Tensor:
             sub[a] = letters[i]
     keep = "".join(letters[i] for i in read.kept)
     y = torch.einsum(f"yz{''.join(sub)}->yz{keep}", x)  # sums over reduced blocks
-    count = math.prod(x.shape[2 + read.blocks[i][0]] for i in read.reduced)
-    return y / count if count != 1 else y
+    count = 1
+    for i in read.reduced:
+        count = count * x.shape[2 + read.blocks[i][0]]
+    return y / count
 
 
 @dataclass(frozen=True)
@@ -262,6 +310,18 @@ def _read_order(steps: tuple[_ReadStep, ...], used: set[int]) -> tuple[int, ...]
         return 0 if steps[i].parent < 0 else 1 + depth(steps[i].parent)
 
     return tuple(sorted(need, key=lambda i: (depth(i), i)))
+
+
+def _compute_reads(h: list[Tensor], steps: tuple[_ReadStep, ...], order: tuple[int, ...]) -> list[Tensor | None]:
+    """The reads listed in ``order`` (B, K, *kept), each distinct reduction once, from its smallest parent."""
+    out: list[Tensor | None] = [None] * len(steps)
+    for i in order:
+        s = steps[i]
+        if s.parent >= 0:
+            out[i] = out[s.parent].mean(dim=s.dim)  # type: ignore[union-attr]
+        else:
+            out[i] = torch.einsum(s.equation, h[s.piece]) if s.equation else h[s.piece]
+    return out
 
 
 @dataclass(frozen=True)
@@ -412,7 +472,7 @@ class UNFLinear(nn.Module):
     def forward(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
         sizes = self._layout.sizes(x, batch_dims=2)
         h = self._layout.to_internal(x, sizes)
-        return self._layout.from_internal(self.forward_internal(h), sizes, self.out_channels)
+        return self._layout.from_internal(self.forward_internal(h), sizes, self.out_channels, x)
 
     def forward_internal(self, h: list[Tensor]) -> list[Tensor]:
         """Pieces ``(B, K, *perm_dims)`` in and out (used by UNFPredictor to skip layout changes)."""
@@ -420,13 +480,7 @@ class UNFLinear(nn.Module):
             h = list(h)
             for i, key in self._embedded:
                 h[i] = h[i] + self.pos_embed[key]
-        reads: list[Tensor | None] = [None] * len(self._steps)
-        for i in self._read_order:  # each distinct reduction once, from its smallest parent
-            s = self._steps[i]
-            if s.parent >= 0:
-                reads[i] = reads[s.parent].mean(dim=s.dim)  # type: ignore[union-attr]
-            else:
-                reads[i] = torch.einsum(s.equation, h[s.piece]) if s.equation else h[s.piece]
+        reads = _compute_reads(h, self._steps, self._read_order)
         terms: list[Tensor | None] = [None] * self._num_outputs
         for key, ins, outs in self._group_plans:
             # channels outermost: (sum K_in, B, *sig), so the mixing is one (K_out, K_in) @ (K_in, B*N) matmul (its
@@ -467,19 +521,19 @@ class UNFPool(nn.Module):
             raise SpecError(f"UNFPool mode must be 'maximal' or 'mean', got {mode!r}")
         self.spec, self.channels, self.fixed_axes, self.mode = spec, channels, fixed_axes, mode
         self._layout = _Layout(spec, fixed_axes)
-        self._reads = []
-        for pi, p in enumerate(self._layout.pieces):
-            for r in reads(p.labels):
-                if r.kept:
-                    continue
-                if mode == "mean" and any(len(b) > 1 for b in r.blocks):
-                    continue
-                self._reads.append((pi, r))
-        self.num_features = sum(channels * self._layout.pieces[pi].fold for pi, _ in self._reads)
+        pieces = self._layout.pieces
+        every = [(pi, r) for pi, p in enumerate(pieces) for r in reads(p.labels)]
+        self._features = tuple(i for i, (_, r) in enumerate(every)
+                               if not r.kept and (mode == "maximal" or all(len(b) == 1 for b in r.blocks)))
+        self._reads = [every[i] for i in self._features]
+        self._steps = _read_steps(pieces, every, spec.sizes)
+        self._read_order = _read_order(self._steps, set(self._features))
+        self.num_features = sum(channels * pieces[pi].fold for pi, _ in self._reads)
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
         sizes = self._layout.sizes(x, batch_dims=2)
         return self.forward_internal(self._layout.to_internal(x, sizes))
 
     def forward_internal(self, h: list[Tensor]) -> Tensor:
-        return torch.cat([_read(h[pi], r) for pi, r in self._reads], dim=-1)  # (B, num_features)
+        reads = _compute_reads(h, self._steps, self._read_order)
+        return torch.cat([reads[i] for i in self._features], dim=-1)  # type: ignore[misc]  # (B, num_features)
