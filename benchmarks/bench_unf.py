@@ -1,17 +1,22 @@
-"""UNF core benchmark.
+"""UNF layer benchmark: one `UNFLinear` forward+backward on one pinned core (batch 32, 16 -> 16 channels).
 
-1. Forward+backward time of `UNFLinear` (fixed_axes="permutable") against the `nfn` package's `NPLinear` on the same
-   MLP weight space with every axis permutable, where the two layer families coincide (same basis); interleaved
-   repetitions, median. Goal: ours / nfn <= 1.0.
-2. Time vs number of basis terms for GRU seq2seq specs (1-3 layer GRU encoder/decoder, exact and permutable fixed
-   axes; up to ~2,500 terms per layer), grouped layer against a per-term loop over the same basis.
+1. Against the `nfn` package on the same weight spaces and inputs: fixed_axes="permutable" vs `NPLinear` and
+   fixed_axes="exact" vs `HNPLinear`, on an MLP 64-64-64-10 and a CNN 1-16-16-16 (3x3 kernels) + linear head to 10.
+   Goals: permutable <= 0.5x NPLinear, exact <= 0.7x HNPLinear, permutable CNN no slower than exact CNN.
+2. Absolute milliseconds for MLP 64-64-64-10, GRU seq2seq (vocab 14, embed 8, hidden 16) and the CNN, both modes
+   (to set against other implementations).
+3. `torch.compile` (inductor) of the layer: compile seconds and compiled speed-up over eager.
+4. Time vs number of basis terms (1-3 layer GRU seq2seq), grouped layer against a per-term loop over the same basis.
 
-Run: `.venv/bin/python benchmarks/bench_unf.py [--quick]`.
+Calls are interleaved (order alternates every repetition); medians; the load average is printed with each figure.
+
+Run: `.venv/bin/python benchmarks/bench_unf.py [--quick] [--compile SHAPE ...] [--threads 1]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -21,7 +26,13 @@ from torch import nn
 
 import unf_models as um
 from unf_models.basis import pair_terms
-from unf_models.layers import _Output, _read, UNFLinear
+from unf_models.layers import UNFLinear, _apply_write, _Output, _read, _write_plan
+
+BATCH, CHANNELS = 32, 16
+
+
+def _load() -> str:
+    return "load %.2f %.2f %.2f" % os.getloadavg()
 
 
 def _timeit(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> dict[str, float]:
@@ -39,45 +50,15 @@ def _timeit(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> d
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_vs_nfn(widths: list[int], batch: int, channels: int, reps: int) -> float:
-    from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
-    from nfn.layers import NPLinear
-
-    n = len(widths) - 1
-    axes: dict[str, tuple[str, ...]] = {}
-    for i in range(n):
-        axes[f"w{i}"] = (f"n{i + 1}", f"n{i}")
-        axes[f"b{i}"] = (f"n{i + 1}",)
-    spec = um.WeightSpec(axes, sizes={f"n{i}": w for i, w in enumerate(widths)}, fixed=("n0", f"n{n}"))
-    torch.manual_seed(0)
-    ours = UNFLinear(spec, channels, channels, fixed_axes="permutable")
-    x = {k: torch.randn(batch, channels, *s) for k, s in spec.shapes.items()}
-    wsfeat = WeightSpaceFeatures([x[f"w{i}"] for i in range(n)], [x[f"b{i}"] for i in range(n)])
-    theirs = NPLinear(network_spec_from_wsfeat(wsfeat), channels, channels)
-    p_ours = sum(p.numel() for p in ours.parameters())
-    p_nfn = sum(p.numel() for p in theirs.parameters())
-
-    def run_ours() -> None:
-        y = ours(x)
-        sum(v.sum() for v in y.values()).backward()
-
-    def run_nfn() -> None:
-        y = theirs(wsfeat)
-        (sum(w.sum() for w in y.weights) + sum(b.sum() for b in y.biases)).backward()
-
-    t = _timeit({"ours": run_ours, "nfn": run_nfn}, reps)
-    ratio = t["ours"] / t["nfn"]
-    print(f"MLP {widths}, batch {batch}, {channels}->{channels} channels: {ours.num_terms} terms; parameters "
-          f"ours {p_ours} vs nfn {p_nfn} (same basis; biases differ)")
-    print(f"  forward+backward median: UNFLinear {t['ours'] * 1e3:.2f} ms   nfn NPLinear {t['nfn'] * 1e3:.2f} ms   "
-          f"ratio {ratio:.2f}")
-    return ratio
+def _bench(name: str, value: float, op: str, goal: float, metric: str = "ratio") -> None:
+    ok = value <= goal if op == "<=" else value >= goal
+    print(f"BENCH {name} {metric}={value:.2f} goal={op}{goal:g} {'PASS' if ok else 'MISS'}", flush=True)
 
 
 class _Seq2Seq(nn.Module):
     """GRU seq2seq (Tiny RNN Zoo shape): embedding, GRU encoder -> GRU decoder, output projection."""
 
-    def __init__(self, layers: int, vocab: int = 14, emb: int = 8, hidden: int = 16) -> None:
+    def __init__(self, layers: int = 1, vocab: int = 14, emb: int = 8, hidden: int = 16) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, emb)
         self.enc = nn.GRU(emb, hidden, layers, batch_first=True)
@@ -90,12 +71,107 @@ class _Seq2Seq(nn.Module):
         return self.head(out)
 
 
+def mlp_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def cnn_net() -> nn.Module:
+    conv = dict(kernel_size=3, padding=1)
+    return nn.Sequential(nn.Conv2d(1, 16, **conv), nn.ReLU(), nn.Conv2d(16, 16, **conv), nn.ReLU(),
+                         nn.Conv2d(16, 16, **conv), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 10))
+
+
+SHAPES: dict[str, Callable[[], um.WeightSpec]] = {
+    "mlp": lambda: um.WeightSpec.from_module(mlp_net()),
+    "gru": lambda: um.WeightSpec.from_module(_Seq2Seq()),
+    "cnn": lambda: um.WeightSpec.from_module(cnn_net(), torch.zeros(1, 1, 8, 8)),
+}
+LABELS = {"mlp": "MLP 64-64-64-10", "gru": "GRU seq2seq (vocab 14, embed 8, hidden 16)",
+          "cnn": "CNN 1-16-16-16 3x3 + linear head to 10"}
+
+
+def _inputs(spec: um.WeightSpec) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(BATCH, CHANNELS, *s, generator=g) for k, s in spec.shapes.items()}
+
+
+def _ours_step(layer: nn.Module, x: dict[str, torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        y = layer(x)
+        sum(v.sum() for v in y.values()).backward()
+    return run
+
+
+def bench_vs_nfn(shape: str, reps: int) -> dict[str, float]:
+    """ours/nfn time ratios for one shape (weights then biases of each layer, as nfn wants them)."""
+    from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
+    from nfn.layers import HNPLinear, NPLinear
+
+    spec = SHAPES[shape]()
+    x = _inputs(spec)
+    names = list(spec.names)
+    wsfeat = WeightSpaceFeatures([x[n] for n in names[0::2]], [x[n] for n in names[1::2]])
+    torch.manual_seed(0)
+    nfn_spec = network_spec_from_wsfeat(wsfeat)
+    layers = {"permutable": UNFLinear(spec, CHANNELS, CHANNELS, fixed_axes="permutable"),
+              "exact": UNFLinear(spec, CHANNELS, CHANNELS, fixed_axes="exact"),
+              "NPLinear": NPLinear(nfn_spec, CHANNELS, CHANNELS), "HNPLinear": HNPLinear(nfn_spec, CHANNELS, CHANNELS)}
+
+    def run_nfn(layer: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            y = layer(wsfeat)
+            (sum(w.sum() for w in y.weights) + sum(b.sum() for b in y.biases)).backward()
+        return run
+
+    fns = {k: (_ours_step(v, x) if isinstance(v, UNFLinear) else run_nfn(v)) for k, v in layers.items()}
+    t = _timeit(fns, reps)
+    params = {k: sum(p.numel() for p in v.parameters()) for k, v in layers.items()}
+    print(f"{LABELS[shape]} (batch {BATCH}, {CHANNELS}->{CHANNELS}, forward+backward median, {_load()}):")
+    for k in layers:
+        print(f"  {k:10s} {t[k] * 1e3:8.2f} ms  {params[k]:9d} parameters")
+    return {"perm_vs_np": t["permutable"] / t["NPLinear"], "exact_vs_hnp": t["exact"] / t["HNPLinear"],
+            "perm_vs_exact": t["permutable"] / t["exact"]}
+
+
+def bench_absolute(reps: int) -> None:
+    print(f"absolute ms, one UNFLinear forward+backward, batch {BATCH}, {CHANNELS}->{CHANNELS} channels, "
+          f"{torch.get_num_threads()} thread(s):")
+    for shape in SHAPES:
+        spec = SHAPES[shape]()
+        x = _inputs(spec)
+        torch.manual_seed(0)
+        fns = {mode: _ours_step(UNFLinear(spec, CHANNELS, CHANNELS, fixed_axes=mode), x)
+               for mode in ("permutable", "exact")}
+        t = _timeit(fns, reps)
+        print(f"  {LABELS[shape]:42s} permutable {t['permutable'] * 1e3:7.2f} ms   exact {t['exact'] * 1e3:7.2f} ms"
+              f"   ({_load()})", flush=True)
+
+
+def bench_compile(shapes: list[str], reps: int) -> None:
+    """Inductor compile of one layer (forward+backward): seconds to compile and compiled / eager time."""
+    for shape in shapes:
+        spec = SHAPES[shape]()
+        x = _inputs(spec)
+        for mode in ("permutable", "exact"):
+            torch.manual_seed(0)
+            layer = UNFLinear(spec, CHANNELS, CHANNELS, fixed_axes=mode)
+            compiled = torch.compile(layer)
+            t0 = time.perf_counter()
+            _ours_step(compiled, x)()
+            seconds = time.perf_counter() - t0
+            t = _timeit({"eager": _ours_step(layer, x), "compiled": _ours_step(compiled, x)}, reps)
+            speedup = t["eager"] / t["compiled"]
+            print(f"  compile {shape} {mode}: {seconds:.1f} s; eager {t['eager'] * 1e3:.2f} ms, compiled "
+                  f"{t['compiled'] * 1e3:.2f} ms ({_load()})", flush=True)
+            _bench(f"unf_compile_{shape}_{mode}", speedup, ">=", 1.0, metric="speedup")
+
+
 class _PerTermLoop(nn.Module):
     """Baseline: the same basis evaluated one term at a time (own read, own matmul, own write)."""
 
     def __init__(self, layer: UNFLinear) -> None:
         super().__init__()
-        self.layer = layer
         pieces = layer._layout.pieces
         self.terms = []
         weights = []
@@ -104,21 +180,21 @@ class _PerTermLoop(nn.Module):
                 for term in pair_terms(p_out.labels, p_in.labels):
                     k_in, k_out = layer.in_channels * p_in.fold, layer.out_channels * p_out.fold
                     out = _Output(po, term.write, k_out, tuple(range(len(term.write.kept))))
-                    self.terms.append((pi, term, out))
+                    self.terms.append((pi, term, out.piece, _write_plan(out, (0, k_out), len(p_out.labels))))
                     weights.append(nn.Parameter(torch.randn(k_in, k_out) / k_in ** 0.5))
         self.weights = nn.ParameterList(weights)
 
     def forward(self, h: list[torch.Tensor]) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = [None] * len(h)
-        for (pi, term, o), w in zip(self.terms, self.weights):
+        for (pi, term, po, plan), w in zip(self.terms, self.weights):
             r = _read(h[pi], term.read)  # (B, K_in, *kept)
             r = r.permute(0, 1, *(2 + m for m in term.match))  # kept dims in output order
-            y = UNFLinear._write(torch.einsum("bk...,ko->bo...", r, w), o, h[o.piece])
-            out[o.piece] = y if out[o.piece] is None else out[o.piece] + y
+            y = _apply_write(torch.einsum("bk...,ko->ob...", r, w), plan, h[po])
+            out[po] = y if out[po] is None else out[po] + y
         return out
 
 
-def bench_gru_terms(batch: int, channels: int, reps: int, layer_counts: list[int], loop: bool) -> list[tuple]:
+def bench_gru_terms(batch: int, channels: int, reps: int, layer_counts: list[int]) -> list[tuple]:
     rows = []
     for layers in layer_counts:
         spec = um.WeightSpec.from_module(_Seq2Seq(layers))
@@ -128,46 +204,47 @@ def bench_gru_terms(batch: int, channels: int, reps: int, layer_counts: list[int
             x = {k: torch.randn(batch, channels, *s) for k, s in spec.shapes.items()}
             sizes = layer._layout.sizes(x, 2)
             h = layer._layout.to_internal(x, sizes)
+            naive = _PerTermLoop(layer)
 
             def grouped() -> None:
                 sum(t.sum() for t in layer.forward_internal(h)).backward()
 
-            fns = {"grouped": grouped}
-            if loop:
-                naive = _PerTermLoop(layer)
+            def per_term() -> None:
+                sum(t.sum() for t in naive(h) if t is not None).backward()
 
-                def per_term() -> None:
-                    sum(t.sum() for t in naive(h) if t is not None).backward()
-
-                fns["loop"] = per_term
-            t = _timeit(fns, reps, warmup=1)
-            rows.append((layers, mode, layer.num_terms, len(layer._groups), len(layer._reads), t["grouped"],
-                         t.get("loop")))
-            loop_txt = f"   per-term loop {t['loop'] * 1e3:8.1f} ms ({t['loop'] / t['grouped']:.1f}x)" if loop else ""
+            t = _timeit({"grouped": grouped, "loop": per_term}, reps, warmup=1)
+            rows.append((layers, mode, layer.num_terms, t["grouped"], t["loop"]))
             print(f"  GRU seq2seq {layers} layer(s), {mode:10s}: {layer.num_terms:5d} terms, "
-                  f"{len(layer._groups):3d} matmuls, {len(layer._reads):4d} reads: grouped "
-                  f"{t['grouped'] * 1e3:7.1f} ms{loop_txt}", flush=True)
+                  f"{len(layer._groups):3d} matmuls, {len(layer._read_order):4d} reads: grouped "
+                  f"{t['grouped'] * 1e3:7.1f} ms   per-term loop {t['loop'] * 1e3:8.1f} ms "
+                  f"({t['loop'] / t['grouped']:.1f}x) ({_load()})", flush=True)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes (a smoke run)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one pinned core)")
+    parser.add_argument("--compile", nargs="*", default=["mlp"], choices=list(SHAPES),
+                        help="shapes to compile with inductor (default: mlp; the CNN and GRU take minutes)")
+    parser.add_argument("--skip-terms", action="store_true", help="skip the time-vs-terms table")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    reps = 5 if args.quick else 21
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    ratio = bench_vs_nfn([64, 64, 64, 10], batch=32, channels=16, reps=reps)
-    print(f"BENCH unf_vs_nfn ratio={ratio:.2f} goal=<=1.0 {'PASS' if ratio <= 1.0 else 'MISS'}")
-    print("time vs terms, one UNF layer forward+backward, batch 10, 16->16 channels (vocab 14, emb 8, hidden 16):")
-    rows = bench_gru_terms(batch=10, channels=16, reps=3,
-                           layer_counts=[1, 2] if args.quick else [1, 2, 3], loop=True)
-    largest = max(rows, key=lambda r: r[2])
-    speedup = largest[6] / largest[5]
-    print(f"BENCH unf_gru_terms terms={largest[2]} ms={largest[5] * 1e3:.1f} speedup_vs_per_term={speedup:.1f} "
-          f"goal=>=2.0 {'PASS' if speedup >= 2.0 else 'MISS'}")
+    torch.set_num_threads(args.threads)
+    reps = 5 if args.quick else 15
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {_load()}")
+    ratios = {shape: bench_vs_nfn(shape, reps) for shape in ("mlp", "cnn")}
+    for shape, r in ratios.items():
+        _bench(f"unf_perm_vs_nplinear_{shape}", r["perm_vs_np"], "<=", 0.5)
+        _bench(f"unf_exact_vs_hnplinear_{shape}", r["exact_vs_hnp"], "<=", 0.7)
+    _bench("unf_cnn_perm_vs_exact", ratios["cnn"]["perm_vs_exact"], "<=", 1.0)
+    bench_absolute(reps)
+    if args.compile:
+        bench_compile(args.compile, reps)
+    if not args.skip_terms:
+        print("time vs terms, one UNF layer forward+backward, batch 10, 16->16 channels (vocab 14, emb 8, hidden 16):")
+        rows = bench_gru_terms(batch=10, channels=16, reps=3, layer_counts=[1, 2] if args.quick else [1, 2, 3])
+        largest = max(rows, key=lambda r: r[2])
+        _bench("unf_gru_terms", largest[4] / largest[3], ">=", 2.0, metric="speedup_vs_per_term")
 
 
 if __name__ == "__main__":

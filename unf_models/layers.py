@@ -71,8 +71,14 @@ class _Layout:
         self.fixed_axes = fixed_axes
         self.pieces = _pieces(spec, fixed_axes)
         self._sizes_cache: dict[tuple, dict[str, int]] = {}
+        self._size_plan = _size_plan(spec)
 
     def sizes(self, x: Mapping[str, Tensor], batch_dims: int) -> dict[str, int]:
+        """Label sizes of ``x`` (checked against the spec; cached per shape). While ``torch.compile`` traces, the
+        sizes are read off the shapes by a plan solved at construction instead (plain arithmetic, no dict state),
+        so one graph serves every call and, with dynamic shapes, every width."""
+        if torch.compiler.is_compiling():
+            return _apply_size_plan(self._size_plan, self.spec.sizes, x, batch_dims)
         key = tuple(tuple(x[n].shape[batch_dims:]) if n in x else None for n in self.spec.names)
         sizes = self._sizes_cache.get(key)
         if sizes is None:
@@ -97,7 +103,9 @@ class _Layout:
             out.append(v)
         return out
 
-    def from_internal(self, pieces: list[Tensor], sizes: Mapping[str, int], channels: int) -> dict[str, Tensor]:
+    def from_internal(self, pieces: list[Tensor], sizes: Mapping[str, int], channels: int,
+                      like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Pieces back to ``{name: (B, channels, *natural)}``, natural shapes those of ``like`` (the layer's input)."""
         parts: dict[str, list[Tensor]] = {}
         for p, y in zip(self.pieces, pieces):
             if p.fixed_pos:
@@ -106,8 +114,46 @@ class _Layout:
                 order = [*p.fixed_pos, *p.perm_pos]  # view axis held by each of dims 2..
                 y = y.permute(0, 1, *(2 + order.index(a) for a in range(len(order))))  # (B, C, *view)
             parts.setdefault(p.name, []).append(y)
-        shapes = self.spec._shapes_at(sizes)
-        return {name: self.spec.join_parts(name, parts[name], shapes[name], 2) for name in self.spec.names}
+        return {name: self.spec.join_parts(name, parts[name], like[name].shape[2:], 2) for name in self.spec.names}
+
+
+_Equation = tuple[str, str, int, tuple[tuple[str, ...], ...]]  # (label, tensor, natural dim, dim terms)
+
+
+def _size_plan(spec: WeightSpec) -> tuple[_Equation, ...]:
+    """Which tensor dim determines each permutable label, in solving order (as ``WeightSpec.infer_sizes`` solves)."""
+    unknown = set(spec.permutable_labels)
+    equations = [(t.name, j, t.dim_terms(j)) for t in spec.tensors for j in range(len(t.shape))]
+    plan = []
+    progress = True
+    while unknown and progress:
+        progress = False
+        for name, j, terms in equations:
+            todo = {a for x in terms for a in x if a in unknown}
+            if len(todo) == 1 and not any(x.count(next(iter(todo))) > 1 for x in terms):
+                (label,) = todo
+                plan.append((label, name, j, tuple(tuple(x) for x in terms)))
+                unknown.discard(label)
+                progress = True
+    return tuple(plan)
+
+
+def _apply_size_plan(plan: tuple[_Equation, ...], defaults: Mapping[str, int], x: Mapping[str, Tensor],
+                     batch_dims: int) -> dict[str, int]:
+    sizes = dict(defaults)
+    for label, name, j, terms in plan:  # natural size = coef * size(label) + rest
+        coef, rest = 0, 0
+        for term in terms:
+            value = 1
+            for a in term:
+                if a != label:
+                    value = value * sizes[a]
+            if label in term:
+                coef = coef + value
+            else:
+                rest = rest + value
+        sizes[label] = (x[name].shape[batch_dims + j] - rest) // coef
+    return sizes
 
 
 def _read(x: Tensor, read: Read) -> Tensor:
@@ -123,19 +169,10 @@ def _read(x: Tensor, read: Read) -> Tensor:
             sub[a] = letters[i]
     keep = "".join(letters[i] for i in read.kept)
     y = torch.einsum(f"yz{''.join(sub)}->yz{keep}", x)  # sums over reduced blocks
-    count = math.prod(x.shape[2 + read.blocks[i][0]] for i in read.reduced)
-    return y / count if count != 1 else y
-
-
-def _delta(shape: list[int], block: tuple[int, ...], n: int, like: Tensor) -> Tensor:
-    """1 where all axes of ``block`` carry equal indices, shaped to broadcast over ``shape`` (axes offset by 2)."""
-    idx = torch.arange(n, device=like.device)
-    d = torch.zeros((n,) * len(block), dtype=like.dtype, device=like.device)
-    d[(idx,) * len(block)] = 1
-    view = [1] * len(shape)
-    for a in block:
-        view[2 + a] = n
-    return d.reshape(view)
+    count = 1
+    for i in read.reduced:
+        count = count * x.shape[2 + read.blocks[i][0]]
+    return y / count
 
 
 @dataclass(frozen=True)
@@ -211,6 +248,141 @@ def _key(sig: tuple[str, ...]) -> str:
     return ("[" + ",".join(sig) + "]").replace(".", "_")
 
 
+def _delta(ndim: int, block: tuple[int, ...], n: int, like: Tensor) -> Tensor:
+    """1 where all axes of ``block`` carry equal indices, shaped to broadcast over a ``(B, K, *dims)`` piece with
+    ``ndim`` dims (block axes offset by 2). Built from ``arange`` comparisons (no data-dependent indexing)."""
+    idx = torch.arange(n, device=like.device)
+    d = idx.view(-1, 1) == idx.view(1, -1)
+    for k in range(2, len(block)):  # further axes must equal the first
+        d = d.unsqueeze(-1) & (idx.view(-1, *[1] * k) == idx.view(*[1] * k, -1))
+    view = [1] * (ndim + 2)
+    for a in block:
+        view[2 + a] = n
+    return d.to(like.dtype).reshape(view)
+
+
+@dataclass(frozen=True)
+class _ReadStep:
+    """How one read is computed: a base read takes the piece's diagonals (``equation``; "" = the piece itself), any
+    other read averages one dim (``dim``) of its ``parent`` read, so every reduction is done once, on the smallest
+    tensor that has it (the lattice of reads: mean over {i, j} = mean over j of the mean over i)."""
+
+    piece: int
+    parent: int  # index into the read list, -1 for a base read
+    equation: str
+    dim: int
+
+
+def _read_steps(pieces: list[_Piece], read_list: list[tuple[int, Read]], sizes: Mapping[str, int]
+                ) -> tuple[_ReadStep, ...]:
+    index = {(pi, r.blocks, r.kept): i for i, (pi, r) in enumerate(read_list)}
+    steps = []
+    for pi, r in read_list:
+        if not r.reduced:
+            if all(len(b) == 1 for b in r.blocks):
+                steps.append(_ReadStep(pi, -1, "", 0))
+            else:
+                letters = "abcdefghijklmnopqrstuvw"
+                sub = [""] * len(pieces[pi].labels)
+                for i, block in enumerate(r.blocks):
+                    for a in block:
+                        sub[a] = letters[i]
+                keep = "".join(letters[i] for i in r.kept)
+                steps.append(_ReadStep(pi, -1, f"yz{''.join(sub)}->yz{keep}", 0))
+            continue
+        # parent keeps one more block: the reduced block with the smallest nominal size (smallest parent tensor)
+        labels = pieces[pi].labels
+        b = min(r.reduced, key=lambda i: (sizes.get(labels[r.blocks[i][0]], 0), i))
+        parent_kept = tuple(sorted((*r.kept, b)))
+        steps.append(_ReadStep(pi, index[(pi, r.blocks, parent_kept)], "", 2 + parent_kept.index(b)))
+    return tuple(steps)
+
+
+def _read_order(steps: tuple[_ReadStep, ...], used: set[int]) -> tuple[int, ...]:
+    """The reads to compute (the used ones and their ancestors), parents first."""
+    need: set[int] = set()
+    for i in used:
+        while i >= 0 and i not in need:
+            need.add(i)
+            i = steps[i].parent
+
+    def depth(i: int) -> int:
+        return 0 if steps[i].parent < 0 else 1 + depth(steps[i].parent)
+
+    return tuple(sorted(need, key=lambda i: (depth(i), i)))
+
+
+def _compute_reads(h: list[Tensor], steps: tuple[_ReadStep, ...], order: tuple[int, ...]) -> list[Tensor | None]:
+    """The reads listed in ``order`` (B, K, *kept), each distinct reduction once, from its smallest parent."""
+    out: list[Tensor | None] = [None] * len(steps)
+    for i in order:
+        s = steps[i]
+        if s.parent >= 0:
+            out[i] = out[s.parent].mean(dim=s.dim)  # type: ignore[union-attr]
+        else:
+            out[i] = torch.einsum(s.equation, h[s.piece]) if s.equation else h[s.piece]
+    return out
+
+
+@dataclass(frozen=True)
+class _WritePlan:
+    """Precomputed view ops placing a group's output columns into an output piece (see ``_apply_write``)."""
+
+    rows: tuple[int, int]  # row slice of the group's matmul output
+    perm: tuple[int, ...]  # (W, B, *sorted_kept) -> (B, W, *kept in positional order)
+    index: tuple[object, ...]  # inserts the broadcast axes and the extra axes of diagonal blocks
+    perm2: tuple[int, ...]  # block order -> positional order; () = identity
+    diagonals: tuple[tuple[int, ...], ...]  # blocks written on their diagonal
+    support: frozenset[int]  # output dims this term is not broadcast along
+
+
+def _write_plan(o: _Output, rows: tuple[int, int], ndim_out: int) -> _WritePlan:
+    perm = (1, 0, *(2 + i for i in o.to_pos))
+    index: list[object] = [slice(None), slice(None)]
+    kept = set(o.write.kept)
+    position: list[int] = []
+    support: set[int] = set()
+    for i, block in enumerate(o.write.blocks):
+        index.append(slice(None) if i in kept else None)
+        index.extend([None] * (len(block) - 1))
+        position.extend(block)
+        if i in kept or len(block) > 1:
+            support.update(block)
+    perm2 = (0, 1, *(2 + position.index(a) for a in range(ndim_out)))
+    perm2 = () if perm2 == tuple(range(ndim_out + 2)) else perm2
+    diagonals = tuple(b for b in o.write.blocks if len(b) > 1)
+    return _WritePlan(rows, perm, tuple(index) if ndim_out else (), perm2, diagonals, frozenset(support))
+
+
+def _apply_write(z: Tensor, w: _WritePlan, like: Tensor) -> Tensor:
+    """z: the group's matmul output (sum W, B, *sorted_kept) -> this term in the piece's layout (B, W, *dims) with
+    size 1 along broadcast axes (a view, times a 0/1 delta per diagonal block)."""
+    y = z[w.rows[0] : w.rows[1]].permute(w.perm)
+    if not w.index:
+        return y
+    y = y[w.index]
+    if w.perm2:
+        y = y.permute(w.perm2)
+    for block in w.diagonals:
+        y = y * _delta(like.dim() - 2, block, like.shape[2 + block[0]], like)
+    return y
+
+
+def _merge_plan(supports: list[frozenset[int]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Order in which to sum one piece's terms and, per term, the term it is added into (-1: a root).
+
+    Each term is added into the smallest later term whose support contains its own, so additions (and the
+    reductions of their gradients) happen at the smallest shape that holds both instead of at full size."""
+    order = sorted(range(len(supports)), key=lambda i: (len(supports[i]), i))
+    parent = [-1] * len(supports)
+    for rank, i in enumerate(order):
+        for j in order[rank + 1 :]:
+            if supports[i] <= supports[j]:
+                parent[i] = j
+                break
+    return tuple(order), tuple(parent)
+
+
 class UNFLinear(nn.Module):
     """Maximal permutation-equivariant linear layer on a weight space: ``{name: (B, C_in, *shape)}`` -> ``C_out``.
 
@@ -256,6 +428,42 @@ class UNFLinear(nn.Module):
                 if any(n > 1 for n in shape):
                     self.pos_embed[str(i)] = nn.Parameter(torch.randn(in_channels, *shape) * 0.1)
         self.num_terms = sum(num_pair_terms(po.labels, pi.labels) for po in pieces for pi in pieces)
+        self._build_forward_plan(pieces)
+
+    def _build_forward_plan(self, pieces: list[_Piece]) -> None:
+        """Everything forward needs that does not depend on the input, built once: read steps (each reduction once,
+        from the smallest parent), per-group (read, permutation) inputs and write views, per-piece summation order.
+        Keeps forward free of data-dependent Python, so ``torch.compile`` traces it in one graph."""
+        steps = _read_steps(pieces, self._reads, self.spec.sizes)
+        used = {c.read for g in self._groups for c in g.contributions}
+        self._steps = steps
+        self._read_order = _read_order(steps, used)
+        group_plans = []
+        per_piece: list[list[tuple[int, frozenset[int]]]] = [[] for _ in pieces]
+        n_out = 0
+        for g in self._groups:
+            ins = []
+            for c in g.contributions:
+                ins.append((c.read, (1, 0, *(2 + i for i in c.order))))  # (B, K, *kept) -> (K, B, *sig)
+            outs = []
+            col = 0
+            for o in g.outputs:
+                plan = _write_plan(o, (col, col + o.width), len(pieces[o.piece].labels))
+                col += o.width
+                outs.append((n_out, o.piece, plan))
+                per_piece[o.piece].append((n_out, plan.support))
+                n_out += 1
+            group_plans.append((_key(g.signature), tuple(ins), tuple(outs)))
+        self._group_plans = tuple(group_plans)
+        self._num_outputs = n_out
+        merges = []
+        for terms in per_piece:
+            if not terms:
+                raise SpecError("internal: a weight-space piece receives no basis term")
+            order, parent = _merge_plan([s for _, s in terms])
+            merges.append((tuple(t for t, _ in terms), order, parent))
+        self._merges = tuple(merges)
+        self._embedded = tuple((i, str(i)) for i in range(len(pieces)) if str(i) in self.pos_embed)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}->{self.out_channels}, fixed_axes={self.fixed_axes!r}, "
@@ -264,70 +472,39 @@ class UNFLinear(nn.Module):
     def forward(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
         sizes = self._layout.sizes(x, batch_dims=2)
         h = self._layout.to_internal(x, sizes)
-        return self._layout.from_internal(self.forward_internal(h), sizes, self.out_channels)
+        return self._layout.from_internal(self.forward_internal(h), sizes, self.out_channels, x)
 
     def forward_internal(self, h: list[Tensor]) -> list[Tensor]:
         """Pieces ``(B, K, *perm_dims)`` in and out (used by UNFPredictor to skip layout changes)."""
-        if self.pos_embed:
-            h = [x + self.pos_embed[str(i)] if str(i) in self.pos_embed else x for i, x in enumerate(h)]
-        computed = [_read(h[pi], r) for pi, r in self._reads]  # each (B, K_in, *kept)
-        batch = h[0].shape[0]
-        parts: list[list[Tensor]] = [[] for _ in h]
-        for g in self._groups:
-            ins = []
-            for c in g.contributions:
-                r = computed[c.read]
-                if c.order != tuple(range(len(c.order))):
-                    r = r.permute(0, 1, *(2 + i for i in c.order))
-                ins.append(r)
-            cat = ins[0] if len(ins) == 1 else torch.cat(ins, dim=1)  # (B, sum K_in, *sig_dims)
-            weight = self.mix[_key(g.signature)]  # (sum K_in, sum K_out)
-            if not g.signature:
-                z = torch.addmm(self.bias, cat, weight)  # (B, sum K_out)
+        if self._embedded:
+            h = list(h)
+            for i, key in self._embedded:
+                h[i] = h[i] + self.pos_embed[key]
+        reads = _compute_reads(h, self._steps, self._read_order)
+        terms: list[Tensor | None] = [None] * self._num_outputs
+        for key, ins, outs in self._group_plans:
+            # channels outermost: (sum K_in, B, *sig), so the mixing is one (K_out, K_in) @ (K_in, B*N) matmul (its
+            # weight gradient one matmul too) and each output's rows are a contiguous block
+            xs = [reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
+            cat = xs[0] if len(xs) == 1 else torch.cat(xs, dim=0)
+            weight = self.mix[key]  # (sum K_in, sum K_out)
+            if cat.dim() == 2:
+                z = torch.addmm(self.bias.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
             else:
-                sig_dims = cat.shape[2:]
-                flat = cat.reshape(batch, cat.shape[1], -1)  # (B, sum K_in, N)
-                z = torch.bmm(weight.t().unsqueeze(0).expand(batch, -1, -1), flat)  # (B, sum K_out, N)
-                z = z.view(batch, z.shape[1], *sig_dims)  # (B, sum K_out, *sig_dims)
-            col = 0
-            for o in g.outputs:
-                y = z[:, col : col + o.width]
-                col += o.width
-                parts[o.piece].append(self._write(y, o, h[o.piece]))
-        return [_accumulate(p) for p in parts]
-
-    @staticmethod
-    def _write(z: Tensor, o: _Output, like: Tensor) -> Tensor:
-        """Place z (B, W, *sorted_kept) into an output piece (B, W, *dims): broadcast / diagonal writes."""
-        ndim = like.dim() - 2
-        if not ndim:
-            return z
-        if o.to_pos != tuple(range(len(o.to_pos))):
-            z = z.permute(0, 1, *(2 + i for i in o.to_pos))  # kept dims in positional order
-        # a block's first axis carries its index (kept) or 1 (broadcast); its other axes are 1 until the delta
-        index: list[object] = [slice(None), slice(None)]
-        kept = set(o.write.kept)
-        position = []
-        for i, block in enumerate(o.write.blocks):
-            index.append(slice(None) if i in kept else None)
-            index.extend([None] * (len(block) - 1))
-            position.extend(block)
-        z = z[tuple(index)]  # (B, W, block-ordered dims...)
-        if position != list(range(ndim)):
-            z = z.permute(0, 1, *(2 + position.index(a) for a in range(ndim)))
-        for block in o.write.blocks:
-            if len(block) > 1:
-                z = z * _delta(list(like.shape), block, like.shape[2 + block[0]], z)
-        return z
-
-
-def _accumulate(terms: list[Tensor]) -> Tensor:
-    """Sum broadcastable terms smallest first, so low-rank terms meet before they are expanded to full size."""
-    terms = sorted(terms, key=lambda t: t.numel())
-    acc = terms[0]
-    for t in terms[1:]:
-        acc = acc + t
-    return acc
+                z = torch.mm(weight.t(), cat.reshape(cat.shape[0], -1)).view(weight.shape[1], *cat.shape[1:])
+            for t, piece, plan in outs:
+                terms[t] = _apply_write(z, plan, h[piece])
+        out = []
+        for ids, order, parent in self._merges:
+            vals = [terms[t] for t in ids]
+            acc: Tensor | None = None
+            for i in order:  # small terms first, each added into the smallest term that contains it
+                if parent[i] >= 0:
+                    vals[parent[i]] = vals[parent[i]] + vals[i]  # type: ignore[operator]
+                else:
+                    acc = vals[i] if acc is None else acc + vals[i]
+            out.append(acc)
+        return out  # type: ignore[return-value]
 
 
 class UNFPool(nn.Module):
@@ -344,19 +521,19 @@ class UNFPool(nn.Module):
             raise SpecError(f"UNFPool mode must be 'maximal' or 'mean', got {mode!r}")
         self.spec, self.channels, self.fixed_axes, self.mode = spec, channels, fixed_axes, mode
         self._layout = _Layout(spec, fixed_axes)
-        self._reads = []
-        for pi, p in enumerate(self._layout.pieces):
-            for r in reads(p.labels):
-                if r.kept:
-                    continue
-                if mode == "mean" and any(len(b) > 1 for b in r.blocks):
-                    continue
-                self._reads.append((pi, r))
-        self.num_features = sum(channels * self._layout.pieces[pi].fold for pi, _ in self._reads)
+        pieces = self._layout.pieces
+        every = [(pi, r) for pi, p in enumerate(pieces) for r in reads(p.labels)]
+        self._features = tuple(i for i, (_, r) in enumerate(every)
+                               if not r.kept and (mode == "maximal" or all(len(b) == 1 for b in r.blocks)))
+        self._reads = [every[i] for i in self._features]
+        self._steps = _read_steps(pieces, every, spec.sizes)
+        self._read_order = _read_order(self._steps, set(self._features))
+        self.num_features = sum(channels * pieces[pi].fold for pi, _ in self._reads)
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
         sizes = self._layout.sizes(x, batch_dims=2)
         return self.forward_internal(self._layout.to_internal(x, sizes))
 
     def forward_internal(self, h: list[Tensor]) -> Tensor:
-        return torch.cat([_read(h[pi], r) for pi, r in self._reads], dim=-1)  # (B, num_features)
+        reads = _compute_reads(h, self._steps, self._read_order)
+        return torch.cat([reads[i] for i in self._features], dim=-1)  # type: ignore[misc]  # (B, num_features)

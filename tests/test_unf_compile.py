@@ -1,0 +1,74 @@
+"""`torch.compile` of the UNF layers: one graph (fullgraph) per layer/predictor on tiny specs, same values and
+gradients as eager. aot_eager traces forward and backward like inductor does, without its slow code generation
+(the inductor compile is timed in benchmarks/bench_unf.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unf_models as um
+from _unf_archs import ARCHS
+
+SPECS = {
+    "mlp": um.WeightSpec({"w1": ("h1", "in"), "b1": ("h1",), "w2": ("out", "h1"), "b2": ("out",)},
+                         sizes={"in": 3, "h1": 4, "out": 2}, fixed=("in", "out")),
+    "gru": um.WeightSpec({"w_ih": ("gate", "h", "e"), "w_hh": ("gate", "h", "h"), "b": ("gate", "h"),
+                          "emb": ("vocab", "e")}, sizes={"gate": 3, "h": 4, "e": 3, "vocab": 5},
+                         fixed=("gate", "vocab")),
+}
+
+
+def _spec(name: str) -> um.WeightSpec:
+    if name in SPECS:
+        return SPECS[name]
+    make = next(m for n, m, _ in ARCHS if n == name)
+    torch.manual_seed(0)
+    return um.WeightSpec.from_module(make())
+
+
+def _inputs(spec: um.WeightSpec, lead: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {n: torch.randn(*lead, *s, generator=g, requires_grad=True) for n, s in spec.shapes.items()}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name,mode,backend", [("gru", "permutable", "aot_eager"), ("gru_seq2seq", "exact", "eager")])
+def test_linear_compiles_in_one_graph(name: str, mode: str, backend: str) -> None:
+    """Tied labels (diagonal reads and writes), parts split from one tensor, folded fixed axes: one graph."""
+    spec = _spec(name)
+    torch.manual_seed(0)
+    layer = um.UNFLinear(spec, 2, 3, fixed_axes=mode)
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    x = _inputs(spec, (2, 2))
+    eager, got = layer(x), compiled(x)
+    assert set(got) == set(spec.names)
+    assert max(float((eager[n] - got[n]).detach().abs().max()) for n in eager) < 1e-5
+    g_eager = torch.autograd.grad(sum(v.square().sum() for v in eager.values()), list(x.values()))
+    g_got = torch.autograd.grad(sum(v.square().sum() for v in got.values()), list(x.values()))
+    assert max(float((a - b).abs().max()) for a, b in zip(g_eager, g_got)) < 1e-4
+
+
+def test_predictor_compiles_and_recompiles_once_for_a_new_width() -> None:
+    """A second call at the same shapes reuses the graph; another width of a permutable axis compiles once more
+    (shape-generic), never a recompile per call."""
+    spec = SPECS["gru"]
+    torch.manual_seed(0)
+    model = um.UNFPredictor(spec, hidden=(3, 3), head=(4,))
+    counts = torch._dynamo.utils.counters
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = {n: v.detach() for n, v in _inputs(spec, (2,)).items()}
+    for _ in range(3):
+        assert float((compiled(x) - model(x)).detach().abs().max()) < 1e-5
+    frames = counts["stats"]["unique_graphs"]
+    wide = spec.resize({"h": 6})
+    w = {n: v.detach() for n, v in _inputs(wide, (2,)).items()}
+    assert float((compiled(w) - model(w)).detach().abs().max()) < 1e-5
+    compiled(w)
+    assert counts["stats"]["unique_graphs"] - frames <= 1
