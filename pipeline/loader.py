@@ -71,6 +71,7 @@ class ZooLoader:
         budget = default_memory_budget() if max_memory_bytes is None else int(max_memory_bytes)
         self.mode = "memory" if (zoo._cache is not None or self.nbytes <= budget) else "chunks"
         self._flat: dict[str, np.ndarray] | None = None
+        self._verified: set[int] = set()  # chunks whose checksums the streaming mode has checked
 
     @property
     def n_pairs(self) -> int:
@@ -114,9 +115,11 @@ class ZooLoader:
             blocks = read_blocks(self.zoo.url, names, [slice(a, b) for a, b in bounds])  # whole chunks (k, C_all, ...)
         except Exception as err:  # noqa: BLE001 - a missing or undecodable chunk: name it
             raise self.zoo._located_error(err, np.concatenate([np.arange(a, b) for a, b in bounds])) from err
-        for (a, b), block in zip(bounds, blocks):
-            for name in names:
-                self.zoo._check_rows(name, np.arange(a, b), block[name])
+        for c, (a, b), block in zip(chunks, bounds, blocks):
+            if int(c) not in self._verified:  # checked once per loader: later epochs re-read the same bytes
+                for name in names:
+                    self.zoo._check_rows(name, np.arange(a, b), block[name])
+                self._verified.add(int(c))
         n_c = len(self.checkpoints)
         all_c = n_c == len(self.zoo.checkpoint_epochs) and bool((self.checkpoints == np.arange(n_c)).all())
         weights: dict[str, list[np.ndarray]] = {key: [] for key in self.zoo.weight_keys}

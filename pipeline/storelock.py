@@ -85,6 +85,10 @@ class StoreLock:
                     f"{self.url} is being written by {_holder_text(info)}; wait for it to finish or stop it "
                     f"(lock file {self.path})"
                 ) from None
+            except OSError as err:  # e.g. ENOLCK: a file system without flock support
+                os.close(fd)
+                raise StoreError(f"cannot lock {self.path} for {self.url}: {err.strerror or err}; put the store on a "
+                                 "file system that supports file locks") from None
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
