@@ -86,7 +86,7 @@ def test_wheel_resolves_recipes_by_name_outside_the_checkout(installed: Path, tm
 @pytest.mark.skipif(os.environ.get("UNFZOO_WHEEL_CHECK") != "1", reason="a few CPU-minutes: run `make wheel-check`")
 def test_wheel_builds_a_zoo_by_recipe_name(installed: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = _run([str(installed / "unfzoo"), "zoo", "cnn-digits", "--members", "64"], tmp_path, env=env)
+    done = _run([str(installed / "unfzoo"), "zoo", "cnn-digits", "--members", "64"], tmp_path, timeout=1800, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "64 (64 done" in done.stdout and (tmp_path / "datasets" / "zoos" / "cnn-digits.zarr" / "zarr.json").is_file()
     inspect = _run([str(installed / "unfzoo"), "inspect", "datasets/zoos/cnn-digits.zarr", "--json"], tmp_path, env=env)
