@@ -318,7 +318,9 @@ def _compute_reads(h: list[Tensor], steps: tuple[_ReadStep, ...], order: tuple[i
     for i in order:
         s = steps[i]
         if s.parent >= 0:
-            out[i] = out[s.parent].mean(dim=s.dim)  # type: ignore[union-attr]
+            parent = out[s.parent]
+            # sum then scale the small result: sum's backward is an expand (a view) where mean's materializes
+            out[i] = parent.sum(dim=s.dim) / parent.shape[s.dim]  # type: ignore[union-attr]
         else:
             out[i] = torch.einsum(s.equation, h[s.piece]) if s.equation else h[s.piece]
     return out
