@@ -1,16 +1,20 @@
 """Predictor training throughput (members/s) of UNF vs the STATNN, Deep Sets and flat baselines.
 
-Same synthetic zoo for all (a Small-CNN-Zoo-style CNN weight space: 3 conv 3x3 16 ch + GAP + dense 10), the real
-training code (`pipeline.predict.train.fit_run`), interleaved repetitions, median. Torch models: training members
-per second over an epoch (batch 10, validation pass included); STATNN: training members per second of the whole fit
-(features + every candidate regressor). Honours --device (the lead runs it once on a GPU).
+Same synthetic zoo for all, on the weight space of a zoo's members (`--zoo cnn`: the cnn-digits member, 3 conv 3x3
+16 ch stride 2 + GAP + dense 10; `--zoo gru`: the gru-arith member, GRU encoder-decoder embed 16, hidden 32), the real
+training code (`pipeline.predict.train.fit_run`, default TrainConfig: raw+log features, batch 10), interleaved
+repetitions, median. Torch models: training members per second over an epoch (validation pass included); STATNN:
+training members per second of the whole fit (features + every candidate regressor). Honours --device (the lead runs
+it once on a GPU). Goal: UNF trains at least as many members/s as Deep Sets on both zoos.
 
-    python benchmarks/bench_predict.py [--device auto|cpu|cuda] [--members 500] [--reps 3] [--threads 1]
+    python benchmarks/bench_predict.py [--zoo cnn gru] [--models unf deepsets] [--device auto|cpu|cuda]
+                                       [--members 500] [--reps 3] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -19,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.device import resolve_device  # noqa: E402
+from pipeline.members import build_member  # noqa: E402
 from pipeline.predict.config import TrainConfig  # noqa: E402
 from pipeline.predict.data import PredictData  # noqa: E402
 from pipeline.predict.train import fit_run  # noqa: E402
@@ -36,10 +40,17 @@ GOAL_RATIO = 0.05  # UNF training may cost up to 20x a flat MLP per member
 
 
 def cnn_spec() -> WeightSpec:
-    conv = dict(kernel_size=3, stride=2, padding=1)
-    net = nn.Sequential(nn.Conv2d(1, 16, **conv), nn.ReLU(), nn.Conv2d(16, 16, **conv), nn.ReLU(),
-                        nn.Conv2d(16, 16, **conv), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-    return WeightSpec.from_module(net, torch.zeros(1, 1, 8, 8))
+    """The cnn-digits member's weight space."""
+    return WeightSpec.from_module(build_member({"name": "cnn", "in_channels": 1, "num_classes": 10}),
+                                  torch.zeros(2, 1, 8, 8))
+
+
+def gru_spec() -> WeightSpec:
+    """The gru-arith member's weight space (vocabulary of 2-digit addition: 15 tokens)."""
+    return WeightSpec.from_module(build_member({"name": "gru_seq2seq", "vocab_size": 15, "pad_id": 0, "bos_id": 1}))
+
+
+SPECS = {"cnn": cnn_spec, "gru": gru_spec}
 
 
 def synthetic_data(spec: WeightSpec, members: int, seed: int = 0) -> PredictData:
@@ -57,31 +68,22 @@ def synthetic_data(spec: WeightSpec, members: int, seed: int = 0) -> PredictData
                        info={"checkpoint_epochs": [0]})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--members", type=int, default=500)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 by default: on a shared 2-core machine more threads oversubscribe)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    spec = cnn_spec()
+def run_zoo(zoo: str, models: tuple[str, ...], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Median training members/s per model on one zoo's weight space."""
+    spec = SPECS[zoo]()
     data = synthetic_data(spec, args.members)
     n_train = len(data.rows["train"])
-    config = TrainConfig(models=MODELS, epochs=args.epochs, patience=args.epochs, device=str(device))
-    print(f"device {device}, torch threads {torch.get_num_threads()}, {args.members} members ({n_train} train), "
-          f"{sum(int(np.prod(s)) for s in spec.shapes.values())} params/member")
+    config = TrainConfig(models=models, epochs=args.epochs, patience=args.epochs, device=str(device))
+    print(f"zoo {zoo}: {args.members} members ({n_train} train), "
+          f"{sum(int(np.prod(s)) for s in spec.shapes.values())} params/member, {_load()}")
     # warm-up (imports, allocator, first Adam step) so the first timed model is not penalized
     with tempfile.TemporaryDirectory() as tmp:
-        fit_run("flat", data, TrainConfig(models=("flat",), epochs=1, device=str(device)), spec, 0,
+        fit_run(models[0], data, TrainConfig(models=models[:1], epochs=1, device=str(device)), spec, 0,
                 Path(tmp) / "warm", {}, device)
-    rates: dict[str, list[float]] = {m: [] for m in MODELS}
+    rates: dict[str, list[float]] = {m: [] for m in models}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
-            for model in MODELS:  # interleaved
+            for model in models if rep % 2 == 0 else models[::-1]:  # interleaved, order alternating
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -91,23 +93,52 @@ def main() -> None:
                 else:
                     rates[model].append(n_train / (time.perf_counter() - t0))
     med = {m: statistics.median(r) for m, r in rates.items()}
-    print(f"{'model':10s} {'members/s (median)':>20s}  all reps")
-    for m in MODELS:
+    print(f"{'model':10s} {'members/s (median)':>20s}  all reps ({_load()})")
+    for m in models:
         print(f"{m:10s} {med[m]:20.1f}  {', '.join(f'{r:.1f}' for r in rates[m])}")
+    return med
+
+
+def _load() -> str:
+    return "load %.2f %.2f %.2f" % os.getloadavg()
+
+
+def _line(name: str, metric: str, value: float, goal: float) -> None:
+    print(f"BENCH {name} {metric}={value:.3f} goal=>={goal:g} {'PASS' if value >= goal else 'MISS'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", nargs="+", default=["cnn", "gru"], choices=list(SPECS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--members", type=int, default=500)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1 by default: on a shared 2-core machine more threads oversubscribe)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     tag = "gpu" if device.type == "cuda" else "cpu"
-    goal = GOAL_UNF_GPU if device.type == "cuda" else GOAL_UNF_CPU
-    print(f"BENCH predict_unf_train_{tag} throughput={med['unf']:.1f} goal=>={goal:g} "
-          f"{'PASS' if med['unf'] >= goal else 'MISS'}")
-    for base in ("flat", "statnn", "deepsets"):
-        ratio = med["unf"] / med[base]
-        print(f"BENCH predict_unf_vs_{base}_{tag} throughput_ratio={ratio:.3f} goal=>={GOAL_RATIO:g} "
-              f"{'PASS' if ratio >= GOAL_RATIO else 'MISS'}")
-    ratio = med["unf-hybrid"] / med["unf"]  # the hybrid's extra cost: STATNN statistics (quantiles) per batch
-    print(f"BENCH predict_hybrid_vs_unf_{tag} throughput_ratio={ratio:.3f} goal=>=0.5 "
-          f"{'PASS' if ratio >= 0.5 else 'MISS'}")
-    ratio = med["unf"] / med["unf-perm"]
-    print(f"BENCH predict_unf_exact_vs_perm_{tag} throughput_ratio={ratio:.3f} goal=>=0.5 "
-          f"{'PASS' if ratio >= 0.5 else 'MISS'}")
+    models = tuple(args.models)
+    print(f"device {device}, torch threads {torch.get_num_threads()}")
+    for zoo in args.zoo:
+        med = run_zoo(zoo, models, args, device)
+        suffix = f"{tag}" if zoo == "cnn" else f"{zoo}_{tag}"
+        if "unf" in med and zoo == "cnn":
+            goal = GOAL_UNF_GPU if device.type == "cuda" else GOAL_UNF_CPU
+            _line(f"predict_unf_train_{tag}", "throughput", med["unf"], goal)
+        if "unf" in med:
+            for base in ("flat", "statnn"):
+                if base in med:
+                    _line(f"predict_unf_vs_{base}_{suffix}", "throughput_ratio", med["unf"] / med[base], GOAL_RATIO)
+            if "deepsets" in med:
+                _line(f"predict_unf_vs_deepsets_{zoo}_{tag}", "throughput_ratio", med["unf"] / med["deepsets"], 1.0)
+            if "unf-perm" in med:
+                _line(f"predict_unf_exact_vs_perm_{suffix}", "throughput_ratio", med["unf"] / med["unf-perm"], 0.5)
+        if "unf-hybrid" in med and "unf" in med:  # the hybrid's extra cost: STATNN statistics per batch
+            _line(f"predict_hybrid_vs_unf_{suffix}", "throughput_ratio", med["unf-hybrid"] / med["unf"], 0.5)
 
 
 if __name__ == "__main__":

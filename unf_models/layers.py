@@ -318,7 +318,9 @@ def _compute_reads(h: list[Tensor], steps: tuple[_ReadStep, ...], order: tuple[i
     for i in order:
         s = steps[i]
         if s.parent >= 0:
-            out[i] = out[s.parent].mean(dim=s.dim)  # type: ignore[union-attr]
+            parent = out[s.parent]
+            # sum then scale the small result: sum's backward is an expand (a view) where mean's materializes
+            out[i] = parent.sum(dim=s.dim) / parent.shape[s.dim]  # type: ignore[union-attr]
         else:
             out[i] = torch.einsum(s.equation, h[s.piece]) if s.equation else h[s.piece]
     return out
@@ -328,7 +330,7 @@ def _compute_reads(h: list[Tensor], steps: tuple[_ReadStep, ...], order: tuple[i
 class _WritePlan:
     """Precomputed view ops placing a group's output columns into an output piece (see ``_apply_write``)."""
 
-    rows: tuple[int, int]  # row slice of the group's matmul output
+    rows: tuple[int, int]  # this output's row block of the group's matmul output
     perm: tuple[int, ...]  # (W, B, *sorted_kept) -> (B, W, *kept in positional order)
     index: tuple[object, ...]  # inserts the broadcast axes and the extra axes of diagonal blocks
     perm2: tuple[int, ...]  # block order -> positional order; () = identity
@@ -355,9 +357,9 @@ def _write_plan(o: _Output, rows: tuple[int, int], ndim_out: int) -> _WritePlan:
 
 
 def _apply_write(z: Tensor, w: _WritePlan, like: Tensor) -> Tensor:
-    """z: the group's matmul output (sum W, B, *sorted_kept) -> this term in the piece's layout (B, W, *dims) with
-    size 1 along broadcast axes (a view, times a 0/1 delta per diagonal block)."""
-    y = z[w.rows[0] : w.rows[1]].permute(w.perm)
+    """z: this output's rows of the group's matmul output (W, B, *sorted_kept) -> the term in the piece's layout
+    (B, W, *dims) with size 1 along broadcast axes (a view, times a 0/1 delta per diagonal block)."""
+    y = z.permute(w.perm)
     if not w.index:
         return y
     y = y[w.index]
@@ -453,7 +455,7 @@ class UNFLinear(nn.Module):
                 outs.append((n_out, o.piece, plan))
                 per_piece[o.piece].append((n_out, plan.support))
                 n_out += 1
-            group_plans.append((_key(g.signature), tuple(ins), tuple(outs)))
+            group_plans.append((_key(g.signature), tuple(ins), tuple(outs), tuple(o.width for o in g.outputs)))
         self._group_plans = tuple(group_plans)
         self._num_outputs = n_out
         merges = []
@@ -482,7 +484,7 @@ class UNFLinear(nn.Module):
                 h[i] = h[i] + self.pos_embed[key]
         reads = _compute_reads(h, self._steps, self._read_order)
         terms: list[Tensor | None] = [None] * self._num_outputs
-        for key, ins, outs in self._group_plans:
+        for key, ins, outs, widths in self._group_plans:
             # channels outermost: (sum K_in, B, *sig), so the mixing is one (K_out, K_in) @ (K_in, B*N) matmul (its
             # weight gradient one matmul too) and each output's rows are a contiguous block
             xs = [reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
@@ -492,8 +494,10 @@ class UNFLinear(nn.Module):
                 z = torch.addmm(self.bias.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
             else:
                 z = torch.mm(weight.t(), cat.reshape(cat.shape[0], -1)).view(weight.shape[1], *cat.shape[1:])
-            for t, piece, plan in outs:
-                terms[t] = _apply_write(z, plan, h[piece])
+            # split, not slices: its backward is one concatenation, not a zero-filled z-sized gradient per output
+            chunks = z.split(widths) if len(widths) > 1 else (z,)
+            for (t, piece, plan), chunk in zip(outs, chunks):
+                terms[t] = _apply_write(chunk, plan, h[piece])
         out = []
         for ids, order, parent in self._merges:
             vals = [terms[t] for t in ids]
