@@ -622,10 +622,17 @@ class Zoo:
         return arch
 
     def module(self, member: int, checkpoint: int = -1) -> torch.nn.Module:
-        """A ready `nn.Module` holding member `member`'s weights at a checkpoint index (default: the last)."""
-        from pipeline.members import build_member
+        """A ready `nn.Module` holding member `member`'s weights at a checkpoint index (default: the last); zoos
+        imported with `--module` rebuild it with the recorded factory and kwargs."""
+        record = self.attrs.get("module")
+        if record:
+            from pipeline.factory import module_from_record
 
-        module = build_member(self.member_arch(member))
+            module = module_from_record(record, where=str(self.url))
+        else:
+            from pipeline.members import build_member
+
+            module = build_member(self.member_arch(member))
         state = {k: v[0] for k, v in self.weights([int(member)], checkpoint).items()}
         module.load_state_dict(state)
         return module.eval()
