@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -110,4 +111,7 @@ def module_from_record(record: Mapping[str, Any], where: str = "the store") -> A
     if file.endswith(".py") and not Path(file).is_file():
         raise ConfigError(f"{where} was imported with --module {ref}, and {file} no longer exists; restore it to "
                           "rebuild members as modules")
+    if file.endswith(".py") and record.get("sha256") and _sha256(Path(file)) != record["sha256"]:
+        logging.getLogger(__name__).warning("%s changed since %s was imported; rebuilding members with it", file,
+                                            where)
     return build_module(ref, record.get("kwargs") or {})
