@@ -253,6 +253,11 @@ class _Ctx:
     def param(self, name: str, parts: list[tuple[int, ...]], views: list[tuple[int, ...]]) -> None:
         if self.strip and name.startswith(self.strip):
             name = name[len(self.strip) :]
+        for labels, view in zip(parts, views):
+            got = tuple(self.labels.size[self.labels.find(a)] for a in labels)
+            if got != tuple(view):  # a rule read its input differently from how the module uses it
+                raise UnsupportedModuleError(f"{self.where}: parameter '{name}' has axes of sizes {tuple(view)}, but "
+                                             f"the input it reads gives sizes {got}")
         old = self.params.get(name)
         if old is None:
             self.params[name] = _Param(parts, views)
@@ -1453,8 +1458,12 @@ def _assemble(model: nn.Module, ctx: _Ctx) -> tuple[WeightSpec, dict[str, str]]:
         used[r] = base if k == 0 else f"{base}~{k}"
     fixed = [used[r] for r in roots if labels.status[r] != _FREE]
     named = {n: [tuple(used[labels.find(a)] for a in p) for p in parts] for n, parts in axes.items()}
-    spec = WeightSpec({n: (p[0] if len(p) == 1 else p) for n, p in named.items()}, shapes=shapes,
-                      views={n: (v[0] if len(v) == 1 else v) for n, v in views.items()}, fixed=fixed, splits=splits)
+    try:
+        spec = WeightSpec({n: (p[0] if len(p) == 1 else p) for n, p in named.items()}, shapes=shapes,
+                          views={n: (v[0] if len(v) == 1 else v) for n, v in views.items()}, fixed=fixed,
+                          splits=splits)
+    except SpecError as err:  # a rule disagreed with the module about a tensor's layout
+        raise UnsupportedModuleError(f"cannot assemble the derived spec: {err}") from err
     origins = {}
     for r in roots:
         if labels.status[r] == _FREE:
