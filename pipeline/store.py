@@ -419,6 +419,13 @@ def _as_indices(members: Any, n: int) -> np.ndarray:
     return np.where(idx < 0, idx + n, idx)
 
 
+def _module_summary(record: Any) -> str:
+    """How `inspect` shows an architecture imported with --module (or '-' for none)."""
+    if not record:
+        return "-"
+    return f"--module {record.get('factory')} {json.dumps(record.get('kwargs') or {})}"
+
+
 class Zoo:
     """Read a zoo store: metadata, the members table, weights as tensors, modules, splits and a loader."""
 
@@ -686,7 +693,7 @@ class Zoo:
             "name": self.attrs.get("name", "zoo"),
             "kind": self.attrs.get("kind", "?") + (f" ({self.attrs['source']['format']})" if "source" in self.attrs else ""),
             "task": f"{task.get('name')} {task.get('params') or ''} fingerprint {task.get('fingerprint')}" if task else "-",
-            "arch": json.dumps(arch) if arch is not None else "-",
+            "arch": json.dumps(arch) if arch is not None else _module_summary(self.attrs.get("module")),
             "members": self.n_members,
             "status": ", ".join(f"{n} {c}" for n, c in counts.items()),
             "status_counts": counts,

@@ -26,7 +26,8 @@ def checkpoints(
                                                 "for the --module factory, e.g. '{\"width\": 16}'."),
     metrics: str = typer.Option(..., "--metrics", help="CSV: file[, member, epoch], hp.<name>..., metric columns."),
     out: str = typer.Option(..., "--out", help="Store path or fsspec URL to create."),
-    task: Optional[str] = typer.Option(None, "--task", help="Task whose dims complete --arch (e.g. digits)."),
+    task: Optional[str] = typer.Option(None, "--task", help="Task whose dims complete --arch and whose examples trace "
+                                       "--module for its spec (e.g. digits)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
 ) -> None:
     """Import a folder of checkpoints of one architecture, with their metrics from a CSV."""
