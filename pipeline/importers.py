@@ -112,15 +112,20 @@ def _config_ids(frame: Any) -> np.ndarray:
 # ---- a folder of PyTorch checkpoints ---------------------------------------------------------------------------------
 def import_checkpoints(
     directory: str | Path,
-    arch: str | Mapping[str, Any],
+    arch: str | Mapping[str, Any] | None,
     metrics_csv: str | Path,
     out: str,
     *,
     task: str | None = None,
+    module: str | None = None,
+    module_kwargs: str | Mapping[str, Any] | None = None,
     members_per_chunk: int = 64,
     overwrite: bool = False,
 ) -> int:
     """Import state-dict files listed in a CSV into a zoo store; returns the number of members.
+
+    The architecture is a built-in one (`arch`) or the user's own (`module`: ``FILE.py:factory`` or
+    ``package.module:factory``, called with `module_kwargs`, a dict or JSON text; see `pipeline.factory`).
 
     CSV columns: `file` (path relative to `directory`, required), `member` and `epoch` (optional: several rows of one
     member are its checkpoints; every member needs the same epochs), `hp.<name>` (hyperparameters), and any other
@@ -134,18 +139,30 @@ def import_checkpoints(
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint folder {directory} does not exist")
-    arch_d = parse_arch(arch)
+    if (arch is None) == (module is None):
+        raise CheckpointError("give the architecture as exactly one of --arch (built-in) or --module (your factory)")
     task_obj = None
     if task is not None:
         from pipeline.tasks import load_task
 
         task_obj = load_task(task)
-        arch_d = dict(resolve_arch(arch_d, task_obj))
-    try:
-        module = build_member(arch_d)
-    except (TypeError, KeyError, ValueError) as err:
-        raise CheckpointError(f"--arch {arch_d!r} cannot be built: {err}") from err
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    factory = None
+    if module is not None:
+        from pipeline.factory import build_module, factory_record, parse_module_kwargs
+
+        kwargs = parse_module_kwargs(module_kwargs)
+        factory = factory_record(module, kwargs)
+        net = build_module(module, kwargs)
+        arch_d: dict[str, Any] | None = None
+    else:
+        arch_d = parse_arch(arch)  # type: ignore[arg-type]
+        if task_obj is not None:
+            arch_d = dict(resolve_arch(arch_d, task_obj))
+        try:
+            net = build_member(arch_d)
+        except (TypeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"--arch {arch_d!r} cannot be built: {err}") from err
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
     table = _read_csv(metrics_csv)
     if "file" not in table.columns:
@@ -189,16 +206,19 @@ def import_checkpoints(
         "kind": "import",
         "name": directory.name,
         "source": {"format": "checkpoints", "directory": str(directory), "metrics_csv": str(metrics_csv)},
-        "arch": {k: v for k, v in arch_d.items() if k != "activation"} if "activation" in categorical else arch_d,
+        "arch": ({k: v for k, v in arch_d.items() if k != "activation"} if arch_d is not None
+                 and "activation" in categorical else arch_d),
+        **({"module": factory} if factory is not None else {}),
         "task": {"name": task, "params": {}, "fingerprint": getattr(task_obj, "fingerprint", None)} if task else None,
-        "spec": _spec_for(module, task_obj),
+        "spec": _spec_for(net, task_obj),
         "checkpoint_epochs": list(epochs),
         "members_per_chunk": members_per_chunk,
         "version": __version__,
     }
     _refuse_existing(out, overwrite)
+    option = "--module" if factory is not None else "--arch"
     for f in table["file"]:  # a first pass checks every file, so a bad one stops the import before anything is written
-        _check_state(load_state_dict(directory / f), expected, directory / f)
+        _check_state(load_state_dict(directory / f), expected, directory / f, option)
     create_store(out, layout, _jsonable(attrs), len(names))
     rows = table.set_index(["member", "epoch"])
     configs = _config_ids(hp_frame)
@@ -278,13 +298,14 @@ def _check_inside(directory: Path, name: str, where: str) -> None:
                               "relative to it (copy the file in if it belongs to the zoo)")
 
 
-def _check_state(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], path: Path) -> None:
+def _check_state(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], path: Path,
+                 option: str = "--arch") -> None:
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
     if missing or extra:
         raise CheckpointError(
             f"{path}: keys do not match the architecture (missing {missing[:3]}, unexpected {extra[:3]}); "
-            "check --arch"
+            f"check {option}"
         )
     for k, shape in expected.items():
         if tuple(state[k].shape) != shape:

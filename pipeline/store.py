@@ -764,6 +764,13 @@ def _as_indices(members: Any, n: int) -> np.ndarray:
     return np.where(idx < 0, idx + n, idx)
 
 
+def _module_summary(record: Any) -> str:
+    """How `inspect` shows an architecture imported with --module (or '-' for none)."""
+    if not record:
+        return "-"
+    return f"--module {record.get('factory')} {json.dumps(record.get('kwargs') or {})}"
+
+
 class Zoo:
     """Read a zoo store: metadata, the members table, weights as tensors, modules, splits and a loader."""
 
@@ -1046,10 +1053,16 @@ class Zoo:
 
     def module(self, member: int, checkpoint: int = -1, *, epoch: int | str | None = None) -> torch.nn.Module:
         """A ready `nn.Module` holding member `member`'s weights at a checkpoint index (default: the last), or at
-        `epoch`."""
-        from pipeline.members import build_member
+        `epoch`; zoos imported with `--module` rebuild it with the recorded factory and kwargs."""
+        record = self.attrs.get("module")
+        if record:
+            from pipeline.factory import module_from_record
 
-        module = build_member(self.member_arch(member))
+            module = module_from_record(record, where=str(self.url))
+        else:
+            from pipeline.members import build_member
+
+            module = build_member(self.member_arch(member))
         state = {k: v[0] for k, v in self.weights([int(member)], checkpoint, epoch=epoch).items()}
         module.load_state_dict(state)
         return module.eval()
@@ -1108,7 +1121,7 @@ class Zoo:
             "name": self.attrs.get("name", "zoo"),
             "kind": self.attrs.get("kind", "?") + (f" ({self.attrs['source']['format']})" if "source" in self.attrs else ""),
             "task": f"{task.get('name')} {task.get('params') or ''} fingerprint {task.get('fingerprint')}" if task else "-",
-            "arch": json.dumps(arch) if arch is not None else "-",
+            "arch": json.dumps(arch) if arch is not None else _module_summary(self.attrs.get("module")),
             "members": self.n_members,
             "status": ", ".join(f"{n} {c}" for n, c in counts.items()),
             "status_counts": counts,

@@ -448,7 +448,7 @@ FAMILIES: list[Family] = [
     ("squeezenet_fire", SqueezeNet, _img(17), "derived"),
     ("densenet", DenseNet, _img(8), "derived"),
     ("mobilenet_se", MobileNet, _img(8), "derived"),
-    ("convnext", ConvNeXt, _img(8), "derived"),
+    ("convnext", ConvNeXt, _img(16), "derived"),  # 16: the LayerNorm2d input's last dim (8) is not its channels
     ("vit_fused_qkv", ViT, _img(8), "derived"),
     ("sdpa_swiglu_rmsnorm", SDPAGLU, lambda: (torch.randn(2, 5, 4, generator=_g(1)),), "derived"),
     ("torch_encoder", TorchEncoderClassifier, lambda: (torch.randn(2, 5, 4, generator=_g(1)),), "derived"),

@@ -121,13 +121,13 @@ def test_a_wrong_spec_is_caught() -> None:
 
 def test_from_module_raises_on_a_wrong_derivation(monkeypatch) -> None:
     """If a derivation rule were wrong, from_module reports it (label, tensors, where decided) instead of returning."""
-    import unf_models.derive as derive
+    import unf_models._rules as rules
 
     def forget_stats(ctx, m, name, labels, view):  # a broken BatchNorm rule: running statistics left out
         ctx.param(f"{name}.weight", [labels], [view])
         ctx.param(f"{name}.bias", [labels], [view])
 
-    monkeypatch.setattr(derive, "_norm_stats", forget_stats)
+    monkeypatch.setattr(rules, "_norm_stats", forget_stats)
     model = _build(_WrongSpecNet)
     with pytest.raises(um.SymmetryError, match=r"label 'a'.*moves a.weight.*derivation decided it at module 'a'"):
         um.WeightSpec.from_module(model, torch.randn(5, 3))
