@@ -34,6 +34,7 @@ __all__ = [
     "WIDTH_FIELDS",
     "with_width",
     "pad_to_shapes",
+    "crop_to_shapes",
     "small_cnn_zoo_arch",
     "make_activation",
     "counter_uniform",
@@ -163,6 +164,16 @@ def pad_to_shapes(weights: Mapping[str, Any], shapes: Mapping[str, Sequence[int]
         bad = np.isnan(w.reshape(*w.shape[:lead], -1)).any(-1)  # lead-shaped: rows of a diverged member
         padded[bad] = np.nan
         out[key] = padded
+    return out
+
+
+def crop_to_shapes(weights: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """Undo `pad_to_shapes`: keep the first shapes[key] entries of each array's trailing dims. The shapes of a
+    member of width w: `build_member(resolve_arch(with_width(zoo.arch, w), task)).state_dict()` shapes."""
+    out = {}
+    for key, w in weights.items():
+        target = tuple(shapes[key])
+        out[key] = w[(..., *(slice(0, n) for n in target))]
     return out
 
 

@@ -789,9 +789,11 @@ def train_member_reference(
         moves = shift_offsets(dropout_noise_key(shift_key, epoch, s)[None], torch.tensor([shift], device=dev), len(bidx))[0]
         h, w = x_train.shape[-2:]
         padded = F.pad(x_train[bidx], (shift,) * 4)  # (B, C, H + 2s, W + 2s)
-        return torch.stack(
-            [padded[b, :, shift - dy : shift - dy + h, shift - dx : shift - dx + w] for b, (dy, dx) in enumerate(moves.tolist())]
-        )
+        out = torch.empty_like(x_train[bidx])
+        for dy, dx in torch.unique(moves, dim=0).tolist():  # one slice per distinct offset
+            sel = (moves[:, 0] == dy) & (moves[:, 1] == dx)
+            out[sel] = padded[sel, :, shift - dy : shift - dy + h, shift - dx : shift - dx + w]
+        return out
 
     def evaluate(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         model.eval()

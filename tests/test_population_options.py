@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.members import build_member, pad_to_shapes, resolve_arch, with_width
+from pipeline.members import build_member, crop_to_shapes, pad_to_shapes, resolve_arch, with_width
 from pipeline.population import (
     HELD_OUT_INITS,
     HELD_OUT_OPTIMIZERS,
@@ -199,6 +199,8 @@ def test_narrow_member_padded_to_a_wider_zoo_computes_the_same_function(digits) 
         wide.load_state_dict({k: torch.from_numpy(v[0]) for k, v in padded.items()})
         x = digits.x_test[:50]
         torch.testing.assert_close(wide.eval()(x), narrow.eval()(x), atol=1e-5, rtol=1e-5)
+        back = crop_to_shapes(padded, {k: tuple(v.shape) for k, v in narrow.state_dict().items()})
+        assert all(np.array_equal(back[k], state[k]) for k in state)
         nan = pad_to_shapes({k: np.full_like(v, np.nan) for k, v in state.items()}, shapes)
         assert all(np.isnan(v).all() for v in nan.values())  # a diverged member stays NaN, padding included
 

@@ -37,11 +37,29 @@ def test_shipped_recipes_are_valid() -> None:
     for name in names:
         recipe = load_recipe(name)
         assert recipe.name == name and recipe.checkpoint_epochs[0] == 0 and recipe.checkpoint_epochs[-1] == recipe.epochs
-    cnn = load_recipe("cnn-digits")
-    assert cnn.members >= 1000
-    assert {n: cnn.hparams[n].kind for n in ("lr", "weight_decay", "init_std")} == dict.fromkeys(("lr", "weight_decay", "init_std"), "log_uniform")
-    assert set(cnn.hparams["optimizer"].values) == {"sgd", "momentum", "adam"}
-    assert cnn.hparams["train_fraction"].values == (0.1, 0.25, 0.5, 1.0)
+    small = load_recipe("cnn-digits-smallcnnzoo")
+    assert small.members >= 1000
+    assert {n: small.hparams[n].kind for n in ("lr", "weight_decay", "init_std")} == dict.fromkeys(("lr", "weight_decay", "init_std"), "log_uniform")
+    assert set(small.hparams["optimizer"].values) == {"sgd", "momentum", "adam"}
+    assert small.hparams["train_fraction"].values == (0.1, 0.25, 0.5, 1.0)
+
+
+def test_default_and_foreign_recipes_are_diverse_and_disjoint() -> None:
+    """The default zoo uses every non-held-out family; the foreign zoos only families the defaults never use."""
+    from pipeline.population import HELD_OUT_INITS, HELD_OUT_OPTIMIZERS, INIT_SCHEMES, OPTIMIZERS, SCHEDULES
+
+    for default, foreign in (("cnn-digits", "cnn-digits-foreign"), ("mlp-digits-diverse", "mlp-digits-foreign")):
+        d, f = load_recipe(default), load_recipe(foreign)
+        assert d.members >= 2048 and d.arch["name"] == f.arch["name"]
+        values = lambda r, n: set(r.hparams[n].values)  # noqa: E731
+        assert values(d, "optimizer") == set(OPTIMIZERS) - set(HELD_OUT_OPTIMIZERS)
+        assert values(d, "init") == set(INIT_SCHEMES) - set(HELD_OUT_INITS)
+        assert values(d, "schedule") == set(SCHEDULES) and len(values(d, "width")) >= 3
+        assert set(d.hparams["lr"].branches) == values(d, "optimizer")  # an lr range per family
+        assert values(f, "optimizer") <= set(HELD_OUT_OPTIMIZERS) and values(f, "init") <= set(HELD_OUT_INITS)
+        assert min(values(f, "width")) > max(values(d, "width"))
+        for name in ("label_noise", "shift", "epochs"):
+            assert len(values(d, name)) > 1, name
     gru = load_recipe("gru-arith")
     assert gru.hparams["lr"].values == (1e-4, 1e-2) and gru.hparams["batch_size"].values == (64, 128, 256)
 
