@@ -66,8 +66,9 @@ def train(
     lr: float = typer.Option(1e-3, help="Adam learning rate."),
     patience: int = typer.Option(6, help="Early stopping: epochs without a better validation tau."),
     augment: bool = typer.Option(False, help="Random permutation of each training batch (symmetry augmentation)."),
-    normalize: str = typer.Option("tensor", help="tensor (one mean/std per tensor from training rows) | member "
-                                  "(scale-aware: each member's tensor / its RMS, plus a log-RMS channel)."),
+    normalize: str = typer.Option("member", help="member (scale-aware: each member's tensor / its RMS, plus a "
+                                  "log-RMS channel; wins on held-out groups and wider zoos) | tensor (one mean/std per "
+                                  "tensor from the training rows)."),
     ensemble: bool = typer.Option(False, help="Also report <model>-ens: the mean prediction over seeds."),
     chance_margin: float = typer.Option(0.05, help="Trained = accuracy above 1/classes + this (tau above chance, "
                                         "AUC)."),
