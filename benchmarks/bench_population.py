@@ -1,6 +1,7 @@
 """Batched population training vs a plain per-member PyTorch loop (same recipe, hyperparameters, data order).
 
-For `cnn` on `digits` and `gru_seq2seq` on `arith`: members x epochs per second of `train_population` on a chunk of
+For `cnn` on `digits` (Small-CNN-Zoo options, and the default zoo's: adamw, torch init, cosine schedule, label noise,
+random shifts) and `gru_seq2seq` on `arith`: members x epochs per second of `train_population` on a chunk of
 members, and of `train_member_reference` (nn modules + torch.optim, one member after the other) on a few of the same
 members, scaled honestly (time per member-epoch, evaluation at the recipe's checkpoints included on both sides).
 Repetitions are interleaved; medians are reported. Both sides run with the same torch thread count (`--threads`,
@@ -101,8 +102,11 @@ def _time_loop(case: Case, hp: dict[str, np.ndarray], seeds: np.ndarray) -> floa
 
 def run_case(case: Case, reps: int, peak: float) -> float:
     rng = np.random.default_rng(0)
-    lr = (1e-3, 1e-2) if case.job.optimizer == "adam" else (1e-2, 1e-1)
+    lr = (1e-3, 1e-2) if case.job.optimizer in ("adam", "adamw") else (1e-2, 1e-1)
     hp = _hparams(case.members, rng, lr)
+    if case.name.endswith("_options"):
+        hp["label_noise"] = rng.choice([0.0, 0.1, 0.2], case.members)
+        hp["shift"] = rng.choice([0.0, 1.0], case.members)
     seeds = np.array([member_seed(1, i) for i in range(case.members)])
     engine, loop = [], []
     train_population(case.job, {k: v[:2] for k, v in hp.items()}, seeds[:2], device="cpu")  # warm-up
@@ -141,9 +145,12 @@ def main() -> None:
     arith = load_task("arith", n_train=2000, n_test=500)
     cnn = ChunkJob({"name": "cnn"}, digits, "adam", 32, 2)
     gru = ChunkJob({"name": "gru_seq2seq"}, arith, "adam", 32, 1)
+    # The default zoo's kind of chunk: decoupled decay, torch init, cosine schedule, label noise and random shifts.
+    diverse = ChunkJob({"name": "cnn"}, digits, "adamw", 32, 2, init="torch", schedule="cosine")
     cases = [
         Case("population_cnn_digits", cnn, 256 // scale, max(1, 3 // scale), _cnn_macs(cnn)),
         Case("population_gru_arith", gru, 128 // scale, max(1, 2 // scale), _gru_macs(gru)),
+        Case("population_cnn_digits_options", diverse, 256 // scale, max(1, 3 // scale), _cnn_macs(diverse)),
     ]
     peak = _matmul_gflops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 matmul {peak:.1f} GFLOP/s")

@@ -31,6 +31,10 @@ __all__ = [
     "ARCH_DEFAULTS",
     "resolve_arch",
     "build_member",
+    "WIDTH_FIELDS",
+    "with_width",
+    "pad_to_shapes",
+    "crop_to_shapes",
     "small_cnn_zoo_arch",
     "make_activation",
     "counter_uniform",
@@ -118,6 +122,59 @@ def build_member(arch: Mapping[str, Any]) -> nn.Module:
     return TransformerMember(
         a["vocab_size"], a["seq_len"], a["num_classes"], a["d_model"], a["n_heads"], a["n_layers"], a["d_ff"], a["activation"]
     )
+
+
+# The arch field a `width` hyperparameter sets (every hidden layer gets that width).
+WIDTH_FIELDS: dict[str, str] = {"cnn": "channels", "mlp": "hidden"}
+
+
+def with_width(arch: Mapping[str, Any], width: int | None) -> dict[str, Any]:
+    """`arch` with every hidden layer `width` wide (cnn: channels, mlp: hidden); None leaves it unchanged."""
+    out = dict(arch)
+    if width is None:
+        return out
+    name = _arch_name(arch)
+    if name not in WIDTH_FIELDS:
+        raise ConfigError(f"arch {name!r} has no width choice; 'width' applies to {', '.join(WIDTH_FIELDS)}")
+    key = WIDTH_FIELDS[name]
+    layers = out.get(key, ARCH_DEFAULTS[name][key])
+    n = len(layers) if isinstance(layers, (list, tuple)) else 1
+    out[key] = [_positive_int(name, "width", width)] * n
+    return out
+
+
+def pad_to_shapes(weights: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """Zero-pad each array (..., *shape) at the end of its trailing dims to `shapes[key]`, for storing a narrower
+    member in a wider zoo: the extra units get zero weights in and out (and zero bias), so the padded network
+    computes exactly the narrow one's function. Rows (leading index tuples) holding any NaN stay all NaN."""
+    import numpy as np
+
+    out = {}
+    for key, w in weights.items():
+        w = np.asarray(w)
+        target = tuple(shapes[key])
+        lead = w.ndim - len(target)
+        if tuple(w.shape[lead:]) == target:
+            out[key] = w
+            continue
+        if any(a > b for a, b in zip(w.shape[lead:], target)):
+            raise ConfigError(f"weight {key!r} of shape {w.shape[lead:]} does not fit in {target}")
+        pad = [(0, 0)] * lead + [(0, b - a) for a, b in zip(w.shape[lead:], target)]
+        padded = np.pad(w, pad)
+        bad = np.isnan(w.reshape(*w.shape[:lead], -1)).any(-1)  # lead-shaped: rows of a diverged member
+        padded[bad] = np.nan
+        out[key] = padded
+    return out
+
+
+def crop_to_shapes(weights: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+    """Undo `pad_to_shapes`: keep the first shapes[key] entries of each array's trailing dims. The shapes of a
+    member of width w: `build_member(resolve_arch(with_width(zoo.arch, w), task)).state_dict()` shapes."""
+    out = {}
+    for key, w in weights.items():
+        target = tuple(shapes[key])
+        out[key] = w[(..., *(slice(0, n) for n in target))]
+    return out
 
 
 def small_cnn_zoo_arch(

@@ -2,19 +2,24 @@
 
 All members of a chunk train at once: their parameters live in one flat (M, P) tensor, a loss-and-gradient function of
 one member is vmapped over members with `torch.func` (`functional_call` + `grad_and_value`), and the optimizer steps
-(sgd / momentum / adam, coupled L2 weight decay as in torch.optim) are vectorized tensor math on explicit state
-(`init` / `update` pairs). Categorical choices (optimizer, activation, batch size) are fixed per chunk; continuous ones
-(lr, weight_decay, init_std, dropout, train_fraction) are per-member tensors.
+(OPTIMIZERS: sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad, adamax, each as its torch.optim namesake) are
+vectorized tensor math on explicit state (`init` / `update` pairs). Categorical choices (optimizer, activation, batch
+size, init scheme, lr schedule; a width sets the arch) are fixed per chunk; continuous ones (lr, weight_decay,
+init_std, dropout, train_fraction, label_noise, shift, epochs) are per-member tensors.
 
-Semantics (the README's "Zoo engine" section says the same):
-- Randomness: a member's init, training subset, data order and dropout masks derive from its seed only
-  (`member_seed(zoo_seed, index)`), never from its chunk-mates. Same job + seeds + thread settings -> bit-identical
-  results; a member trained in another chunk composition agrees to float rounding.
+Semantics (the docs' "Zoo engine" section says the same):
+- Randomness: a member's init, training subset, data order, dropout masks, noisy labels and shift offsets derive from
+  its seed only (`member_seed(zoo_seed, index)`, one stream each), never from its chunk-mates. Same job + seeds +
+  thread settings -> bit-identical results; a member trained in another chunk composition agrees to float rounding.
 - Epochs: one epoch is one pass over the member's own subset (round(train_fraction * n_train) samples, at least 1)
   in batches of `batch_size`, the last one partial. Members with fewer steps per epoch simply skip the remaining steps
-  of that epoch (internally members are sorted by steps per epoch and each step trains a prefix of them).
-- Init: every weight with >= 2 dims (kernels, matrices, embeddings) ~ init_std * truncated normal in [-2, 2];
-  biases 0, LayerNorm gains 1.
+  of that epoch (internally members are sorted by steps per epoch and each step trains a prefix of them). A member
+  with `epochs` below the job's stops after its own last epoch (its lr schedule spans its own run); its later
+  checkpoints hold its final weights.
+- Init: `init_member_weights` (trunc_normal with init_std by default; torch's Linear/Conv2d default, kaiming, xavier,
+  orthogonal).
+- Label noise: a share of the member's subset gets a wrong label for the whole run (train_* metrics use those labels).
+  Shift: each training image moves by (dy, dx) uniform in [-shift, shift] pixels, zeros shifted in.
 - Divergence: a member whose training loss or updated weights are non-finite is frozen (the bad update is not applied)
   and flagged with `diverged_epoch` = the epoch in which it happened (0: at init). Its stored weights and metrics at
   every checkpoint from that epoch on are NaN; earlier checkpoints are kept. It never affects its chunk-mates.
@@ -39,7 +44,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from pipeline.device import resolve_device
 from pipeline.errors import ConfigError
-from pipeline.members import MemberConv2d, MemberDropout, _mix32, build_member, resolve_arch
+from pipeline.members import _GOLDEN, MemberConv2d, MemberDropout, _mix32, build_member, resolve_arch
 from pipeline.tasks import Task
 
 __all__ = [
@@ -49,9 +54,19 @@ __all__ = [
     "REQUIRED_HPARAMS",
     "OPTIMIZERS",
     "METRIC_NAMES",
+    "HELD_OUT_OPTIMIZERS",
+    "INIT_SCHEMES",
+    "HELD_OUT_INITS",
+    "SCHEDULES",
     "MOMENTUM",
     "ADAM_BETAS",
     "ADAM_EPS",
+    "RMSPROP_ALPHA",
+    "ADAGRAD_EPS",
+    "lr_factors",
+    "check_task_options",
+    "noisy_labels",
+    "shift_offsets",
     "ChunkJob",
     "PopulationResult",
     "MemberDataOrder",
@@ -62,11 +77,30 @@ __all__ = [
     "train_member_reference",
 ]
 
-CATEGORICAL_HPARAMS: tuple[str, ...] = ("optimizer", "activation", "batch_size")  # one value per chunk
-CONTINUOUS_HPARAMS: tuple[str, ...] = ("lr", "weight_decay", "init_std", "dropout", "train_fraction")  # per member
-HPARAM_DEFAULTS: dict[str, float] = {"weight_decay": 0.0, "init_std": 0.1, "dropout": 0.0, "train_fraction": 1.0}
+# One value per chunk. New names go last: a recipe's per-chunk combinations are enumerated in this order.
+CATEGORICAL_HPARAMS: tuple[str, ...] = ("optimizer", "activation", "batch_size", "init", "schedule", "width")
+# One value per member (each drawn from its own random stream, so adding names leaves earlier draws unchanged).
+CONTINUOUS_HPARAMS: tuple[str, ...] = (
+    "lr", "weight_decay", "init_std", "dropout", "train_fraction", "label_noise", "shift", "epochs"
+)
+HPARAM_DEFAULTS: dict[str, float] = {
+    "weight_decay": 0.0, "init_std": 0.1, "dropout": 0.0, "train_fraction": 1.0, "label_noise": 0.0, "shift": 0.0
+}  # "epochs" defaults to the job's epochs
 REQUIRED_HPARAMS: tuple[str, ...] = ("lr", "optimizer", "batch_size")
-OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
+# sgd/momentum/nesterov/adam/rmsprop/adagrad/adamax: coupled L2 weight decay (as torch.optim's weight_decay);
+# adamw: decoupled (p *= 1 - lr * weight_decay, as torch.optim.AdamW).
+OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "adamax")
+# Families no shipped default recipe uses: kept for "foreign" zoos that test predictors on unseen training recipes.
+HELD_OUT_OPTIMIZERS: tuple[str, ...] = ("adagrad", "adamax")
+INIT_SCHEMES: tuple[str, ...] = (
+    "trunc_normal", "torch", "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "orthogonal"
+)
+HELD_OUT_INITS: tuple[str, ...] = ("orthogonal",)
+SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step", "warmup")
+RMSPROP_ALPHA = 0.99
+ADAGRAD_EPS = 1e-10
+STEP_DECAY = 0.1  # "step": lr x 0.1 from epoch floor(E/2) on, x 0.01 from floor(3E/4) on (E: the member's epochs)
+WARMUP_SHARE = 0.1  # "warmup": linear from lr/W to lr over the first W = max(1, round(0.1 x total steps)) steps
 METRIC_NAMES: tuple[str, ...] = ("train_loss", "train_acc", "test_loss", "test_acc", "train_token_acc", "test_token_acc")
 MOMENTUM = 0.9
 ADAM_BETAS = (0.9, 0.999)
@@ -79,8 +113,13 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "init_std": (0.0, math.inf, False, False),
     "dropout": (0.0, 1.0, True, False),
     "train_fraction": (0.0, 1.0, False, True),
+    "label_noise": (0.0, 1.0, True, False),
+    "shift": (0.0, math.inf, True, False),
+    "epochs": (1.0, math.inf, True, False),
 }
-_STREAM_INIT, _STREAM_DATA, _STREAM_NOISE = 0, 1, 2  # independent random streams of one member
+_INTEGER_HPARAMS = ("shift", "epochs")  # per-member values that must be whole numbers
+_STREAM_INIT, _STREAM_DATA, _STREAM_NOISE, _STREAM_LABELS, _STREAM_SHIFT = 0, 1, 2, 3, 4  # independent streams
+_SHIFT_SALT = 0x5A1F  # counter-noise salt of the shift offsets (dropout layers use salts 0, 1, 2, ...)
 _EVAL_ROWS = 1 << 16  # members x samples per evaluation call (bounds activation memory)
 _M31 = 0x7FFFFFFF
 
@@ -124,21 +163,113 @@ def _noise_base(seed: int) -> int:
     return _stream_seed(seed, _STREAM_NOISE) & _M31
 
 
-def init_member_weights(module: nn.Module, init_std: float, seed: int) -> dict[str, torch.Tensor]:
-    """A member's initial parameters (CPU float32, keyed like named_parameters): weights with >= 2 dims are
-    init_std * truncated normal in [-2, 2], LayerNorm gains 1, every other vector 0."""
+def init_member_weights(
+    module: nn.Module, init_std: float, seed: int, scheme: str = "trunc_normal"
+) -> dict[str, torch.Tensor]:
+    """A member's initial parameters (CPU float32, keyed like named_parameters), drawn from its init stream in
+    parameter order. LayerNorm gains are 1. Weights with >= 2 dims (fans as torch.nn.init computes them):
+
+    - trunc_normal (default): init_std * truncated normal in [-2, 2]; every vector 0;
+    - torch: nn.Linear / nn.Conv2d's reset_parameters: kaiming_uniform(a=sqrt(5)), and a bias next to its weight
+      (`x.bias` / `x.weight`, `bias_ih_l0` / `weight_ih_l0`) ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); other vectors 0;
+    - kaiming_normal, kaiming_uniform (fan_in, ReLU gain), xavier_normal, xavier_uniform, orthogonal: that
+      torch.nn.init function (default arguments); vectors 0.
+
+    `init_std` is used by trunc_normal only.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ConfigError(f"init scheme {scheme!r} is unknown; allowed: {', '.join(INIT_SCHEMES)}")
     gen = torch.Generator().manual_seed(_stream_seed(seed, _STREAM_INIT))
     gains = {f"{name}.weight" if name else "weight" for name, m in module.named_modules() if isinstance(m, nn.LayerNorm)}
+    shapes = dict((n, p.shape) for n, p in module.named_parameters())
+    init = nn.init
+    draw = {
+        "kaiming_normal": lambda t: init.kaiming_normal_(t, generator=gen),
+        "kaiming_uniform": lambda t: init.kaiming_uniform_(t, generator=gen),
+        "xavier_normal": lambda t: init.xavier_normal_(t, generator=gen),
+        "xavier_uniform": lambda t: init.xavier_uniform_(t, generator=gen),
+        "orthogonal": lambda t: init.orthogonal_(t, generator=gen),
+        "torch": lambda t: init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen),
+    }
     out = {}
     for name, p in module.named_parameters():
         if name in gains:
             out[name] = torch.ones(p.shape)
         elif p.dim() >= 2:
-            t = torch.nn.init.trunc_normal_(torch.empty(p.shape), 0.0, 1.0, -2.0, 2.0, generator=gen)
-            out[name] = t * torch.tensor(init_std, dtype=torch.float32)
+            if scheme == "trunc_normal":
+                t = torch.nn.init.trunc_normal_(torch.empty(p.shape), 0.0, 1.0, -2.0, 2.0, generator=gen)
+                out[name] = t * torch.tensor(init_std, dtype=torch.float32)
+            else:
+                out[name] = draw[scheme](torch.empty(p.shape))
+        elif scheme == "torch" and _weight_of(name) in shapes and len(shapes[_weight_of(name)]) >= 2:
+            fan_in, _ = init._calculate_fan_in_and_fan_out(torch.empty(shapes[_weight_of(name)]))
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            out[name] = init.uniform_(torch.empty(p.shape), -bound, bound, generator=gen)
         else:
             out[name] = torch.zeros(p.shape)
     return out
+
+
+def _weight_of(bias_name: str) -> str:
+    """The weight next to a bias: `head.bias` -> `head.weight`, `encoder.bias_ih_l0` -> `encoder.weight_ih_l0`."""
+    head, _, last = bias_name.rpartition(".")
+    last = last.replace("bias", "weight", 1)
+    return f"{head}.{last}" if head else last
+
+
+def lr_factors(schedule: str, epoch: int, step: int | np.ndarray, steps: np.ndarray, epochs: np.ndarray) -> np.ndarray:
+    """Per-member learning-rate factors (float64) for the update at `step` (0-based) of `epoch` (1-based), for
+    members with `steps` (M,) steps per epoch and `epochs` (M,) epochs in their run:
+
+    constant 1; cosine 0.5 (1 + cos(pi t / T)) with t the member's 0-based update count and T = epochs x steps;
+    step 0.1 ** (number of milestones floor(E/2), floor(3E/4) (those > 0) that epoch - 1 has reached);
+    warmup min(1, (t + 1) / W), W = max(1, round(0.1 T))."""
+    steps, epochs = np.asarray(steps, dtype=np.float64), np.asarray(epochs, dtype=np.float64)
+    t = (epoch - 1) * steps + np.asarray(step, dtype=np.float64)
+    total = epochs * steps
+    if schedule == "constant":
+        return np.ones_like(t)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + np.cos(np.pi * t / total))
+    if schedule == "step":
+        passed = np.zeros_like(t)
+        for share in (0.5, 0.75):
+            milestone = np.floor(epochs * share)
+            passed += (milestone > 0) & (epoch - 1 >= milestone)
+        return STEP_DECAY**passed
+    if schedule == "warmup":
+        width = np.maximum(1.0, np.round(WARMUP_SHARE * total))
+        return np.minimum(1.0, (t + 1.0) / width)
+    raise ConfigError(f"schedule {schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+
+
+def noisy_labels(seed: int, y: torch.Tensor, subset: np.ndarray, share: float, num_classes: int) -> torch.Tensor:
+    """A member's training labels with label noise: round(share x |subset|) samples of its subset, drawn from its
+    label stream, get a uniformly drawn *other* class. Returns a copy of `y` (n_train,)."""
+    out = y.clone()
+    n = int(math.floor(share * len(subset) + 0.5))
+    if n == 0 or num_classes < 2:
+        return out
+    rng = np.random.default_rng(_stream_seed(seed, _STREAM_LABELS))
+    picked = np.sort(rng.choice(subset, size=n, replace=False))
+    offset = rng.integers(1, num_classes, size=n)
+    idx = torch.from_numpy(picked)
+    out[idx] = (out[idx] + torch.from_numpy(offset).to(out.dtype)) % num_classes
+    return out
+
+
+def shift_offsets(keys: torch.Tensor, shifts: torch.Tensor, batch: int) -> torch.Tensor:
+    """Random-shift offsets (k, batch, 2) int64 (dy, dx), each uniform in [-s, s] for a member's max shift s, from
+    int32 counter-noise `keys` (k,) (as `dropout_noise_key` of the member's shift base) and `shifts` (k,) int64."""
+    idx = torch.arange(batch * 2, device=keys.device, dtype=torch.int32).view(1, batch, 2)
+    base = _mix32(keys ^ (_SHIFT_SALT * 0x2545F491 & _M31))[:, None, None]  # (k, 1, 1)
+    bits = (_mix32(idx * _GOLDEN ^ base) >> 8) & 0xFFFFFF  # (k, batch, 2), 24 random bits
+    span = (2 * shifts + 1)[:, None, None]
+    return (bits.to(torch.int64) * span >> 24) - shifts[:, None, None]
+
+
+def _shift_base(seed: int) -> int:
+    return _stream_seed(seed, _STREAM_SHIFT) & _M31
 
 
 # ---------------------------------------------------------------------------------------------------- job / result
@@ -146,10 +277,11 @@ def init_member_weights(module: nn.Module, init_std: float, seed: int) -> dict[s
 
 @dataclass(frozen=True)
 class ChunkJob:
-    """What a chunk trains: resolved arch (incl. activation), task, optimizer, batch size, epochs, checkpoints.
+    """What a chunk trains: resolved arch (incl. activation), task, optimizer, batch size, epochs, checkpoints,
+    init scheme (INIT_SCHEMES) and learning-rate schedule (SCHEDULES).
 
     The arch is resolved against the task on construction; `checkpoint_epochs` is normalized to a sorted tuple that
-    contains 0 and `epochs`.
+    contains 0 and `epochs`. `epochs` is the run's length; members may stop earlier (per-member hparam "epochs").
     """
 
     arch: dict
@@ -158,10 +290,16 @@ class ChunkJob:
     batch_size: int
     epochs: int
     checkpoint_epochs: tuple[int, ...] = ()
+    init: str = "trunc_normal"
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+        if self.init not in INIT_SCHEMES:
+            raise ConfigError(f"init scheme {self.init!r} is unknown; allowed: {', '.join(INIT_SCHEMES)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule {self.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer; got {self.batch_size!r}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, np.integer)) or self.epochs < 0:
@@ -249,13 +387,53 @@ def _adam_update(p, g, state, hp):
     return p + neg_step_size * m / denom, {"m": m, "v": v, "step": step}
 
 
+def _nesterov_update(p, g, state, hp):
+    g = _decayed(p, g, hp)
+    buf = state["buf"] * MOMENTUM + g
+    return p + (-hp["lr"]) * (g + MOMENTUM * buf), {"buf": buf}
+
+
+def _adamw_update(p, g, state, hp):
+    p = p * (1 - hp["lr"] * hp["weight_decay"])  # decoupled decay, then Adam without L2
+    return _adam_update(p, g, state, {**hp, "weight_decay": torch.zeros_like(hp["weight_decay"])})
+
+
+def _rmsprop_update(p, g, state, hp):
+    g = _decayed(p, g, hp)
+    sq = state["sq"].mul(RMSPROP_ALPHA).addcmul(g, g, value=1 - RMSPROP_ALPHA)
+    return p + (-hp["lr"]) * g / (sq.sqrt() + ADAM_EPS), {"sq": sq}
+
+
+def _adagrad_update(p, g, state, hp):
+    g = _decayed(p, g, hp)
+    acc = state["sum"].addcmul(g, g)
+    return p + (-hp["lr"]) * g / (acc.sqrt() + ADAGRAD_EPS), {"sum": acc}
+
+
+def _adamax_update(p, g, state, hp):
+    g = _decayed(p, g, hp)
+    b1, b2 = ADAM_BETAS
+    m = torch.lerp(state["m"], g, 1 - b1)
+    u = torch.maximum(state["u"] * b2, g.abs() + ADAM_EPS)
+    step = state["step"] + 1  # (k,) float64
+    neg_step_size = (-hp["lr64"] / (1 - b1**step)).to(p.dtype)[:, None]  # (k, 1)
+    return p + neg_step_size * m / u, {"m": m, "u": u, "step": step}
+
+
+def _zeros(*names: str) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """Optimizer state: a zero (M, P) tensor per name and, for names ending in 'step', a (M,) float64 counter."""
+    return lambda p: {n: p.new_zeros(len(p), dtype=torch.float64) if n == "step" else torch.zeros_like(p) for n in names}
+
+
 _OPTIMIZERS: dict[str, _Optimizer] = {
     "sgd": _Optimizer(lambda p: {}, _sgd_update),
-    "momentum": _Optimizer(lambda p: {"buf": torch.zeros_like(p)}, _momentum_update),
-    "adam": _Optimizer(
-        lambda p: {"m": torch.zeros_like(p), "v": torch.zeros_like(p), "step": p.new_zeros(len(p), dtype=torch.float64)},
-        _adam_update,
-    ),
+    "momentum": _Optimizer(_zeros("buf"), _momentum_update),
+    "nesterov": _Optimizer(_zeros("buf"), _nesterov_update),
+    "adam": _Optimizer(_zeros("m", "v", "step"), _adam_update),
+    "adamw": _Optimizer(_zeros("m", "v", "step"), _adamw_update),
+    "rmsprop": _Optimizer(_zeros("sq"), _rmsprop_update),
+    "adagrad": _Optimizer(_zeros("sum"), _adagrad_update),
+    "adamax": _Optimizer(_zeros("m", "u", "step"), _adamax_update),
 }
 
 
@@ -276,6 +454,8 @@ def _check_inputs(hparams: Mapping[str, Any], seeds: Any) -> tuple[dict[str, np.
         raise ConfigError("hyperparameter 'lr' is required (one value per member)")
     out = {}
     for name in CONTINUOUS_HPARAMS:
+        if name not in hparams and name not in HPARAM_DEFAULTS:
+            continue  # "epochs": the job's, filled in by the caller
         values = np.asarray(hparams.get(name, HPARAM_DEFAULTS.get(name)), dtype=np.float64)
         values = np.broadcast_to(values, seeds.shape) if values.ndim == 0 else values
         if values.shape != seeds.shape:
@@ -286,8 +466,38 @@ def _check_inputs(hparams: Mapping[str, Any], seeds: Any) -> tuple[dict[str, np.
             i = int(np.flatnonzero(~ok)[0])
             interval = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
             raise ConfigError(f"hyperparameter {name!r} of member {i} is {float(values[i])!r}; must be in {interval}")
+        if name in _INTEGER_HPARAMS and (values != np.round(values)).any():
+            i = int(np.flatnonzero(values != np.round(values))[0])
+            raise ConfigError(f"hyperparameter {name!r} of member {i} is {float(values[i])!r}; must be a whole number")
         out[name] = values
     return out, seeds.astype(np.int64)
+
+
+def _member_options(job: ChunkJob, hp: dict[str, np.ndarray]) -> None:
+    """Fill the per-member "epochs" (default: the job's) and check the options the job's task must support."""
+    epochs = hp.setdefault("epochs", np.full(len(hp["lr"]), float(job.epochs)))
+    if (epochs > max(job.epochs, 1)).any():
+        i = int(np.flatnonzero(epochs > job.epochs)[0])
+        raise ConfigError(f"hyperparameter 'epochs' of member {i} is {int(epochs[i])}; the run has {job.epochs} epochs")
+    check_task_options(job.task, bool((hp["label_noise"] > 0).any()), bool((hp["shift"] > 0).any()))
+
+
+def check_task_options(task: Task, label_noise: bool, shift: bool) -> None:
+    """Raise ConfigError if `task` cannot take label noise (classification only) or random shifts (images only)."""
+    if label_noise and task.kind != "classification":
+        raise ConfigError(f"label_noise needs a classification task; {task.name!r} is {task.kind}")
+    if shift and len(task.info.get("input_shape", ())) != 3:
+        raise ConfigError(f"shift (random-shift augmentation) needs an image task (C, H, W); {task.name!r} is not")
+
+
+def _shifted(padded: torch.Tensor, bidx: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
+    """Images `bidx` (k, B) of `padded` (N, C, H + 2 pad, W + 2 pad) moved by `offsets` (k, B, 2) = (dy, dx)
+    pixels, zeros shifted in: out[..., i, j] = image[..., i - dy, j - dx]. Returns (k, B, C, H, W)."""
+    h, w = padded.shape[-2] - 2 * pad, padded.shape[-1] - 2 * pad
+    rows = torch.arange(h, device=padded.device) + pad - offsets[..., :1]  # (k, B, H)
+    cols = torch.arange(w, device=padded.device) + pad - offsets[..., 1:]  # (k, B, W)
+    out = padded[bidx[..., None, None], :, rows[..., :, None], cols[..., None, :]]  # (k, B, H, W, C)
+    return out.permute(0, 1, 4, 2, 3)
 
 
 def _template(job: ChunkJob, device: torch.device, batched: bool) -> tuple[nn.Module, list[str]]:
@@ -311,8 +521,10 @@ def train_population(
     progress: Callable[[int, int], None] | None = None,
 ) -> PopulationResult:
     """Train members with seeds `seeds` (M,) and per-member `hparams` (CONTINUOUS_HPARAMS -> (M,) arrays; all but
-    'lr' default to HPARAM_DEFAULTS) for `job`, all at once on `device`. `progress(epoch, epochs)` after each epoch."""
+    'lr' default to HPARAM_DEFAULTS, 'epochs' to job.epochs) for `job`, all at once on `device`.
+    `progress(epoch, epochs)` after each epoch."""
     hp, seeds = _check_inputs(hparams, seeds)
+    _member_options(job, hp)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     task, kind, bsz = job.task, job.task.kind, job.batch_size
     pad_id = int(task.info.get("pad_id", 0))
@@ -329,6 +541,7 @@ def train_population(
     plans = [plans[i] for i in order]
     steps = steps[order]
     active = [int((steps > s).sum()) for s in range(int(steps.max()))]  # members trained at step s of an epoch
+    run_epochs = hp["epochs"][order].astype(np.int64)  # (M,) internal order
 
     # Flat parameters (M, P) in internal order and their per-tensor views.
     names, shapes = zip(*[(n, tuple(p.shape)) for n, p in model.named_parameters()])
@@ -336,7 +549,12 @@ def train_population(
     offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     flat = torch.stack(
         [
-            torch.cat([t.reshape(-1) for t in init_member_weights(model, float(hp["init_std"][i]), int(seeds[i])).values()])
+            torch.cat(
+                [
+                    t.reshape(-1)
+                    for t in init_member_weights(model, float(hp["init_std"][i]), int(seeds[i]), job.init).values()
+                ]
+            )
             for i in order
         ]
     ).to(dev)  # (M, P)
@@ -359,6 +577,20 @@ def train_population(
     for r, p in enumerate(plans):
         subset_mask[r, torch.from_numpy(p.subset)] = True
     subset_mask = subset_mask.to(dev)
+    # Label noise: per-member training labels (M, n_train), else the shared ones.
+    y_member = None
+    if (hp["label_noise"] > 0).any():
+        n_cls = int(task.info["num_classes"])
+        y_member = torch.stack(
+            [noisy_labels(int(seeds[i]), task.y_train, plans[r].subset, float(hp["label_noise"][i]), n_cls) for r, i in enumerate(order)]
+        ).to(dev)
+    # Random-shift augmentation: zero-padded images and per-member max shifts and noise bases.
+    max_shift = int(hp["shift"].max())
+    if max_shift > 0:
+        x_padded = F.pad(x_train, (max_shift,) * 4)
+        shifts = torch.as_tensor(hp["shift"][order], dtype=torch.int64, device=dev)
+        shift_base = torch.tensor([_shift_base(int(seeds[i])) for i in order], dtype=torch.int32, device=dev)
+    scheduled = job.schedule != "constant"
 
     opt = _OPTIMIZERS[job.optimizer]
     state = opt.init(flat)
@@ -372,15 +604,18 @@ def train_population(
 
     step_fn = vmap(grad_and_value(member_loss), randomness="error")
 
-    def evaluate(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def evaluate(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, y_rows: torch.Tensor | None = None):
+        """Metrics per member on (x, y); `y_rows` (M, n) per-member labels replace y when given."""
         model.eval()
         params = views(flat)
-        fwd = vmap(lambda p, xb, yb: _sample_stats(kind, _run_model(model, kind, p, xb, yb), yb, pad_id), in_dims=(0, None, None))
+        y_dim = None if y_rows is None else 0
+        fwd = vmap(lambda p, xb, yb: _sample_stats(kind, _run_model(model, kind, p, xb, yb), yb, pad_id), in_dims=(0, None, y_dim))
         rows = max(1, _EVAL_ROWS // n_mem)
         sums = torch.zeros(n_mem, 4, device=dev)
         with torch.no_grad():
             for start in range(0, len(y), rows):
-                stats = fwd(params, x[start : start + rows], y[start : start + rows])  # (M, b, 4)
+                yb = y[start : start + rows] if y_rows is None else y_rows[:, start : start + rows]
+                stats = fwd(params, x[start : start + rows], yb)  # (M, b, 4)
                 if mask is not None:
                     stats = torch.where(mask[:, start : start + rows, None], stats, 0.0)
                 sums += stats.sum(1)
@@ -395,7 +630,7 @@ def train_population(
     back = np.argsort(order)  # original member -> internal row
 
     def checkpoint(c: int, epoch: int) -> None:
-        train, test = evaluate(x_train, y_train, subset_mask), evaluate(x_test, y_test, None)
+        train, test = evaluate(x_train, y_train, subset_mask, y_member), evaluate(x_test, y_test, None)
         finite = torch.isfinite(train["loss"]) & torch.isfinite(test["loss"])
         dead_epoch.masked_fill_(alive & ~finite, epoch)
         alive.logical_and_(finite)
@@ -417,23 +652,49 @@ def train_population(
             idx[r, : len(seq)] = seq
             valid[r, : len(seq)] = 1.0
         idx_t, valid_t = torch.from_numpy(idx).to(dev), torch.from_numpy(valid).to(dev)
-        for s, k in enumerate(active):
+        # Members whose run is over sit out (their state stays); while all train, each step trains a row prefix.
+        running = np.flatnonzero(run_epochs >= epoch)
+        everyone = len(running) == n_mem
+        for s in range(len(active)):
+            if everyone:
+                k = active[s]
+                rows: slice | torch.Tensor = slice(0, k)
+            else:
+                live = running[steps[running] > s]  # still a prefix of `running` (steps are sorted)
+                k = len(live)
+                if k == 0:
+                    break
+                rows = torch.from_numpy(live).to(dev)
             cols = slice(s * bsz, (s + 1) * bsz)
-            bidx = idx_t[:k, cols]  # (k, B)
-            keys = dropout_noise_key(noise_base[:k], epoch, s)
-            grads, loss = step_fn(views(flat[:k]), rates[:k], keys, x_train[bidx], y_train[bidx], valid_t[:k, cols])
+            bidx = idx_t[rows, cols]  # (k, B)
+            keys = dropout_noise_key(noise_base[rows], epoch, s)
+            if max_shift > 0:
+                moves = shift_offsets(dropout_noise_key(shift_base[rows], epoch, s), shifts[rows], bsz)
+                xb = _shifted(x_padded, bidx, moves, max_shift)
+            else:
+                xb = x_train[bidx]
+            yb = y_train[bidx] if y_member is None else y_member[rows].gather(1, bidx)
+            grads, loss = step_fn(views(flat[rows]), rates[rows], keys, xb, yb, valid_t[rows, cols])
             g = torch.cat([grads[n].reshape(k, -1) for n in names], dim=1)  # (k, P)
-            hp_k = {"lr": hps["lr"][:k], "lr64": hps["lr64"][:k], "weight_decay": hps["weight_decay"][:k]}
-            new_p, new_state = opt.update(flat[:k], g, {n: t[:k] for n, t in state.items()}, hp_k)
-            ok = alive[:k] & torch.isfinite(loss) & torch.isfinite(new_p).all(dim=1)  # (k,)
+            hp_k = {"lr": hps["lr"][rows], "lr64": hps["lr64"][rows], "weight_decay": hps["weight_decay"][rows]}
+            if scheduled:
+                where = np.arange(n_mem)[rows] if everyone else live
+                factor = torch.as_tensor(lr_factors(job.schedule, epoch, s, steps[where], run_epochs[where]), device=dev)
+                hp_k["lr64"] = hp_k["lr64"] * factor
+                hp_k["lr"] = hp_k["lr64"].to(torch.float32)[:, None]
+            old_p = flat[rows]
+            old_state = {n: t[rows] for n, t in state.items()}
+            new_p, new_state = opt.update(old_p, g, old_state, hp_k)
+            was_alive = alive[rows]
+            ok = was_alive & torch.isfinite(loss) & torch.isfinite(new_p).all(dim=1)  # (k,)
             if not bool(ok.all()):  # freeze dead members: keep their last finite weights and optimizer state
-                dead_epoch[:k].masked_fill_(alive[:k] & ~ok, epoch)
-                alive[:k] = ok
-                new_p = torch.where(ok[:, None], new_p, flat[:k])
-                new_state = {n: torch.where(ok.view(-1, *[1] * (t.dim() - 1)), t, state[n][:k]) for n, t in new_state.items()}
-            flat[:k] = new_p
+                dead_epoch[rows] = torch.where(was_alive & ~ok, epoch, dead_epoch[rows])
+                alive[rows] = ok
+                new_p = torch.where(ok[:, None], new_p, old_p)
+                new_state = {n: torch.where(ok.view(-1, *[1] * (t.dim() - 1)), t, old_state[n]) for n, t in new_state.items()}
+            flat[rows] = new_p
             for n, t in new_state.items():
-                state[n][:k] = t
+                state[n][rows] = t
         if epoch in ck_index:
             checkpoint(ck_index[epoch], epoch)
         if progress is not None:
@@ -452,6 +713,36 @@ def train_population(
 # -------------------------------------------------------------------------------------------- the reference loop
 
 
+def _reference_optimizer(name: str, params: list[torch.Tensor], lr: float, wd: float) -> torch.optim.Optimizer:
+    """The torch.optim optimizer an engine family stands for, with the engine's constants."""
+    optim = torch.optim
+    if name in ("sgd", "momentum", "nesterov"):
+        momentum = 0.0 if name == "sgd" else MOMENTUM
+        return optim.SGD(params, lr=lr, momentum=momentum, nesterov=name == "nesterov", weight_decay=wd)
+    if name in ("adam", "adamw"):
+        cls = optim.Adam if name == "adam" else optim.AdamW
+        return cls(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=wd)
+    if name == "rmsprop":
+        return optim.RMSprop(params, lr=lr, alpha=RMSPROP_ALPHA, eps=ADAM_EPS, weight_decay=wd)
+    if name == "adagrad":
+        return optim.Adagrad(params, lr=lr, eps=ADAGRAD_EPS, weight_decay=wd)
+    return optim.Adamax(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=wd)
+
+
+def _reference_scheduler(name: str, opt: torch.optim.Optimizer, steps: int, epochs: int) -> Any:
+    """torch.optim.lr_scheduler equivalent of a schedule, stepped once per update (None for constant)."""
+    sched, total = torch.optim.lr_scheduler, steps * epochs
+    if name == "cosine":
+        return sched.CosineAnnealingLR(opt, T_max=total)
+    if name == "step":
+        milestones = [int(math.floor(epochs * f)) * steps for f in (0.5, 0.75)]
+        return sched.MultiStepLR(opt, milestones=[m for m in milestones if m > 0], gamma=STEP_DECAY)
+    if name == "warmup":
+        width = max(1, round(WARMUP_SHARE * total))
+        return sched.LinearLR(opt, start_factor=1 / width, total_iters=width - 1) if width > 1 else None
+    return None
+
+
 def train_member_reference(
     job: ChunkJob,
     hparams: Mapping[str, float],
@@ -460,17 +751,19 @@ def train_member_reference(
     *,
     exact_noise: bool = True,
 ) -> PopulationResult:
-    """Train ONE member with a plain PyTorch loop (nn modules, torch.optim, one step per batch): the oracle for
-    train_population and the baseline of its benchmark. Same init, subset and data order; the same dropout masks
-    when `exact_noise`, else standard nn.Dropout with torch's generator (a plain loop's usual cost)."""
+    """Train ONE member with a plain PyTorch loop (nn modules, torch.optim and its lr_scheduler, one step per batch):
+    the oracle for train_population and the baseline of its benchmark. Same init, subset, data order, label noise
+    and shift offsets; the same dropout masks when `exact_noise`, else standard nn.Dropout with torch's generator
+    (a plain loop's usual cost)."""
     hp, seeds = _check_inputs({k: np.asarray([v]) for k, v in hparams.items()}, np.asarray([seed]))
+    _member_options(job, hp)
     hp = {k: float(v[0]) for k, v in hp.items()}
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     task, kind, bsz = job.task, job.task.kind, job.batch_size
     pad_id = int(task.info.get("pad_id", 0))
     model, drop_names = _template(job, dev, batched=False)
     with torch.no_grad():
-        for name, t in init_member_weights(model, hp["init_std"], seed).items():
+        for name, t in init_member_weights(model, hp["init_std"], seed, job.init).items():
             model.get_parameter(name).copy_(t)
     drops = [model.get_submodule(n) for n in drop_names]
     for d in drops:
@@ -478,15 +771,29 @@ def train_member_reference(
         d.rate.fill_(hp["dropout"])
         d.p = hp["dropout"]
     params = list(model.parameters())
-    if job.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=hp["lr"], betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=hp["weight_decay"])
-    else:
-        momentum = MOMENTUM if job.optimizer == "momentum" else 0.0
-        opt = torch.optim.SGD(params, lr=hp["lr"], momentum=momentum, weight_decay=hp["weight_decay"])
+    opt = _reference_optimizer(job.optimizer, params, hp["lr"], hp["weight_decay"])
     data = MemberDataOrder(seed, len(task.y_train), hp["train_fraction"])
+    run_epochs = int(hp["epochs"])
+    scheduler = _reference_scheduler(job.schedule, opt, -(-len(data.subset) // bsz), run_epochs)
     x_train, y_train = task.x_train.to(dev), task.y_train.to(dev)
     x_test, y_test = task.x_test.to(dev), task.y_test.to(dev)
+    if hp["label_noise"] > 0:
+        y_train = noisy_labels(seed, task.y_train, data.subset, hp["label_noise"], int(task.info["num_classes"])).to(dev)
+    shift = int(hp["shift"])
     base = torch.tensor(_noise_base(seed), dtype=torch.int32, device=dev)
+    shift_key = torch.tensor(_shift_base(seed), dtype=torch.int32, device=dev)
+
+    def batch_images(bidx: torch.Tensor, epoch: int, s: int) -> torch.Tensor:
+        if shift == 0:
+            return x_train[bidx]
+        moves = shift_offsets(dropout_noise_key(shift_key, epoch, s)[None], torch.tensor([shift], device=dev), len(bidx))[0]
+        h, w = x_train.shape[-2:]
+        padded = F.pad(x_train[bidx], (shift,) * 4)  # (B, C, H + 2s, W + 2s)
+        out = torch.empty_like(x_train[bidx])
+        for dy, dx in torch.unique(moves, dim=0).tolist():  # one slice per distinct offset
+            sel = (moves[:, 0] == dy) & (moves[:, 1] == dx)
+            out[sel] = padded[sel, :, shift - dy : shift - dy + h, shift - dx : shift - dx + w]
+        return out
 
     def evaluate(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         model.eval()
@@ -505,12 +812,14 @@ def train_member_reference(
         while epoch < target and dead_epoch < 0:
             epoch += 1
             seq = torch.from_numpy(data.epoch()).to(dev)
+            if epoch > run_epochs:
+                continue  # this member's run is over; its weights stay
             for s, start in enumerate(range(0, len(seq), bsz)):
                 bidx = seq[start : start + bsz]
                 if exact_noise:
                     for d in drops:
                         d.noise_key.copy_(dropout_noise_key(base, epoch, s))
-                out = _run_model(model, kind, None, x_train[bidx], y_train[bidx])
+                out = _run_model(model, kind, None, batch_images(bidx, epoch, s), y_train[bidx])
                 loss = F.cross_entropy(out.flatten(0, -2), y_train[bidx].flatten(), ignore_index=pad_id if kind == "seq2seq" else -100)
                 if not math.isfinite(loss.item()):
                     dead_epoch = epoch
@@ -518,6 +827,8 @@ def train_member_reference(
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if scheduler is not None:
+                    scheduler.step()
         if dead_epoch < 0:
             train, test = evaluate(x_train[subset], y_train[subset]), evaluate(x_test, y_test)
             finite = all(torch.isfinite(p).all() for p in params) and math.isfinite(float(train["loss"])) and math.isfinite(

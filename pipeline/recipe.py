@@ -66,19 +66,35 @@ def _hparam_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 @dataclass(frozen=True)
 class Distribution:
-    """One hyperparameter's distribution: `constant` (values = (v,)), `choice`, `uniform` or `log_uniform` (lo, hi)."""
+    """One hyperparameter's distribution: `constant` (values = (v,)), `choice`, `uniform` or `log_uniform` (lo, hi),
+    or `by` (conditional): values = (categorical name, ((value as str, Distribution), ...)), one branch per value of
+    that per-chunk hyperparameter, e.g. an lr range per optimizer."""
 
     kind: str
     values: tuple[Any, ...]
 
     def to_json(self) -> Any:
-        """The TOML/JSON form: a bare constant or a one-key table such as {"log_uniform": [lo, hi]}."""
+        """The TOML/JSON form: a bare constant or a one-key table such as {"log_uniform": [lo, hi]}; a conditional
+        is {"by": name, value: branch, ...}."""
         if self.kind == "constant":
             return self.values[0]
+        if self.kind == "by":
+            return {"by": self.values[0], **{k: d.to_json() for k, d in self.values[1]}}
         return {self.kind: list(self.values)}
+
+    @property
+    def branches(self) -> dict[str, Distribution]:
+        """A conditional's branches by value (as str); {} for other kinds."""
+        return dict(self.values[1]) if self.kind == "by" else {}
+
+    def given(self, categorical: Mapping[str, Any]) -> Distribution:
+        """The distribution that applies in a chunk with these categorical values (itself unless conditional)."""
+        return self.branches[str(categorical[self.values[0]])] if self.kind == "by" else self
 
     def sample(self, rng: np.random.Generator) -> Any:
         """Draw one value."""
+        if self.kind == "by":
+            raise ValueError("a conditional distribution is sampled through .given(categorical)")
         if self.kind == "constant":
             return self.values[0]
         if self.kind == "choice":
@@ -258,6 +274,7 @@ def parse_recipe(text: str | Mapping[str, Any], *, source: str = "<string>", def
         raise RecipeError(f"{where}: field 'arch.activation' belongs in [hparams] (activation = \"relu\" or a choice)")
 
     hparams = _parse_hparams(raw["hparams"], where)
+    _check_options(hparams, epochs, arch, where)
     name = raw.get("name", default_name)
     description = raw.get("description", "")
     if not isinstance(name, str) or not name or not isinstance(description, str):
@@ -309,17 +326,57 @@ def _parse_hparams(table: Any, where: str) -> dict[str, Distribution]:
     return out
 
 
+def _check_options(hparams: Mapping[str, Distribution], epochs: int, arch: Mapping[str, Any], where: str) -> None:
+    """Cross-field checks: conditionals name a per-chunk hyperparameter of this recipe and cover each of its values;
+    per-member epochs fit in the run; a width choice needs an architecture with widths."""
+    from pipeline.members import WIDTH_FIELDS
+
+    for name, dist in hparams.items():
+        if dist.kind != "by":
+            continue
+        by, field_name = dist.values[0], f"{where}: field 'hparams.{name}'"
+        if by not in hparams or by not in _hparam_names()[0]:
+            present = [n for n in _hparam_names()[0] if n in hparams]
+            raise RecipeError(f"{field_name}: by = {by!r} must name a per-chunk hyperparameter of this recipe: {', '.join(present)}")
+        want = [str(v) for v in hparams[by].values]
+        have = list(dist.branches)
+        missing, extra = [v for v in want if v not in have], [v for v in have if v not in want]
+        if missing or extra:
+            raise RecipeError(
+                f"{field_name}: needs one entry per value of {by!r} ({', '.join(want)}); "
+                + (f"missing {missing[0]!r}" if missing else f"{extra[0]!r} is not a value of {by!r}")
+            )
+    if "epochs" in hparams:
+        dist = hparams["epochs"]
+        values = [v for d in (dist.branches.values() if dist.kind == "by" else [dist]) for v in d.values]
+        if any(v > epochs for v in values):
+            raise RecipeError(f"{where}: field 'hparams.epochs': per-member epochs must be <= epochs ({epochs}); got {values!r}")
+    if "width" in hparams and arch.get("name") not in WIDTH_FIELDS:
+        raise RecipeError(
+            f"{where}: field 'hparams.width' applies to arch {' or '.join(map(repr, WIDTH_FIELDS))}, not {arch.get('name')!r}"
+        )
+
+
 def _required_hparams() -> tuple[str, ...]:
     from pipeline.population import REQUIRED_HPARAMS
 
     return tuple(REQUIRED_HPARAMS)
 
 
-def _parse_distribution(spec: Any, where: str) -> Distribution:
+def _parse_distribution(spec: Any, where: str, *, conditional: bool = True) -> Distribution:
     if not isinstance(spec, dict):
         if isinstance(spec, list):
             raise RecipeError(f"{where}: a list is ambiguous; write {{choice = {spec!r}}}")
         return Distribution("constant", (spec,))
+    if "by" in spec:
+        by = spec["by"]
+        if not conditional or not isinstance(by, str) or len(spec) < 2:
+            raise RecipeError(
+                f"{where}: a conditional is a table with by = \"<per-chunk hyperparameter>\" and one distribution per "
+                f"value, e.g. {{by = \"optimizer\", sgd = {{log_uniform = [0.01, 0.3]}}, adam = ...}} (not nested); got {spec!r}"
+            )
+        branches = tuple((str(k), _parse_distribution(v, f"{where} [{k}]", conditional=False)) for k, v in spec.items() if k != "by")
+        return Distribution("by", (by, branches))
     if len(spec) != 1 or next(iter(spec)) not in _DIST_KINDS:
         raise RecipeError(
             f"{where}: must be a constant or a one-key table with one of {', '.join(_DIST_KINDS)}, "
@@ -345,6 +402,10 @@ def _is_number(v: Any) -> bool:
 
 
 def _check_continuous(name: str, dist: Distribution, where: str) -> None:
+    if dist.kind == "by":
+        for key, branch in dist.branches.items():
+            _check_continuous(name, branch, f"{where} [{key}]")
+        return
     values = dist.values
     if not all(_is_number(v) for v in values):
         raise RecipeError(f"{where}: values must be finite numbers; got {list(values)!r}")
@@ -355,22 +416,26 @@ def _check_continuous(name: str, dist: Distribution, where: str) -> None:
         if not ((v > lo or (lo_in and v == lo)) and (v < hi or (hi_in and v == hi))):
             interval = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
             raise RecipeError(f"{where}: value {v!r} is outside the allowed range {interval}")
+    from pipeline.population import _INTEGER_HPARAMS
+
+    if name in _INTEGER_HPARAMS and (dist.kind in ("uniform", "log_uniform") or any(v != int(v) for v in values)):
+        raise RecipeError(f"{where}: {name} takes whole numbers; use a constant or a choice of integers, got {dist.to_json()!r}")
 
 
 def _check_categorical(name: str, dist: Distribution, where: str) -> None:
-    if dist.kind in ("uniform", "log_uniform"):
+    if dist.kind in ("uniform", "log_uniform", "by"):
         raise RecipeError(f"{where}: {name} is drawn once per chunk from a finite set; use a constant or choice")
     allowed = _categorical_values(name)
     for v in dist.values:
-        if name == "batch_size":
+        if name in ("batch_size", "width"):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise RecipeError(f"{where}: batch sizes must be positive integers; got {v!r}")
+                raise RecipeError(f"{where}: {name.replace('_', ' ')}s must be positive integers; got {v!r}")
         elif allowed is not None and v not in allowed:
             raise RecipeError(f"{where}: {v!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
 
 
 def _categorical_values(name: str) -> tuple[Any, ...] | None:
-    """The values the engine accepts for a categorical hyperparameter (None for batch_size: any positive int)."""
+    """The values the engine accepts for a categorical hyperparameter (None for batch_size, width: positive ints)."""
     if name == "optimizer":
         from pipeline.population import OPTIMIZERS
 
@@ -379,6 +444,14 @@ def _categorical_values(name: str) -> tuple[Any, ...] | None:
         from pipeline.members import ACTIVATIONS
 
         return tuple(ACTIVATIONS)
+    if name == "init":
+        from pipeline.population import INIT_SCHEMES
+
+        return tuple(INIT_SCHEMES)
+    if name == "schedule":
+        from pipeline.population import SCHEDULES
+
+        return tuple(SCHEDULES)
     return None
 
 
@@ -418,7 +491,7 @@ def draw_chunk(recipe: Recipe, chunk: int, members: int | None = None) -> ChunkD
     categorical = _chunk_categoricals(recipe, chunk)
     continuous: dict[str, np.ndarray] = {}
     for n in recipe.continuous:
-        dist = recipe.hparams[n]
+        dist = recipe.hparams[n].given(categorical)
         values = {int(c): float(dist.sample(_stream(recipe.seed, _SALT_CONTINUOUS, int(c), n))) for c in np.unique(config)}
         continuous[n] = np.array([values[int(c)] for c in config], dtype=np.float64)  # (m,)
     return ChunkDraw(chunk=chunk, members=idx, categorical=categorical, continuous=continuous, config=config)

@@ -127,13 +127,19 @@ def _with_activation(arch: Mapping[str, Any], activation: Any) -> dict[str, Any]
     return out
 
 
+def _widest(recipe: Recipe) -> int | None:
+    """The largest `width` choice (the store's weight shapes; narrower members are stored zero-padded)."""
+    return max(recipe.hparams["width"].values) if "width" in recipe.hparams else None
+
+
 def plan_zoo(recipe: Recipe) -> ZooPlan:
     """Load the task, resolve the architecture, derive the weight-space spec and the store layout. Writes nothing.
 
     Raises RecipeError naming the recipe file when its task or architecture (with any activation choice) is invalid.
     """
     from pipeline.errors import ConfigError, RecipeError, TaskDataMissingError
-    from pipeline.members import build_member, resolve_arch
+    from pipeline.members import build_member, resolve_arch, with_width
+    from pipeline.population import check_task_options
 
     try:
         task = _load_task(recipe)
@@ -143,9 +149,11 @@ def plan_zoo(recipe: Recipe) -> ZooPlan:
         raise RecipeError(f"{recipe.source}: [task] {err}") from err
     activations = recipe.hparams["activation"].values if "activation" in recipe.hparams else (None,)
     try:
-        resolved = [resolve_arch(_with_activation(recipe.arch, a), task) for a in activations]
+        wide = with_width(recipe.arch, _widest(recipe))
+        resolved = [resolve_arch(_with_activation(wide, a), task) for a in activations]
+        check_task_options(task, _may_be_positive(recipe, "label_noise"), _may_be_positive(recipe, "shift"))
     except ConfigError as err:
-        raise RecipeError(f"{recipe.source}: [arch] with [hparams] activation: {err}") from err
+        raise RecipeError(f"{recipe.source}: [arch] with [hparams]: {err}") from err
     arch = dict(resolved[0])
     if "activation" in recipe.hparams:
         arch.pop("activation")  # per member: a hyperparameter column
@@ -182,6 +190,15 @@ def plan_zoo(recipe: Recipe) -> ZooPlan:
     return ZooPlan(recipe=recipe, arch=arch, layout=layout, attrs=_jsonable(attrs))
 
 
+def _may_be_positive(recipe: Recipe, name: str) -> bool:
+    """Whether the recipe can draw a value > 0 for continuous hyperparameter `name`."""
+    dist = recipe.hparams.get(name)
+    if dist is None:
+        return False
+    branches = dist.branches.values() if dist.kind == "by" else [dist]
+    return any(v > 0 for d in branches for v in d.values)
+
+
 def _example_input(task: Any) -> Any:
     """Two real inputs of the task, for tracing a member (seq2seq members take (source, target))."""
     if task is None:
@@ -210,6 +227,7 @@ def train_chunk(task: ChunkTask) -> ChunkOutcome:
     """Train one chunk and write it (data, then status). Runs in a Dask worker or in process."""
     import torch
 
+    from pipeline.members import pad_to_shapes, with_width
     from pipeline.population import ChunkJob, member_seed, train_population
 
     t0 = time.perf_counter()
@@ -219,13 +237,16 @@ def train_chunk(task: ChunkTask) -> ChunkOutcome:
     draw = draw_chunk(recipe, task.chunk, task.members)
     seeds = np.array([member_seed(recipe.seed, int(i)) for i in draw.members], dtype=np.int64)
     activation = draw.categorical.get("activation")
+    width = draw.categorical.get("width")
     job = ChunkJob(
-        arch=_with_activation(task.arch, activation),
+        arch=_with_activation(with_width(task.arch, None if width is None else int(width)), activation),
         task=_load_task(recipe),
         optimizer=draw.categorical["optimizer"],
         batch_size=int(draw.categorical["batch_size"]),
         epochs=recipe.epochs,
         checkpoint_epochs=tuple(recipe.checkpoint_epochs),
+        init=draw.categorical.get("init", "trunc_normal"),
+        schedule=draw.categorical.get("schedule", "constant"),
     )
     result = train_population(job, dict(draw.continuous), seeds, device=task.device)
     m = len(draw.members)
@@ -233,7 +254,7 @@ def train_chunk(task: ChunkTask) -> ChunkOutcome:
     hparams.update(draw.continuous)
     metrics = {n: np.asarray(v, dtype=np.float32) for n, v in result.metrics.items() if n in task.layout.metric_names}
     block = MemberBlock(
-        weights={k: np.asarray(v, dtype=np.float32) for k, v in result.weights.items()},
+        weights=pad_to_shapes({k: np.asarray(v, dtype=np.float32) for k, v in result.weights.items()}, task.layout.weight_shapes),
         metrics=metrics,
         hparams=hparams,
         seed=seeds,

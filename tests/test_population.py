@@ -137,7 +137,7 @@ def test_progress_and_zero_epochs() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "hparams", "match"),
     [
-        ({"optimizer": "rmsprop"}, {"lr": [0.1]}, "allowed: sgd, momentum, adam"),
+        ({"optimizer": "lion"}, {"lr": [0.1]}, "allowed: sgd, momentum, nesterov, adam"),
         ({"checkpoint_epochs": (5,)}, {"lr": [0.1]}, "outside \\[0, 2\\]"),
         ({"batch_size": 0}, {"lr": [0.1]}, "batch_size must be a positive integer"),
         ({}, {"lr": [0.1], "momentum": [0.9]}, "'momentum' is not a per-member one"),

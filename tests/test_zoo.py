@@ -179,7 +179,7 @@ def test_extending_with_members_equals_a_fresh_build(reference: tuple[Path, str]
 
 
 def test_bad_recipe_exits_2_and_writes_nothing(tmp_path: Path) -> None:
-    bad = _recipe(tmp_path, name="bad.toml").read_text().replace('"adam"]', '"adamw"]')
+    bad = _recipe(tmp_path, name="bad.toml").read_text().replace('"adam"]', '"lion"]')
     (tmp_path / "bad.toml").write_text(bad)
     out = tmp_path / "never.zarr"
     result = runner.invoke(app, ["zoo", str(tmp_path / "bad.toml"), "--out", str(out), "--workers", "0"])
