@@ -83,14 +83,12 @@ def train(
 ) -> None:
     """Train weight-space predictors (UNF and baselines) on a zoo; report Kendall tau on a held-out test split."""
     with user_errors():
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from rich.table import Table
 
         from pipeline.errors import ConfigError, StoreError
         from pipeline.predict import TrainConfig, available_targets, build_data, train_predictor
         from pipeline.store import Zoo
-
-        from rich.markup import escape
 
         for path in (*zoos, *(eval_zoo or ())):
             if "://" not in path and not Path(path).exists():
@@ -159,8 +157,6 @@ def _print_summary(result, config, target: str, out: Path) -> None:
     """The comparison table: tau with its 90% bootstrap interval per split (the seed spread with 2+ seeds)."""
     from rich.markup import escape
     from rich.table import Table
-
-    from pipeline.commands._common import console
 
     stats = [s for s in (result.statistics or []) if s["split"] != "train"]
     splits = list(dict.fromkeys(s["split"] for s in stats))

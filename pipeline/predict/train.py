@@ -20,7 +20,7 @@ from scipy.stats import kendalltau
 from pipeline.errors import ConfigError
 from pipeline.predict.artifacts import CONFIG_FILE, STATE_FILE, Predictor, save_predictor
 from pipeline.predict.config import MODEL_KINDS, TrainConfig
-from pipeline.predict.data import SPLITS, PredictData, build_data, normalization_stats, zoo_width
+from pipeline.predict.data import PredictData, build_data, normalization_stats, zoo_width
 from pipeline.predict.features import statnn_features
 from pipeline.predict.models import WIDTH_AGNOSTIC, TensorNormalizer, build_net
 from pipeline.predict.statnn import fit_statnn
