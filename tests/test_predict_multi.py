@@ -47,7 +47,7 @@ def test_two_widths_and_an_eval_zoo(predict_zoo, predict_zoo_wide, tmp_path: Pat
     assert "### eval:wide" in md and "Paired differences" in md and "± 0.000" not in md
     with pytest.raises(ConfigError, match="also a training zoo"):
         build_data(predict_zoo, _config(), eval_zoos=[predict_zoo])
-    with pytest.raises(ConfigError, match="flat reads one width only"):
+    with pytest.raises(ConfigError, match="flat reads the widths of .* a training zoo has width 12"):
         train_predictor([predict_zoo, predict_zoo_wide], _config(models=("flat",)), tmp_path / "f")
     assert not (tmp_path / "f").exists()
 
@@ -175,3 +175,42 @@ def test_hybrid_and_scale_aware_models_are_invariant_and_width_agnostic(predict_
     np.testing.assert_allclose(predictor.predict(w), rows["prediction"].to_numpy(), atol=1e-6)
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["config"]["normalize"] == normalize
+
+
+def test_padded_narrow_members_are_cropped_to_their_width(tmp_path: Path) -> None:
+    """A zoo with a `width` hyperparameter stores narrower members zero-padded: rows come back at their own width
+    (one block per width), and flat still reads them (zero-padded again inside the model)."""
+    from pipeline.store import MemberBlock, StoreLayout, Zoo, create_store, write_members, write_splits
+    from unf_models import WeightSpec
+
+    spec = WeightSpec({"w": ("h", "in"), "b": ("h",), "v": ("out", "h")}, shapes={"w": (6, 3), "b": (6,), "v": (2, 6)},
+                      fixed=("in", "out"))
+    layout = StoreLayout(weight_shapes=spec.shapes, metric_names=("test_acc",), checkpoint_epochs=(0,),
+                         members_per_chunk=40, categorical={"width": (3, 6)})
+    url = str(tmp_path / "padded.zarr")
+    create_store(url, layout, {"spec": spec.to_dict(), "task": {"name": "synthetic"}}, 40)
+    rng = np.random.default_rng(0)
+    width = np.where(np.arange(40) % 2 == 0, 3, 6)
+    weights = {n: rng.normal(size=(40, 1, *s)).astype(np.float32) for n, s in spec.shapes.items()}
+    narrow = width == 3
+    weights["w"][narrow, :, 3:] = 0
+    weights["b"][narrow, :, 3:] = 0
+    weights["v"][narrow, :, :, 3:] = 0
+    write_members(url, 0, MemberBlock(weights, {"test_acc": rng.uniform(size=(40, 1))}, {"width": width},
+                                      np.arange(40), np.arange(40), np.zeros(40, bool), np.full(40, -1, np.int32)))
+    write_splits(url)
+    zoo = Zoo.open(url)
+    data = build_data(zoo, _config())
+    assert sorted(z["width"] for z in data.zoos) == ["3", "6"]
+    for _, b, w in data.take(np.arange(len(data))):
+        expect = 3 if data.zoos[b]["width"] == "3" else 6
+        assert w["w"].shape[1:] == (expect, 3) and w["v"].shape[1:] == (2, expect)
+        members = data.member[data.block == b]
+        np.testing.assert_array_equal(w["w"].numpy(), weights["w"][members, 0, :expect])
+    result = train_predictor(zoo, _config(models=("flat", "unf")), tmp_path / "o")
+    assert {r.model for r in result.runs} == {"flat", "unf"}
+    assert all(r.metrics["test"]["n"] > 0 for r in result.runs)
+    flat = load_predictor(tmp_path / "o" / "flat", device="cpu")
+    narrow_w = {n: torch.from_numpy(weights[n][narrow][:4, 0]) for n in spec.names}
+    cropped = {"w": narrow_w["w"][:, :3], "b": narrow_w["b"][:, :3], "v": narrow_w["v"][:, :, :3]}
+    np.testing.assert_allclose(flat.predict(cropped), flat.predict(narrow_w), atol=1e-6)

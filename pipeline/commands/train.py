@@ -76,8 +76,9 @@ def train(
     lr: float = typer.Option(1e-3, help="Adam learning rate."),
     patience: int = typer.Option(6, help="Early stopping: epochs without a better validation tau."),
     augment: bool = typer.Option(False, help="Random permutation of each training batch (symmetry augmentation)."),
-    normalize: str = typer.Option("tensor", help="tensor (one mean/std per tensor from training rows) | member "
-                                  "(scale-aware: each member's tensor / its RMS, plus a log-RMS channel)."),
+    normalize: str = typer.Option("member", help="member (scale-aware: each member's tensor / its RMS, plus a "
+                                  "log-RMS channel; wins on held-out groups and wider zoos) | tensor (one mean/std per "
+                                  "tensor from the training rows)."),
     ensemble: bool = typer.Option(False, help="Also report <model>-ens: the mean prediction over seeds."),
     chance_margin: float = typer.Option(0.05, help="Trained = accuracy above 1/classes + this (tau above chance, "
                                         "AUC)."),
@@ -95,8 +96,8 @@ def train(
 ) -> None:
     """Train weight-space predictors (UNF and baselines) on a zoo; report Kendall tau on a held-out test split."""
     with user_errors():
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from rich.table import Table
 
         from pipeline.errors import ConfigError, StoreError
         from pipeline.predict import TrainConfig, available_targets, build_data, train_predictor

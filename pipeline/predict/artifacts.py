@@ -74,9 +74,17 @@ class Predictor:
     @torch.no_grad()
     def predict(self, weights: Mapping[str, torch.Tensor | np.ndarray], batch_size: int | None = None) -> np.ndarray:
         """Predicted target for every member in `weights` ({name: (N, *shape)}); raises SpecMismatchError when the
-        keys or shapes do not fit the spec (other widths pass only for width-agnostic kinds)."""
+        keys or shapes do not fit the spec (other widths pass for width-agnostic kinds; flat also reads narrower
+        members, zero-padded)."""
         tensors = {k: torch.as_tensor(v) for k, v in weights.items()}
-        self.spec.check(tensors, batch_dims=1, allow_other_widths=self.width_agnostic)
+        self.spec.check(tensors, batch_dims=1, allow_other_widths=self.width_agnostic or self.kind == "flat")
+        if not self.width_agnostic:  # flat: narrower members are zero-padded (the same network), wider ones refused
+            for n in self.spec.names:
+                if any(a > b for a, b in zip(tensors[n].shape[1:], self.spec.shapes[n])):
+                    from unf_models import SpecMismatchError
+
+                    raise SpecMismatchError(f"tensor '{n}': shape {tuple(tensors[n].shape[1:])} is wider than "
+                                            f"{tuple(self.spec.shapes[n])}, which this {self.kind} predictor reads")
         names = list(self.spec.names)
         n = int(tensors[names[0]].shape[0])
         batch_size = batch_size or int(self.config.get("eval_batch_size", 256))

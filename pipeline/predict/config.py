@@ -86,7 +86,10 @@ class TrainConfig:
     lr: float = 1e-3
     patience: int = 6  # epochs without a better validation tau before stopping
     augment: bool = False  # random permutation (group element) per batch on the training inputs
-    normalize: str = "tensor"  # "tensor" | "member" (scale-aware, see NORMALIZE)
+    # "member" by default (scale-aware, see NORMALIZE): on a 384-member mlp-digits zoo it raised UNF's tau on a held-out
+    # optimizer group by +0.220 [0.132, 0.305] (adam) and +0.042 [-0.006, 0.090] (sgd), and on a 2x wider foreign zoo
+    # by +0.022 / +0.077 (paired 90% intervals; predict docs "What won"), at -0.027..+0.011 on in-group validation.
+    normalize: str = "member"
     ensemble: bool = False  # also report "<model>-ens": the mean prediction over seeds
     bootstrap: int = 1000  # resamples of every bootstrap interval (tau, paired tau differences)
     chance_margin: float = 0.05  # members with accuracy > 1/n_classes + margin count as trained (tau_above, AUC)

@@ -173,9 +173,14 @@ class PredictData:
         labels = np.asarray([z.get("width", "") for z in self.zoos] or [""], dtype=object)
         return labels[self.block] if len(self.zoos) else np.full(len(self), "", dtype=object)
 
+    def _member_key(self) -> np.ndarray:
+        """(R,) one integer per (zoo, member)."""
+        zoo = np.asarray([z.get("zoo", i) for i, z in enumerate(self.zoos)] or [0], dtype=np.int64)
+        return zoo[self.block] * (1 << 40) + self.member.astype(np.int64)
+
     def check_disjoint(self) -> None:
         """Raise if any member (hence any of its checkpoints) sits on two sides of the split."""
-        key = self.block.astype(np.int64) * (1 << 40) + self.member.astype(np.int64)
+        key = self._member_key()
         sides = {s: set(key[r].tolist()) for s, r in self.rows.items()}
         names = list(sides)
         for i, a in enumerate(names):
@@ -185,7 +190,7 @@ class PredictData:
                     raise AssertionError(f"members {sorted(both)[:5]} are in both {a} and {b}")
 
     def counts(self) -> dict[str, dict[str, int]]:
-        key = self.block.astype(np.int64) * (1 << 40) + self.member.astype(np.int64)
+        key = self._member_key()
         return {s: {"members": int(len(np.unique(key[r]))), "rows": int(len(r))} for s, r in self.rows.items()}
 
 
@@ -223,6 +228,29 @@ def _usable(zoo: Any, config: TrainConfig, limit: int) -> tuple[np.ndarray, dict
             f"diverged of {len(status)}; finish building it (`unfzoo zoo` with the same recipe and --out)"
             + ("" if config.include_diverged else " or pass --include-diverged"))
     return keep, excluded
+
+
+def _member_shapes(zoo: Any, spec: Any, members: np.ndarray) -> list[tuple[tuple[str, tuple[int, ...]], ...]]:
+    """Per member, its own weight shapes (hashable): the store's shapes, or for a zoo with a `width` hyperparameter
+    (every permutable axis that wide) the spec resized to that width."""
+    stored = tuple((k, tuple(v)) for k, v in zoo.weight_shapes.items())
+    layout = zoo.layout
+    if spec is None or not ("width" in layout.continuous or "width" in layout.categorical):
+        return [stored] * len(members)
+    widths = np.asarray(zoo.hparam("width"), dtype=object)[members]
+    cache: dict[Any, tuple[tuple[str, tuple[int, ...]], ...]] = {}
+    out = []
+    for w in widths:
+        if w not in cache:
+            try:
+                sized = spec.resize({label: int(w) for label in spec.permutable_labels}).shapes
+                cache[w] = tuple((k, tuple(sized[k])) for k in zoo.weight_shapes)
+            except (TypeError, ValueError):
+                cache[w] = stored
+            if any(a > b for (_, s1), (_, s2) in zip(cache[w], stored) for a, b in zip(s1, s2)):
+                cache[w] = stored  # not a padded narrower member: keep the stored shapes
+        out.append(cache[w])
+    return out
 
 
 def _categorical_values(zoo: Any, keep: np.ndarray) -> dict[str, np.ndarray]:
@@ -292,7 +320,7 @@ def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) ->
     blocks, parts, zoo_info = [], [], []
     split_names = list(SPLITS)
     excluded_total = {"pending": 0, "diverged": 0, "non_finite": 0}
-    for b, ((zoo, role), (keep, excluded, limit)) in enumerate(zip(all_zoos, usable)):
+    for zi, ((zoo, role), (keep, excluded, limit)) in enumerate(zip(all_zoos, usable)):
         name = _zoo_name(zoo)
         seen[(role, name)] = seen.get((role, name), 0) + 1
         name = name if seen[(role, name)] == 1 else f"{name}-{seen[(role, name)]}"
@@ -323,16 +351,27 @@ def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) ->
         wanted = np.where(is_train, np.isin(c_idx, train_c)[None, :], np.isin(c_idx, eval_c)[None, :])
         excluded["non_finite"] = int((~finite & wanted).sum())  # rows (member, checkpoint) with a NaN/inf
         m_rows, c_rows = np.nonzero(finite & wanted)
-        blocks.append({k: torch.from_numpy(np.ascontiguousarray(raw[k][m_rows, c_rows])) for k in names})
-        parts.append({"member": members[m_rows], "epoch": epochs_c[c_rows], "y": y[m_rows, c_rows],
-                      "side": side[members[m_rows]]})
         for k in excluded_total:
             excluded_total[k] += excluded[k]
-        zoo_info.append({"name": name, "url": str(zoo.url), "role": role, "fingerprint": zoo.fingerprint,
-                         "width": zoo_width(spec, zoo.weight_shapes) if spec is not None else "",
-                         "n_classes": n_classes(zoo), "members": int(zoo.n_members), "excluded": excluded,
-                         "checkpoint_epochs": [int(e) for e in np.asarray(zoo.checkpoint_epochs)[eval_c]],
-                         "train_checkpoint_epochs": [int(e) for e in np.asarray(zoo.checkpoint_epochs)[train_c]]})
+        info = {"name": name, "url": str(zoo.url), "role": role, "fingerprint": zoo.fingerprint, "zoo": zi,
+                "n_classes": n_classes(zoo), "members": int(zoo.n_members), "excluded": excluded,
+                "checkpoint_epochs": [int(e) for e in np.asarray(zoo.checkpoint_epochs)[eval_c]],
+                "train_checkpoint_epochs": [int(e) for e in np.asarray(zoo.checkpoint_epochs)[train_c]]}
+        # one block per member width: narrower members of a zoo with a `width` hyperparameter are stored zero-padded
+        # to the widest; they are cropped back to their own shapes (the same function, without the padding)
+        member_shapes = _member_shapes(zoo, spec, members[m_rows])
+        for shapes in dict.fromkeys(member_shapes):
+            sel = np.flatnonzero(np.asarray([s == shapes for s in member_shapes], dtype=bool))
+            blocks.append({k: torch.from_numpy(np.ascontiguousarray(
+                raw[k][m_rows[sel], c_rows[sel]][(slice(None), *(slice(0, n) for n in dict(shapes)[k]))]))
+                for k in names})
+            parts.append({"member": members[m_rows[sel]], "epoch": epochs_c[c_rows[sel]],
+                          "y": y[m_rows[sel], c_rows[sel]], "side": side[members[m_rows[sel]]]})
+            zoo_info.append({**info, "width": zoo_width(spec, dict(shapes)) if spec is not None else ""})
+        if not len(m_rows):
+            zoo_info.append({**info, "width": zoo_width(spec, zoo.weight_shapes) if spec is not None else ""})
+            blocks.append({k: torch.zeros((0, *zoo.weight_shapes[k])) for k in names})
+            parts.append({"member": members[:0], "epoch": epochs_c[:0], "y": np.zeros(0), "side": side[:0]})
 
     block = np.concatenate([np.full(len(p["y"]), i, dtype=np.int64) for i, p in enumerate(parts)])
     pos = np.concatenate([np.arange(len(p["y"])) for p in parts])
@@ -344,7 +383,7 @@ def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) ->
 
     empty = [s for s in split_names if len(rows[s]) == 0]
     if empty:
-        n_usable = len(np.unique(block * (1 << 40) + member))
+        n_usable = len(np.unique(np.asarray([z["zoo"] for z in zoo_info])[block] * (1 << 40) + member))
         raise ConfigError(
             f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty for "
             f"{', '.join(str(z.url) for z in train_zoos)}: {n_usable} usable members (excluded: {excluded_total}) "

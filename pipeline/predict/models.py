@@ -161,18 +161,32 @@ class DeepSetsNet(nn.Module):
 
 
 class FlatNet(nn.Module):
-    """Concatenate every normalized weight into one vector -> MLP. Tied to the zoo's exact shapes and ordering."""
+    """Concatenate every normalized weight into one vector -> MLP. Tied to the zoo's exact shapes and ordering;
+    narrower members (a zoo with several widths) are zero-padded to those shapes first, which is the same network
+    (the extra units have zero weights in and out)."""
 
     def __init__(self, names: Sequence[str], n_inputs: int, hidden: Sequence[int] = (512, 512),
-                 normalizer: TensorNormalizer | None = None, features: str = "raw"):
+                 normalizer: TensorNormalizer | None = None, features: str = "raw",
+                 shapes: Mapping[str, Sequence[int]] | None = None):
         super().__init__()
         self.names = list(names)
         self.norm = normalizer or TensorNormalizer(names)
         self.features = features
+        self.shapes = {n: tuple(shapes[n]) for n in self.names} if shapes is not None else None
         self.mlp = _mlp([n_inputs * n_channels(features, self.norm.mode), *hidden, 1])
 
+    def _pad(self, weights: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        if self.shapes is None:
+            return weights
+        out = {}
+        for n in self.names:
+            w, target = weights[n], self.shapes[n]
+            pad = [p for have, want in zip(reversed(w.shape[1:]), reversed(target)) for p in (0, want - have)]
+            out[n] = torch.nn.functional.pad(w, pad) if any(pad) else w
+        return out
+
     def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        x = self.norm.channels(weights, self.features)  # {name: (B, C, *shape)}
+        x = self.norm.channels(self._pad(weights), self.features)  # {name: (B, C, *shape)}
         flat = torch.cat([x[n].reshape(x[n].shape[0], x[n].shape[1], -1).flatten(1)
                           for n in self.names], dim=1)  # (B, C * P)
         return self.mlp(flat).reshape(-1)  # (B,)
@@ -193,5 +207,5 @@ def build_net(kind: str, spec: Any, params: Mapping[str, Any], normalizer: Tenso
         return DeepSetsNet(names, params["hidden"], params["head"], normalizer, features)
     if kind == "flat":
         n_inputs = sum(int(torch.Size(spec.shapes[n]).numel()) for n in names)
-        return FlatNet(names, n_inputs, params["hidden"], normalizer, features)
+        return FlatNet(names, n_inputs, params["hidden"], normalizer, features, spec.shapes)
     raise ValueError(f"no torch predictor of kind {kind!r}")

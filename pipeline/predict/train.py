@@ -20,7 +20,7 @@ from scipy.stats import kendalltau
 from pipeline.errors import ConfigError
 from pipeline.predict.artifacts import CONFIG_FILE, STATE_FILE, Predictor, save_predictor
 from pipeline.predict.config import MODEL_KINDS, TrainConfig
-from pipeline.predict.data import SPLITS, PredictData, build_data, normalization_stats
+from pipeline.predict.data import PredictData, build_data, normalization_stats, zoo_width
 from pipeline.predict.features import statnn_features
 from pipeline.predict.models import WIDTH_AGNOSTIC, TensorNormalizer, build_net
 from pipeline.predict.statnn import fit_statnn
@@ -171,8 +171,10 @@ def _metrics(data: PredictData, pred: np.ndarray) -> dict[str, dict[str, Any]]:
 
 
 def _fits(spec: Any, kind: str, weights: dict[str, torch.Tensor]) -> bool:
-    """Whether a model of `kind` (trained on `spec`) can read these weights: always for width-agnostic kinds."""
-    return WIDTH_AGNOSTIC[kind] or all(tuple(weights[n].shape[1:]) == tuple(spec.shapes[n]) for n in spec.names)
+    """Whether a model of `kind` (trained on `spec`) can read these weights: always for width-agnostic kinds; flat
+    reads members up to the spec's widths (narrower ones zero-padded)."""
+    return WIDTH_AGNOSTIC[kind] or all(a <= b for n in spec.names
+                                       for a, b in zip(weights[n].shape[1:], spec.shapes[n]))  # flat pads narrower
 
 
 @torch.no_grad()
@@ -462,11 +464,13 @@ def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[st
     _check_out_dir(out_dir, config, urls)
     device = resolve_device(config.device)
     data = data if data is not None else build_data(zoos, config, eval_zoos)
-    widths = sorted({z["width"] for z in data.zoos if z["role"] == "train"})
     fixed = [m for m in config.models if not WIDTH_AGNOSTIC[MODEL_KINDS[m]]]
-    if fixed and len(widths) > 1:
-        raise ConfigError(f"--model {','.join(fixed)} reads one width only, and the training zoos have widths "
-                          f"{', '.join(widths)}; drop {','.join(fixed)} or train it on zoos of one width")
+    wider = sorted({z["width"] for b, z in enumerate(data.zoos) if z["role"] == "train"
+                    and not _fits(zoos[0].spec, "flat", data.blocks[b])})
+    if fixed and wider:
+        raise ConfigError(f"--model {','.join(fixed)} reads the widths of {zoos[0].url} (at most "
+                          f"{zoo_width(zoos[0].spec, zoos[0].weight_shapes)}) and a training zoo has width "
+                          f"{', '.join(wider)}; drop {','.join(fixed)} or list the widest zoo first")
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "train_config.json", json.dumps(
         clean_json({**config.to_dict(), "zoos": urls, "eval_zoos": [str(z.url) for z in eval_zoos]}), indent=2))
