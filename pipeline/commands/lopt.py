@@ -63,6 +63,11 @@ def meta_train_cmd(
     beta: float = typer.Option(0.01, help="Initial scale beta of f's output."),
     head_scale: float = typer.Option(0.0, help="Scale of f's head at init; 0 = start as SGDM (f = 0)."),
     seed: int = typer.Option(0, help="Seed of f's init, perturbations and episode draws."),
+    seeds: int = typer.Option(0, help="Meta-train this many seeds (--seed, --seed + 1, ...) into OUT/seed<k>/ (0 = one run into OUT)."),
+    nominal: str = typer.Option("sgdm", help="Nominal term the learned part is added to: sgdm | adam."),
+    meta_loss: str = typer.Option("ratio", help="Meta-loss per inner step: ratio (loss / initial) | log (its logarithm)."),
+    norm_features: bool = typer.Option(False, help="Give f the per-tensor log gradient and weight RMS as two more inputs."),
+    curriculum: int = typer.Option(0, help="Grow the episode horizon from one truncation to --horizon over this many ES steps (0 = off)."),
     validate_every: int = typer.Option(50, help="Score the meta-parameters on val-split members every N outer steps "
                                        "(and at 0 and the end); the best are saved as the optimizer. 0 = keep the last."),
     val_members: int = typer.Option(8, help="Val-split members used by --validate-every."),
@@ -77,7 +82,8 @@ def meta_train_cmd(
         from pipeline.lopt.runs import meta_train_zoo
 
         config = MetaTrainConfig(
-            optimizer=LOptConfig(kind=optimizer, hidden=hidden, layers=layers, alpha=alpha, beta=beta, head_scale=head_scale),
+            optimizer=LOptConfig(kind=optimizer, hidden=hidden, layers=layers, alpha=alpha, beta=beta, head_scale=head_scale,
+                                 nominal=nominal, norm_features=norm_features),
             es=ESConfig(estimator=estimator, pairs=pairs, sigma=sigma),
             outer_steps=outer_steps,
             horizon=horizon,
@@ -88,7 +94,16 @@ def meta_train_cmd(
             seed=seed,
             validate_every=validate_every,
             val_members=val_members,
+            meta_loss=meta_loss,
+            curriculum=curriculum,
         )
+        if seeds:
+            from pipeline.lopt.runs import meta_train_seeds
+
+            for k, result in enumerate(meta_train_seeds(zoo, config, out, seeds, device=device, max_members=max_members, progress=True)):
+                sel = f", selected step {result.selected_step} (val {result.selected_val_loss:.4f})" if result.selected_step is not None else ""
+                console.print(f"seed {seed + k}: meta-trained {optimizer} in {result.wall_time_s / 60:.1f} min{sel}; wrote {out}/seed{seed + k}/")
+            return
         result = meta_train_zoo(zoo, config, out, device=device, max_members=max_members, progress=True)
         hp = result.history[-1] if result.history else {}
         console.print(
@@ -107,12 +122,13 @@ def meta_train_cmd(
 
 @lopt_app.command("eval", epilog=_EPILOG)
 def eval_cmd(
-    directory: Path = typer.Argument(..., help="A meta-train output folder, or a folder of them (one per optimizer)."),
+    directory: Path = typer.Argument(..., help="A meta-train output folder, or a folder of them (one per optimizer, "
+                                     "each one run or seed<k>/ runs)."),
     zoo: str = typer.Option(..., "--zoo", help="Zoo store whose test-split members are trained (val split tunes Adam)."),
     members: int = typer.Option(0, help="Test members to train (0 = all)."),
     val_members: int = typer.Option(8, help="Validation members for tuning Adam's learning rate (0 = all)."),
     horizon: int = typer.Option(0, help="Inner steps of the horizon (0 = the meta-training horizon)."),
-    multiple: int = typer.Option(4, help="Also report at this multiple of the horizon."),
+    multiple: str = typer.Option("4,10", help="Also report at these multiples of the horizon (comma-separated)."),
     adam_lrs: str = typer.Option("1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1", help="Adam learning-rate grid."),
     seed: int = typer.Option(0, help="Seed of the data order (the same for every optimizer)."),
     device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda | cuda:N."),
@@ -125,7 +141,7 @@ def eval_cmd(
 
         config = EvalConfig(
             horizon=horizon,
-            multiple=multiple,
+            multiples=tuple(int(m) for m in _floats(multiple, "--multiple")),
             members=members,
             val_members=val_members,
             adam_lrs=_floats(adam_lrs, "--adam-lrs"),
@@ -136,4 +152,4 @@ def eval_cmd(
         console.print(format_table(report))
         grid = ", ".join(f"{k}: {v:.4f}" for k, v in report["adam"]["grid"].items())
         console.print(f"adam lr {report['adam']['lr']:g} chosen on {report['adam']['val_members']} val members (loss@{report['horizon']}: {grid})")
-        console.print(f"wrote {path} and {path.parent / 'curves.png'}")
+        console.print(f"wrote {path}, {path.parent / 'results.csv'} and {path.parent / 'curves.png'}")
