@@ -18,7 +18,7 @@ _EPILOG = """
   unfzoo lopt eval runs/lopt/mlp-digits-lopt --zoo datasets/zoos/mlp-digits-lopt.zarr
 
 Rerunning meta-train with the same options resumes from its last checkpoint (a larger --outer-steps extends a run).
-Defaults fit `make lopt` (~30 min on 2 CPU cores). GPU-sized settings: --pairs 16 --truncation 50 --horizon 1000
+Defaults fit `make lopt` (3 seeds x 3 optimizers, sized for ~30 min on 2 idle CPU cores). GPU-sized settings: --pairs 16 --truncation 50 --horizon 1000
 --outer-steps 2000 --hidden 32 --layers 3 (the UNF paper's PES setup and f).
 """
 
@@ -48,7 +48,7 @@ def meta_train_cmd(
     zoo: str = typer.Argument(..., help="Zoo store whose train-split members are the inner problems."),
     optimizer: str = typer.Option("unf", "--optimizer", "-o", help="unf | perparam | sgdm"),
     out: Path = typer.Option(..., "--out", help="Output folder (config.json, meta.safetensors, checkpoint)."),
-    outer_steps: int = typer.Option(1000, help="ES steps (each one truncation window)."),
+    outer_steps: int = typer.Option(500, help="ES steps (each one truncation window)."),
     horizon: int = typer.Option(100, help="Inner steps per inner run (the meta-training horizon)."),
     truncation: int = typer.Option(10, help="Inner steps per ES step; must divide --horizon."),
     pairs: int = typer.Option(8, help="Antithetic pairs (population = 2 x pairs, vmapped)."),

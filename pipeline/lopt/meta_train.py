@@ -74,7 +74,7 @@ class MetaTrainConfig:
 
     optimizer: LOptConfig = field(default_factory=LOptConfig)
     es: ESConfig = field(default_factory=ESConfig)
-    outer_steps: int = 1000  # CPU-sized (`make lopt`); the CLI's --help lists GPU-sized settings
+    outer_steps: int = 500  # CPU-sized (`make lopt`: 3 seeds x 3 optimizers); the CLI's --help lists GPU-sized settings
     horizon: int = 100  # inner steps per episode: the meta-training horizon
     truncation: int = 10  # inner steps per outer step
     outer_lr: float = 3e-3  # Adam on f's weights
