@@ -47,7 +47,7 @@ train: $(STAMP)
 	@test -e $(TRAIN_ZOO)/zarr.json || { echo "no zoo at $(TRAIN_ZOO): run 'make zoo' first (or pass TRAIN_ZOO=...)"; exit 2; }
 	$(BIN)/unfzoo train $(TRAIN_ZOO) $(TRAIN_ARGS) --out runs/train/$(basename $(notdir $(TRAIN_ZOO)))
 
-# make lopt: small MLP zoo (built or resumed), meta-train sgdm/perparam/unf for LOPT_SEEDS seeds each (every run
+# make lopt: small MLP zoo (built or resumed), meta-train sgdm/perparam/unf/unf-adam for LOPT_SEEDS seeds each (every run
 # resumes; runs land in $(LOPT_DIR)/<optimizer>/seed<k>/), evaluate on held-out members at 1x, 4x and 10x the horizon
 # with 95% intervals over meta-seeds x members (results.json, results.csv, curves.png in $(LOPT_DIR)/eval/).
 # The mlp-digits-lopt recipe keeps init_std in a range where the MLP trains (see datasets/mlp-digits-lopt.toml).
@@ -59,15 +59,18 @@ train: $(STAMP)
 LOPT_RECIPE ?= mlp-digits-lopt
 LOPT_MEMBERS ?= 128
 LOPT_SEEDS ?= 3
-LOPT_OPTIMIZERS ?= sgdm perparam unf
+# <kind> or <kind>-adam (the learned update on top of Adam: --nominal adam); each name is its runs' folder
+LOPT_OPTIMIZERS ?= sgdm perparam unf unf-adam
 LOPT_ZOO ?= $(ZOO_DIR)/$(LOPT_RECIPE).zarr
 LOPT_DIR ?= runs/lopt/$(LOPT_RECIPE)
 LOPT_ARGS ?=
 LOPT_EVAL_ARGS ?=
 lopt: $(STAMP)
 	$(BIN)/unfzoo zoo $(LOPT_RECIPE) --members $(LOPT_MEMBERS) --out $(LOPT_ZOO)
-	@set -e; for opt in $(LOPT_OPTIMIZERS); do \
-		$(BIN)/unfzoo lopt meta-train $(LOPT_ZOO) --optimizer $$opt --seeds $(LOPT_SEEDS) --out $(LOPT_DIR)/$$opt $(LOPT_ARGS); done
+	@set -e; for name in $(LOPT_OPTIMIZERS); do \
+		case $$name in *-adam) nominal=adam;; *) nominal=sgdm;; esac; \
+		$(BIN)/unfzoo lopt meta-train $(LOPT_ZOO) --optimizer $${name%-adam} --nominal $$nominal --seeds $(LOPT_SEEDS) \
+			--out $(LOPT_DIR)/$$name $(LOPT_ARGS); done
 	$(BIN)/unfzoo lopt eval $(LOPT_DIR) --zoo $(LOPT_ZOO) $(LOPT_EVAL_ARGS)
 
 bench: $(STAMP)
