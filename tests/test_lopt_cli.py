@@ -21,6 +21,9 @@ runner = CliRunner()
         (["eval", "{tmp}", "--zoo", "{tmp}/no-zoo.zarr"], "no meta-trained optimizer"),
         (["eval", "{tmp}", "--zoo", "{tmp}/no-zoo.zarr", "--adam-lrs", "1e-3,fast"], "comma-separated numbers"),
         (["eval", "{tmp}", "--zoo", "{tmp}/no-zoo.zarr", "--multiple", "0"], "multiple >= 1"),
+        (["eval", "{tmp}", "--zoo", "{tmp}/no-zoo.zarr", "--multiple", "4,2.5"], "whole multiples"),
+        (["meta-train", "{tmp}/no-zoo.zarr", "--nominal", "rmsprop", "--out", "{tmp}/o"], "sgdm or adam"),
+        (["meta-train", "{tmp}/no-zoo.zarr", "--meta-loss", "mse", "--out", "{tmp}/o"], "ratio or log"),
     ],
 )
 def test_user_errors_exit_2(tmp_path, args: list[str], message: str) -> None:

@@ -18,8 +18,8 @@ _EPILOG = """
   unfzoo lopt eval runs/lopt/mlp-digits-lopt --zoo datasets/zoos/mlp-digits-lopt.zarr
 
 Rerunning meta-train with the same options resumes from its last checkpoint (a larger --outer-steps extends a run).
-Defaults fit `make lopt` (3 seeds x 3 optimizers, sized for ~30 min on 2 idle CPU cores). GPU-sized settings: --pairs 16 --truncation 50 --horizon 1000
---outer-steps 2000 --hidden 32 --layers 3 (the UNF paper's PES setup and f).
+Defaults fit `make lopt` (4 optimizers x 3 seeds on 2 idle CPU cores). GPU-sized settings: --pairs 16 --truncation 50
+--horizon 1000 --outer-steps 2000 --hidden 32 --layers 3 (the UNF paper's PES setup and f).
 """
 
 lopt_app = typer.Typer(
@@ -41,6 +41,15 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
     if not values:
         raise ConfigError(f"{option} is empty")
     return values
+
+
+def _multiples(text: str) -> tuple[int, ...]:
+    from pipeline.errors import ConfigError
+
+    values = _floats(text, "--multiple")
+    if any(v != int(v) for v in values):
+        raise ConfigError(f"--multiple {text!r}: use whole multiples of the horizon such as 4,10")
+    return tuple(int(v) for v in values)
 
 
 @lopt_app.command("meta-train", epilog=_EPILOG)
@@ -141,7 +150,7 @@ def eval_cmd(
 
         config = EvalConfig(
             horizon=horizon,
-            multiples=tuple(int(m) for m in _floats(multiple, "--multiple")),
+            multiples=_multiples(multiple),
             members=members,
             val_members=val_members,
             adam_lrs=_floats(adam_lrs, "--adam-lrs"),

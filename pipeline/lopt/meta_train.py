@@ -323,15 +323,16 @@ def meta_train(
     state: Any = None
     accum: Tensor | None = None
     best = _Best()
+    timing = {"es_s": 0.0, "val_s": 0.0}  # wall seconds in ES steps and in meta-validation (where a run's time goes)
     out_dir = Path(out) if out is not None else None
     run = _run_digest(stored)
     if out_dir is not None:
         resumed = _try_resume(out_dir, stored, run, device)
         if resumed is not None:
-            start, elapsed, history, theta, outer_state, state, accum, best = resumed
+            start, elapsed, history, theta, outer_state, state, accum, best, timing = resumed
             # the derived files may lag the checkpoint (a kill between writes): rebuild them from it
             _save_meta(out_dir, *_last_and_selected(template, theta, best))
-            _write_json(out_dir / PROGRESS_FILE, _progress(start, elapsed, history, best))
+            _write_json(out_dir / PROGRESS_FILE, _progress(start, elapsed, history, best, timing))
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
         _write_json(out_dir / CONFIG_FILE, stored)
@@ -357,6 +358,7 @@ def meta_train(
                     state = unroll.init_state(2 * config.es.pairs if config.es.estimator == "pes" else 1)
                     accum = None
             gen = seeded_generator(config.seed, "outer", step)
+            t_step = time.perf_counter()
             res = es_step(unroll, theta, state, accum, config.es, gen)
             grad = clip_by_norm(res.grad, config.grad_clip)
             new, outer_state = outer.update({"lr": outer_lr}, outer_state, {"theta": theta}, {"theta": grad})
@@ -364,13 +366,16 @@ def meta_train(
             state, accum = res.state, res.accum
             hp = ResidualLOpt.hyperparameters(unflatten_meta(theta.cpu(), template))
             history.append({"step": step + 1, "meta_loss": res.loss, "grad_norm": float(res.grad.norm()), **hp})
+            timing["es_s"] += time.perf_counter() - t_step
             done = step + 1
             if val and (done % config.validate_every == 0 or done == config.outer_steps):
+                t_val = time.perf_counter()
                 validate(done)
+                timing["val_s"] += time.perf_counter() - t_val
             if bar is not None:
                 bar[0].update(bar[1], advance=1, description=f"meta-train {config.optimizer.kind} loss {res.loss:.3f}{best.describe()}")
             if out_dir is not None and (done % config.checkpoint_every == 0 or done == end):
-                _save(out_dir, run, template, theta, outer_state, state, accum, done, elapsed + time.perf_counter() - t0, history, best)
+                _save(out_dir, run, template, theta, outer_state, state, accum, done, elapsed + time.perf_counter() - t0, history, best, timing)
     if bar is not None:
         bar[0].stop()
     last, meta = _last_and_selected(template, theta, best)
@@ -462,11 +467,12 @@ def _save_meta(out: Path, last: Mapping[str, Tensor], selected: Mapping[str, Ten
     _save_tensors(selected, out / META_FILE)
 
 
-def _progress(step: int, elapsed: float, history: list[dict[str, float]], best: _Best) -> dict[str, Any]:
-    return {"step": step, "elapsed_s": elapsed, "history": history, **best.progress()}
+def _progress(step: int, elapsed: float, history: list[dict[str, float]], best: _Best, timing: Mapping[str, float] | None = None) -> dict[str, Any]:
+    return {"step": step, "elapsed_s": elapsed, "history": history, **best.progress(), "timing": dict(timing or {})}
 
 
-def _save(out: Path, run: str, template: Mapping[str, Tensor], theta: Tensor, outer_state: Any, state: Any, accum: Tensor | None, step: int, elapsed: float, history: list[dict[str, float]], best: _Best) -> None:
+def _save(out: Path, run: str, template: Mapping[str, Tensor], theta: Tensor, outer_state: Any, state: Any, accum: Tensor | None, step: int, elapsed: float, history: list[dict[str, float]], best: _Best,
+          timing: Mapping[str, float] | None = None) -> None:
     """The checkpoint (tensors + its step's progress in the metadata, one atomic file), then the derived files."""
     tensors = {"theta": theta.detach().cpu().contiguous()}
     if best.theta is not None:
@@ -476,7 +482,7 @@ def _save(out: Path, run: str, template: Mapping[str, Tensor], theta: Tensor, ou
         tensors.update(_flatten_tree(state, "population"))
     if accum is not None:
         tensors["accum"] = accum.detach().cpu().contiguous()
-    progress = _progress(step, elapsed, history, best)
+    progress = _progress(step, elapsed, history, best, timing)
     _save_tensors(tensors, out / CKPT_FILE, {"format": _CKPT_FORMAT, "run": run, "progress": json.dumps(progress)})
     _save_meta(out, *_last_and_selected(template, theta, best))
     _write_json(out / PROGRESS_FILE, progress)
@@ -537,7 +543,8 @@ def _try_resume(out: Path, stored: Mapping[str, Any], run: str, device: torch.de
         if "best_theta" not in flat:
             raise CheckpointError(f"{out / CKPT_FILE}: progress names a selected step but the checkpoint lacks its meta-parameters; delete {out} to start over")
         best.step, best.score, best.theta = int(selected["step"]), float(selected["val_loss"]), flat["best_theta"].to(device)
-    return int(progress["step"]), float(progress["elapsed_s"]), list(progress["history"]), theta, outer_state, state, accum, best
+    timing = {"es_s": 0.0, "val_s": 0.0, **{k: float(v) for k, v in dict(progress.get("timing") or {}).items()}}
+    return int(progress["step"]), float(progress["elapsed_s"]), list(progress["history"]), theta, outer_state, state, accum, best, timing
 
 
 def _progress_bar(enabled: bool, start: int, total: int) -> tuple[Any, Any] | None:

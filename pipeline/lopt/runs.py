@@ -207,6 +207,9 @@ def _extra(runs: Sequence[tuple[ResidualLOpt, dict[str, Any], dict[str, Any], di
     return {
         "meta_train_wall_s": float(np.mean(walls)) if walls else None,
         "outer_steps": [p.get("step") for *_x, p, _d in runs],
+        # of the wall time: seconds in ES steps and in meta-validation (mean per seed; absent for older runs)
+        **{f"meta_train_{k}": float(np.mean(v)) for k in ("es_s", "val_s")
+           if (v := [p["timing"][k] for *_x, p, _d in runs if k in (p.get("timing") or {})])},
         "selected_step": selected[0].get("step") if len(runs) == 1 else None,
         "selected_steps": [s.get("step") for s in selected],
         "selected_val_loss": [s.get("val_loss") for s in selected],
