@@ -501,10 +501,15 @@ class UNFLinear(nn.Module):
         out = []
         for ids, order, parent in self._merges:
             vals = [terms[t] for t in ids]
+            fresh = [False] * len(vals)  # vals[j] is a sum made here (referenced nowhere else): add in place
             acc: Tensor | None = None
             for i in order:  # small terms first, each added into the smallest term that contains it
-                if parent[i] >= 0:
-                    vals[parent[i]] = vals[parent[i]] + vals[i]  # type: ignore[operator]
+                j = parent[i]
+                if j >= 0 and fresh[j]:
+                    vals[j].add_(vals[i])  # type: ignore[union-attr]
+                elif j >= 0:
+                    vals[j] = vals[j] + vals[i]  # type: ignore[operator]
+                    fresh[j] = True
                 else:
                     acc = vals[i] if acc is None else acc + vals[i]
             out.append(acc)
