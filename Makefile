@@ -52,22 +52,31 @@ train: $(STAMP)
 	@test -e $(TRAIN_ZOO)/zarr.json || { echo "no zoo at $(TRAIN_ZOO): run 'make zoo' first (or pass TRAIN_ZOO=...)"; exit 2; }
 	$(BIN)/unfzoo train $(TRAIN_ZOO) $(TRAIN_ARGS) --out runs/train/$(basename $(notdir $(TRAIN_ZOO)))
 
-# make lopt: small MLP zoo (built or resumed), meta-train sgdm/perparam/unf (each resumes), evaluate on held-out members.
+# make lopt: small MLP zoo (built or resumed), meta-train sgdm/perparam/unf/unf-adam for LOPT_SEEDS seeds each (every run
+# resumes; runs land in $(LOPT_DIR)/<optimizer>/seed<k>/), evaluate on held-out members at 1x, 4x and 10x the horizon
+# with 95% intervals over meta-seeds x members (results.json, results.csv, curves.png in $(LOPT_DIR)/eval/).
 # The mlp-digits-lopt recipe keeps init_std in a range where the MLP trains (see datasets/mlp-digits-lopt.toml).
-# Meta-train defaults (1000 ES steps, horizon 100, truncation 10, 8 pairs, f 16 wide x 2) fit ~30 min on 2 CPU cores;
-# on a GPU try LOPT_ARGS="--pairs 16 --horizon 1000 --truncation 50 --outer-steps 2000 --hidden 32 --layers 3".
+# Meta-train defaults (500 ES steps, horizon 100, truncation 10, 8 pairs, f 16 wide x 2) x 4 optimizers x 3 seeds are
+# sized for ~30 min on 2 idle CPU cores (an estimate from short runs; see the lopt docs); on a GPU try LOPT_ARGS="--pairs 16 --horizon 1000 --truncation 50 --outer-steps 2000 --hidden 32 --layers 3".
 # Each run saves the meta-parameters that scored best on 8 val members (checked every 50 steps), not the last ones.
+# Other zoos: LOPT_RECIPE=cnn-digits-lopt or LOPT_RECIPE=gru-arith-lopt (same table).
 # A LOPT_DIR from a run with other options is refused (exit 2): pass a fresh one, e.g. LOPT_DIR=runs/lopt/mlp-digits-lopt-v2.
 LOPT_RECIPE ?= mlp-digits-lopt
 LOPT_MEMBERS ?= 128
+LOPT_SEEDS ?= 3
+# <kind> or <kind>-adam (the learned update on top of Adam: --nominal adam); each name is its runs' folder
+LOPT_OPTIMIZERS ?= sgdm perparam unf unf-adam
 LOPT_ZOO ?= $(ZOO_DIR)/$(LOPT_RECIPE).zarr
 LOPT_DIR ?= runs/lopt/$(LOPT_RECIPE)
 LOPT_ARGS ?=
+LOPT_EVAL_ARGS ?=
 lopt: $(STAMP)
 	$(BIN)/unfzoo zoo $(LOPT_RECIPE) --members $(LOPT_MEMBERS) --out $(LOPT_ZOO)
-	@set -e; for opt in sgdm perparam unf; do \
-		$(BIN)/unfzoo lopt meta-train $(LOPT_ZOO) --optimizer $$opt --out $(LOPT_DIR)/$$opt $(LOPT_ARGS); done
-	$(BIN)/unfzoo lopt eval $(LOPT_DIR) --zoo $(LOPT_ZOO)
+	@set -e; for name in $(LOPT_OPTIMIZERS); do \
+		case $$name in *-adam) nominal=adam;; *) nominal=sgdm;; esac; \
+		$(BIN)/unfzoo lopt meta-train $(LOPT_ZOO) --optimizer $${name%-adam} --nominal $$nominal --seeds $(LOPT_SEEDS) \
+			--out $(LOPT_DIR)/$$name $(LOPT_ARGS); done
+	$(BIN)/unfzoo lopt eval $(LOPT_DIR) --zoo $(LOPT_ZOO) $(LOPT_EVAL_ARGS)
 
 bench: $(STAMP)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done

@@ -10,7 +10,7 @@
 
 Calls are interleaved (order alternates every repetition); medians; the load average is printed with each figure.
 
-Run: `.venv/bin/python benchmarks/bench_unf.py [--quick] [--compile SHAPE ...] [--threads 1]`.
+Run: `.venv/bin/python benchmarks/bench_unf.py [--quick] [--compile SHAPE ...] [--vs-reference] [--skip-terms]`.
 """
 
 from __future__ import annotations
@@ -148,6 +148,27 @@ def bench_absolute(reps: int) -> None:
               f"   ({_load()})", flush=True)
 
 
+def bench_vs_reference(reps: int) -> None:
+    """Current layer against the frozen pre-optimization layer (tests/_unf_layers_ref.py), same parameters."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import _unf_layers_ref as ref
+
+    for shape in SHAPES:
+        spec = SHAPES[shape]()
+        x = _inputs(spec)
+        for mode in ("permutable", "exact"):
+            torch.manual_seed(0)
+            new = UNFLinear(spec, CHANNELS, CHANNELS, fixed_axes=mode)
+            old = ref.UNFLinear(spec, CHANNELS, CHANNELS, fixed_axes=mode)
+            old.load_state_dict(new.state_dict())
+            t = _timeit({"old": _ours_step(old, x), "new": _ours_step(new, x)}, reps)
+            print(f"  {shape} {mode:10s}: reference {t['old'] * 1e3:7.2f} ms, now {t['new'] * 1e3:7.2f} ms, "
+                  f"ratio {t['new'] / t['old']:.2f} ({_load()})", flush=True)
+
+
 def bench_compile(shapes: list[str], reps: int) -> None:
     """Inductor compile of one layer (forward+backward): seconds to compile and compiled / eager time."""
     for shape in shapes:
@@ -228,6 +249,8 @@ def main() -> None:
     parser.add_argument("--compile", nargs="*", default=["mlp"], choices=list(SHAPES),
                         help="shapes to compile with inductor (default: mlp; the CNN and GRU take minutes)")
     parser.add_argument("--skip-terms", action="store_true", help="skip the time-vs-terms table")
+    parser.add_argument("--vs-reference", action="store_true",
+                        help="also time the frozen pre-optimization layer (tests/_unf_layers_ref.py) side by side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reps = 5 if args.quick else 15
@@ -238,6 +261,9 @@ def main() -> None:
         _bench(f"unf_exact_vs_hnplinear_{shape}", r["exact_vs_hnp"], "<=", 0.7)
     _bench("unf_cnn_perm_vs_exact", ratios["cnn"]["perm_vs_exact"], "<=", 1.0)
     bench_absolute(reps)
+    if args.vs_reference:
+        print("against the layer before the speed work (same parameters, interleaved):")
+        bench_vs_reference(reps)
     if args.compile:
         bench_compile(args.compile, reps)
     if not args.skip_terms:

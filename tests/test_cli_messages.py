@@ -30,4 +30,4 @@ def test_recipe_error_names_its_tables(tmp_path: Path) -> None:
                       '[hparams]\noptimizer = "sgd"\nactivation = "relu"\nbatch_size = 64\nlr = 0.1\n')
     result = runner.invoke(app, ["zoo", str(recipe), "--out", str(tmp_path / "z.zarr"), "--workers", "0"])
     assert result.exit_code == 2, result.output
-    assert "[arch] with [hparams] activation" in result.output and "kernel_size" in result.output
+    assert "[arch] with [hparams]:" in result.output and "kernel_size" in result.output

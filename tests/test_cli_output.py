@@ -24,7 +24,7 @@ WIDE = {"COLUMNS": "200"}
     [
         (["train"], ["[default: (runs/train/<zoo name>-<target>)]", "[run|config|group:HPARAM[=V,...]]", "[raw+log|raw]", "[auto|bce|mse]",
                      "[auto|cpu|cuda|cuda:N]", "MODEL[,MODEL...]", "[default: unf]", "[default: (all)]"]),
-        (["lopt", "eval"], ["[default: (DIRECTORY/eval)]", "[default: 1e-4, 3e-4", "--json"]),
+        (["lopt", "eval"], ["[default: (DIRECTORY/eval)]", "[default: 1e-4,3e-4", "--json"]),
         (["lopt", "meta-train"], ["[unf|perparam|sgdm]", "[pes|tes]", "[default: pes]"]),
         (["score"], ["[final|EPOCH]", "[default: final]", "[default: (automatic)]", "--json"]),
         (["zoo"], ["[default: (datasets/zoos/NAME.zarr)]", "[default: (one per core)]", "[auto|cpu|cuda|cuda:N]"]),
@@ -66,7 +66,7 @@ def test_help_does_not_import_torch() -> None:
         (["train", "z.zarr", "--model"], "unf,st", ["unf,statnn"]),
         (["lopt", "meta-train", "z.zarr", "--optimizer"], "p", ["perparam"]),
         (["score", "p", "x", "--device"], "c", ["cpu", "cuda"]),
-        (["zoo"], "cnn-d", ["cnn-digits", "cnn-digits-lopt"]),
+        (["zoo"], "cnn-d", ["cnn-digits", "cnn-digits-foreign", "cnn-digits-lopt", "cnn-digits-smallcnnzoo"]),
     ],
 )
 def test_shell_completion_lists_values(args: list[str], incomplete: str, expected: list[str]) -> None:
@@ -171,11 +171,12 @@ def test_lopt_eval_json_and_results_csv(predict_zoo, tmp_path: Path) -> None:
     doc = json.loads(result.stdout)
     assert doc["eval_at"] == [2, 4] and "sgdm" in doc["rows"]
     rows = list(csv.DictReader((tmp_path / "eval" / "results.csv").open()))
-    names = [r["optimizer"] for r in rows]
-    assert names[0] == "sgdm" and names[1].startswith("adam (lr ") and len(rows) == len(doc["rows"]) + 1
+    # one line per (optimizer, evaluation step)
+    assert [(r["optimizer"], int(r["step"])) for r in rows][:2] == [("sgdm", 2), ("sgdm", 4)]
+    assert len(rows) == 2 * len(doc["rows"])
     sgdm = rows[0]
-    assert float(sgdm["train_loss@2"]) == pytest.approx(doc["rows"]["sgdm"]["train_loss"]["2"], rel=1e-6)
-    assert float(sgdm["train_loss@2 vs adam lo"]) <= float(sgdm["train_loss@2 vs adam"])
+    assert float(sgdm["train_loss"]) == pytest.approx(doc["rows"]["sgdm"]["train_loss"]["2"], rel=1e-6)
+    assert float(sgdm["vs_adam_lo"]) <= float(sgdm["vs_adam"]) <= float(sgdm["vs_adam_hi"])
 
 
 def test_python_takes_epochs_where_the_cli_does(predict_zoo) -> None:

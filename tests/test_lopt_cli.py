@@ -21,6 +21,9 @@ runner = CliRunner()
         (["eval", "{tmp}", "--zoo", "{tmp}/no-zoo.zarr"], "no meta-trained optimizer"),
         (["eval", "{tmp}", "--zoo", "{tmp}/no-zoo.zarr", "--adam-lrs", "1e-3,fast"], "comma-separated numbers"),
         (["eval", "{tmp}", "--zoo", "{tmp}/no-zoo.zarr", "--multiple", "0"], "multiple >= 1"),
+        (["eval", "{tmp}", "--zoo", "{tmp}/no-zoo.zarr", "--multiple", "4,2.5"], "whole multiples"),
+        (["meta-train", "{tmp}/no-zoo.zarr", "--nominal", "rmsprop", "--out", "{tmp}/o"], "sgdm or adam"),
+        (["meta-train", "{tmp}/no-zoo.zarr", "--meta-loss", "mse", "--out", "{tmp}/o"], "ratio or log"),
     ],
 )
 def test_user_errors_exit_2(tmp_path, args: list[str], message: str) -> None:
@@ -72,3 +75,27 @@ def test_meta_train_resume_and_eval_on_a_zoo(predict_zoo, tmp_path) -> None:
     assert report["rows"]["sgdm"]["selected_step"] == progress["selected"]["step"]
     assert report["reference"] is not None and report["reference"]["train_loss@horizon"] > 0
     assert (tmp_path / "eval" / "curves.png").is_file() and "adam" in result.output
+
+
+def test_meta_train_seeds_then_eval_reports_intervals_over_them(predict_zoo, tmp_path) -> None:
+    """--seeds 2 writes OUT/seed0 and OUT/seed1 (a rerun resumes both); eval groups them into one row per optimizer."""
+    import csv
+    import json
+
+    zoo = predict_zoo.url
+    common = ["--outer-steps", "2", "--horizon", "4", "--truncation", "2", "--pairs", "2", "--max-members", "4",
+              "--hidden", "8", "--device", "cpu", "--seeds", "2"]
+    for opt, extra in (("perparam", ["--nominal", "adam", "--norm-features"]), ("sgdm", [])):
+        result = runner.invoke(app, ["lopt", "meta-train", zoo, "--optimizer", opt, "--out", str(tmp_path / opt), *common, *extra])
+        assert result.exit_code == 0, result.output
+        assert "seed 1:" in result.output
+    assert json.loads((tmp_path / "perparam" / "seed1" / "config.json").read_text())["meta_train"]["seed"] == 1
+    result = runner.invoke(app, ["lopt", "eval", str(tmp_path), "--zoo", zoo, "--members", "3", "--val-members", "2",
+                                 "--multiple", "2,3", "--adam-lrs", "1e-2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert report["eval_at"] == [4, 8, 12]
+    assert report["rows"]["perparam"]["seeds"] == 2 and report["rows"]["perparam"]["nominal"] == "adam"
+    assert len(report["rows"]["sgdm"]["selected_steps"]) == 2
+    rows = list(csv.DictReader((tmp_path / "eval" / "results.csv").open()))
+    assert {r["optimizer"] for r in rows} == set(report["rows"]) and len(rows) == 3 * 3

@@ -86,7 +86,7 @@ def test_evaluation_report(tmp_path) -> None:
     sgdm = ResidualLOpt(LOptConfig(kind="sgdm"))
     test = [mlp_problem(seed=s) for s in (1, 2, 3)]
     val = [mlp_problem(seed=s) for s in (4, 5)]
-    cfg = EvalConfig(multiple=2, adam_lrs=(1e-3, 1e-1, 1e3))
+    cfg = EvalConfig(multiples=(2,), adam_lrs=(1e-3, 1e-1, 1e3))
     report = evaluate_optimizers({"sgdm": (sgdm, trained.meta)}, test, val, horizon=5, config=cfg,
                                  extra={"sgdm": {"meta_train_wall_s": trained.wall_time_s}})
     assert report["adam"]["lr"] in (1e-3, 1e-1) and set(report["adam"]["grid"]) == {"0.001", "0.1", "1000"}

@@ -70,9 +70,14 @@ def test_nonzero_f_changes_the_step() -> None:
     assert float((new["0.weight"] - sgdm["0.weight"]).abs().max()) > 1e-3
 
 
-def test_unf_update_is_equivariant_to_hidden_permutations() -> None:
-    """Permuting the inner MLP's hidden units (params, grads, state) permutes the UNF optimizer's update."""
-    problem, lopt = _lopt("unf", widths=(6, 7, 5, 3))
+@pytest.mark.parametrize(("nominal", "norm_features"), [("sgdm", False), ("adam", True)])
+def test_unf_update_is_equivariant_to_hidden_permutations(nominal: str, norm_features: bool) -> None:
+    """Permuting the inner MLP's hidden units (params, grads, state) permutes the UNF optimizer's update (also with
+    the Adam nominal term and the per-tensor norm features, which are permutation invariant)."""
+    problem, _ = _lopt("unf", widths=(6, 7, 5, 3))
+    from unf_models import WeightSpec
+
+    lopt = ResidualLOpt(LOptConfig(kind="unf", head_scale=1.0, nominal=nominal, norm_features=norm_features), WeightSpec.from_module(problem.model))
     spec = lopt.spec
     meta = {k: v.double() for k, v in lopt.init_meta(1).items()}
     meta["log_beta"] = torch.tensor(0.0, dtype=torch.float64)  # beta = 1 so f dominates the step
@@ -88,6 +93,8 @@ def test_unf_update_is_equivariant_to_hidden_permutations() -> None:
     def permute_state(s):
         out = {"step": s["step"], "nominal": spec.permute(s["nominal"], perm)}
         out["momenta"] = spec.permute(s["momenta"], perm)  # leading (K,) axis is a batch dim
+        if "second" in s:
+            out["second"] = spec.permute(s["second"], perm)
         return out
 
     new, _ = lopt.update(meta, state, params, g)

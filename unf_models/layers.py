@@ -7,10 +7,13 @@ are not permuted, so any linear map along them is allowed). ``fixed_axes="permut
 approximation: fixed labels are treated as permutable (cheaper in channels, more basis terms, and equivariant to
 permutations that are not symmetries); ``pos_embed=True`` adds a learned embedding along those axes to break it.
 
-Computation (see ``basis.py``): each distinct *read* of a piece (diagonals + means) is computed once; terms whose
-kept axes carry the same labels form one group: their reads are concatenated along channels and mixed by one matmul
-whose output columns cover every (output piece, write) of the group; writes then broadcast / place on diagonals.
-Parameters never depend on permutable sizes, so one layer accepts other widths of the same architecture.
+Computation (see ``basis.py``): each distinct *read* of a piece (diagonals + means) is computed once, from the
+smallest read that contains it; terms whose kept axes carry the same labels form one group: their reads are
+concatenated along channels (channels outermost) and mixed by one matmul whose output rows cover every
+(output piece, write) of the group; writes then broadcast / place on diagonals, and each piece's terms are summed
+smallest first into the smallest term containing them. Every plan is built at construction, so ``forward`` has no
+data-dependent Python and ``torch.compile`` traces it as one graph. Parameters never depend on permutable sizes, so
+one layer accepts other widths of the same architecture.
 """
 
 from __future__ import annotations
@@ -501,10 +504,15 @@ class UNFLinear(nn.Module):
         out = []
         for ids, order, parent in self._merges:
             vals = [terms[t] for t in ids]
+            fresh = [False] * len(vals)  # vals[j] is a sum made here (referenced nowhere else): add in place
             acc: Tensor | None = None
             for i in order:  # small terms first, each added into the smallest term that contains it
-                if parent[i] >= 0:
-                    vals[parent[i]] = vals[parent[i]] + vals[i]  # type: ignore[operator]
+                j = parent[i]
+                if j >= 0 and fresh[j]:
+                    vals[j].add_(vals[i])  # type: ignore[union-attr]
+                elif j >= 0:
+                    vals[j] = vals[j] + vals[i]  # type: ignore[operator]
+                    fresh[j] = True
                 else:
                     acc = vals[i] if acc is None else acc + vals[i]
             out.append(acc)

@@ -32,8 +32,8 @@ _EPILOG = """
   unfzoo lopt eval runs/lopt/mlp-digits-lopt --zoo datasets/zoos/mlp-digits-lopt.zarr
 
 Rerunning meta-train with the same options resumes from its last checkpoint (a larger --outer-steps extends a run).
-Defaults fit `make lopt` (~30 min on 2 CPU cores). GPU-sized settings: --pairs 16 --truncation 50 --horizon 1000
---outer-steps 2000 --hidden 32 --layers 3 (the UNF paper's PES setup and f).
+Defaults fit `make lopt` (4 optimizers x 3 seeds on 2 idle CPU cores). GPU-sized settings: --pairs 16 --truncation 50
+--horizon 1000 --outer-steps 2000 --hidden 32 --layers 3 (the UNF paper's PES setup and f).
 """
 
 lopt_app = typer.Typer(
@@ -57,13 +57,22 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
     return values
 
 
+def _multiples(text: str) -> tuple[int, ...]:
+    from pipeline.errors import ConfigError
+
+    values = _floats(text, "--multiple")
+    if any(v != int(v) for v in values):
+        raise ConfigError(f"--multiple {text!r}: use whole multiples of the horizon such as 4,10")
+    return tuple(int(v) for v in values)
+
+
 @lopt_app.command("meta-train", epilog=_EPILOG)
 def meta_train_cmd(
     zoo: str = typer.Argument(..., help="Zoo store whose train-split members are the inner problems."),
     optimizer: str = typer.Option("unf", "--optimizer", "-o", help="UNF, per-parameter MLP, or meta-tuned SGD with "
                                   "momentum.", metavar=one_of(OPTIMIZERS), autocompletion=completer(OPTIMIZERS)),
     out: Path = typer.Option(..., "--out", help="Output folder (config.json, meta.safetensors, checkpoint)."),
-    outer_steps: int = typer.Option(1000, help="ES steps (each one truncation window)."),
+    outer_steps: int = typer.Option(500, help="ES steps (each one truncation window)."),
     horizon: int = typer.Option(100, help="Inner steps per inner run (the meta-training horizon)."),
     truncation: int = typer.Option(10, help="Inner steps per ES step; must divide --horizon."),
     pairs: int = typer.Option(8, help="Antithetic pairs (population = 2 x pairs, vmapped)."),
@@ -79,6 +88,11 @@ def meta_train_cmd(
     beta: float = typer.Option(0.01, help="Initial scale beta of f's output."),
     head_scale: float = typer.Option(0.0, help="Scale of f's head at init; 0 = start as SGDM (f = 0)."),
     seed: int = typer.Option(0, help="Seed of f's init, perturbations and episode draws."),
+    seeds: int = typer.Option(0, help="Meta-train this many seeds (--seed, --seed + 1, ...) into OUT/seed<k>/ (0 = one run into OUT)."),
+    nominal: str = typer.Option("sgdm", help="Nominal term the learned part is added to: sgdm | adam."),
+    meta_loss: str = typer.Option("ratio", help="Meta-loss per inner step: ratio (loss / initial) | log (its logarithm)."),
+    norm_features: bool = typer.Option(False, help="Give f the per-tensor log gradient and weight RMS as two more inputs."),
+    curriculum: int = typer.Option(0, help="Grow the episode horizon from one truncation to --horizon over this many ES steps (0 = off)."),
     validate_every: int = typer.Option(50, help="Score the meta-parameters on val-split members every N outer steps "
                                        "(and at 0 and the end); the best are saved as the optimizer. 0 = keep the last."),
     val_members: int = typer.Option(8, help="Val-split members used by --validate-every."),
@@ -95,7 +109,8 @@ def meta_train_cmd(
 
         check_device(device)
         config = MetaTrainConfig(
-            optimizer=LOptConfig(kind=optimizer, hidden=hidden, layers=layers, alpha=alpha, beta=beta, head_scale=head_scale),
+            optimizer=LOptConfig(kind=optimizer, hidden=hidden, layers=layers, alpha=alpha, beta=beta, head_scale=head_scale,
+                                 nominal=nominal, norm_features=norm_features),
             es=ESConfig(estimator=estimator, pairs=pairs, sigma=sigma),
             outer_steps=outer_steps,
             horizon=horizon,
@@ -106,7 +121,16 @@ def meta_train_cmd(
             seed=seed,
             validate_every=validate_every,
             val_members=val_members,
+            meta_loss=meta_loss,
+            curriculum=curriculum,
         )
+        if seeds:
+            from pipeline.lopt.runs import meta_train_seeds
+
+            for k, result in enumerate(meta_train_seeds(zoo, config, out, seeds, device=device, max_members=max_members, progress=True)):
+                sel = f", selected step {result.selected_step} (val {result.selected_val_loss:.4f})" if result.selected_step is not None else ""
+                console.print(f"seed {seed + k}: meta-trained {optimizer} in {result.wall_time_s / 60:.1f} min{sel}; wrote {out}/seed{seed + k}/")
+            return
         result = meta_train_zoo(zoo, config, out, device=device, max_members=max_members, progress=True)
         hp = result.history[-1] if result.history else {}
         console.print(
@@ -125,13 +149,14 @@ def meta_train_cmd(
 
 @lopt_app.command("eval", epilog=_EPILOG)
 def eval_cmd(
-    directory: Path = typer.Argument(..., help="A meta-train output folder, or a folder of them (one per optimizer)."),
+    directory: Path = typer.Argument(..., help="A meta-train output folder, or a folder of them (one per optimizer, "
+                                     "each one run or seed<k>/ runs)."),
     zoo: str = typer.Option(..., "--zoo", help="Zoo store whose test-split members are trained (val split tunes Adam)."),
     members: int = typer.Option(0, help="Test members to train (0 = all)."),
     val_members: int = typer.Option(8, help="Validation members for tuning Adam's learning rate (0 = all)."),
     horizon: int = typer.Option(0, help="Inner steps of the horizon (0 = the meta-training horizon)."),
-    multiple: int = typer.Option(4, help="Also report at this multiple of the horizon."),
-    adam_lrs: str = typer.Option("1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1", help="Adam learning-rate grid."),
+    multiple: str = typer.Option("4,10", help="Also report at these multiples of the horizon (comma-separated)."),
+    adam_lrs: str = typer.Option("1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1", help="Adam learning-rate grid."),
     seed: int = typer.Option(0, help="Seed of the data order (the same for every optimizer)."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N.", metavar=one_of(DEVICES),
                                autocompletion=completer(DEVICES)),
@@ -147,7 +172,7 @@ def eval_cmd(
         check_device(device)
         config = EvalConfig(
             horizon=horizon,
-            multiple=multiple,
+            multiples=_multiples(multiple),
             members=members,
             val_members=val_members,
             adam_lrs=_floats(adam_lrs, "--adam-lrs"),
@@ -158,7 +183,6 @@ def eval_cmd(
         else:
             with console.status("training held-out members with every optimizer"):
                 report, path = evaluate_zoo(directory, zoo, config, out=out, device=device)
-        _results_frame(report).to_csv(path.parent / "results.csv", index=False)
         if as_json:
             print_json(report)
             return
@@ -166,26 +190,3 @@ def eval_cmd(
         grid = ", ".join(f"{k}: {v:.4f}" for k, v in report["adam"]["grid"].items())
         console.print(f"adam lr {report['adam']['lr']:g} chosen on {report['adam']['val_members']} val members (loss@{report['horizon']}: {grid})")
         console.print(escape(f"wrote {path}, {path.parent / 'results.csv'} and {path.parent / 'curves.png'}"))
-
-
-def _results_frame(report: dict):  # noqa: ANN202 - a pandas DataFrame (pandas is imported lazily)
-    """One row per optimizer (tuned Adam and the zoo record included): losses, accuracies, differences vs Adam with
-    their 95% intervals, divergence, speed; the columns of `results.csv`."""
-    import pandas as pd
-
-    rows = []
-    for name, row in report["rows"].items():
-        flat = {"optimizer": name}
-        for key in ("train_loss", "test_acc"):
-            flat.update({f"{key}@{step}": value for step, value in row.get(key, {}).items()})
-        for key, d in (row.get("vs_adam") or {}).items():
-            flat.update({f"{key} vs adam": d.get("mean"), f"{key} vs adam lo": d.get("lo"),
-                         f"{key} vs adam hi": d.get("hi")})
-        flat.update({k: v for k, v in row.items()
-                     if k not in ("train_loss", "test_acc", "vs_adam") and not isinstance(v, (dict, list))})
-        rows.append(flat)
-    ref = report.get("reference")
-    if ref:
-        rows.append({"optimizer": ref.get("name", "zoo record"),
-                     **{k: v for k, v in ref.items() if k != "name" and not isinstance(v, (dict, list))}})
-    return pd.DataFrame(rows)

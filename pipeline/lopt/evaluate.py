@@ -1,12 +1,12 @@
 """Evaluate meta-trained optimizers on held-out zoo members against Adam tuned on validation members.
 
-Every optimizer trains each test member from its stored initialization for `multiple` x the meta-training horizon,
-with the same batches (data order seeded per member). Reported per optimizer: training loss (whole train split) at the
-horizon and at `multiple` x it, test accuracy at both, divergence rate and time per step; and for the learned
-optimizers the mean and 95% t-interval of the per-member difference against tuned Adam. Adam's learning rate is
-chosen on validation members only, by training loss at the horizon. Non-finite losses count as `loss_cap` x the
-member's initial loss in means and differences (and as diverged).
-"""
+Every optimizer (each of its meta-training seeds) trains each test member from its stored initialization for the
+largest of `multiples` x the meta-training horizon, with the same batches (data order seeded per member). Reported per
+optimizer: training loss (whole train split) at the horizon and at each multiple, with 95% two-way bootstrap intervals
+over meta-seeds and members; the paired difference against tuned Adam (same bootstrap); test accuracy; whether the
+loss at the last multiple is above the loss at the horizon ("rises"); divergence rate and time per step. Adam's learning
+rate is chosen on validation members only, by training loss at the horizon. Non-finite losses count as `loss_cap` x the
+member's initial loss in means and differences (and as diverged)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from pipeline.errors import ConfigError
 from pipeline.lopt.inner import InnerProblem, group_problems
 from pipeline.lopt.optimizers import Adam, FunctionalOptimizer
 
-__all__ = ["EvalConfig", "RunResult", "evaluate_optimizers", "format_table", "paired_difference", "run_optimizer", "tune_adam"]
+__all__ = ["EvalConfig", "RunResult", "cluster_bootstrap", "evaluate_optimizers", "format_table", "paired_difference", "run_optimizer",
+           "save_report", "tune_adam", "write_csv"]
 
 DEFAULT_ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
@@ -38,20 +39,25 @@ class EvalConfig:
     """What to evaluate and how."""
 
     horizon: int = 0  # inner steps of "the horizon"; 0 = the optimizers' meta-training horizon
-    multiple: int = 4  # also report at multiple x horizon (beyond what meta-training saw)
+    multiples: tuple[int, ...] = (4, 10)  # also report at these multiples of the horizon (beyond what meta-training saw)
     members: int = 0  # test members to use (0 = all)
     val_members: int = 8  # validation members for tuning Adam's learning rate (0 = all)
     adam_lrs: tuple[float, ...] = DEFAULT_ADAM_LRS
     loss_cap: float = 2.0  # a final loss above cap x initial loss (or non-finite) counts as diverged
     seed: int = 0
+    bootstrap: int = 2000  # resamples of the two-way (meta-seed x member) bootstrap intervals
 
     def __post_init__(self) -> None:
-        if self.horizon < 0 or self.multiple < 1 or self.members < 0 or self.val_members < 0:
-            raise ConfigError("horizon, members and val_members must be >= 0 and multiple >= 1")
+        if self.horizon < 0 or self.members < 0 or self.val_members < 0:
+            raise ConfigError("horizon, members and val_members must be >= 0")
+        if not self.multiples or any(m < 1 for m in self.multiples):
+            raise ConfigError(f"horizon multiples must be given and each multiple >= 1, got {self.multiples}")
         if not self.adam_lrs or any(not lr > 0 for lr in self.adam_lrs):
             raise ConfigError(f"adam learning-rate grid must be non-empty and positive, got {self.adam_lrs}")
         if not self.loss_cap > 1:
             raise ConfigError(f"loss_cap must be > 1, got {self.loss_cap}")
+        if self.bootstrap < 100:
+            raise ConfigError(f"bootstrap needs at least 100 resamples, got {self.bootstrap}")
 
 
 @dataclass
@@ -164,14 +170,44 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
 
 
+def cluster_bootstrap(values: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Mean of `values` (seeds S x members M) with a two-way bootstrap percentile interval.
+
+    Each resample draws S meta-seeds and M members with replacement (independently) and averages the S x M block:
+    both the meta-training run and the held-out member are random draws, so the interval covers a new meta-training
+    run on new members. With S = 1 it is the ordinary bootstrap over members (a single run: no meta-seed spread).
+    """
+    v = np.atleast_2d(np.asarray(values, np.float64))
+    s, m = v.shape
+    mean = float(v.mean())
+    if s * m < 2 or not np.isfinite(mean):
+        return {"mean": mean, "lo": math.nan, "hi": math.nan, "n": m, "seeds": s}
+    rng = np.random.default_rng(seed)
+    si = rng.integers(0, s, size=(resamples, s))
+    mi = rng.integers(0, m, size=(resamples, m))
+    means = v[si[:, :, None], mi[:, None, :]].mean(axis=(1, 2))
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": mean, "lo": float(lo), "hi": float(hi), "n": m, "seeds": s}
+
+
 @dataclass
 class _Row:
     name: str
     values: dict[str, Any] = field(default_factory=dict)
 
 
+Entry = tuple[FunctionalOptimizer, Mapping[str, Tensor]]
+
+
+def _as_runs(value: Entry | Sequence[Entry]) -> list[Entry]:
+    """One (optimizer, meta) pair, or one per meta-training seed."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Mapping):
+        return [value]
+    return list(value)  # type: ignore[arg-type]
+
+
 def evaluate_optimizers(
-    optimizers: Mapping[str, tuple[FunctionalOptimizer, Mapping[str, Tensor]]],
+    optimizers: Mapping[str, Entry | Sequence[Entry]],
     test_problems: Sequence[InnerProblem],
     val_problems: Sequence[InnerProblem],
     horizon: int,
@@ -179,41 +215,55 @@ def evaluate_optimizers(
     reference: Mapping[str, Any] | None = None,
     extra: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run every optimizer and tuned Adam on `test_problems`; return the JSON-ready report.
+    """Run every optimizer (each meta-training seed of it) and tuned Adam on `test_problems`; return the report.
 
-    `reference` is an optional row (e.g. the zoo's own recorded curve) copied into the report; `extra` maps an
-    optimizer name to fields shown with it (e.g. its meta-training wall time).
+    `optimizers` maps a name to one (optimizer, meta) pair or to a list of them, one per meta-training seed. Per
+    optimizer the report gives the training loss at the horizon and at each multiple of it (mean and two-way bootstrap
+    interval over seeds x members), the difference against tuned Adam on the same members (same bootstrap, paired by
+    member), and `rises`: whether the mean loss at the last multiple is above the mean at the horizon (the optimizer
+    undoes its own progress past the horizon it was meta-trained for). `reference` is an optional row copied into the
+    report; `extra` maps an optimizer name to fields shown with it (e.g. its meta-training wall time).
     """
     if not test_problems:
         raise ConfigError("no test members to evaluate on (is the zoo's test split empty?)")
     if not val_problems:
         raise ConfigError("no validation members to tune Adam on (is the zoo's val split empty?)")
-    long = horizon * config.multiple
-    eval_at = (horizon, long) if long != horizon else (horizon,)
+    eval_at = tuple(sorted({horizon, *(horizon * m for m in config.multiples)}))
+    long = eval_at[-1]
     best_lr, grid = tune_adam(val_problems, config.adam_lrs, horizon, config.seed, config.loss_cap)
-    runs: dict[str, RunResult] = {}
-    for name, (opt, meta) in optimizers.items():
-        runs[name] = run_optimizer(test_problems, opt, meta, long, eval_at, config.seed)
+    runs: dict[str, list[RunResult]] = {}
+    for name, value in optimizers.items():
+        runs[name] = [run_optimizer(test_problems, opt, meta, long, eval_at, config.seed) for opt, meta in _as_runs(value)]
     adam_name = f"adam (lr {best_lr:g})"
-    runs[adam_name] = run_optimizer(test_problems, Adam(), Adam.init_meta(best_lr), long, eval_at, config.seed)
-    adam = runs[adam_name]
+    runs[adam_name] = [run_optimizer(test_problems, Adam(), Adam.init_meta(best_lr), long, eval_at, config.seed)]
+    adam = runs[adam_name][0]
+    a_loss = _capped(adam.train_loss, adam.initial_loss, config.loss_cap)  # (M, E)
+    a_acc = np.nan_to_num(adam.test_acc)
+    boot = {"resamples": config.bootstrap, "seed": config.seed}
     rows = {}
-    for name, r in runs.items():
-        loss = _capped(r.train_loss, r.initial_loss, config.loss_cap)  # (M, E)
-        final = r.train_loss[:, -1]
-        diverged = ~np.isfinite(final) | (final > config.loss_cap * r.initial_loss)
+    for name, rs in runs.items():
+        loss = np.stack([_capped(r.train_loss, r.initial_loss, config.loss_cap) for r in rs])  # (S, M, E)
+        acc = np.stack([np.nan_to_num(r.test_acc) for r in rs])  # (S, M, E)
+        final = np.stack([r.train_loss[:, -1] for r in rs])
+        initial = rs[0].initial_loss
+        diverged = ~np.isfinite(final) | (final > config.loss_cap * initial)
+        rises = loss[:, :, -1] > loss[:, :, 0]  # (S, M) runs that end above their loss at the horizon
         row: dict[str, Any] = {
-            "train_loss": {str(s): float(loss[:, j].mean()) for j, s in enumerate(r.eval_at)},
-            "test_acc": {str(s): float(np.nan_to_num(r.test_acc[:, j]).mean()) for j, s in enumerate(r.eval_at)},
-            "diverged": float(diverged.mean()),
-            "ms_per_step": r.ms_per_step,
+            "seeds": len(rs),
             "members": len(test_problems),
+            "train_loss": {str(s): float(loss[:, :, j].mean()) for j, s in enumerate(eval_at)},
+            "train_loss_ci": {str(s): cluster_bootstrap(loss[:, :, j], **boot) for j, s in enumerate(eval_at)},
+            "test_acc": {str(s): float(acc[:, :, j].mean()) for j, s in enumerate(eval_at)},
+            "per_seed_train_loss": {str(s): [float(x) for x in loss[:, :, j].mean(1)] for j, s in enumerate(eval_at)},
+            "rises": bool(loss[:, :, -1].mean() > loss[:, :, 0].mean()),
+            "rises_fraction": float(rises.mean()),
+            "diverged": float(diverged.mean()),
+            "ms_per_step": float(np.mean([r.ms_per_step for r in rs])),
         }
         if name != adam_name:
-            a_loss = _capped(adam.train_loss, adam.initial_loss, config.loss_cap)
             row["vs_adam"] = {
-                **{f"train_loss@{s}": paired_difference(loss[:, j], a_loss[:, j]) for j, s in enumerate(r.eval_at)},
-                **{f"test_acc@{s}": paired_difference(np.nan_to_num(r.test_acc[:, j]), np.nan_to_num(adam.test_acc[:, j])) for j, s in enumerate(r.eval_at)},
+                **{f"train_loss@{s}": cluster_bootstrap(loss[:, :, j] - a_loss[None, :, j], **boot) for j, s in enumerate(eval_at)},
+                **{f"test_acc@{s}": cluster_bootstrap(acc[:, :, j] - a_acc[None, :, j], **boot) for j, s in enumerate(eval_at)},
             }
         row.update(dict((extra or {}).get(name, {})))
         rows[name] = row
@@ -225,58 +275,92 @@ def evaluate_optimizers(
         "rows": rows,
         "reference": dict(reference) if reference else None,
         "members": [p.member if p.member is not None else p.name for p in test_problems],
-        "curves": {name: np.nanmean(_capped(r.curve, r.initial_loss, config.loss_cap), axis=0).tolist() for name, r in runs.items()},
+        "curves": {name: np.nanmean(np.stack([_capped(r.curve, r.initial_loss, config.loss_cap) for r in rs]), axis=(0, 1)).tolist()
+                   for name, rs in runs.items()},
     }
 
 
+def _ci(d: Mapping[str, float] | None, fmt: str = "+.3f") -> str:
+    if not d:
+        return "-"
+    if not math.isfinite(d.get("lo", math.nan)):
+        return format(d["mean"], fmt)
+    return f"{d['mean']:{fmt}} [{d['lo']:{fmt}}, {d['hi']:{fmt}}]"
+
+
+def _meta_train_cell(row: Mapping[str, Any]) -> str:
+    wall = row.get("meta_train_wall_s")
+    text = f"{wall / 60:.1f} min" if wall is not None else "-"
+    steps = row.get("selected_steps") or ([row["selected_step"]] if row.get("selected_step") is not None else [])
+    if steps:
+        text += f", step {'/'.join(str(s) for s in steps)}"
+    return text
+
+
 def format_table(report: Mapping[str, Any]) -> Any:
-    """A rich Table of the report: one row per optimizer, differences vs tuned Adam with 95% intervals (names,
-    which come from folder names, are escaped: rich would read `[...]` in them as markup)."""
+    """A rich Table of the report: one row per optimizer; intervals are 95% two-way bootstrap (seeds x members).
+    Names come from folder names and are escaped (rich would read `[...]` in them as markup)."""
     from rich.markup import escape
     from rich.table import Table
 
-    h, long = report["eval_at"][0], report["eval_at"][-1]
-    table = Table(title=f"held-out members: {len(report['members'])}; horizon {h} steps, reported at {h} and {long}")
-    for col in ("optimizer", f"loss@{h}", f"loss@{long}", f"Δloss@{h} vs adam", f"Δloss@{long} vs adam", f"acc@{long}", f"Δacc@{long}", "diverged", "ms/step", "meta-train"):
+    steps = [str(s) for s in report["eval_at"]]
+    h, long = steps[0], steps[-1]
+    table = Table(title=f"held-out members: {len(report['members'])}; horizon {h} steps, reported at {', '.join(steps)}; "
+                        "[lo, hi] = 95% bootstrap over meta-seeds x members")
+    cols = ["optimizer", "seeds", f"loss@{h}", *(f"loss@{s}" for s in steps[1:]), f"Δloss@{h} vs adam", f"Δloss@{long} vs adam",
+            f"acc@{long}", f"rises past {h}", "diverged", "ms/step", "meta-train (mean per seed)"]
+    for col in cols:
         table.add_column(col, justify="left" if col == "optimizer" else "right")
-
-    def ci(d: Mapping[str, float] | None, fmt: str = "+.3f") -> str:
-        if not d:
-            return "-"
-        if not math.isfinite(d.get("lo", math.nan)):
-            return format(d["mean"], fmt)
-        return f"{d['mean']:{fmt}} [{d['lo']:{fmt}}, {d['hi']:{fmt}}]"
-
     for name, row in report["rows"].items():
         vs = row.get("vs_adam") or {}
-        wall = row.get("meta_train_wall_s")
+        ci = row.get("train_loss_ci") or {}
+        rises = "YES" if row.get("rises") else "no"
         table.add_row(
             escape(name),
-            f"{row['train_loss'][str(h)]:.4f}",
-            f"{row['train_loss'][str(long)]:.4f}",
-            ci(vs.get(f"train_loss@{h}")),
-            ci(vs.get(f"train_loss@{long}")),
-            f"{row['test_acc'][str(long)]:.3f}",
-            ci(vs.get(f"test_acc@{long}")),
+            str(row.get("seeds", 1)),
+            _ci(ci.get(h), ".4f") if ci else f"{row['train_loss'][h]:.4f}",
+            *(f"{row['train_loss'][s]:.4f}" for s in steps[1:]),
+            _ci(vs.get(f"train_loss@{h}")),
+            _ci(vs.get(f"train_loss@{long}")),
+            f"{row['test_acc'][long]:.3f}",
+            f"{rises} ({100 * row.get('rises_fraction', 0):.0f}%)",
             f"{100 * row['diverged']:.0f}%",
             f"{row['ms_per_step']:.1f}",
-            (f"{wall / 60:.1f} min" if wall is not None else "-") + (f", step {row['selected_step']}" if row.get("selected_step") is not None else ""),
+            _meta_train_cell(row),
         )
     ref = report.get("reference")
     if ref:
-        table.add_row(
-            escape(ref.get("name", "zoo record")),
-            _fmt(ref.get("train_loss@horizon")),
-            _fmt(ref.get("train_loss@long")),
-            "-",
-            "-",
-            _fmt(ref.get("test_acc@long"), ".3f"),
-            "-",
-            "-",
-            "-",
-            escape(ref.get("note", "-")),
-        )
+        table.add_row(escape(ref.get("name", "zoo record")), "-", _fmt(ref.get("train_loss@horizon")), *(["-"] * (len(steps) - 2)),
+                      _fmt(ref.get("train_loss@long")), "-", "-", _fmt(ref.get("test_acc@long"), ".3f"), "-", "-", "-", escape(ref.get("note", "-")))
     return table
+
+
+CSV_FIELDS = ("optimizer", "seeds", "members", "step", "multiple", "train_loss", "train_loss_lo", "train_loss_hi",
+              "vs_adam", "vs_adam_lo", "vs_adam_hi", "test_acc", "rises", "rises_fraction", "diverged", "ms_per_step",
+              "meta_train_s")
+
+
+def write_csv(report: Mapping[str, Any], path: str | Path) -> Path:
+    """results.csv: one line per (optimizer, evaluation step), with the intervals of the table."""
+    import csv
+
+    path = Path(path)
+    h = report["eval_at"][0]
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for name, row in report["rows"].items():
+            for s in report["eval_at"]:
+                ci = (row.get("train_loss_ci") or {}).get(str(s)) or {}
+                vs = (row.get("vs_adam") or {}).get(f"train_loss@{s}") or {}
+                w.writerow({
+                    "optimizer": name, "seeds": row.get("seeds", 1), "members": row.get("members"), "step": s, "multiple": s // h,
+                    "train_loss": row["train_loss"][str(s)], "train_loss_lo": ci.get("lo", ""), "train_loss_hi": ci.get("hi", ""),
+                    "vs_adam": vs.get("mean", ""), "vs_adam_lo": vs.get("lo", ""), "vs_adam_hi": vs.get("hi", ""),
+                    "test_acc": row["test_acc"][str(s)], "rises": int(bool(row.get("rises"))), "rises_fraction": row.get("rises_fraction", ""),
+                    "diverged": row["diverged"], "ms_per_step": row["ms_per_step"], "meta_train_s": row.get("meta_train_wall_s") or "",
+                })
+    return path
 
 
 def _fmt(value: Any, fmt: str = ".4f") -> str:
@@ -297,6 +381,8 @@ def plot_curves(report: Mapping[str, Any], path: str | Path) -> Path:
         smooth = np.convolve(c, np.ones(w) / w, mode="valid")
         ax.plot(np.arange(len(smooth)) + w, smooth, label=name, lw=1.4)
     ax.axvline(report["eval_at"][0], color="grey", ls="--", lw=0.8, label="meta-train horizon")
+    for s in report["eval_at"][1:-1]:
+        ax.axvline(s, color="grey", ls=":", lw=0.6)
     ax.set_yscale("log")
     ax.set_xlabel("inner step")
     ax.set_ylabel("training loss (minibatch, mean over members)")
@@ -310,10 +396,11 @@ def plot_curves(report: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def save_report(report: Mapping[str, Any], out: str | Path) -> Path:
-    """Write results.json and curves.png into `out`; return the JSON path."""
+    """Write results.json, results.csv and curves.png into `out`; return the JSON path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     path.write_text(json.dumps(report, indent=2, default=float))
+    write_csv(report, out / "results.csv")
     plot_curves(report, out / "curves.png")
     return path

@@ -17,7 +17,9 @@ __all__ = [
     "MOMENTUM_DECAYS",
     "N_ENTRY_FEATURES",
     "N_FEATURES",
+    "N_NORM_FEATURES",
     "TIME_SCALES",
+    "add_norm_features",
     "build_features",
     "init_momenta",
     "time_features",
@@ -28,6 +30,7 @@ MOMENTUM_DECAYS: tuple[float, ...] = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 TIME_SCALES: tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000)
 N_ENTRY_FEATURES = 2 + len(MOMENTUM_DECAYS)  # 8: weight, gradient, momenta
 N_FEATURES = N_ENTRY_FEATURES + len(TIME_SCALES)  # 19
+N_NORM_FEATURES = 2  # optional per-tensor channels: log gradient RMS, log weight RMS
 _EPS = 1e-8
 
 
@@ -77,3 +80,15 @@ def build_features(
         k: _normalize(torch.cat([p.unsqueeze(0), grads[k].unsqueeze(0), momenta[k]], dim=0), clip)  # (8, *shape)
         for k, p in params.items()
     }
+
+
+def add_norm_features(feats: Mapping[str, Tensor], params: Mapping[str, Tensor], grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Append 2 channels constant over each tensor: log10 RMS of its gradient and of its weights, / 4, clipped to
+    [-2, 2] (an RMS of 1e-8 gives -2). They carry the scale that per-tensor normalization removes."""
+    out = {}
+    for k, f in feats.items():
+        g = torch.nan_to_num(grads[k], nan=0.0, posinf=0.0, neginf=0.0)
+        logs = torch.stack([g.square().mean(), params[k].square().mean()]).add(1e-16).log10().mul(0.125).clamp(-2.0, 2.0)
+        chans = logs.view(N_NORM_FEATURES, *([1] * params[k].dim())).expand(N_NORM_FEATURES, *params[k].shape)
+        out[k] = torch.cat([f, chans.to(f.dtype)], dim=0)
+    return out

@@ -63,6 +63,8 @@ META_LAST_FILE = "meta_last.safetensors"
 CKPT_FILE = "checkpoint.safetensors"
 PROGRESS_FILE = "progress.json"
 _RESUME_FREE = ("outer_steps", "checkpoint_every")  # may change between a run and its resume
+# options added after runs were first written, with the defaults that reproduce those runs
+_LATER_DEFAULTS: dict[str, Any] = {"meta_loss": "ratio", "curriculum": 0, "optimizer.nominal": "sgdm", "optimizer.norm_features": False}
 _CKPT_FORMAT = "unfzoo-lopt-checkpoint/2"  # metadata "format" of a checkpoint that records its own step
 
 
@@ -72,7 +74,7 @@ class MetaTrainConfig:
 
     optimizer: LOptConfig = field(default_factory=LOptConfig)
     es: ESConfig = field(default_factory=ESConfig)
-    outer_steps: int = 1000  # CPU-sized (`make lopt`); the CLI's --help lists GPU-sized settings
+    outer_steps: int = 500  # CPU-sized (`make lopt`: 3 seeds x 3 optimizers); the CLI's --help lists GPU-sized settings
     horizon: int = 100  # inner steps per episode: the meta-training horizon
     truncation: int = 10  # inner steps per outer step
     outer_lr: float = 3e-3  # Adam on f's weights
@@ -86,6 +88,12 @@ class MetaTrainConfig:
     checkpoint_every: int = 25
     validate_every: int = 50  # outer steps between meta-validations (0 = off: the last meta-parameters are kept)
     val_members: int = 8  # validation-split members scored at each meta-validation
+    # Meta-loss per inner step: "ratio" = loss / initial loss (clipped at loss_cap), "log" = its logarithm, which
+    # weighs a late fall from 0.02 to 0.01 as much as an early one from 1 to 0.5 (Metz et al. 2019 train on log loss).
+    meta_loss: str = "ratio"
+    # Horizon curriculum: over the first `curriculum` outer steps the episodes' horizon grows linearly from one
+    # truncation to `horizon` (0 = off: every episode lasts `horizon`). Meta-validation always uses `horizon`.
+    curriculum: int = 0
 
     def __post_init__(self) -> None:
         if self.horizon < 1 or self.truncation < 1 or self.horizon % self.truncation:
@@ -94,6 +102,10 @@ class MetaTrainConfig:
             raise ConfigError("outer_steps must be >= 0 and checkpoint_every >= 1")
         if self.validate_every < 0 or self.val_members < 1:
             raise ConfigError(f"validate_every must be >= 0 and val_members >= 1, got {self.validate_every} and {self.val_members}")
+        if self.meta_loss not in ("ratio", "log"):
+            raise ConfigError(f"meta_loss {self.meta_loss!r} is unknown; use ratio or log")
+        if self.curriculum < 0:
+            raise ConfigError(f"curriculum must be >= 0 outer steps, got {self.curriculum}")
         if not (self.outer_lr > 0 and self.hp_lr > 0 and self.grad_clip > 0 and self.loss_cap > 1):
             raise ConfigError("need outer_lr > 0, hp_lr > 0, grad_clip > 0 and loss_cap > 1")
 
@@ -144,10 +156,11 @@ class PopulationUnroll:
     members of an antithetic pair share them.
     """
 
-    def __init__(self, lopt: ResidualLOpt, template: Mapping[str, Tensor], problem: InnerProblem, order: Tensor, cap: float, truncation: int):
+    def __init__(self, lopt: ResidualLOpt, template: Mapping[str, Tensor], problem: InnerProblem, order: Tensor, cap: float, truncation: int,
+                 log_loss: bool = False):
         self.lopt, self.template, self.problem = lopt, dict(template), problem
         self.order = order.to(problem.device)  # (pairs, T, B)
-        self.cap, self.truncation = cap, truncation
+        self.cap, self.truncation, self.log_loss = cap, truncation, log_loss
         self.scale = problem.initial_loss()
 
         def step(meta, opt_state, params, x, y):
@@ -176,7 +189,8 @@ class PopulationUnroll:
             idx = self.order[stream, t.clamp(max=self.order.shape[1] - 1)]  # (P, B)
             x, y = self.problem.x_train[idx], self.problem.y_train[idx]  # (P, B, ...)
             params, opt, loss = self._vstep(meta, opt, params, x, y)
-            total = total + sanitize_losses(loss.detach().to(total.dtype) / self.scale, self.cap)
+            ratio = sanitize_losses(loss.detach().to(total.dtype) / self.scale, self.cap)
+            total = total + (ratio.clamp(min=1e-6).log() if self.log_loss else ratio)
             t = t + 1
         return {"params": params, "opt": opt, "t": t}, total / self.truncation
 
@@ -222,10 +236,19 @@ def _save_tensors(tensors: Mapping[str, Tensor], path: Path, metadata: dict[str,
     os.replace(tmp, path)
 
 
+def _identity(meta_train: Mapping[str, Any]) -> dict[str, Any]:
+    """The resume-relevant part of a stored meta-train config: less the options free to change, and less options
+    added later while at their defaults (so a run written before they existed still resumes)."""
+    ident = {k: v for k, v in dict(meta_train).items() if k not in _RESUME_FREE and _LATER_DEFAULTS.get(k, ()) != v}
+    if isinstance(ident.get("optimizer"), Mapping):
+        ident["optimizer"] = {k: v for k, v in ident["optimizer"].items() if _LATER_DEFAULTS.get(f"optimizer.{k}", ()) != v}
+    return ident
+
+
 def _run_digest(stored: Mapping[str, Any]) -> str:
     """sha256 of what identifies a run for resuming: config.json's content less the options free to change."""
     ident = dict(stored)
-    ident["meta_train"] = {k: v for k, v in dict(stored.get("meta_train") or {}).items() if k not in _RESUME_FREE}
+    ident["meta_train"] = _identity(stored.get("meta_train") or {})
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -300,20 +323,21 @@ def meta_train(
     state: Any = None
     accum: Tensor | None = None
     best = _Best()
+    timing = {"es_s": 0.0, "val_s": 0.0}  # wall seconds in ES steps and in meta-validation (where a run's time goes)
     out_dir = Path(out) if out is not None else None
     run = _run_digest(stored)
     if out_dir is not None:
         resumed = _try_resume(out_dir, stored, run, device)
         if resumed is not None:
-            start, elapsed, history, theta, outer_state, state, accum, best = resumed
+            start, elapsed, history, theta, outer_state, state, accum, best, timing = resumed
             # the derived files may lag the checkpoint (a kill between writes): rebuild them from it
             _save_meta(out_dir, *_last_and_selected(template, theta, best))
-            _write_json(out_dir / PROGRESS_FILE, _progress(start, elapsed, history, best))
+            _write_json(out_dir / PROGRESS_FILE, _progress(start, elapsed, history, best, timing))
         else:
             out_dir.mkdir(parents=True, exist_ok=True)
         _write_json(out_dir / CONFIG_FILE, stored)
 
-    windows = config.horizon // config.truncation
+    plan = _EpisodePlan(config)
     unroll: PopulationUnroll | None = None
     end = config.outer_steps if stop_after is None else min(config.outer_steps, start + stop_after)
     bar = _progress_bar(progress, start, config.outer_steps)
@@ -327,13 +351,14 @@ def meta_train(
         if val and start == 0 and not best.curve:
             validate(0)
         for step in range(start, end):
-            episode, window = divmod(step, windows)
+            episode, window, ep_horizon = plan.locate(step)
             if unroll is None or window == 0:
-                unroll = _episode_unroll(lopt, template, problems, config, episode)
+                unroll = _episode_unroll(lopt, template, problems, config, episode, ep_horizon)
                 if window == 0 or state is None:  # a new episode (a resumed one keeps its saved population)
                     state = unroll.init_state(2 * config.es.pairs if config.es.estimator == "pes" else 1)
                     accum = None
             gen = seeded_generator(config.seed, "outer", step)
+            t_step = time.perf_counter()
             res = es_step(unroll, theta, state, accum, config.es, gen)
             grad = clip_by_norm(res.grad, config.grad_clip)
             new, outer_state = outer.update({"lr": outer_lr}, outer_state, {"theta": theta}, {"theta": grad})
@@ -341,13 +366,16 @@ def meta_train(
             state, accum = res.state, res.accum
             hp = ResidualLOpt.hyperparameters(unflatten_meta(theta.cpu(), template))
             history.append({"step": step + 1, "meta_loss": res.loss, "grad_norm": float(res.grad.norm()), **hp})
+            timing["es_s"] += time.perf_counter() - t_step
             done = step + 1
             if val and (done % config.validate_every == 0 or done == config.outer_steps):
+                t_val = time.perf_counter()
                 validate(done)
+                timing["val_s"] += time.perf_counter() - t_val
             if bar is not None:
                 bar[0].update(bar[1], advance=1, description=f"meta-train {config.optimizer.kind} loss {res.loss:.3f}{best.describe()}")
             if out_dir is not None and (done % config.checkpoint_every == 0 or done == end):
-                _save(out_dir, run, template, theta, outer_state, state, accum, done, elapsed + time.perf_counter() - t0, history, best)
+                _save(out_dir, run, template, theta, outer_state, state, accum, done, elapsed + time.perf_counter() - t0, history, best, timing)
     if bar is not None:
         bar[0].stop()
     last, meta = _last_and_selected(template, theta, best)
@@ -388,12 +416,41 @@ def _outer_lrs(template: Mapping[str, Tensor], config: MetaTrainConfig) -> Tenso
     return torch.cat(parts)
 
 
-def _episode_unroll(lopt: ResidualLOpt, template: Mapping[str, Tensor], problems: Sequence[InnerProblem], config: MetaTrainConfig, episode: int) -> PopulationUnroll:
+class _EpisodePlan:
+    """Where outer step `step` falls: (episode, window within it, the episode's horizon), with the curriculum."""
+
+    def __init__(self, config: MetaTrainConfig):
+        self.config = config
+        self.starts: list[int] = [0]  # first outer step of each episode planned so far
+        self.horizons: list[int] = [self.horizon_at(0)]
+
+    def horizon_at(self, step: int) -> int:
+        c = self.config
+        if not c.curriculum or step >= c.curriculum:
+            return c.horizon
+        windows = c.horizon // c.truncation
+        return c.truncation * max(1, min(windows, round(windows * step / c.curriculum)))
+
+    def locate(self, step: int) -> tuple[int, int, int]:
+        c = self.config
+        if not c.curriculum:
+            episode, window = divmod(step, c.horizon // c.truncation)
+            return episode, window, c.horizon
+        while self.starts[-1] + self.horizons[-1] // c.truncation <= step:
+            nxt = self.starts[-1] + self.horizons[-1] // c.truncation
+            self.starts.append(nxt)
+            self.horizons.append(self.horizon_at(nxt))
+        episode = next(e for e in range(len(self.starts) - 1, -1, -1) if self.starts[e] <= step)
+        return episode, step - self.starts[episode], self.horizons[episode]
+
+
+def _episode_unroll(lopt: ResidualLOpt, template: Mapping[str, Tensor], problems: Sequence[InnerProblem], config: MetaTrainConfig, episode: int,
+                    horizon: int | None = None) -> PopulationUnroll:
     gen = seeded_generator(config.seed, "episode", episode)
     problem = problems[int(torch.randint(len(problems), (1,), generator=gen))]
     seeds = torch.randint(1 << 31, (config.es.pairs,), generator=gen).tolist()
-    order = torch.stack([problem.data_order(config.horizon, s) for s in seeds])  # (pairs, T, B)
-    return PopulationUnroll(lopt, template, problem, order, config.loss_cap, config.truncation)
+    order = torch.stack([problem.data_order(horizon or config.horizon, s) for s in seeds])  # (pairs, T, B)
+    return PopulationUnroll(lopt, template, problem, order, config.loss_cap, config.truncation, config.meta_loss == "log")
 
 
 def _last_and_selected(template: Mapping[str, Tensor], theta: Tensor, best: _Best
@@ -410,11 +467,12 @@ def _save_meta(out: Path, last: Mapping[str, Tensor], selected: Mapping[str, Ten
     _save_tensors(selected, out / META_FILE)
 
 
-def _progress(step: int, elapsed: float, history: list[dict[str, float]], best: _Best) -> dict[str, Any]:
-    return {"step": step, "elapsed_s": elapsed, "history": history, **best.progress()}
+def _progress(step: int, elapsed: float, history: list[dict[str, float]], best: _Best, timing: Mapping[str, float] | None = None) -> dict[str, Any]:
+    return {"step": step, "elapsed_s": elapsed, "history": history, **best.progress(), "timing": dict(timing or {})}
 
 
-def _save(out: Path, run: str, template: Mapping[str, Tensor], theta: Tensor, outer_state: Any, state: Any, accum: Tensor | None, step: int, elapsed: float, history: list[dict[str, float]], best: _Best) -> None:
+def _save(out: Path, run: str, template: Mapping[str, Tensor], theta: Tensor, outer_state: Any, state: Any, accum: Tensor | None, step: int, elapsed: float, history: list[dict[str, float]], best: _Best,
+          timing: Mapping[str, float] | None = None) -> None:
     """The checkpoint (tensors + its step's progress in the metadata, one atomic file), then the derived files."""
     tensors = {"theta": theta.detach().cpu().contiguous()}
     if best.theta is not None:
@@ -424,7 +482,7 @@ def _save(out: Path, run: str, template: Mapping[str, Tensor], theta: Tensor, ou
         tensors.update(_flatten_tree(state, "population"))
     if accum is not None:
         tensors["accum"] = accum.detach().cpu().contiguous()
-    progress = _progress(step, elapsed, history, best)
+    progress = _progress(step, elapsed, history, best, timing)
     _save_tensors(tensors, out / CKPT_FILE, {"format": _CKPT_FORMAT, "run": run, "progress": json.dumps(progress)})
     _save_meta(out, *_last_and_selected(template, theta, best))
     _write_json(out / PROGRESS_FILE, progress)
@@ -469,8 +527,7 @@ def _try_resume(out: Path, stored: Mapping[str, Any], run: str, device: torch.de
     for key in ("meta_train", "spec", "source"):
         a, b = old.get(key), stored.get(key)
         if key == "meta_train" and isinstance(a, dict) and isinstance(b, dict):
-            a = {k: v for k, v in a.items() if k not in _RESUME_FREE}
-            b = {k: v for k, v in b.items() if k not in _RESUME_FREE}
+            a, b = _identity(a), _identity(b)
         if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             raise ConfigError(f"--out {out} holds a meta-training run with a different {key.replace('_', '-')}; use another --out, or delete it to start over")
     if not (out / CKPT_FILE).exists():  # killed before the first checkpoint: start over (progress.json is derived)
@@ -486,7 +543,8 @@ def _try_resume(out: Path, stored: Mapping[str, Any], run: str, device: torch.de
         if "best_theta" not in flat:
             raise CheckpointError(f"{out / CKPT_FILE}: progress names a selected step but the checkpoint lacks its meta-parameters; delete {out} to start over")
         best.step, best.score, best.theta = int(selected["step"]), float(selected["val_loss"]), flat["best_theta"].to(device)
-    return int(progress["step"]), float(progress["elapsed_s"]), list(progress["history"]), theta, outer_state, state, accum, best
+    timing = {"es_s": 0.0, "val_s": 0.0, **{k: float(v) for k, v in dict(progress.get("timing") or {}).items()}}
+    return int(progress["step"]), float(progress["elapsed_s"]), list(progress["history"]), theta, outer_state, state, accum, best, timing
 
 
 def _progress_bar(enabled: bool, start: int, total: int) -> tuple[Any, Any] | None:

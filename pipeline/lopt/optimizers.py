@@ -31,7 +31,15 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from pipeline.errors import ConfigError
-from pipeline.lopt.features import N_FEATURES, build_features, init_momenta, time_features, update_momenta
+from pipeline.lopt.features import (
+    N_FEATURES,
+    N_NORM_FEATURES,
+    add_norm_features,
+    build_features,
+    init_momenta,
+    time_features,
+    update_momenta,
+)
 
 __all__ = [
     "KINDS",
@@ -46,7 +54,9 @@ __all__ = [
 ]
 
 KINDS = ("unf", "perparam", "sgdm")
+NOMINALS = ("sgdm", "adam")
 State = dict[str, Any]
+_ADAM_B2, _ADAM_EPS = 0.999, 1e-8  # the Adam nominal term's fixed second-moment decay and epsilon
 Params = dict[str, Tensor]
 
 
@@ -83,12 +93,23 @@ class LOptConfig:
     # UNF head: "permutable" treats fixed axes (inputs, classes) as permutable, as the paper's code does; "exact" folds
     # them into channels, which is the maximal layer but has ~400k head parameters on a 64-input MLP: too many for ES.
     fixed_axes: str = "permutable"
+    # The nominal term the learned part f is added to: "sgdm" (the gradient's EMA with decay gamma0, the UNF paper's
+    # choice) or "adam" (Adam's bias-corrected direction m_hat / (sqrt(v_hat) + eps), first-moment decay gamma0,
+    # second-moment decay 0.999): W <- W - alpha (adam_dir + beta f). With kind "sgdm" and nominal "adam" the
+    # optimizer is meta-tuned Adam (learned step size and first-moment decay).
+    nominal: str = "sgdm"
+    # Two more per-tensor input channels for f: log10 of the tensor's gradient RMS and of its weight RMS (scaled by
+    # 1/4, clipped to [-2, 2]). The per-tensor normalization of the other channels hides the gradient's scale, which
+    # is what tells f that training has converged or is blowing up (Metz et al. 2022, "VeLO").
+    norm_features: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"optimizer kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
         if not (self.alpha > 0 and self.beta > 0 and 0 < self.gamma0 < 1):
             raise ConfigError(f"need alpha > 0, beta > 0 and 0 < gamma0 < 1, got {self.alpha}, {self.beta}, {self.gamma0}")
+        if self.nominal not in NOMINALS:
+            raise ConfigError(f"nominal term {self.nominal!r} is unknown; use sgdm or adam")
         if self.fixed_axes not in ("permutable", "exact"):
             raise ConfigError(f"fixed_axes must be permutable or exact, got {self.fixed_axes!r}")
         if self.hidden < 1 or self.layers < 1 or self.clip <= 0:
@@ -165,7 +186,12 @@ class ResidualLOpt:
         self.kind = config.kind
         self.net: UpdateNet | None = None
         if config.kind != "sgdm":
-            self.net = UpdateNet(config.kind, spec, N_FEATURES, config.hidden, config.layers, config.fixed_axes)
+            self.net = UpdateNet(config.kind, spec, self.in_channels, config.hidden, config.layers, config.fixed_axes)
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of f: 8 per-entry + (2 per-tensor norm features) + 11 time features."""
+        return N_FEATURES + (N_NORM_FEATURES if self.config.norm_features else 0)
 
     # -- meta-parameters -------------------------------------------------------------------------------------------
     def init_meta(self, seed: int = 0) -> dict[str, Tensor]:
@@ -179,7 +205,7 @@ class ResidualLOpt:
             meta["log_beta"] = torch.tensor(math.log(c.beta))
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                fresh = UpdateNet(c.kind, self.spec, N_FEATURES, c.hidden, c.layers, c.fixed_axes)
+                fresh = UpdateNet(c.kind, self.spec, self.in_channels, c.hidden, c.layers, c.fixed_axes)
             for k, v in fresh.named_parameters():
                 scale = c.head_scale if k.startswith("head.") else 1.0
                 meta[f"f.{k}"] = (v.detach().float() * scale).clone()
@@ -202,6 +228,8 @@ class ResidualLOpt:
             "step": torch.zeros((), dtype=torch.long, device=next(iter(params.values())).device),
             "nominal": {k: torch.zeros_like(p) for k, p in params.items()},
         }
+        if self.config.nominal == "adam":
+            state["second"] = {k: torch.zeros_like(p) for k, p in params.items()}
         if self.net is not None:
             state["momenta"] = init_momenta(params)
         return state
@@ -212,12 +240,22 @@ class ResidualLOpt:
         """One step; pure (no in-place change of its inputs), so it vmaps over a population of (meta, state)."""
         alpha = meta["log_alpha"].exp()
         gamma = torch.sigmoid(meta["logit_gamma0"])
-        nominal = {k: gamma * m + (1 - gamma) * grads[k] for k, m in state["nominal"].items()}
-        new_state: State = {"step": state["step"] + 1, "nominal": nominal}
+        first = {k: gamma * m + (1 - gamma) * grads[k] for k, m in state["nominal"].items()}
+        new_state: State = {"step": state["step"] + 1, "nominal": first}
+        if self.config.nominal == "adam":
+            second = {k: _ADAM_B2 * v + (1 - _ADAM_B2) * grads[k].square() for k, v in state["second"].items()}
+            new_state["second"] = second
+            t = new_state["step"].to(alpha.dtype)
+            bc1, bc2_sqrt = 1 - gamma**t, (1 - _ADAM_B2**t).sqrt()
+            nominal = {k: (m / bc1) / (second[k].sqrt() / bc2_sqrt + _ADAM_EPS) for k, m in first.items()}
+        else:
+            nominal = first
         if self.net is None:
             return {k: p - alpha * nominal[k] for k, p in params.items()}, new_state
         momenta = update_momenta(state["momenta"], grads)
         feats = build_features(params, grads, momenta, self.config.clip)
+        if self.config.norm_features:
+            feats = add_norm_features(feats, params, grads)
         tfeat = time_features(state["step"], alpha.dtype)  # (11,)
         f_params = {k[2:]: v for k, v in meta.items() if k.startswith("f.")}
         batched = {k: v.unsqueeze(0) for k, v in feats.items()}  # (1, 8, *shape)

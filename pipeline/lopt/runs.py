@@ -19,7 +19,7 @@ from pipeline.lopt.inner import InnerProblem, problems_from_zoo
 from pipeline.lopt.meta_train import CONFIG_FILE, PROGRESS_FILE, MetaTrainConfig, MetaTrainResult, load_optimizer, meta_train
 from pipeline.lopt.optimizers import ResidualLOpt
 
-__all__ = ["evaluate_zoo", "find_optimizer_dirs", "meta_train_zoo", "split_members"]
+__all__ = ["evaluate_zoo", "find_optimizer_dirs", "find_optimizer_runs", "meta_train_seeds", "meta_train_zoo", "split_members"]
 
 
 def _open(zoo_path: str | Path) -> Any:
@@ -88,15 +88,53 @@ def meta_train_zoo(
     return meta_train(problems, config, out, spec=spec, source=source, device=dev, progress=progress, val_problems=val)
 
 
-def find_optimizer_dirs(directory: str | Path) -> list[Path]:
-    """`directory` itself if it is a meta-training output, else its sub-directories that are (sorted)."""
+def meta_train_seeds(
+    zoo_path: str | Path,
+    config: MetaTrainConfig,
+    out: str | Path,
+    seeds: int,
+    device: str = "auto",
+    max_members: int = 0,
+    progress: bool = False,
+) -> list[MetaTrainResult]:
+    """`seeds` meta-training runs with seeds config.seed, config.seed + 1, ... into OUT/seed<k>/ (each resumable)."""
+    from dataclasses import replace
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    return [meta_train_zoo(zoo_path, replace(config, seed=config.seed + k), Path(out) / f"seed{config.seed + k}", device, max_members, progress)
+            for k in range(seeds)]
+
+
+def _is_run(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file()
+
+
+def _seed_runs(path: Path) -> list[Path]:
+    """A run folder's meta-training seeds: `path` itself if it is a run, else its seed<k>/ sub-folders that are."""
+    if _is_run(path):
+        return [path]
+    runs = [p for p in path.iterdir() if p.name.startswith("seed") and p.name[4:].isdigit() and _is_run(p)] if path.is_dir() else []
+    return sorted(runs, key=lambda p: int(p.name[4:]))
+
+
+def find_optimizer_runs(directory: str | Path) -> dict[str, list[Path]]:
+    """Optimizer name -> its meta-training runs (one per seed). `directory` is one run, one optimizer's folder of
+    seed<k>/ runs, or a folder of those (one sub-folder per optimizer, named after it)."""
     directory = Path(directory)
-    if (directory / CONFIG_FILE).is_file():
-        return [directory]
-    found = sorted(p for p in directory.iterdir() if (p / CONFIG_FILE).is_file()) if directory.is_dir() else []
+    own = _seed_runs(directory)
+    if own:
+        return {directory.name: own}
+    found = {p.name: _seed_runs(p) for p in sorted(directory.iterdir()) if p.is_dir()} if directory.is_dir() else {}
+    found = {k: v for k, v in found.items() if v}
     if not found:
         raise CheckpointError(f"{directory} holds no meta-trained optimizer ({CONFIG_FILE}); run `unfzoo lopt meta-train ZOO --out {directory}/unf` first")
     return found
+
+
+def find_optimizer_dirs(directory: str | Path) -> list[Path]:
+    """Every meta-training run under `directory` (see `find_optimizer_runs`), flattened."""
+    return [p for runs in find_optimizer_runs(directory).values() for p in runs]
 
 
 def _reference_row(zoo: Any, members: Sequence[int], problems: Sequence[InnerProblem], horizon: int, long: int) -> dict[str, Any] | None:
@@ -133,42 +171,52 @@ def evaluate_zoo(
     from pipeline.device import resolve_device
 
     dev = resolve_device(device)
-    dirs = find_optimizer_dirs(directory)
+    groups = find_optimizer_runs(directory)
     zoo = _open(zoo_path)
-    loaded = {}
+    loaded: dict[str, list[tuple[ResidualLOpt, dict[str, Any], dict[str, Any], dict[str, Any], Path]]] = {}
     horizons = set()
-    for d in dirs:
-        lopt, meta, stored = load_optimizer(d, dev)
-        name = lopt.kind if lopt.kind not in loaded else d.name
-        progress = json.loads((d / PROGRESS_FILE).read_text()) if (d / PROGRESS_FILE).is_file() else {}
-        horizons.add(int(stored["meta_train"]["horizon"]))
-        loaded[name] = (lopt, meta, stored, progress, d)
+    for name, dirs in groups.items():
+        for d in dirs:
+            lopt, meta, stored = load_optimizer(d, dev)
+            progress = json.loads((d / PROGRESS_FILE).read_text()) if (d / PROGRESS_FILE).is_file() else {}
+            horizons.add(int(stored["meta_train"]["horizon"]))
+            loaded.setdefault(name, []).append((lopt, meta, stored, progress, d))
     horizon = config.horizon or max(horizons)
     test_members = split_members(zoo, "test", config.members)
     val_members = split_members(zoo, "val", config.val_members)
     test = problems_from_zoo(zoo, test_members, dev)
     val = problems_from_zoo(zoo, val_members, dev)
-    for name, (lopt, *_rest) in loaded.items():
-        _check_applicable(name, lopt, test[0])
-    extra = {
-        name: {
-            "meta_train_wall_s": progress.get("elapsed_s"),
-            "outer_steps": progress.get("step"),
-            "selected_step": (progress.get("selected") or {}).get("step"),
-            "selected_val_loss": (progress.get("selected") or {}).get("val_loss"),
-            "directory": str(d),
-            **ResidualLOpt.hyperparameters(meta),
-        }
-        for name, (lopt, meta, stored, progress, d) in loaded.items()
-    }
-    optimizers = {name: (v[0], v[1]) for name, v in loaded.items()}
+    for name, runs in loaded.items():
+        _check_applicable(name, runs[0][0], test[0])
+    extra = {name: _extra(runs) for name, runs in loaded.items()}
+    optimizers = {name: [(r[0], r[1]) for r in runs] for name, runs in loaded.items()}
     report = evaluate_optimizers(optimizers, test, val, horizon, config, extra=extra)
-    report["reference"] = _reference_row(zoo, test_members, test, horizon, horizon * config.multiple)
+    report["reference"] = _reference_row(zoo, test_members, test, horizon, report["eval_at"][-1])
     report["zoo"] = {"path": str(zoo_path), "fingerprint": zoo.fingerprint, "task": zoo.task_name}
     report["meta_train_horizons"] = sorted(horizons)
     out_dir = Path(out) if out is not None else Path(directory) / "eval"
     path = save_report(report, out_dir)
     return report, path
+
+
+def _extra(runs: Sequence[tuple[ResidualLOpt, dict[str, Any], dict[str, Any], dict[str, Any], Path]]) -> dict[str, Any]:
+    """Per optimizer: meta-training wall time (mean per seed), selected steps, hyperparameters (mean), folders."""
+    walls = [p.get("elapsed_s") for *_x, p, _d in runs if p.get("elapsed_s") is not None]
+    selected = [(p.get("selected") or {}) for *_x, p, _d in runs]
+    hps = [ResidualLOpt.hyperparameters(meta) for _o, meta, *_x in runs]
+    return {
+        "meta_train_wall_s": float(np.mean(walls)) if walls else None,
+        "outer_steps": [p.get("step") for *_x, p, _d in runs],
+        # of the wall time: seconds in ES steps and in meta-validation (mean per seed; absent for older runs)
+        **{f"meta_train_{k}": float(np.mean(v)) for k in ("es_s", "val_s")
+           if (v := [p["timing"][k] for *_x, p, _d in runs if k in (p.get("timing") or {})])},
+        "selected_step": selected[0].get("step") if len(runs) == 1 else None,
+        "selected_steps": [s.get("step") for s in selected],
+        "selected_val_loss": [s.get("val_loss") for s in selected],
+        "nominal": runs[0][0].config.nominal,
+        "directories": [str(d) for *_x, d in runs],
+        **{k: float(np.mean([h[k] for h in hps])) for k in hps[0]},
+    }
 
 
 def _check_applicable(name: str, lopt: ResidualLOpt, problem: InnerProblem) -> None:
