@@ -104,12 +104,18 @@ def test_rebuilt_module_reproduces_the_stored_accuracy(reference: tuple[Path, st
     zoo = Zoo.open(reference[1])
     task = load_task("digits")
     done = np.flatnonzero(zoo.status == DONE)[:3]
-    stored = zoo.metric("test_acc")[:, -1]
+    stored, stored_loss = zoo.metric("test_acc")[:, -1], zoo.metric("test_loss")[:, -1]
+    n_test = len(task.y_test)
     for m in done:
         module = zoo.module(int(m), -1)
         with torch.no_grad():
-            acc = (module(task.x_test).argmax(-1) == task.y_test).float().mean().item()
-        assert acc == pytest.approx(float(stored[m]), abs=1e-6)
+            logits = module(task.x_test)
+        acc = (logits.argmax(-1) == task.y_test).float().mean().item()
+        loss = torch.nn.functional.cross_entropy(logits, task.y_test).item()
+        # The batched engine sums in another order than this plain forward pass, so a near-tie prediction may flip
+        # on another CPU: at most one test sample's worth of accuracy; the mean loss agrees to float32 rounding.
+        assert abs(acc - float(stored[m])) <= 1 / n_test + 1e-6
+        assert loss == pytest.approx(float(stored_loss[m]), rel=1e-4)
 
 
 def test_sigkill_mid_run_then_rerun_is_bit_identical(reference: tuple[Path, str], tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from pipeline.commands._common import print_json, print_table, user_errors
+from pipeline.commands._common import escape, print_json, print_table, user_errors
 
 _QUANTILES = ("min", "p10", "median", "p90", "max")
 
@@ -31,22 +31,22 @@ def inspect(
         if as_json:
             print_json(_json_summary(summary))
             return
-        head = Table(title=f"zoo {summary['name']}", show_header=False, title_justify="left")
+        head = Table(title=f"zoo {escape(str(summary['name']))}", show_header=False, title_justify="left")
         for key in ("store", "kind", "task", "arch", "members", "status", "checkpoint epochs", "chunks", "splits", "size on disk"):
-            head.add_row(key, str(summary[key]))
+            head.add_row(key, escape(str(summary[key])))
         print_table(head)
         hp = Table(title="hyperparameters", title_justify="left")
         hp.add_column("name")
         hp.add_column("values")
         for name, text in summary["hparams"].items():
-            hp.add_row(name, text)
+            hp.add_row(escape(name), escape(text))
         print_table(hp)
         metrics = Table(title="metrics of done members (min / p10 / median / p90 / max)", title_justify="left")
         metrics.add_column("metric")
         metrics.add_column("epoch", justify="right")
         metrics.add_column("quantiles")
         for (name, epoch), q in summary["metrics"].items():
-            metrics.add_row(name, str(epoch), "  ".join(f"{v:.3f}" for v in q))
+            metrics.add_row(escape(name), str(epoch), "  ".join(f"{v:.3f}" for v in q))
         print_table(metrics)
 
 
@@ -64,7 +64,7 @@ def _json_summary(summary: dict[str, Any]) -> dict[str, Any]:
 
 def _verify(store: object) -> None:
     """Print what `Zoo.verify` found; damage ends the command with exit code 1 after naming every damaged chunk."""
-    from pipeline.commands._common import console, err_console, escape
+    from pipeline.commands._common import console, err_console
 
     report = store.verify()  # type: ignore[attr-defined]
     if not report.checksums:
