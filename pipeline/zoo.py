@@ -35,6 +35,7 @@ from pipeline.store import (
     _local_path,
     check_capacity,
     create_store,
+    migrate_store,
     normalize_url,
     open_group,
     read_meta,
@@ -365,6 +366,7 @@ def _prepare_store(
         check_capacity(url, plan.layout, n_new, existing=n_old)
         _remove_partials(url)
         repaired = _check_damage(url, repair)
+        migrate_store(url)  # a store from before STORE_VERSION 2 gets its xarray metadata; data untouched
         if n_new > n_old:
             k = recipe.members_per_chunk
             if n_old % k:  # the partial last chunk grows: retrain it whole, as a fresh build would
