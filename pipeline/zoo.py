@@ -51,7 +51,18 @@ from pipeline.store import (
 )
 from pipeline.storelock import StoreLock
 
-__all__ = ["ZooPlan", "ChunkTask", "ChunkOutcome", "BuildReport", "plan_zoo", "build_zoo", "train_chunk", "default_workers"]
+__all__ = [
+    "ZooPlan",
+    "ChunkTask",
+    "ChunkOutcome",
+    "BuildReport",
+    "plan_zoo",
+    "build_zoo",
+    "train_chunk",
+    "default_workers",
+    "in_process_by_default",
+    "IN_PROCESS_WORK",
+]
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,20 @@ class BuildReport:
     @property
     def members_per_s(self) -> float:
         return self.trained / self.wall_s if self.wall_s > 0 else float("nan")
+
+
+# Below this much training work (pending members x epochs x parameters per member) a default build (no --workers,
+# no --scheduler) trains in this process: starting a LocalCluster (a Python + torch + task-data start per worker)
+# costs more than its parallelism saves. Measured on 2 cores with cnn-digits; see `in_process_by_default`.
+IN_PROCESS_WORK = 128 * 12 * 4_970
+
+
+def in_process_by_default(pending_members: int, epochs: int, params: int, chunks: int, cores: int) -> bool:
+    """Whether a build without --workers/--scheduler trains in this process rather than on a LocalCluster: when
+    one worker would get all the work (one pending chunk or one core), or the work is below IN_PROCESS_WORK."""
+    if chunks <= 1 or cores <= 1:
+        return True
+    return pending_members * max(1, epochs) * params < IN_PROCESS_WORK
 
 
 def default_workers() -> int:
@@ -321,7 +346,8 @@ def build_zoo(
 
     `members` overrides the recipe's count (a larger count extends an existing zoo; by default the larger of the
     recipe's and the store's count). `workers=0` trains in this process; `workers=None` starts a Dask LocalCluster
-    with one single-threaded worker per core; `scheduler` connects to a running Dask scheduler instead. `threads` is
+    with one single-threaded worker per core, except for small builds (`in_process_by_default`), which train in this
+    process; `workers=N` always starts N workers; `scheduler` connects to a running Dask scheduler instead. `threads` is
     torch's thread count per task (default: cores // workers on a LocalCluster, torch's own setting otherwise); a
     rerun gives bit-identical weights when it uses the same thread count.
     `repair` verifies every finished chunk and retrains the damaged ones (without it, damage is refused).
@@ -461,7 +487,10 @@ def _train_pending(
 
     n_workers = 0
     if pending:
-        if scheduler is None and workers == 0:
+        params = sum(int(np.prod(v)) for v in plan.layout.weight_shapes.values())
+        small = workers is None and in_process_by_default(int(to_train), recipe.epochs, params, len(pending),
+                                                          default_workers())
+        if scheduler is None and (workers == 0 or small):
             for c in pending:
                 outcome = train_chunk(ChunkTask(url, recipe, plan.arch, plan.layout, c, n_new, threads, device))
                 if on_chunk is not None:
