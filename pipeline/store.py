@@ -1321,7 +1321,10 @@ class Zoo:
             put(name, "hparams", (("member",), values, attrs))
         codes = self.status.astype(np.int64)
         put("status", "members", (("member",), np.asarray(STATUS_NAMES)[codes], {"codes": list(STATUS_NAMES)}))
-        split = self.root["members/split_run"][:].astype(np.int64)
+        try:  # rewritten by every build; a lost one reads as unassigned here (Zoo.split recomputes it)
+            split = self.root["members/split_run"][:].astype(np.int64)
+        except Exception:  # noqa: BLE001 - missing or unreadable
+            split = np.full(self.n_members, -1, np.int64)
         put("split", "members", (("member",), np.asarray(["train", "val", "test", ""])[split],
                                  {"kind": "run", "codes": ["train", "val", "test"]}))
         for name in ("seed", "config", "diverged_epoch"):

@@ -123,9 +123,11 @@ class BuildReport:
 
 
 # Below this much training work (pending members x epochs x parameters per member) a default build (no --workers,
-# no --scheduler) trains in this process: starting a LocalCluster (a Python + torch + task-data start per worker)
-# costs more than its parallelism saves. Measured on 2 cores with cnn-digits; see `in_process_by_default`.
-IN_PROCESS_WORK = 128 * 12 * 4_970
+# no --scheduler) trains in this process: starting a LocalCluster (a Python + torch + task-data start per worker,
+# ~15 s wall here) costs more than its parallelism saves. Measured with cnn-digits variants on 2 busy cores
+# (load 8-9): 8 members x 1 epoch (2 chunks, work 40k) 27 s in-process vs 42 s on 2 workers; 32 x 1 (8 chunks,
+# work 159k) 84 s vs 52 s; 128 x 2 (2 chunks, work 1.27M) 43 s vs 31 s. The threshold sits between 40k and 159k.
+IN_PROCESS_WORK = 100_000
 
 
 def in_process_by_default(pending_members: int, epochs: int, params: int, chunks: int, cores: int) -> bool:
