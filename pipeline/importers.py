@@ -8,6 +8,8 @@ the same layout `unfzoo zoo` writes, so every later stage reads imported and gen
 from __future__ import annotations
 
 import ast
+import functools
+import inspect
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -20,6 +22,7 @@ from pipeline import __version__
 from pipeline.checkpoints import CHECKPOINT_SUFFIXES, load_checkpoint
 from pipeline.errors import CheckpointError, StoreMismatchError
 from pipeline.store import MemberBlock, StoreLayout, _jsonable, create_store, store_exists, write_members, write_splits
+from pipeline.storelock import StoreLock
 
 __all__ = ["import_checkpoints", "import_small_cnn_zoo", "load_state_dict", "parse_arch", "CHECKPOINT_SUFFIXES"]
 
@@ -109,7 +112,23 @@ def _config_ids(frame: Any) -> np.ndarray:
     return frame[cols].astype(str).groupby(cols, sort=False).ngroup().to_numpy(np.int64)
 
 
+def _holding_lock(importer: Any) -> Any:
+    """Run an importer holding the writer lock of its `out` store (`pipeline.storelock`), as `unfzoo zoo` does:
+    a second writer of the same store is refused with StoreBusyError naming the holder."""
+
+    @functools.wraps(importer)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        from pipeline.store import normalize_url
+
+        out = inspect.signature(importer).bind(*args, **kwargs).arguments["out"]
+        with StoreLock(normalize_url(out)):
+            return importer(*args, **kwargs)
+
+    return locked
+
+
 # ---- a folder of PyTorch checkpoints ---------------------------------------------------------------------------------
+@_holding_lock
 def import_checkpoints(
     directory: str | Path,
     arch: str | Mapping[str, Any] | None,
@@ -375,6 +394,7 @@ def small_cnn_arch(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
     return small_cnn_zoo_arch(convs, denses)
 
 
+@_holding_lock
 def import_small_cnn_zoo(
     directory: str | Path,
     out: str,

@@ -3,14 +3,21 @@
 Layout (N members, C checkpoints, chunks of K members along the member axis everywhere):
 
     /                       attrs["unfzoo"]: recipe text, arch, task, spec, checkpoint epochs, layout, version
-    weights/<state key>     float32 (member, checkpoint, *shape), uncompressed, fill NaN
+    weights/<state key>     float32 (member, checkpoint, *shape), uncompressed, fill NaN; the weight dimensions
+                            are named after the spec's axis labels (`weight_dims`)
     weights/checkpoint      int32 (checkpoint,) epoch of each checkpoint (an xarray coordinate)
+    <group>/member          int64 (member,) 0..N-1 in weights, metrics, hparams and members (xarray coordinate)
     metrics/<name>          float32 (member, checkpoint), fill NaN; metrics/checkpoint as above
-    hparams/<name>          float64 (member,) or int16 codes with attrs["categories"] (fill -1)
-    members/status          int8 (member,) 0 pending, 1 done, 2 diverged; written last by each task
+    hparams/<name>          float64 (member,) or int16 codes with attrs["categories"] and CF flag_values /
+                            flag_meanings (fill -1)
+    members/status          int8 (member,) 0 pending, 1 done, 2 diverged (CF flags); written last by each task
     members/checksum        uint32 (member, array): CRC-32 of each member's row of each array the task writes
                             (attrs["arrays"] names the columns); written after the data, before the status
     members/seed, config, diverged_epoch, split_run, split_config
+
+attrs["unfzoo"]["store_version"] is STORE_VERSION; stores without it (version 1: weight dimensions named
+`key.0`, no member coordinates, no flag attributes) read as before, and `migrate_store` upgrades their metadata in
+place (a `unfzoo zoo` rerun does it; `unfzoo inspect STORE --migrate` for imported zoos).
 
 The root attrs carry "state": "creating" from the first write of a new store until every array exists; a store in
 that state holds nothing trained, so a rerun simply creates it again. A writer holds the store's lock
@@ -72,10 +79,15 @@ __all__ = [
     "verify_store",
     "recreate_missing_arrays",
     "MAX_MEMBERS",
+    "STORE_VERSION",
+    "weight_dims",
+    "migrate_store",
     "Zoo",
 ]
 
 FORMAT = "unfzoo.zoo/1"
+STORE_VERSION = 2  # 2: weight dims named from the spec, member coordinates, CF flags; 1 (no key): before that
+COORD_GROUPS = ("weights", "metrics", "hparams", "members")  # each holds a `member` coordinate array
 MAX_MEMBERS = 100_000_000  # the coordinator holds a few bytes per member in memory; far above any real zoo
 CHECKSUM = "members/checksum"
 STATUS_NAMES = ("pending", "done", "diverged")
@@ -286,7 +298,7 @@ def create_store(url: str | os.PathLike[str], layout: StoreLayout, attrs: Mappin
     check_capacity(url, layout, members)
     _check_target(url)
     meta = _jsonable({**dict(attrs), "format": FORMAT, "layout": layout.to_json(), "members": int(members),
-                      "checksums": CHECKSUM})
+                      "checksums": CHECKSUM, "store_version": STORE_VERSION})
     _clear(url)
     root = zarr.open_group(url, mode="w", attributes={"unfzoo": {**meta, "state": "creating"}})
     _kill_point("create:started")
@@ -298,7 +310,8 @@ def create_store(url: str | os.PathLike[str], layout: StoreLayout, attrs: Mappin
         coord[:] = epochs
     root.create_group("hparams")
     root.create_group("members")
-    _create_member_arrays(root, layout, members)
+    _create_member_arrays(root, layout, members, dims=weight_dims(layout.weight_shapes, meta.get("spec")))
+    _create_coords(root, layout, members)
     _kill_point("create:arrays")
     root.attrs["unfzoo"] = meta  # last: the store is complete
     return root
@@ -313,8 +326,10 @@ def _checksum_columns(layout: StoreLayout) -> list[str]:
     return names
 
 
-def _create_member_arrays(root: zarr.Group, layout: StoreLayout, members: int, only: Sequence[str] | None = None) -> None:
-    """Create the member-axis arrays (all, or those named in `only`, replacing them)."""
+def _create_member_arrays(root: zarr.Group, layout: StoreLayout, members: int, only: Sequence[str] | None = None,
+                          dims: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    """Create the member-axis arrays (all, or those named in `only`, replacing them); `dims` names the weight
+    dimensions after (member, checkpoint) (default: `key.0`, `key.1`, ..., the version-1 names)."""
     from zarr.codecs import ZstdCodec
 
     k, n_ck = layout.members_per_chunk, layout.n_checkpoints
@@ -324,7 +339,7 @@ def _create_member_arrays(root: zarr.Group, layout: StoreLayout, members: int, o
         specs[f"weights/{key}"] = dict(
             shape=(members, n_ck, *shape), chunks=(k, n_ck, *shape), dtype="float32", fill_value=np.nan,
             compressors=None,  # float32 weights compress ~1.1x; raw chunks read 3-4x faster
-            dimension_names=("member", "checkpoint", *(f"{key}.{i}" for i in range(len(shape)))),
+            dimension_names=("member", "checkpoint", *(dims[key] if dims else _plain_dims(key, shape))),
         )
     for name in layout.metric_names:
         specs[f"metrics/{name}"] = dict(shape=(members, n_ck), chunks=(k, n_ck), dtype="float32", fill_value=np.nan,
@@ -347,9 +362,133 @@ def _create_member_arrays(root: zarr.Group, layout: StoreLayout, members: int, o
         arr = root.create_array(name, overwrite=only is not None, **spec)
         _kill_point("create:array")
         if name.startswith("hparams/") and name[8:] in layout.categorical:
-            arr.attrs["categories"] = list(layout.categorical[name[8:]])
+            arr.attrs.update({"categories": list(layout.categorical[name[8:]]),
+                              **_flags(layout.categorical[name[8:]])})
+        if name == "members/status":
+            arr.attrs.update(_flags(STATUS_NAMES))
         if name == CHECKSUM:
             arr.attrs.update({"arrays": columns, "algorithm": "crc32"})
+
+
+def _plain_dims(key: str, shape: Sequence[int]) -> tuple[str, ...]:
+    return tuple(f"{key}.{i}" for i in range(len(shape)))
+
+
+def weight_dims(weight_shapes: Mapping[str, Sequence[int]], spec: Any = None) -> dict[str, tuple[str, ...]]:
+    """Names of each weight array's dimensions after (member, checkpoint), from the spec's axis labels.
+
+    A natural dim with one labelled axis takes the label (`convs.0.out`, `k0`); a dim that is a product of view
+    axes joins their labels with `*` (a GRU's `encoder.gate*encoder`), a dim split into parts joins the parts with
+    `+`. Tied axes share a name, which xarray accepts because tied axes have one size; a name met again with
+    another size (or twice in one array, or equal to `member`/`checkpoint`) becomes `KEY:NAME` so it stays
+    distinct and still shows the label. Without a spec, or for a key the spec does not describe, `KEY.0`, `KEY.1`.
+    `spec` is a `WeightSpec` or its dict form."""
+    tensors: dict[str, Any] = {}
+    if spec is not None:
+        try:
+            from unf_models import WeightSpec
+
+            ws = spec if isinstance(spec, WeightSpec) else WeightSpec.from_dict(spec)
+            tensors = {t.name: t for t in ws.tensors}
+        except Exception:  # noqa: BLE001 - an unreadable spec only costs the names
+            tensors = {}
+    sizes: dict[str, int] = {"member": -1, "checkpoint": -1}
+    out: dict[str, tuple[str, ...]] = {}
+    for key, shape in weight_shapes.items():
+        shape = tuple(int(v) for v in shape)
+        t = tensors.get(key)
+        if t is None or tuple(t.shape) != shape:
+            out[key] = _plain_dims(key, shape)
+            continue
+        names: list[str] = []
+        for j, size in enumerate(shape):
+            name = "+".join("*".join(axes) for axes in t.dim_terms(j)) or f"{key}.{j}"
+            if sizes.get(name, size) != size or name in names:
+                name = f"{key}:{name}"
+            sizes.setdefault(name, size)
+            names.append(name)
+        out[key] = tuple(names)
+    return out
+
+
+def _flags(names: Sequence[Any]) -> dict[str, Any]:
+    """CF `flag_values`/`flag_meanings` for codes 0..n-1 (meanings are words: blanks become underscores)."""
+    words = [str(v).replace(" ", "_") or "_" for v in names]
+    return {"flag_values": list(range(len(names))), "flag_meanings": " ".join(words)}
+
+
+def _create_coords(root: zarr.Group, layout: StoreLayout, members: int) -> None:
+    """The `member` coordinate of each group (0..members-1), for xarray."""
+    from zarr.codecs import ZstdCodec
+
+    k = layout.members_per_chunk
+    for group in COORD_GROUPS:
+        arr = root.create_array(f"{group}/member", shape=(members,), chunks=(k,), dtype="int64", fill_value=-1,
+                                dimension_names=("member",), compressors=ZstdCodec(level=3), overwrite=True)
+        arr[:] = np.arange(members, dtype=np.int64)
+
+
+def _write_coords(root: zarr.Group, members: int) -> None:
+    """Fill the `member` coordinates that exist (after a resize)."""
+    for group in COORD_GROUPS:
+        try:
+            arr = root[f"{group}/member"]
+        except KeyError:
+            continue
+        if arr.shape != (members,):
+            arr.resize((members,))
+        arr[:] = np.arange(members, dtype=np.int64)
+
+
+def _set_dimension_names(root: zarr.Group, name: str, dims: Sequence[str]) -> None:
+    """Rewrite the dimension names in one array's zarr.json (zarr has no API for it); data chunks are untouched."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.buffer.cpu import Buffer
+    from zarr.core.sync import sync
+
+    key = "/".join(p for p in (root.path, name, "zarr.json") if p)
+    raw = sync(root.store.get(key, prototype=default_buffer_prototype()))
+    if raw is None:
+        raise StoreError(f"{name}: its zarr.json is missing, so it cannot be migrated; run --repair first")
+    doc = json.loads(raw.to_bytes())
+    if doc.get("dimension_names") == list(dims):
+        return
+    doc["dimension_names"] = list(dims)
+    sync(root.store.set(key, Buffer.from_bytes(json.dumps(doc, indent=2).encode())))
+
+
+def store_version(meta: Mapping[str, Any]) -> int:
+    """The layout version of a store's attrs["unfzoo"] (1 for stores written before versions were recorded)."""
+    return int(meta.get("store_version", 1))
+
+
+def migrate_store(url: str | os.PathLike[str]) -> bool:
+    """Upgrade a version-1 store's metadata in place to STORE_VERSION: weight dimension names from the spec,
+    `member` coordinates, CF flag attributes on categoricals and status. No chunk of data is rewritten; each step is
+    idempotent and the version is recorded last, so a killed migration is finished by the next. Writers only
+    (hold the store's lock). Returns False when the store is already current."""
+    url = normalize_url(url)
+    root = open_group(url, mode="r+")
+    meta = read_meta(root, url)
+    if store_version(meta) >= STORE_VERSION:
+        return False
+    layout = StoreLayout.from_json(meta["layout"])
+    for key, names in weight_dims(layout.weight_shapes, meta.get("spec")).items():
+        _set_dimension_names(root, f"weights/{key}", ("member", "checkpoint", *names))
+    for name, categories in layout.categorical.items():
+        root[f"hparams/{name}"].attrs.update(_flags(categories))
+    root["members/status"].attrs.update(_flags(STATUS_NAMES))
+    for kind in SPLIT_KINDS:
+        if f"members/split_{kind}" in root:
+            root[f"members/split_{kind}"].attrs.update(_flags(("train", "val", "test")))
+    n = int(root["members/status"].shape[0])
+    for group in COORD_GROUPS:
+        if f"{group}/member" not in root:
+            _create_coords(root, layout, n)
+            break
+    _write_coords(root, n)
+    root.attrs["unfzoo"] = {**meta, "store_version": STORE_VERSION}
+    return True
 
 
 def _jsonable(obj: Any) -> Any:
@@ -364,6 +503,16 @@ def _member_arrays(root: zarr.Group, layout: StoreLayout) -> list[zarr.Array]:
     if _has_checksums(root):
         names.append(CHECKSUM)
     return [root[n] for n in names]
+
+
+def _coord_arrays(root: zarr.Group) -> list[zarr.Array]:
+    out = []
+    for group in COORD_GROUPS:
+        try:
+            out.append(root[f"{group}/member"])
+        except KeyError:
+            pass
+    return out
 
 
 def _has_checksums(root: Any) -> bool:
@@ -415,6 +564,7 @@ def resize_store(url: str | os.PathLike[str], members: int) -> None:
     for arr in _member_arrays(root, layout):
         arr.resize((members, *arr.shape[1:]))
         _kill_point("resize:array")
+    _write_coords(root, members)
     meta = dict(root.attrs["unfzoo"])
     meta["members"] = int(members)
     root.attrs["unfzoo"] = meta
@@ -709,11 +859,13 @@ def recreate_missing_arrays(url: str | os.PathLike[str], names: Sequence[str]) -
     """Create again (empty, at the store's member count) member arrays that were deleted. Coordinator only."""
     root = open_group(url, mode="r+")
     layout = read_layout(root)
-    members = int(read_meta(root, str(url))["members"])
+    meta = read_meta(root, str(url))
+    members = int(meta["members"])
     for group in ("weights", "metrics", "hparams", "members"):
         if group not in root:
             root.create_group(group)
-    _create_member_arrays(root, layout, members, only=list(names))
+    dims = weight_dims(layout.weight_shapes, meta.get("spec")) if store_version(meta) >= 2 else None
+    _create_member_arrays(root, layout, members, only=list(names), dims=dims)
 
 
 def write_splits(url: str | os.PathLike[str], seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> None:
@@ -726,7 +878,9 @@ def write_splits(url: str | os.PathLike[str], seed: int = 0, fractions: Sequence
     for kind, groups in (("run", np.arange(n)), ("config", config)):
         arr = root[f"members/split_{kind}"]
         arr[:] = assign_split(groups, seed, fr)
-        arr.attrs.update({"seed": int(seed), "fractions": list(fr), "codes": ["train", "val", "test"]})
+        arr.attrs.update({"seed": int(seed), "fractions": list(fr), "codes": ["train", "val", "test"],
+                          **_flags(("train", "val", "test"))})
+    _write_coords(root, n)
 
 
 def store_size(url: str | os.PathLike[str]) -> int:
@@ -746,6 +900,16 @@ def _human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def _category_values(values: np.ndarray, categories: Sequence[Any]) -> np.ndarray:
+    """Decoded categorical values as a plain array: numbers (NaN when pending) when every category is a number,
+    strings ("" when pending) otherwise."""
+    if all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in categories):
+        numbers = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+        ints = all(isinstance(c, int) for c in categories)
+        return numbers.astype(np.int64) if ints and np.isfinite(numbers).all() else numbers
+    return np.array(["" if v is None else str(v) for v in values], dtype=str)
 
 
 def _as_indices(members: Any, n: int) -> np.ndarray:
@@ -1132,6 +1296,58 @@ class Zoo:
             "hparams": hparams,
             "metrics": metrics,
         }
+
+    def to_xarray(self, weights: bool = True) -> Any:
+        """The zoo as an `xarray.Dataset` (needs the `unfzoo[xarray]` extra).
+
+        Coordinates `member` (0..N-1) and `checkpoint` (the stored epochs); one variable per weight array (lazy dask
+        arrays over the store's chunks, dims `member`, `checkpoint`, then the spec's axis labels, see
+        `weight_dims`), per metric (member, checkpoint), per hyperparameter (categoricals as their values: strings,
+        or numbers when every category is one; "" / NaN for pending members), and `status` and `split` as strings,
+        `seed`, `config`, `diverged_epoch`. Tables are read (and checksum-checked) now; weights only when computed.
+        Works on stores of any version. `weights=False` leaves the weights out.
+        """
+        from pipeline.extras import require
+
+        xr = require("xarray", extra="xarray", feature="Zoo.to_xarray()")
+        variables: dict[str, Any] = {}
+
+        def put(name: str, group: str, value: Any) -> None:
+            variables[name if name not in variables else f"{group}.{name}"] = value
+
+        if weights:
+            import dask.array as da
+
+            dims = weight_dims(self.layout.weight_shapes, self.attrs.get("spec"))
+            for key in self.weight_keys:
+                arr = self.root[f"weights/{key}"]
+                put(key, "weights", (("member", "checkpoint", *dims[key]), da.from_zarr(arr, chunks=arr.chunks),
+                                     {"group": "weights"}))
+        for name in self.metric_names:
+            put(name, "metrics", (("member", "checkpoint"), self.metric(name), {"group": "metrics"}))
+        for name in (*self.layout.categorical, *self.layout.continuous):
+            attrs: dict[str, Any] = {"group": "hparams"}
+            values = self.hparam(name)
+            if name in self.layout.categorical:
+                values = _category_values(values, self.layout.categorical[name])
+                attrs["categories"] = list(self.layout.categorical[name])
+            put(name, "hparams", (("member",), values, attrs))
+        codes = self.status.astype(np.int64)
+        put("status", "members", (("member",), np.asarray(STATUS_NAMES)[codes], {"codes": list(STATUS_NAMES)}))
+        try:  # rewritten by every build; a lost one reads as unassigned here (Zoo.split recomputes it)
+            split = self.root["members/split_run"][:].astype(np.int64)
+        except Exception:  # noqa: BLE001 - missing or unreadable
+            split = np.full(self.n_members, -1, np.int64)
+        put("split", "members", (("member",), np.asarray(["train", "val", "test", ""])[split],
+                                 {"kind": "run", "codes": ["train", "val", "test"]}))
+        for name in ("seed", "config", "diverged_epoch"):
+            put(name, "members", (("member",), self._column(f"members/{name}"), {}))
+        coords = {"member": np.arange(self.n_members, dtype=np.int64),
+                  "checkpoint": ("checkpoint", np.asarray(self.checkpoint_epochs, np.int32), {"long_name": "epoch"})}
+        task = self.attrs.get("task") or {}
+        attrs = {"name": self.attrs.get("name", "zoo"), "kind": self.attrs.get("kind", "?"), "store": self.url,
+                 "task": task.get("name") or "", "arch": json.dumps(self.arch) if self.arch is not None else ""}
+        return xr.Dataset(variables, coords=coords, attrs=attrs)
 
     def loader(
         self,

@@ -35,6 +35,7 @@ from pipeline.store import (
     _local_path,
     check_capacity,
     create_store,
+    migrate_store,
     normalize_url,
     open_group,
     read_meta,
@@ -50,7 +51,18 @@ from pipeline.store import (
 )
 from pipeline.storelock import StoreLock
 
-__all__ = ["ZooPlan", "ChunkTask", "ChunkOutcome", "BuildReport", "plan_zoo", "build_zoo", "train_chunk", "default_workers"]
+__all__ = [
+    "ZooPlan",
+    "ChunkTask",
+    "ChunkOutcome",
+    "BuildReport",
+    "plan_zoo",
+    "build_zoo",
+    "train_chunk",
+    "default_workers",
+    "in_process_by_default",
+    "IN_PROCESS_WORK",
+]
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,22 @@ class BuildReport:
     @property
     def members_per_s(self) -> float:
         return self.trained / self.wall_s if self.wall_s > 0 else float("nan")
+
+
+# Below this much training work (pending members x epochs x parameters per member) a default build (no --workers,
+# no --scheduler) trains in this process: starting a LocalCluster (a Python + torch + task-data start per worker,
+# ~15 s wall here) costs more than its parallelism saves. Measured with cnn-digits variants on 2 busy cores
+# (load 8-9): 8 members x 1 epoch (2 chunks, work 40k) 27 s in-process vs 42 s on 2 workers; 32 x 1 (8 chunks,
+# work 159k) 84 s vs 52 s; 128 x 2 (2 chunks, work 1.27M) 43 s vs 31 s. The threshold sits between 40k and 159k.
+IN_PROCESS_WORK = 100_000
+
+
+def in_process_by_default(pending_members: int, epochs: int, params: int, chunks: int, cores: int) -> bool:
+    """Whether a build without --workers/--scheduler trains in this process rather than on a LocalCluster: when
+    one worker would get all the work (one pending chunk or one core), or the work is below IN_PROCESS_WORK."""
+    if chunks <= 1 or cores <= 1:
+        return True
+    return pending_members * max(1, epochs) * params < IN_PROCESS_WORK
 
 
 def default_workers() -> int:
@@ -341,7 +369,8 @@ def build_zoo(
 
     `members` overrides the recipe's count (a larger count extends an existing zoo; by default the larger of the
     recipe's and the store's count). `workers=0` trains in this process; `workers=None` starts a Dask LocalCluster
-    with one single-threaded worker per core; `scheduler` connects to a running Dask scheduler instead. `threads` is
+    with one single-threaded worker per core, except for small builds (`in_process_by_default`), which train in this
+    process; `workers=N` always starts N workers; `scheduler` connects to a running Dask scheduler instead. `threads` is
     torch's thread count per task (default: cores // workers on a LocalCluster, torch's own setting otherwise); a
     rerun gives bit-identical weights when it uses the same thread count.
     `repair` verifies every finished chunk and retrains the damaged ones (without it, damage is refused).
@@ -386,6 +415,7 @@ def _prepare_store(
         check_capacity(url, plan.layout, n_new, existing=n_old)
         _remove_partials(url)
         repaired = _check_damage(url, repair)
+        migrate_store(url)  # a store from before STORE_VERSION 2 gets its xarray metadata; data untouched
         if n_new > n_old:
             k = recipe.members_per_chunk
             if n_old % k:  # the partial last chunk grows: retrain it whole, as a fresh build would
@@ -480,7 +510,10 @@ def _train_pending(
 
     n_workers = 0
     if pending:
-        if scheduler is None and workers == 0:
+        params = sum(int(np.prod(v)) for v in plan.layout.weight_shapes.values())
+        small = workers is None and in_process_by_default(int(to_train), recipe.epochs, params, len(pending),
+                                                          default_workers())
+        if scheduler is None and (workers == 0 or small):
             for c in pending:
                 outcome = train_chunk(ChunkTask(url, recipe, plan.arch, plan.layout, c, n_new, threads, device))
                 if on_chunk is not None:

@@ -220,3 +220,38 @@ def test_a_task_never_writes_into_a_store_of_another_recipe(small: tuple[Path, P
     with pytest.raises(StoreMismatchError, match="replaced by another zoo"):
         train_chunk(ChunkTask(str(out), changed, plan.arch, plan.layout, 0, 4, 1, "cpu"))
     assert (out / "weights" / "head.bias" / "c" / "0" / "0" / "0").read_bytes() == before
+
+
+def test_imports_take_the_writer_lock(tmp_path: Path) -> None:
+    """`import checkpoints` and `import small-cnn-zoo` refuse a store another writer holds, naming it, and touch
+    nothing (the lock is taken before the source is even read)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (tmp_path / "m.csv").write_text("file\nnet.pt\n")
+    out = tmp_path / "busy.zarr"
+    commands = (
+        ["import", "checkpoints", str(src), "--arch", '{"name": "mlp", "hidden": [4]}', "--metrics",
+         str(tmp_path / "m.csv"), "--out", str(out)],
+        ["import", "small-cnn-zoo", str(src), "--out", str(out)],
+    )
+    with StoreLock(str(out)):
+        for args in commands:
+            line = _one_line_error(runner.invoke(app, args))
+            assert "is being written by" in line and f"pid {os.getpid()}" in line and socket.gethostname() in line
+    assert not out.exists() and not lock_path(str(out)).exists()
+    for args in commands:  # unlocked, the same commands get as far as the (empty) source folder
+        assert "is being written" not in _one_line_error(runner.invoke(app, args))
+
+
+def test_summaries_print_user_strings_literally(small: tuple[Path, Path], tmp_path: Path) -> None:
+    """A store path, zoo name or hyperparameter value holding rich markup is printed as written, not as markup."""
+    import shutil
+
+    recipe, built = small
+    out = tmp_path / "[bold]z[/bold].zarr"
+    shutil.copytree(built, out)
+    rerun = _zoo(str(recipe), "--out", str(out))
+    assert rerun.exit_code == 0, rerun.output
+    assert "[bold]z[/bold].zarr" in rerun.output.replace("\n", "")
+    shown = runner.invoke(app, ["inspect", str(out)], env={"COLUMNS": "400"})
+    assert shown.exit_code == 0 and "[bold]z[/bold].zarr" in shown.output and '"hidden": [4]' in shown.output

@@ -6,7 +6,16 @@ from typing import Any, Optional
 
 import typer
 
-from pipeline.commands._common import DEVICES, check_device, completer, console, one_of, print_table, user_errors
+from pipeline.commands._common import (
+    DEVICES,
+    check_device,
+    completer,
+    console,
+    escape,
+    one_of,
+    print_table,
+    user_errors,
+)
 
 
 def _recipe_names(incomplete: str) -> list[str]:
@@ -97,8 +106,8 @@ def _print_summary(name: str, report: Any) -> None:
     import numpy as np
     from rich.table import Table
 
-    table = Table(title=f"zoo {name}", show_header=False, title_justify="left")
-    table.add_row("store", report.url)
+    table = Table(title=f"zoo {escape(name)}", show_header=False, title_justify="left")
+    table.add_row("store", escape(str(report.url)))
     table.add_row("members", f"{report.members} ({report.done} done, {report.diverged} diverged, {report.pending} pending)")
     table.add_row("trained now", f"{report.trained} ({report.skipped} were already in the store)")
     if report.repaired:
