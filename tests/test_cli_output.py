@@ -27,7 +27,7 @@ WIDE = {"COLUMNS": "200"}
         (["lopt", "eval"], ["[default: (DIRECTORY/eval)]", "[default: 1e-4,3e-4", "--json"]),
         (["lopt", "meta-train"], ["[unf|perparam|sgdm]", "[pes|tes]", "[default: pes]"]),
         (["score"], ["[final|EPOCH]", "[default: final]", "[default: (automatic)]", "--json"]),
-        (["zoo"], ["[default: (datasets/zoos/NAME.zarr)]", "[default: (one per core)]", "[auto|cpu|cuda|cuda:N]"]),
+        (["zoo"], ["[default: (datasets/zoos/NAME.zarr)]", "[default: (in this process for small builds, else one per core)]", "[auto|cpu|cuda|cuda:N]"]),
         (["inspect"], ["--json"]),
     ],
 )

@@ -35,7 +35,8 @@ def zoo(
     out: Optional[str] = typer.Option(None, "--out", help="Store path or fsspec URL.",
                                       show_default="datasets/zoos/NAME.zarr"),
     workers: Optional[int] = typer.Option(
-        None, "--workers", help="Dask worker processes; 0 trains in this process.", show_default="one per core"
+        None, "--workers", help="Dask worker processes; 0 trains in this process.",
+        show_default="in this process for small builds, else one per core"
     ),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store that holds another recipe's zoo."),
