@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.population import ChunkJob, member_seed, train_member_reference, train_population
-from pipeline.tasks import load_task
+from pipeline.zoo.population import ChunkJob, member_seed, train_member_reference, train_population
+from pipeline.zoo.tasks import load_task
 
 GOAL = 20.0
 

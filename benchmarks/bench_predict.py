@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.device import resolve_device  # noqa: E402
-from pipeline.members import build_member  # noqa: E402
+from pipeline.zoo.members import build_member  # noqa: E402
 from pipeline.predict.config import TrainConfig  # noqa: E402
 from pipeline.predict.data import PredictData  # noqa: E402
 from pipeline.predict.train import fit_run  # noqa: E402

@@ -45,7 +45,7 @@ def _tiny_zoo(url: str, members: int = 60):
     import numpy as np
     import torch
 
-    from pipeline.store import MemberBlock, StoreLayout, Zoo, create_store, write_members, write_splits
+    from pipeline.zoo.store import MemberBlock, StoreLayout, Zoo, create_store, write_members, write_splits
     from unf_models import WeightSpec
 
     spec = WeightSpec.from_module(_cnn(), torch.zeros(1, 1, 8, 8))

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.predict.config import TrainConfig  # noqa: E402
-from pipeline.store import MemberBlock, StoreLayout, Zoo, create_store, write_members, write_splits  # noqa: E402
+from pipeline.zoo.store import MemberBlock, StoreLayout, Zoo, create_store, write_members, write_splits  # noqa: E402
 
 # The Small-CNN-Zoo network: 3 conv 3x3 (16 ch) + dense 10 = 4,970 parameters.
 SHAPES = {

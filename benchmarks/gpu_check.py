@@ -14,8 +14,8 @@ import time
 import numpy as np
 import torch
 
-from pipeline.population import ChunkJob, member_seed, train_population
-from pipeline.tasks import load_task
+from pipeline.zoo.population import ChunkJob, member_seed, train_population
+from pipeline.zoo.tasks import load_task
 
 
 def _hparams(n: int, seed: int = 0) -> dict[str, np.ndarray]:

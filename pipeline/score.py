@@ -299,7 +299,7 @@ class _ZooInput:
 def _open_zoos(found: ScoreInputs, spec: Any, allow: bool, checkpoint: int | str,
                rows: dict[Key, dict[str, Any]]) -> list[_ZooInput]:
     """Open each zoo input and check its checkpoint and spec; a zoo that does not fit gets one error row."""
-    from pipeline.store import Zoo
+    from pipeline.zoo.store import Zoo
 
     out = []
     for pos, (kind, path) in enumerate(found.items):
@@ -332,7 +332,7 @@ def _open_zoos(found: ScoreInputs, spec: Any, allow: bool, checkpoint: int | str
 def _score_zoo(item: _ZooInput, batcher: _Batcher, rows: dict[Key, dict[str, Any]], batch_size: int,
                advance: Callable[[int], None]) -> None:
     """Score every member at one checkpoint, reading whole chunks; pending or non-finite members get error rows."""
-    from pipeline.store import DIVERGED, DONE, STATUS_NAMES
+    from pipeline.zoo.store import DIVERGED, DONE, STATUS_NAMES
 
     zoo, names = item.zoo, batcher.names
     status = np.asarray(zoo.status)

@@ -180,7 +180,7 @@ ARCHS: list[Example] = [
 ]
 
 
-# The zoo's member architectures (pipeline.members.build_member), tiny resolved arch dicts and example inputs.
+# The zoo's member architectures (pipeline.zoo.members.build_member), tiny resolved arch dicts and example inputs.
 ZOO_ARCHS = [
     ("cnn", {"name": "cnn", "activation": "relu", "channels": [4, 5], "kernel_size": 3, "stride": 2, "padding": 1,
              "in_channels": 2, "num_classes": 3},

@@ -37,9 +37,9 @@ train_fraction = {choice = [0.25, 1.0]}
 
 @pytest.fixture(scope="session")
 def predict_zoo(tmp_path_factory):
-    """A tiny real zoo (pipeline.store.Zoo, built in-process by `build_zoo`): 64 MLPs (64 -> 8 -> 10) on digits,
+    """A tiny real zoo (pipeline.zoo.store.Zoo, built in-process by `build_zoo`): 64 MLPs (64 -> 8 -> 10) on digits,
     checkpoints at epochs 0, 1, 4, two runs per hyperparameter configuration."""
-    from pipeline.store import Zoo
+    from pipeline.zoo.store import Zoo
     from pipeline.zoo import build_zoo
 
     folder = tmp_path_factory.mktemp("predict_zoo")
@@ -72,8 +72,8 @@ def score_zoo(tmp_path_factory):
     that scale, so a predictor can learn it; `zoo.module(i)` rebuilds members. Member 0 diverged: final weights NaN."""
     import numpy as np
 
-    from pipeline.members import build_member
-    from pipeline.store import MemberBlock, StoreLayout, Zoo, create_store, write_members, write_splits
+    from pipeline.zoo.members import build_member
+    from pipeline.zoo.store import MemberBlock, StoreLayout, Zoo, create_store, write_members, write_splits
     from unf_models import WeightSpec
 
     spec = WeightSpec.from_module(build_member(SCORE_CNN_ARCH))
@@ -128,7 +128,7 @@ def score_predictors(score_predictor_dirs):
 def predict_zoo_wide(tmp_path_factory):
     """Like `predict_zoo` but wider (64 -> 12 -> 10), 32 members, another seed and only the adam optimizer: a
     "foreign" zoo of the same architecture family for multi-zoo and eval-zoo tests."""
-    from pipeline.store import Zoo
+    from pipeline.zoo.store import Zoo
     from pipeline.zoo import build_zoo
 
     folder = tmp_path_factory.mktemp("predict_zoo_wide")

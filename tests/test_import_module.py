@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import unf_models as um
 from pipeline.cli import app
-from pipeline.store import Zoo
+from pipeline.zoo.store import Zoo
 
 runner = CliRunner()
 

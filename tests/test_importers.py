@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.store import DONE, Zoo
+from pipeline.zoo.store import DONE, Zoo
 
 runner = CliRunner()
 
@@ -106,8 +106,8 @@ def test_small_cnn_zoo_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def _mlp_states(n_members: int, epochs: list[int]) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
-    from pipeline.members import build_member, resolve_arch
-    from pipeline.tasks import load_task
+    from pipeline.zoo.members import build_member, resolve_arch
+    from pipeline.zoo.tasks import load_task
 
     arch = resolve_arch({"name": "mlp", "hidden": [8], "activation": "tanh"}, load_task("digits"))
     states = {}

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from pipeline.errors import ConfigError
-from pipeline.members import (
+from pipeline.zoo.members import (
     ARCH_NAMES,
     _mix32,
     GRUSeq2Seq,
@@ -22,7 +22,7 @@ from pipeline.members import (
     resolve_arch,
     small_cnn_zoo_arch,
 )
-from pipeline.tasks import load_task
+from pipeline.zoo.tasks import load_task
 
 TASK_FOR = {"cnn": "digits", "mlp": "digits", "gru_seq2seq": "arith", "transformer": "modadd"}
 

@@ -53,7 +53,7 @@ def installed(tmp_path_factory) -> Path:
     assert built.returncode == 0, built.stdout + built.stderr
     (wheel,) = (tmp / "dist").glob("unfzoo-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {f"pipeline/recipes/{p.name}" for p in (ROOT / "datasets").glob("*.toml")} <= set(names)
+    assert {f"pipeline/zoo/recipes/{p.name}" for p in (ROOT / "datasets").glob("*.toml")} <= set(names)
     assert any(n.endswith("licenses/LICENSE") for n in names)
 
     venv = tmp / "venv"
@@ -69,7 +69,7 @@ def installed(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_wheel_resolves_recipes_by_name_outside_the_checkout(installed: Path, tmp_path: Path) -> None:
-    code = ("import pipeline, pipeline.recipe as r; print(pipeline.__file__); print(r.recipes_dir()); "
+    code = ("import pipeline, pipeline.zoo.recipe as r; print(pipeline.__file__); print(r.recipes_dir()); "
             "print(r.load_recipe('cnn-digits').members, ' '.join(r.recipe_names()))")
     done = _run([str(installed / "python"), "-c", code], tmp_path)
     assert done.returncode == 0, done.stderr

@@ -8,15 +8,15 @@ import torch
 from torch.func import functional_call
 
 from pipeline.errors import ConfigError
-from pipeline.members import build_member
-from pipeline.population import (
+from pipeline.zoo.members import build_member
+from pipeline.zoo.population import (
     METRIC_NAMES,
     ChunkJob,
     member_seed,
     train_member_reference,
     train_population,
 )
-from pipeline.tasks import load_task
+from pipeline.zoo.tasks import load_task
 
 # One tiny population per architecture: (task, task params, optimizer, lr, weight decay, batch, epochs, test-acc bar).
 CASES = {

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.members import build_member, crop_to_shapes, pad_to_shapes, resolve_arch, with_width
-from pipeline.population import (
+from pipeline.zoo.members import build_member, crop_to_shapes, pad_to_shapes, resolve_arch, with_width
+from pipeline.zoo.population import (
     HELD_OUT_INITS,
     HELD_OUT_OPTIMIZERS,
     INIT_SCHEMES,
@@ -32,7 +32,7 @@ from pipeline.population import (
     train_member_reference,
     train_population,
 )
-from pipeline.tasks import load_task
+from pipeline.zoo.tasks import load_task
 
 SEEDS = np.array([member_seed(7, i) for i in range(3)])
 MLP = {"name": "mlp", "hidden": [16]}
@@ -98,7 +98,7 @@ def test_each_schedule_equals_torch_lr_scheduler(schedule: str, digits) -> None:
 @pytest.mark.parametrize("schedule", ["cosine", "step", "warmup"])
 @pytest.mark.parametrize(("steps", "epochs"), [(23, 12), (5, 3), (1, 1), (7, 1)])
 def test_lr_factors_follow_torch_schedulers(schedule: str, steps: int, epochs: int) -> None:
-    from pipeline.population import _reference_scheduler
+    from pipeline.zoo.population import _reference_scheduler
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = _reference_scheduler(schedule, opt, steps, epochs)
@@ -257,7 +257,7 @@ lr = {by = "optimizer", sgd = {log_uniform = [0.05, 0.2]}, adamw = {log_uniform 
 
 
 def test_a_diverse_zoo_stores_narrow_members_zero_padded_and_extends_bit_identically(tmp_path) -> None:
-    from pipeline.store import Zoo
+    from pipeline.zoo.store import Zoo
     from pipeline.zoo import build_zoo
 
     recipe = tmp_path / "tiny-diverse.toml"

@@ -45,7 +45,7 @@ def test_split_never_shares_a_member_or_config_across_sides(predict_zoo, split: 
 
 
 def test_diverged_and_pending_members_are_excluded_and_counted(tmp_path: Path) -> None:
-    from pipeline.store import MemberBlock, StoreLayout, Zoo, create_store, write_members, write_splits
+    from pipeline.zoo.store import MemberBlock, StoreLayout, Zoo, create_store, write_members, write_splits
     from unf_models import WeightSpec
 
     spec = WeightSpec({"w": ("h", "in"), "b": ("h",)}, shapes={"w": (4, 3), "b": (4,)}, fixed=("in",))

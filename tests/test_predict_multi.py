@@ -90,7 +90,7 @@ def test_train_checkpoints_add_training_rows_only(predict_zoo) -> None:
 
 
 def _pending_zoo(tmp_path: Path) -> str:
-    from pipeline.store import StoreLayout, create_store
+    from pipeline.zoo.store import StoreLayout, create_store
     from unf_models import WeightSpec
 
     spec = WeightSpec({"w": ("h", "in"), "b": ("h",)}, shapes={"w": (4, 3), "b": (4,)}, fixed=("in",))
@@ -180,7 +180,7 @@ def test_hybrid_and_scale_aware_models_are_invariant_and_width_agnostic(predict_
 def test_padded_narrow_members_are_cropped_to_their_width(tmp_path: Path) -> None:
     """A zoo with a `width` hyperparameter stores narrower members zero-padded: rows come back at their own width
     (one block per width), and flat still reads them (zero-padded again inside the model)."""
-    from pipeline.store import MemberBlock, StoreLayout, Zoo, create_store, write_members, write_splits
+    from pipeline.zoo.store import MemberBlock, StoreLayout, Zoo, create_store, write_members, write_splits
     from unf_models import WeightSpec
 
     spec = WeightSpec({"w": ("h", "in"), "b": ("h",), "v": ("out", "h")}, shapes={"w": (6, 3), "b": (6,), "v": (2, 6)},

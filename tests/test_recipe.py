@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import RecipeError
-from pipeline.recipe import draw_chunk, draw_hparams, load_recipe, parse_recipe, recipe_names
+from pipeline.zoo.recipe import draw_chunk, draw_hparams, load_recipe, parse_recipe, recipe_names
 
 BASE = """
 name = "tiny"
@@ -46,7 +46,7 @@ def test_shipped_recipes_are_valid() -> None:
 
 def test_default_and_foreign_recipes_are_diverse_and_disjoint() -> None:
     """The default zoo uses every non-held-out family; the foreign zoos only families the defaults never use."""
-    from pipeline.population import HELD_OUT_INITS, HELD_OUT_OPTIMIZERS, INIT_SCHEMES, OPTIMIZERS, SCHEDULES
+    from pipeline.zoo.population import HELD_OUT_INITS, HELD_OUT_OPTIMIZERS, INIT_SCHEMES, OPTIMIZERS, SCHEDULES
 
     for default, foreign in (("cnn-digits", "cnn-digits-foreign"), ("mlp-digits-diverse", "mlp-digits-foreign")):
         d, f = load_recipe(default), load_recipe(foreign)

@@ -144,7 +144,7 @@ def test_scores_from_files_equal_scores_from_the_zoo(tmp_path: Path, score_zoo, 
 
 
 def test_width_32_cnn_is_scored_by_a_predictor_trained_on_width_16(tmp_path: Path, score_zoo, score_predictors) -> None:
-    from pipeline.members import build_member
+    from pipeline.zoo.members import build_member
 
     torch.manual_seed(0)
     state = build_member({**score_zoo.arch, "channels": [32, 32, 32]}).state_dict()  # the zoo's CNN, twice as wide

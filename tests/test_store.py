@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError, StoreError
-from pipeline.splits import assign_split, split_indices
-from pipeline.store import (
+from pipeline.zoo.splits import assign_split, split_indices
+from pipeline.zoo.store import (
     DIVERGED,
     DONE,
     PENDING,

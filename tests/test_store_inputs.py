@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import StoreBusyError, StoreError
-from pipeline.store import StoreLayout, Zoo, check_capacity
-from pipeline.storelock import StoreLock, lock_path
+from pipeline.zoo.store import StoreLayout, Zoo, check_capacity
+from pipeline.zoo.storelock import StoreLock, lock_path
 from pipeline.zoo import build_zoo
 
 runner = CliRunner()
@@ -180,7 +180,7 @@ def test_a_dead_writers_lock_is_taken_over(small: tuple[Path, Path], tmp_path: P
     recipe, _ = small
     out = tmp_path / "z.zarr"
     lock_path(str(out)).write_text(json.dumps({"pid": 999_999_999, "host": socket.gethostname(), "started": "then"}))
-    with caplog.at_level("WARNING", logger="pipeline.storelock"):
+    with caplog.at_level("WARNING", logger="pipeline.zoo.storelock"):
         build_zoo(recipe, out, workers=0, threads=1, device="cpu")
     assert "stale lock of pid 999999999" in caplog.text
     assert not lock_path(str(out)).exists() and Zoo.open(out).n_members == 4
@@ -208,7 +208,7 @@ def test_a_task_never_writes_into_a_store_of_another_recipe(small: tuple[Path, P
     import shutil
 
     from pipeline.errors import StoreMismatchError
-    from pipeline.recipe import load_recipe
+    from pipeline.zoo.recipe import load_recipe
     from pipeline.zoo import ChunkTask, plan_zoo, train_chunk
 
     recipe, built = small

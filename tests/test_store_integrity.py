@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import DamagedStoreError
-from pipeline.store import Zoo, verify_store
+from pipeline.zoo.store import Zoo, verify_store
 from pipeline.zoo import build_zoo
 
 runner = CliRunner()

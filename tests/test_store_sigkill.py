@@ -2,7 +2,7 @@
 repair) and run again ends bit-identical to an uninterrupted build.
 
 Kill points are deterministic: `UNFZOO_KILL_AT=name[:n]` makes the process SIGKILL itself at the n-th pass of a
-named phase (`pipeline.store._kill_point`). Each killed build runs in a forked child of this process (modules and task
+named phase (`pipeline.zoo.store._kill_point`). Each killed build runs in a forked child of this process (modules and task
 data already loaded, so a kill point costs well under a second); the rerun runs in this process. UNFZOO_SWEEP=full
 adds more kill points (every chunk of every phase).
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import zarr
 
-from pipeline.store import Zoo
-from pipeline.storelock import lock_path
+from pipeline.zoo.store import Zoo
+from pipeline.zoo.storelock import lock_path
 from pipeline.zoo import build_zoo
 
 RECIPE = """
@@ -148,7 +148,7 @@ def test_killed_build_resumes_bit_identically(sweep: dict[str, object], scenario
         _damage(out)
     first = {**kw, "overwrite": scenario == "overwrite", "repair": scenario == "repair"}
     _killed(point, lambda: _build(recipe, out, **first))
-    with caplog.at_level("WARNING", logger="pipeline.storelock"):
+    with caplog.at_level("WARNING", logger="pipeline.zoo.storelock"):
         _build(recipe, out, **kw, repair=scenario == "repair")
     assert "stale lock" in caplog.text  # the dead child's lock was taken over, with a message
     got = tree(str(out))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import tasks
+from pipeline.zoo import tasks
 from pipeline.errors import ConfigError, TaskDataMissingError
-from pipeline.tasks import FASHION_MNIST_DIR, TASK_NAMES, decode_arith, load_task
+from pipeline.zoo.tasks import FASHION_MNIST_DIR, TASK_NAMES, decode_arith, load_task
 
 OFFLINE_TASKS = [n for n in TASK_NAMES if n != "fashion8"]
 HAVE_FASHION = Path(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz").is_file() or Path(

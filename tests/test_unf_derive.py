@@ -14,9 +14,9 @@ torch.manual_seed(0)
 
 
 def _zoo_archs() -> list:
-    """The zoo's member architectures (pipeline.members), when that module exists."""
+    """The zoo's member architectures (pipeline.zoo.members), when that module exists."""
     try:
-        from pipeline.members import build_member
+        from pipeline.zoo.members import build_member
     except ImportError:
         return []
     from _unf_archs import ZOO_ARCHS

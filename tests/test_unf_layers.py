@@ -208,7 +208,7 @@ def test_runs_on_cuda_like_on_cpu() -> None:
 
 def _member_specs() -> dict[str, um.WeightSpec]:
     """The zoo members' weight spaces (cnn, mlp, gru_seq2seq, transformer at their recipes' default sizes)."""
-    from pipeline.members import build_member
+    from pipeline.zoo.members import build_member
 
     archs = {
         "cnn": ({"name": "cnn", "in_channels": 1, "num_classes": 10}, torch.zeros(2, 1, 8, 8)),

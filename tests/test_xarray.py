@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import MissingExtraError
-from pipeline.store import COORD_GROUPS, STORE_VERSION, Zoo, _set_dimension_names, migrate_store, weight_dims
+from pipeline.zoo.store import COORD_GROUPS, STORE_VERSION, Zoo, _set_dimension_names, migrate_store, weight_dims
 from pipeline.zoo import build_zoo
 
 runner = CliRunner()

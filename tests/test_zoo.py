@@ -15,7 +15,7 @@ import zarr
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.store import DONE, PENDING, Zoo, read_status
+from pipeline.zoo.store import DONE, PENDING, Zoo, read_status
 
 runner = CliRunner()
 
@@ -99,7 +99,7 @@ def test_build_summary_and_reader(reference: tuple[Path, str]) -> None:
 def test_rebuilt_module_reproduces_the_stored_accuracy(reference: tuple[Path, str]) -> None:
     import torch
 
-    from pipeline.tasks import load_task
+    from pipeline.zoo.tasks import load_task
 
     zoo = Zoo.open(reference[1])
     task = load_task("digits")
@@ -152,7 +152,7 @@ def test_dask_workers_write_the_same_zoo(reference: tuple[Path, str], tmp_path: 
 
     from dask.distributed import LocalCluster
 
-    from pipeline.recipe import load_recipe
+    from pipeline.zoo.recipe import load_recipe
     from pipeline.zoo import ChunkTask, plan_zoo
 
     recipe, ref = reference
@@ -227,7 +227,7 @@ def test_small_builds_train_in_process_and_explicit_workers_keep_their_meaning(
     """A default build below IN_PROCESS_WORK starts no LocalCluster and writes the same store bit for bit; above it
     (here: the threshold patched to 0) and with an explicit --workers N the Dask path runs as before. The Dask path
     is replaced by a recording stand-in (Dask itself giving the same bits is test_dask_workers_write_the_same_zoo)."""
-    import pipeline.zoo as zoo_mod
+    import pipeline.zoo.build as zoo_mod
     from pipeline.zoo import ChunkTask, build_zoo, in_process_by_default, train_chunk
 
     recipe, ref = reference

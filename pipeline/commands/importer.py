@@ -1,4 +1,4 @@
-"""`unfzoo import ...`: bring zoos trained elsewhere into the store format (thin skin over `pipeline.importers`)."""
+"""`unfzoo import ...`: bring zoos trained elsewhere into the store format (thin skin over `pipeline.zoo.importers`)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def checkpoints(
 ) -> None:
     """Import a folder of checkpoints of one architecture, with their metrics from a CSV."""
     with user_errors():
-        from pipeline.importers import import_checkpoints
+        from pipeline.zoo.importers import import_checkpoints
 
         n = import_checkpoints(directory, arch, metrics, out, task=task, module=module, module_kwargs=module_kwargs,
                                overwrite=overwrite)
@@ -47,7 +47,7 @@ def small_cnn_zoo(
 ) -> None:
     """Import a Small CNN Zoo release folder (e.g. CIFAR-10-GS or SVHN-GS)."""
     with user_errors():
-        from pipeline.importers import import_small_cnn_zoo
+        from pipeline.zoo.importers import import_small_cnn_zoo
 
         n = import_small_cnn_zoo(directory, out, overwrite=overwrite)
         console.print(f"imported {n} runs into {escape(out)}")

@@ -26,7 +26,7 @@ def inspect(
     with user_errors():
         from rich.table import Table
 
-        from pipeline.store import STORE_VERSION, Zoo, store_version
+        from pipeline.zoo.store import STORE_VERSION, Zoo, store_version
 
         store = Zoo.open(zoo)
         if migrate:
@@ -66,8 +66,8 @@ def inspect(
 def _migrate(store: Any) -> Any:
     """Upgrade the store's metadata under its writer lock; returns the store opened again."""
     from pipeline.commands._common import err_console
-    from pipeline.store import STORE_VERSION, Zoo, migrate_store
-    from pipeline.storelock import StoreLock
+    from pipeline.zoo.store import STORE_VERSION, Zoo, migrate_store
+    from pipeline.zoo.storelock import StoreLock
 
     with StoreLock(store.url):
         changed = migrate_store(store.url)

@@ -101,7 +101,7 @@ def train(
 
         from pipeline.errors import ConfigError, StoreError
         from pipeline.predict import TrainConfig, available_targets, build_data, train_predictor
-        from pipeline.store import Zoo
+        from pipeline.zoo.store import Zoo
 
         check_device(device)
         for path in (*zoos, *(eval_zoo or ())):

@@ -19,7 +19,7 @@ from pipeline.commands._common import (
 
 
 def _recipe_names(incomplete: str) -> list[str]:
-    from pipeline.recipe import recipe_names
+    from pipeline.zoo.recipe import recipe_names
 
     return [n for n in recipe_names() if n.startswith(incomplete)]
 
@@ -55,7 +55,7 @@ def zoo(
     """Train every member of RECIPE in chunks and write them to a zarr store; rerun to resume after a crash."""
     with user_errors():
         from pipeline.errors import ConfigError
-        from pipeline.recipe import load_recipe
+        from pipeline.zoo.recipe import load_recipe
         from pipeline.zoo import build_zoo
 
         if workers is not None and workers < 0:

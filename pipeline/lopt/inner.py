@@ -152,7 +152,7 @@ def _member_batch_size(zoo: Any, member: int) -> int:
 
 def problems_from_zoo(zoo: Any, members: Sequence[int], device: torch.device | str = "cpu") -> list[InnerProblem]:
     """Inner problems for `members` of an opened `Zoo`: its task, each member's checkpoint-0 module and batch size."""
-    from pipeline.tasks import load_task
+    from pipeline.zoo.tasks import load_task
 
     task = load_task(zoo.task_name, **dict(zoo.task_params))
     kind = task.kind

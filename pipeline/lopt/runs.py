@@ -23,7 +23,7 @@ __all__ = ["evaluate_zoo", "find_optimizer_dirs", "find_optimizer_runs", "meta_t
 
 
 def _open(zoo_path: str | Path) -> Any:
-    from pipeline.store import Zoo
+    from pipeline.zoo.store import Zoo
 
     path = str(zoo_path)
     if "://" not in path and not Path(path).exists():
@@ -33,7 +33,7 @@ def _open(zoo_path: str | Path) -> Any:
 
 def split_members(zoo: Any, split: str, limit: int = 0, seed: int = 0) -> list[int]:
     """Members of the run split `split` ("train" | "val" | "test") with stored weights, sorted, at most `limit`."""
-    from pipeline.store import STATUS_NAMES
+    from pipeline.zoo.store import STATUS_NAMES
 
     idx = np.sort(np.asarray(zoo.split("run", seed=seed)[split], dtype=np.int64))
     status = np.asarray(zoo.status)

@@ -113,7 +113,7 @@ class TrainConfig:
         object.__setattr__(self, "checkpoints", parse_checkpoints(self.checkpoints))
         tc = self.train_checkpoints
         object.__setattr__(self, "train_checkpoints", tc if tc == "same" else parse_checkpoints(tc))
-        from pipeline.splits import parse_split
+        from pipeline.zoo.splits import parse_split
 
         object.__setattr__(self, "split", str(parse_split(self.split)))
         for name in ("fractions", "unf_hidden", "unf_head", "deepsets_head", "flat_hidden", "statnn_candidates"):

@@ -21,13 +21,13 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.predict.config import TrainConfig
-from pipeline.splits import GroupSplit, assign_group_split, group_sizes, parse_split
+from pipeline.zoo.splits import GroupSplit, assign_group_split, group_sizes, parse_split
 
 __all__ = ["SPLITS", "PredictData", "available_targets", "target_values", "select_checkpoints", "build_data",
            "normalization_stats", "zoo_width", "n_classes"]
 
 SPLITS = ("train", "val", "test")
-_DONE, _DIVERGED = 1, 2  # pipeline.store status codes
+_DONE, _DIVERGED = 1, 2  # pipeline.zoo.store status codes
 
 
 def _numeric_hparams(zoo: Any) -> list[str]:

@@ -434,7 +434,7 @@ def _val_tau(run: RunResult) -> float:
 
 def _open(zoo: Any) -> Any:
     if isinstance(zoo, (str, os.PathLike)):
-        from pipeline.store import Zoo
+        from pipeline.zoo.store import Zoo
 
         return Zoo.open(zoo)
     return zoo

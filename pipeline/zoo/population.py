@@ -44,8 +44,8 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from pipeline.device import resolve_device
 from pipeline.errors import ConfigError
-from pipeline.members import _GOLDEN, MemberConv2d, MemberDropout, _mix32, build_member, resolve_arch
-from pipeline.tasks import Task
+from pipeline.zoo.members import _GOLDEN, MemberConv2d, MemberDropout, _mix32, build_member, resolve_arch
+from pipeline.zoo.tasks import Task
 
 __all__ = [
     "CATEGORICAL_HPARAMS",

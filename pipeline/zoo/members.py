@@ -23,7 +23,7 @@ from torch import nn
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pipeline.tasks import Task
+    from pipeline.zoo.tasks import Task
 
 __all__ = [
     "ARCH_NAMES",

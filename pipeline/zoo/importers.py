@@ -21,8 +21,8 @@ import numpy as np
 from pipeline import __version__
 from pipeline.checkpoints import CHECKPOINT_SUFFIXES, load_checkpoint
 from pipeline.errors import CheckpointError, StoreMismatchError
-from pipeline.store import MemberBlock, StoreLayout, _jsonable, create_store, store_exists, write_members, write_splits
-from pipeline.storelock import StoreLock
+from pipeline.zoo.store import MemberBlock, StoreLayout, _jsonable, create_store, store_exists, write_members, write_splits
+from pipeline.zoo.storelock import StoreLock
 
 __all__ = ["import_checkpoints", "import_small_cnn_zoo", "load_state_dict", "parse_arch", "CHECKPOINT_SUFFIXES"]
 
@@ -113,12 +113,12 @@ def _config_ids(frame: Any) -> np.ndarray:
 
 
 def _holding_lock(importer: Any) -> Any:
-    """Run an importer holding the writer lock of its `out` store (`pipeline.storelock`), as `unfzoo zoo` does:
+    """Run an importer holding the writer lock of its `out` store (`pipeline.zoo.storelock`), as `unfzoo zoo` does:
     a second writer of the same store is refused with StoreBusyError naming the holder."""
 
     @functools.wraps(importer)
     def locked(*args: Any, **kwargs: Any) -> Any:
-        from pipeline.store import normalize_url
+        from pipeline.zoo.store import normalize_url
 
         out = inspect.signature(importer).bind(*args, **kwargs).arguments["out"]
         with StoreLock(normalize_url(out)):
@@ -144,7 +144,7 @@ def import_checkpoints(
     """Import state-dict files listed in a CSV into a zoo store; returns the number of members.
 
     The architecture is a built-in one (`arch`) or the user's own (`module`: ``FILE.py:factory`` or
-    ``package.module:factory``, called with `module_kwargs`, a dict or JSON text; see `pipeline.factory`).
+    ``package.module:factory``, called with `module_kwargs`, a dict or JSON text; see `pipeline.zoo.factory`).
 
     CSV columns: `file` (path relative to `directory`, required), `member` and `epoch` (optional: several rows of one
     member are its checkpoints; every member needs the same epochs), `hp.<name>` (hyperparameters), and any other
@@ -153,7 +153,7 @@ def import_checkpoints(
     import pandas as pd
     import torch
 
-    from pipeline.members import build_member, resolve_arch
+    from pipeline.zoo.members import build_member, resolve_arch
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -162,12 +162,12 @@ def import_checkpoints(
         raise CheckpointError("give the architecture as exactly one of --arch (built-in) or --module (your factory)")
     task_obj = None
     if task is not None:
-        from pipeline.tasks import load_task
+        from pipeline.zoo.tasks import load_task
 
         task_obj = load_task(task)
     factory = None
     if module is not None:
-        from pipeline.factory import build_module, factory_record, parse_module_kwargs
+        from pipeline.zoo.factory import build_module, factory_record, parse_module_kwargs
 
         kwargs = parse_module_kwargs(module_kwargs)
         factory = factory_record(module, kwargs)
@@ -332,7 +332,7 @@ def _check_state(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...
 
 
 def _spec_for(module: Any, task: Any = None) -> dict[str, Any] | None:
-    from pipeline.zoo import _spec_dict
+    from pipeline.zoo.build import _spec_dict
 
     return _spec_dict(module, task)
 
@@ -386,7 +386,7 @@ def _to_torch(kind: str, kernel: np.ndarray) -> np.ndarray:
 def small_cnn_arch(layers: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The `cnn` architecture matching Small CNN Zoo layers, or None when our `cnn` cannot express them."""
     try:
-        from pipeline.members import small_cnn_zoo_arch
+        from pipeline.zoo.members import small_cnn_zoo_arch
     except ImportError:
         return None
     convs = [tuple(layer["kernel"]["shape"]) for layer in layers if layer["kind"] == "conv2d"]
@@ -533,6 +533,6 @@ def _small_cnn_names(layers: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def _build(arch: Mapping[str, Any]) -> Any:
-    from pipeline.members import build_member
+    from pipeline.zoo.members import build_member
 
     return build_member(dict(arch))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from pipeline.store import Zoo
+    from pipeline.zoo.store import Zoo
 
 __all__ = ["ZooLoader", "Batch", "default_memory_budget"]
 
@@ -52,7 +52,7 @@ class ZooLoader:
         buffer_chunks: int = 8,
         device: str | torch.device | None = None,
     ) -> None:
-        from pipeline.store import _as_indices
+        from pipeline.zoo.store import _as_indices
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -106,7 +106,7 @@ class ZooLoader:
     # ---- chunk streaming ------------------------------------------------------------------------------------------
     def _read_buffer(self, chunks: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Selected pairs of whole member chunks, read concurrently: ({key: (P, *shape)}, member (P,), ckpt (P,))."""
-        from pipeline.store import read_blocks
+        from pipeline.zoo.store import read_blocks
 
         k, n = self.zoo.members_per_chunk, self.zoo.n_members
         bounds = [(int(c) * k, min((int(c) + 1) * k, n)) for c in chunks]

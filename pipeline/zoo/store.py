@@ -21,7 +21,7 @@ place (a `unfzoo zoo` rerun does it; `unfzoo inspect STORE --migrate` for import
 
 The root attrs carry "state": "creating" from the first write of a new store until every array exists; a store in
 that state holds nothing trained, so a rerun simply creates it again. A writer holds the store's lock
-(`pipeline.storelock`) for the whole build.
+(`pipeline.zoo.storelock`) for the whole build.
 
 Rules that keep zarr 3.1 from losing data: only the coordinator creates or resizes arrays,
 before any task runs; a task reopens the group (never consolidated metadata), writes whole chunks it alone owns, and
@@ -43,15 +43,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import DamagedStoreError, StoreError
-from pipeline.splits import DEFAULT_FRACTIONS, SPLIT_KINDS, assign_split, check_fractions, split_indices
+from pipeline.zoo.splits import DEFAULT_FRACTIONS, SPLIT_KINDS, assign_split, check_fractions, split_indices
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
     import pandas as pd
     import torch
     import zarr
 
-    from pipeline.loader import ZooLoader
-    from pipeline.recipe import Recipe
+    from pipeline.zoo.loader import ZooLoader
+    from pipeline.zoo.recipe import Recipe
 
 __all__ = [
     "FORMAT",
@@ -1064,7 +1064,7 @@ class Zoo:
         text = self.attrs.get("recipe_text")
         if not text:
             return None
-        from pipeline.recipe import parse_recipe
+        from pipeline.zoo.recipe import parse_recipe
 
         recipe = parse_recipe(text, source=f"{self.url} (stored recipe)", default_name=self.attrs.get("name", "zoo"))
         return recipe.with_members(self.n_members)
@@ -1220,11 +1220,11 @@ class Zoo:
         `epoch`; zoos imported with `--module` rebuild it with the recorded factory and kwargs."""
         record = self.attrs.get("module")
         if record:
-            from pipeline.factory import module_from_record
+            from pipeline.zoo.factory import module_from_record
 
             module = module_from_record(record, where=str(self.url))
         else:
-            from pipeline.members import build_member
+            from pipeline.zoo.members import build_member
 
             module = build_member(self.member_arch(member))
         state = {k: v[0] for k, v in self.weights([int(member)], checkpoint, epoch=epoch).items()}
@@ -1359,6 +1359,6 @@ class Zoo:
         **kwargs: Any,
     ) -> ZooLoader:
         """Batches of (weights dict, member idx, checkpoint idx) over members x checkpoints; see `ZooLoader`."""
-        from pipeline.loader import ZooLoader
+        from pipeline.zoo.loader import ZooLoader
 
         return ZooLoader(self, members, checkpoints, batch_size=batch_size, shuffle=shuffle, seed=seed, **kwargs)

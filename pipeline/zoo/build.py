@@ -19,8 +19,8 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.errors import ConfigError, StoreError, StoreMismatchError
-from pipeline.recipe import Recipe, chunk_bounds, draw_chunk, load_recipe, n_chunks
-from pipeline.store import (
+from pipeline.zoo.recipe import Recipe, chunk_bounds, draw_chunk, load_recipe, n_chunks
+from pipeline.zoo.store import (
     DIVERGED,
     DONE,
     PENDING,
@@ -49,7 +49,7 @@ from pipeline.store import (
     write_members,
     write_splits,
 )
-from pipeline.storelock import StoreLock
+from pipeline.zoo.storelock import StoreLock
 
 __all__ = [
     "ZooPlan",
@@ -147,14 +147,14 @@ def default_workers() -> int:
 
 
 def _metric_names() -> tuple[str, ...]:
-    from pipeline.population import METRIC_NAMES
+    from pipeline.zoo.population import METRIC_NAMES
 
     return tuple(METRIC_NAMES)
 
 
 def _load_task(recipe: Recipe) -> Any:
     """The recipe's task (`load_task` caches it per process, so every chunk of a worker shares one copy)."""
-    from pipeline.tasks import load_task
+    from pipeline.zoo.tasks import load_task
 
     return load_task(recipe.task, **dict(recipe.task_params))
 
@@ -177,8 +177,8 @@ def plan_zoo(recipe: Recipe) -> ZooPlan:
     Raises RecipeError naming the recipe file when its task or architecture (with any activation choice) is invalid.
     """
     from pipeline.errors import ConfigError, RecipeError, TaskDataMissingError
-    from pipeline.members import build_member, resolve_arch, with_width
-    from pipeline.population import check_task_options
+    from pipeline.zoo.members import build_member, resolve_arch, with_width
+    from pipeline.zoo.population import check_task_options
 
     try:
         task = _load_task(recipe)
@@ -266,8 +266,8 @@ def train_chunk(task: ChunkTask) -> ChunkOutcome:
     """Train one chunk and write it (data, then status). Runs in a Dask worker or in process."""
     import torch
 
-    from pipeline.members import pad_to_shapes, with_width
-    from pipeline.population import ChunkJob, member_seed, train_population
+    from pipeline.zoo.members import pad_to_shapes, with_width
+    from pipeline.zoo.population import ChunkJob, member_seed, train_population
 
     t0 = time.perf_counter()
     if task.threads:
@@ -447,7 +447,7 @@ def _check_damage(url: str, repair: bool) -> list[int]:
 
 def _missing_arrays(url: str) -> list[str]:
     """Member arrays of the layout whose metadata is gone or unreadable."""
-    from pipeline.store import CHECKSUM, _checksum_columns
+    from pipeline.zoo.store import CHECKSUM, _checksum_columns
 
     root = open_group(url, mode="r")
     meta = read_meta(root, url)

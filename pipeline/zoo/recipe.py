@@ -52,7 +52,7 @@ _TOP_LEVEL = (
     "hparams",
 )
 _REQUIRED = ("members", "epochs", "task", "arch", "hparams")
-MAX_MEMBERS = 100_000_000  # as pipeline.store.MAX_MEMBERS: the coordinator holds a few bytes per member in memory
+MAX_MEMBERS = 100_000_000  # as pipeline.zoo.store.MAX_MEMBERS: the coordinator holds a few bytes per member in memory
 # Salts that keep the per-chunk, per-configuration and per-split random streams apart.
 _SALT_CATEGORICAL = 0xC47
 _SALT_CONTINUOUS = 0xC0F
@@ -60,7 +60,7 @@ _SALT_CONTINUOUS = 0xC0F
 
 def _hparam_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(categorical, continuous) hyperparameter names understood by the training engine."""
-    from pipeline.population import CATEGORICAL_HPARAMS, CONTINUOUS_HPARAMS
+    from pipeline.zoo.population import CATEGORICAL_HPARAMS, CONTINUOUS_HPARAMS
 
     return tuple(CATEGORICAL_HPARAMS), tuple(CONTINUOUS_HPARAMS)
 
@@ -188,13 +188,13 @@ class ChunkDraw:
 
 def recipes_dir() -> Path:
     """The folder of shipped recipes: `datasets/` of a checkout (their source), else the copy an installed wheel
-    carries as package data (`pipeline/recipes/`, see setup.py)."""
-    checkout = Path(__file__).resolve().parents[1]
+    carries as package data (`pipeline/zoo/recipes/`, see setup.py)."""
+    checkout = Path(__file__).resolve().parents[2]
     if (checkout / "pyproject.toml").is_file() and (checkout / "datasets").is_dir():
         return checkout / "datasets"
     from importlib.resources import files
 
-    return Path(str(files("pipeline") / "recipes"))
+    return Path(str(files("pipeline.zoo") / "recipes"))
 
 
 def recipe_names() -> list[str]:
@@ -346,7 +346,7 @@ def _parse_hparams(table: Any, where: str) -> dict[str, Distribution]:
 def _check_options(hparams: Mapping[str, Distribution], epochs: int, arch: Mapping[str, Any], where: str) -> None:
     """Cross-field checks: conditionals name a per-chunk hyperparameter of this recipe and cover each of its values;
     per-member epochs fit in the run; a width choice needs an architecture with widths."""
-    from pipeline.members import WIDTH_FIELDS
+    from pipeline.zoo.members import WIDTH_FIELDS
 
     for name, dist in hparams.items():
         if dist.kind != "by":
@@ -375,7 +375,7 @@ def _check_options(hparams: Mapping[str, Distribution], epochs: int, arch: Mappi
 
 
 def _required_hparams() -> tuple[str, ...]:
-    from pipeline.population import REQUIRED_HPARAMS
+    from pipeline.zoo.population import REQUIRED_HPARAMS
 
     return tuple(REQUIRED_HPARAMS)
 
@@ -426,14 +426,14 @@ def _check_continuous(name: str, dist: Distribution, where: str) -> None:
     values = dist.values
     if not all(_is_number(v) for v in values):
         raise RecipeError(f"{where}: values must be finite numbers; got {list(values)!r}")
-    from pipeline.population import _RANGES  # the engine's domains, so recipe and engine never disagree
+    from pipeline.zoo.population import _RANGES  # the engine's domains, so recipe and engine never disagree
 
     lo, hi, lo_in, hi_in = _RANGES.get(name, (-math.inf, math.inf, False, False))
     for v in values:
         if not ((v > lo or (lo_in and v == lo)) and (v < hi or (hi_in and v == hi))):
             interval = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
             raise RecipeError(f"{where}: value {v!r} is outside the allowed range {interval}")
-    from pipeline.population import _INTEGER_HPARAMS
+    from pipeline.zoo.population import _INTEGER_HPARAMS
 
     if name in _INTEGER_HPARAMS and (dist.kind in ("uniform", "log_uniform") or any(v != int(v) for v in values)):
         raise RecipeError(f"{where}: {name} takes whole numbers; use a constant or a choice of integers, got {dist.to_json()!r}")
@@ -454,19 +454,19 @@ def _check_categorical(name: str, dist: Distribution, where: str) -> None:
 def _categorical_values(name: str) -> tuple[Any, ...] | None:
     """The values the engine accepts for a categorical hyperparameter (None for batch_size, width: positive ints)."""
     if name == "optimizer":
-        from pipeline.population import OPTIMIZERS
+        from pipeline.zoo.population import OPTIMIZERS
 
         return tuple(OPTIMIZERS)
     if name == "activation":
-        from pipeline.members import ACTIVATIONS
+        from pipeline.zoo.members import ACTIVATIONS
 
         return tuple(ACTIVATIONS)
     if name == "init":
-        from pipeline.population import INIT_SCHEMES
+        from pipeline.zoo.population import INIT_SCHEMES
 
         return tuple(INIT_SCHEMES)
     if name == "schedule":
-        from pipeline.population import SCHEDULES
+        from pipeline.zoo.population import SCHEDULES
 
         return tuple(SCHEDULES)
     return None
