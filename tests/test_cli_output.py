@@ -207,3 +207,17 @@ def test_missing_extra_names_it(monkeypatch, tmp_path: Path) -> None:
     result = runner.invoke(app, ["score", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "s.parquet")])
     assert result.exit_code == 2 and "pip install 'unfzoo[parquet]'" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "s.parquet").exists()
+
+
+def test_train_json_is_one_document_on_stdout(predict_zoo, tmp_path: Path) -> None:
+    """`train --json`: stdout is exactly one JSON document (statistics per model and split, paired tau differences);
+    the header and the per-epoch progress lines go to stderr."""
+    result = runner.invoke(app, ["train", predict_zoo.url, "--model", "statnn,deepsets", "--epochs", "2",
+                                 "--bootstrap", "50", "--device", "cpu", "--out", str(tmp_path / "t"), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["target"] == "test_acc" and doc["models"] == ["statnn", "deepsets"]
+    test = {s["model"]: s for s in doc["statistics"] if s["split"] == "test"}
+    assert set(test) == {"statnn", "deepsets"} and all(-1 <= s["tau"] <= 1 for s in test.values())
+    assert any({p["a"], p["b"]} == {"statnn", "deepsets"} for p in doc["pairs"])
+    assert "deepsets seed 0 epoch 1/2" in result.stderr and "rows train/val/test" in result.stderr

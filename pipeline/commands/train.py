@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 
-from pipeline.commands._common import DEVICES, check_device, completer, console, escape, one_of, user_errors
+from pipeline.commands._common import DEVICES, check_device, completer, console, escape, one_of, print_json, user_errors
 
 # Mirrors pipeline.predict.config (MODEL_NAMES, FEATURES); kept here so `--help` does not import torch (a test checks).
 MODELS = ("unf", "unf-perm", "unf-hybrid", "statnn", "deepsets", "flat", "all")
@@ -93,6 +94,8 @@ def train(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N.", metavar=one_of(DEVICES),
                                autocompletion=completer(DEVICES)),
     out: Path = typer.Option(None, help="Output folder.", show_default="runs/train/<zoo name>-<target>"),
+    as_json: bool = typer.Option(False, "--json", help="Print the statistics (per model and split) and the paired "
+                                 "tau differences as one JSON document on stdout; progress lines go to stderr."),
 ) -> None:
     """Train weight-space predictors (UNF and baselines) on a zoo; report Kendall tau on a held-out test split."""
     with user_errors():
@@ -132,20 +135,26 @@ def train(
                 f"{sum(c['members'] for c in counts.values())} members; excluded {data.excluded}"
                 + (f"; held out {split.split('=')[0][6:]} = {','.join(data.info['held_out'])}"
                    if data.info.get("held_out") else ""))
-        if console.is_terminal:
+        log = sys.stderr if as_json else sys.stdout  # --json keeps stdout for the one JSON document
+        if console.is_terminal and not as_json:
             console.print(escape(line))
         else:
-            print(line, flush=True)  # never wrapped at a console width in a log file
+            print(line, file=log, flush=True)  # never wrapped at a console width in a log file
 
-        if not console.is_terminal:  # a log file: one plain line per epoch, as it happens
+        if as_json or not console.is_terminal:  # a log file: one plain line per epoch, as it happens
             def on_line(name: str, seed: int, epoch: int, total: int, info: dict) -> None:
                 loss = info.get("train_loss")
                 print(f"{name} seed {seed} epoch {epoch}/{total}" + (f" train_loss {loss:.4f}" if loss is not None
                       else "") + f" val_tau {info['val_tau']:.4f} best {info.get('best_tau', info['val_tau']):.4f}",
-                      flush=True)
+                      file=log, flush=True)
 
             result = train_predictor(stores, config, out, progress=on_line, data=data, eval_zoos=evals)
-            _print_summary(result, config, target, out)
+            if as_json:
+                print_json({"out": str(out), "target": target, "models": list(config.models),
+                            "statistics": result.statistics, "pairs": result.pairs,
+                            "bias_by_width": result.bias_by_width})
+            else:
+                _print_summary(result, config, target, out)
             return
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
