@@ -214,3 +214,36 @@ def test_padded_narrow_members_are_cropped_to_their_width(tmp_path: Path) -> Non
     narrow_w = {n: torch.from_numpy(weights[n][narrow][:4, 0]) for n in spec.names}
     cropped = {"w": narrow_w["w"][:, :3], "b": narrow_w["b"][:, :3], "v": narrow_w["v"][:, :, :3]}
     np.testing.assert_allclose(flat.predict(cropped), flat.predict(narrow_w), atol=1e-6)
+
+
+def test_tensorboard_scalars_when_tensorboard_is_installed(predict_zoo, tmp_path: Path, monkeypatch) -> None:
+    """With tensorboard importable, each run also logs train_loss / val_tau / best_val_tau per epoch into its run
+    folder (the same values as history.csv). A recording stand-in for torch.utils.tensorboard plays tensorboard."""
+    import sys
+    import types
+
+    from pipeline.predict import TrainConfig, train_predictor
+
+    logged: list[tuple[str, str, float, int]] = []
+
+    class RecordingWriter:
+        def __init__(self, log_dir: str) -> None:
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            logged.append((self.log_dir, tag, value, step))
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=RecordingWriter))
+    config = TrainConfig(models="deepsets", epochs=2, patience=5, device="cpu", deepsets_hidden=8, deepsets_head=(16,))
+    result = train_predictor(predict_zoo, config, tmp_path / "out")
+    history = pd.read_csv(tmp_path / "out" / "deepsets" / "seed0" / "history.csv")
+    run_dir = str(tmp_path / "out" / "deepsets" / "seed0")
+    assert {d for d, *_ in logged} == {run_dir}
+    val = [(step, value) for _, tag, value, step in logged if tag == "val_tau"]
+    assert val == list(zip(history["epoch"], history["val_tau"])) and len(val) == len(result.runs[0].history) == 2

@@ -199,6 +199,15 @@ def _to_target(raw: torch.Tensor, data: PredictData) -> np.ndarray:
     return np.clip(pred, *clip) if clip else pred
 
 
+def _tensorboard_writer(run_dir: Path) -> Any:
+    """A TensorBoard SummaryWriter logging into `run_dir` when tensorboard is installed (optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(run_dir))
+
+
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_csv(pd.DataFrame(history, columns=["epoch", "train_loss", "val_tau", "best_val_tau", "seconds"]),
                      path)
@@ -244,6 +253,7 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
             best_state = st["best_state"]
             best_tau, best_epoch, history, start = st["best_tau"], st["best_epoch"], st["history"], st["epoch"]
     stopped = start > 0 and start - best_epoch >= config.patience
+    board = None if stopped else _tensorboard_writer(run_dir)
     for epoch in range(start, config.epochs):
         if stopped:
             break
@@ -279,10 +289,16 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
                                    "opt": opt.state_dict(), "best_state": best_state, "best_tau": float(best_tau),
                                    "best_epoch": best_epoch, "history": history})
         _write_history(run_dir / HISTORY_FILE, history)
+        if board is not None:
+            for key in ("train_loss", "val_tau", "best_val_tau"):
+                board.add_scalar(key, history[-1][key], epoch + 1)
+            board.flush()
         if progress is not None:
             progress(model, seed, epoch + 1, config.epochs, {"val_tau": val_tau, "best_tau": float(best_tau),
                                                              "train_loss": history[-1]["train_loss"]})
         stopped = epoch + 1 - best_epoch >= config.patience
+    if board is not None:
+        board.close()
     net.load_state_dict(best_state)
     return net, history, best_epoch, norm
 
