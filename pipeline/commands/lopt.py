@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import typer
@@ -178,11 +179,10 @@ def eval_cmd(
             adam_lrs=_floats(adam_lrs, "--adam-lrs"),
             seed=seed,
         )
-        if as_json:
+        # --json keeps stdout for the document: no spinner
+        status = nullcontext() if as_json else console.status("training held-out members with every optimizer")
+        with status:
             report, path = evaluate_zoo(directory, zoo, config, out=out, device=device)
-        else:
-            with console.status("training held-out members with every optimizer"):
-                report, path = evaluate_zoo(directory, zoo, config, out=out, device=device)
         if as_json:
             print_json(report)
             return
