@@ -156,7 +156,8 @@ def test_loaded_statnn_equals_scikit_learn_predict(predict_zoo, tmp_path: Path, 
     assert result.runs[0].metrics["test"]["n"] > 0
 
 
-@pytest.mark.parametrize("model,normalize", [("unf-hybrid", "tensor"), ("unf", "member"), ("deepsets", "member")])
+@pytest.mark.parametrize("model,normalize", [("unf-hybrid", "tensor"), ("unf", "member"), ("deepsets", "member"),
+                                             ("unf", "fanin")])
 def test_hybrid_and_scale_aware_models_are_invariant_and_width_agnostic(predict_zoo, tmp_path: Path, model: str,
                                                                         normalize: str) -> None:
     result = train_predictor(predict_zoo, _config(models=(model,), normalize=normalize), tmp_path / "o")
@@ -247,3 +248,35 @@ def test_tensorboard_scalars_when_tensorboard_is_installed(predict_zoo, tmp_path
     assert {d for d, *_ in logged} == {run_dir}
     val = [(step, value) for _, tag, value, step in logged if tag == "val_tau"]
     assert val == list(zip(history["epoch"], history["val_tau"])) and len(val) == len(result.runs[0].history) == 2
+
+
+def test_fanin_scale_channel_reads_standard_inits_alike_at_every_width() -> None:
+    """--normalize fanin: the scale channel is log10(RMS * sqrt(fan_in)), so kaiming-initialized conv layers of width 8
+    and 64 get the same value (the "member" channel reads the wider one as ~0.45 decades smaller)."""
+    from pipeline.predict.models import TensorNormalizer
+
+    def scale(width: int, mode: str) -> float:
+        w = torch.empty(16, width, width, 3, 3)  # 16 members
+        gen = torch.Generator().manual_seed(width)
+        for member in w:
+            torch.nn.init.kaiming_normal_(member, generator=gen)
+        norm = TensorNormalizer(["w"], [0.0], [0.05], mode=mode)
+        return float(norm.channels({"w": w}, "raw")["w"][:, -1].mean())
+
+    assert abs(scale(8, "fanin") - scale(64, "fanin")) < 0.01
+    assert abs(scale(8, "fanin") - np.log10(2 ** 0.5)) < 0.01  # kaiming: RMS = sqrt(2 / fan_in)
+    assert scale(8, "member") - scale(64, "member") > 0.4
+
+
+def test_rank_loss_scores_the_order_and_trains(predict_zoo, tmp_path: Path) -> None:
+    from pipeline.predict.train import pairwise_rank_loss
+
+    y = torch.tensor([0.9, 0.5, 0.1])
+    right, wrong = pairwise_rank_loss(torch.tensor([3.0, 0.0, -3.0]), y), pairwise_rank_loss(torch.tensor([-3.0, 0.0, 3.0]), y)
+    assert right < 0.1 < 2.0 < wrong
+    assert float(pairwise_rank_loss(torch.zeros(2), torch.tensor([0.5, 0.5]))) == 0.0  # no ordered pair: no loss
+    result = train_predictor(predict_zoo, _config(models=("unf",), rank_weight=1.0), tmp_path / "o")
+    assert np.isfinite(result.runs[0].history[-1]["train_loss"])
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["config"]["rank_weight"] == 1.0
+    with pytest.raises(ConfigError, match="--rank-weight"):
+        _config(rank_weight=-1.0)

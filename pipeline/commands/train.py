@@ -80,6 +80,8 @@ def train(
     normalize: str = typer.Option("member", help="member (scale-aware: each member's tensor / its RMS, plus a "
                                   "log-RMS channel; wins on held-out groups and wider zoos) | tensor (one mean/std per "
                                   "tensor from the training rows)."),
+    rank_weight: float = typer.Option(0.0, help="Weight of a pairwise ranking term (RankNet) added to the torch "
+                                      "models' loss; 0 = off."),
     ensemble: bool = typer.Option(False, help="Also report <model>-ens: the mean prediction over seeds."),
     chance_margin: float = typer.Option(0.05, help="Trained = accuracy above 1/classes + this (tau above chance, "
                                         "AUC)."),
@@ -115,8 +117,9 @@ def train(
         config = TrainConfig(models=model, target=target, checkpoints=checkpoints,
                              train_checkpoints=train_checkpoints, split=split, fractions=_fractions(fractions),
                              split_seed=split_seed, seeds=seeds, epochs=epochs, batch_size=batch_size, lr=lr,
-                             patience=patience, augment=augment, normalize=normalize, ensemble=ensemble,
-                             chance_margin=chance_margin, bootstrap=bootstrap, features=features, loss=loss,
+                             patience=patience, augment=augment, normalize=normalize, rank_weight=rank_weight,
+                             ensemble=ensemble, chance_margin=chance_margin, bootstrap=bootstrap, features=features,
+                             loss=loss,
                              include_diverged=include_diverged, max_members=max_members, device=device)
         for path, store in zip((*zoos, *(eval_zoo or ())), (*stores, *evals)):
             targets = available_targets(store)

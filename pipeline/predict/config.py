@@ -16,8 +16,10 @@ __all__ = ["MODEL_NAMES", "MODEL_KINDS", "FEATURES", "NORMALIZE", "TrainConfig",
 FEATURES: dict[str, int] = {"raw": 1, "raw+log": 2}
 # `--normalize` choices: "tensor" (one scalar mean/std per tensor from the training rows) | "member" (scale-aware:
 # each member's tensor divided by its own RMS, plus a constant channel holding log10 of that RMS, so the network sees
-# shape and scale separately; still permutation invariant and width-agnostic)
-NORMALIZE: dict[str, int] = {"tensor": 0, "member": 1}  # extra input channels
+# shape and scale separately; still permutation invariant and width-agnostic) | "fanin" (as "member", but the scale
+# channel holds log10(RMS * sqrt(fan_in)): standard inits put that near a constant at every width, so a wider network
+# is not read as a small-weight one)
+NORMALIZE: dict[str, int] = {"tensor": 0, "member": 1, "fanin": 1}  # extra input channels
 
 # Model names a user may ask for -> the predictor kind they train. "unf-perm" is the ablation: UNF with fixed axes
 # (input features, classes, kernel positions) treated as permutable, as the reference implementation does.
@@ -90,6 +92,10 @@ class TrainConfig:
     # optimizer group by +0.220 [0.132, 0.305] (adam) and +0.042 [-0.006, 0.090] (sgd), and on a 2x wider foreign zoo
     # by +0.022 / +0.077 (paired 90% intervals; predict docs "What won"), at -0.027..+0.011 on in-group validation.
     normalize: str = "member"
+    # weight of a pairwise ranking term added to the loss: within each batch, softplus(-(s_i - s_j)) over the pairs whose
+    # targets order i above j (RankNet); Kendall tau scores exactly that order, which BCE/MSE only reach through the
+    # values. 0 = off
+    rank_weight: float = 0.0
     ensemble: bool = False  # also report "<model>-ens": the mean prediction over seeds
     bootstrap: int = 1000  # resamples of every bootstrap interval (tau, paired tau differences)
     chance_margin: float = 0.05  # members with accuracy > 1/n_classes + margin count as trained (tau_above, AUC)
@@ -136,6 +142,8 @@ class TrainConfig:
         known = [c[0] for c in STATNN_CANDIDATES]
         if not self.statnn_candidates or set(self.statnn_candidates) - set(known):
             raise ConfigError(f"statnn_candidates {self.statnn_candidates} must be a non-empty subset of {known}")
+        if not 0 <= self.rank_weight < 1e3:
+            raise ConfigError(f"--rank-weight must be >= 0, got {self.rank_weight}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.max_members is not None and self.max_members < 3:
@@ -165,5 +173,6 @@ class TrainConfig:
             fields += ["epochs", "batch_size", "lr", "patience", "augment", "features", f"{net}_hidden"]
             fields += [f"{net}_head"] if net in ("unf", "deepsets") else []
             fields += ["normalize"] if self.normalize != "tensor" else []  # old runs keep their keys
+            fields += ["rank_weight"] if self.rank_weight else []
         payload = {"model": model, **{k: d[k] for k in fields}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -63,6 +63,7 @@ class TensorNormalizer(nn.Module):
     def forward(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.mode == "tensor":
             return {n: (weights[n].to(self.mean.dtype) - self.mean[i]) / self.std[i] for i, n in enumerate(self.names)}
+        # "member" and "fanin" divide by the member's own RMS
         return {n: weights[n].to(self.mean.dtype) / self._rms(weights[n]) for n in self.names}
 
     def _rms(self, w: torch.Tensor) -> torch.Tensor:
@@ -79,6 +80,10 @@ class TensorNormalizer(nn.Module):
             c = pointwise_features(x[n], features)  # (B, F, *shape)
             if self.mode == "member":
                 scale = torch.log10(self._rms(weights[n]) / self.std[i])  # (B, 1, ..., 1)
+            elif self.mode == "fanin":  # RMS * sqrt(fan_in), fan_in counted as torch's inits do (dims after the first)
+                fan_in = x[n][0].numel() // x[n].shape[1] if x[n].dim() > 2 else 1
+                scale = torch.log10(self._rms(weights[n]) * fan_in ** 0.5)  # (B, 1, ..., 1)
+            if self.mode != "tensor":
                 c = torch.cat([c, scale.unsqueeze(1).expand(-1, 1, *x[n].shape[1:])], dim=1)
             out[n] = c
         return out

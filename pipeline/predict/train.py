@@ -219,6 +219,15 @@ def _save_resume(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def pairwise_rank_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """RankNet loss: mean of softplus(-(s_i - s_j)) over the pairs (i, j) of the batch with target_i > target_j."""
+    diff = scores[:, None] - scores[None, :]  # (b, b): s_i - s_j
+    above = targets[:, None] > targets[None, :]  # (b, b): pairs ordered i over j
+    if not bool(above.any()):
+        return scores.sum() * 0.0
+    return torch.nn.functional.softplus(-diff[above]).mean()
+
+
 def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, seed: int, device: torch.device,
                run_dir: Path, run_key: str, progress: ProgressFn | None
                ) -> tuple[torch.nn.Module, list[dict[str, Any]], int, tuple[list[float], list[float]]]:
@@ -273,7 +282,10 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
             batch = {k: v.index_select(0, idx) for k, v in x_part.items()}  # {name: (b, *shape)}
             if config.augment:
                 batch = spec.permute(batch, spec.random_permutation(gen, sizes=sizes, device=device))
-            loss = loss_fn(net(batch), y_part[idx])
+            scores = net(batch)  # (b,) raw outputs
+            loss = loss_fn(scores, y_part[idx])
+            if config.rank_weight:
+                loss = loss + config.rank_weight * pairwise_rank_loss(scores, y_part[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
