@@ -77,9 +77,10 @@ def train(
     lr: float = typer.Option(1e-3, help="Adam learning rate."),
     patience: int = typer.Option(6, help="Early stopping: epochs without a better validation tau."),
     augment: bool = typer.Option(False, help="Random permutation of each training batch (symmetry augmentation)."),
-    normalize: str = typer.Option("member", help="member (scale-aware: each member's tensor / its RMS, plus a "
-                                  "log-RMS channel; wins on held-out groups and wider zoos) | tensor (one mean/std per "
-                                  "tensor from the training rows)."),
+    normalize: str = typer.Option("fanin", help="fanin (scale-aware: each member's tensor / its RMS, plus a channel "
+                                  "log10(RMS * sqrt(fan_in)), the same at every width for standard inits; wins on "
+                                  "held-out widths and optimizers) | member (the same with log-RMS, which reads wider "
+                                  "nets as smaller) | tensor (one mean/std per tensor from the training rows)."),
     rank_weight: float = typer.Option(0.0, help="Weight of a pairwise ranking term (RankNet) added to the torch "
                                       "models' loss; 0 = off."),
     ensemble: bool = typer.Option(False, help="Also report <model>-ens: the mean prediction over seeds."),

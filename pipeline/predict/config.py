@@ -88,10 +88,11 @@ class TrainConfig:
     lr: float = 1e-3
     patience: int = 6  # epochs without a better validation tau before stopping
     augment: bool = False  # random permutation (group element) per batch on the training inputs
-    # "member" by default (scale-aware, see NORMALIZE): on a 384-member mlp-digits zoo it raised UNF's tau on a held-out
-    # optimizer group by +0.220 [0.132, 0.305] (adam) and +0.042 [-0.006, 0.090] (sgd), and on a 2x wider foreign zoo
-    # by +0.022 / +0.077 (paired 90% intervals; predict docs "What won"), at -0.027..+0.011 on in-group validation.
-    normalize: str = "member"
+    # "fanin" by default (scale-aware with a width-free scale channel, see NORMALIZE). "member" beat "tensor" on held-out
+    # optimizer groups and a wider zoo (mlp-digits, docs/results.md); on cnn-digits "fanin" then beat "member" with UNF
+    # on a held-out width (train 8/16, test the 24-wide members: tau 0.707 +- 0.005 vs 0.643 +- 0.008, 3 seeds) and a
+    # held-out optimizer (rmsprop, 2 seeds), and on in-group validation (0.778 vs 0.733).
+    normalize: str = "fanin"
     # weight of a pairwise ranking term added to the loss: within each batch, softplus(-(s_i - s_j)) over the pairs whose
     # targets order i above j (RankNet); Kendall tau scores exactly that order, which BCE/MSE only reach through the
     # values. 0 = off
