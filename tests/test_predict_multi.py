@@ -45,6 +45,8 @@ def test_two_widths_and_an_eval_zoo(predict_zoo, predict_zoo_wide, tmp_path: Pat
     assert set(preds["zoo"]) == {"zoo", "wide"}
     md = (tmp_path / "o" / "comparison.md").read_text()
     assert "### eval:wide" in md and "Paired differences" in md and "± 0.000" not in md
+    assert 0 < stats[("unf", "eval:wide")]["tau_ceiling"] <= 1 and stats[("unf", "test")]["n_test_samples"] == "360"
+    assert "Noise ceiling of tau" in md
     with pytest.raises(ConfigError, match="also a training zoo"):
         build_data(predict_zoo, _config(), eval_zoos=[predict_zoo])
     with pytest.raises(ConfigError, match="flat reads the widths of .* a training zoo has width 12"):

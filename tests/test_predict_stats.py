@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau, spearmanr
 
-from pipeline.predict.stats import (chance_threshold, paired_tau_difference, pairwise_differences, split_statistics,
-                                    tau_interval)
+from pipeline.predict.stats import (chance_threshold, noise_ceiling_tau, paired_tau_difference, pairwise_differences,
+                                    split_statistics, tau_interval)
 
 
 def _data(n: int = 200, seed: int = 0):
@@ -71,3 +71,15 @@ def test_paired_difference_separates_a_better_model_and_not_equal_ones() -> None
     pairs = pairwise_differences({"a": [good], "b": [bad], "c": [true]}, true, n_resamples=200)
     assert [(p["a"], p["b"]) for p in pairs] == [("a", "b"), ("a", "c"), ("b", "c")]
     assert pairs[1]["high"] < 0  # a perfect ranker beats the good one
+
+
+def test_noise_ceiling_falls_with_fewer_test_samples() -> None:
+    """Accuracies measured on few test samples cap the tau any predictor can reach: the ceiling is near 1 for a huge
+    test set, lower for 360 samples, lower still for 20, and a mix of sizes per row is allowed."""
+    acc = np.random.default_rng(1).uniform(0.8, 0.95, 300)
+    huge, digits, tiny = (noise_ceiling_tau(acc, n) for n in (10**6, 360, 20))
+    assert huge > 0.97 and 0.6 < digits < 0.9 and tiny < digits - 0.2
+    mixed = noise_ceiling_tau(acc, np.where(np.arange(300) < 150, 20, 10**6))
+    assert tiny < mixed < huge
+    assert noise_ceiling_tau(acc, 360) == noise_ceiling_tau(acc, 360)  # seeded
+    assert np.isnan(noise_ceiling_tau(acc[:1], 360))

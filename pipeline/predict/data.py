@@ -24,7 +24,7 @@ from pipeline.predict.config import TrainConfig
 from pipeline.zoo.splits import GroupSplit, assign_group_split, group_sizes, parse_split
 
 __all__ = ["SPLITS", "PredictData", "available_targets", "target_values", "select_checkpoints", "build_data",
-           "normalization_stats", "zoo_width", "n_classes"]
+           "normalization_stats", "zoo_width", "n_classes", "n_test_samples"]
 
 SPLITS = ("train", "val", "test")
 _DONE, _DIVERGED = 1, 2  # pipeline.zoo.store status codes
@@ -102,6 +102,12 @@ def n_classes(zoo: Any) -> int | None:
     info = task.get("info") or {}
     value = info.get("num_classes") or (zoo.arch or {}).get("num_classes")
     return int(value) if value else None
+
+
+def n_test_samples(zoo: Any) -> int | None:
+    """How many test samples the zoo task scored each member's test metrics on (recipe zoos record it), else None."""
+    info = (getattr(zoo, "attrs", {}).get("task") or {}).get("info") or {}
+    return int(info["n_test"]) if info.get("n_test") else None
 
 
 @dataclass
@@ -354,7 +360,8 @@ def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) ->
         for k in excluded_total:
             excluded_total[k] += excluded[k]
         info = {"name": name, "url": str(zoo.url), "role": role, "fingerprint": zoo.fingerprint, "zoo": zi,
-                "n_classes": n_classes(zoo), "members": int(zoo.n_members), "excluded": excluded,
+                "n_classes": n_classes(zoo), "n_test": n_test_samples(zoo), "members": int(zoo.n_members),
+                "excluded": excluded,
                 "checkpoint_epochs": [int(e) for e in np.asarray(zoo.checkpoint_epochs)[eval_c]],
                 "train_checkpoint_epochs": [int(e) for e in np.asarray(zoo.checkpoint_epochs)[train_c]]}
         # one block per member width: narrower members of a zoo with a `width` hyperparameter are stored zero-padded

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pipeline.predict.stats import CONFIDENCE, pairwise_differences, split_statistics, tau_interval
+from pipeline.predict.stats import (CONFIDENCE, noise_ceiling_tau, pairwise_differences, split_statistics,
+                                    tau_interval)
 
 if TYPE_CHECKING:
     from pipeline.predict.data import PredictData
@@ -100,6 +101,7 @@ def statistics_table(preds: dict[str, list[np.ndarray]], data: PredictData, n_re
     out = []
     for split, idx in data.rows.items():
         true = data.y[idx]
+        ceiling, n_test = _noise_ceiling(data, idx) if split != "train" else (float("nan"), None)
         for model, seeds in preds.items():
             ok = np.all([np.isfinite(p[idx]) for p in seeds], axis=0)
             if not ok.any():
@@ -107,7 +109,8 @@ def statistics_table(preds: dict[str, list[np.ndarray]], data: PredictData, n_re
                 continue
             per_seed = [split_statistics(p[idx][ok], true[ok], data.threshold) for p in seeds]
             row: dict[str, Any] = {"model": model, "split": split, "seeds": len(seeds), "n": int(ok.sum()),
-                                   "threshold": data.threshold, "n_above": per_seed[0]["n_above"]}
+                                   "threshold": data.threshold, "n_above": per_seed[0]["n_above"],
+                                   "tau_ceiling": ceiling, "n_test_samples": n_test}
             for stat in _STATS:
                 row[stat] = _mean([s[stat] for s in per_seed])
                 row[f"{stat}_sd"] = _spread([s[stat] for s in per_seed])
@@ -116,6 +119,17 @@ def statistics_table(preds: dict[str, list[np.ndarray]], data: PredictData, n_re
                                                else (float("nan"), float("nan")))
             out.append(row)
     return out
+
+
+def _noise_ceiling(data: PredictData, idx: np.ndarray) -> tuple[float, str | None]:
+    """`stats.noise_ceiling_tau` of a split's test accuracies, each scored on its zoo's test-set size, and those sizes
+    ("360" or "360,1000"); (NaN, None) for other targets or when a zoo does not record its size."""
+    if data.target != "test_acc" or len(idx) < 2:
+        return float("nan"), None
+    rows_n = [data.zoos[b].get("n_test") for b in data.block[idx]]
+    if any(n is None for n in rows_n):
+        return float("nan"), None
+    return noise_ceiling_tau(data.y[idx], np.asarray(rows_n)), ",".join(map(str, sorted(set(rows_n))))
 
 
 def bias_by_width(preds: dict[str, list[np.ndarray]], data: PredictData) -> list[dict[str, Any]]:
@@ -186,6 +200,11 @@ def comparison_markdown(summary: pd.DataFrame, stats: list[dict[str, Any]] | Non
             above = f"{_f(s['tau_above'])} ({s['n_above']})" if s["n_above"] is not None else "-"
             lines.append(f"| {s['model']} | {ci} | {sd} | {_f(s['spearman'])} | {above} | {_f(s['r2'])} | "
                          f"{_f(s['mae'], 4)} | {_f(s['bias'], 4)} | {_f(s['auc'])} | {s['n']} |")
+        first = next(s for s in stats if s["split"] == split)
+        if first.get("n_test_samples") and np.isfinite(first.get("tau_ceiling", float("nan"))):
+            lines += ["", f"Noise ceiling of tau: {_f(first['tau_ceiling'])}, what a perfect predictor of each "
+                      f"network's expected accuracy would reach against accuracies measured on "
+                      f"{first['n_test_samples']} test samples."]
         lines.append("")
     lines.append(f"Chance threshold: {thr}. Intervals: percentile bootstrap over members, {pct}%.")
     lines.append("")

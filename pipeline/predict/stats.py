@@ -18,7 +18,7 @@ import numpy as np
 from scipy.stats import bootstrap, kendalltau, spearmanr
 
 __all__ = ["CONFIDENCE", "N_RESAMPLES", "DEFAULT_CHANCE_MARGIN", "tau", "chance_threshold", "split_statistics",
-           "tau_interval", "paired_tau_difference", "pairwise_differences"]
+           "noise_ceiling_tau", "tau_interval", "paired_tau_difference", "pairwise_differences"]
 
 CONFIDENCE = 0.90
 N_RESAMPLES = 1000
@@ -39,6 +39,19 @@ def chance_threshold(target: str, n_classes: int | None, margin: float = DEFAULT
     if not target.endswith("acc") or not n_classes or n_classes < 2:
         return None
     return 1.0 / n_classes + margin
+
+
+def noise_ceiling_tau(accuracy: np.ndarray, n_eval: np.ndarray | int, draws: int = 200, seed: int = 0) -> float:
+    """The Kendall tau that a perfect predictor of each network's expected accuracy would reach against accuracies
+    measured on `n_eval` test samples: the mean tau between `accuracy` (standing in for the expected accuracies) and
+    binomial redraws of it on as many samples. Test-set noise caps every predictor near this value; NaN when
+    undefined."""
+    acc = np.clip(np.asarray(accuracy, dtype=np.float64), 0.0, 1.0)
+    n = np.broadcast_to(np.asarray(n_eval, dtype=np.int64), acc.shape)
+    if len(acc) < 2 or (n < 1).any():
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    return float(np.nanmean([tau(rng.binomial(n, acc) / n, acc) for _ in range(draws)]))
 
 
 def _r2(pred: np.ndarray, true: np.ndarray) -> float:
