@@ -242,3 +242,18 @@ def test_matches_the_reference_layer() -> None:
             ga = torch.autograd.grad(sum((v * v).sum() for v in a.values()), list(x.values()))
             gb = torch.autograd.grad(sum((v * v).sum() for v in b.values()), list(x.values()))
             assert max(float((p - q).abs().max()) for p, q in zip(ga, gb)) < 1e-10, (name, mode)
+
+
+def test_single_axis_fixed_labels_fold_into_channels() -> None:
+    """Permutable mode folds a conv's kernel axes (fixed labels on one axis of one tensor) into channels: fewer
+    matmuls than basis groups, the same parameters and span (test_matches_the_reference_layer checks the values)."""
+    spec = _derived("cnn")
+    torch.manual_seed(0)
+    layer = um.UNFLinear(spec, 2, 3, fixed_axes="permutable")
+    assert layer._folded is not None
+    convs = [p for p in layer._folded.pieces if len(p.axes) == 4]
+    assert convs and all(p.labels == p.axes[:2] and p.fold == math.prod(spec.sizes[a] for a in p.axes[2:])
+                         for p in convs)  # (out, in) stay dims, the kernel axes are folded
+    assert len(layer._fwd.groups) < len(layer._groups)
+    assert set(layer.state_dict()) == {n for n, _ in layer.named_parameters()}  # constants are not saved
+    assert um.UNFLinear(spec, 2, 3, fixed_axes="exact")._folded is None

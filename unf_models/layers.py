@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import permutations, product
+from itertools import combinations, permutations, product
 from typing import Literal
 
 import torch
@@ -388,6 +388,263 @@ def _merge_plan(supports: list[frozenset[int]]) -> tuple[tuple[int, ...], tuple[
     return tuple(order), tuple(parent)
 
 
+def _fold_labels(spec: WeightSpec, pieces: list[_Piece], limit: int = 9) -> frozenset[str]:
+    """Fixed labels the layer treats as permutable that sit on exactly one axis of one piece (a conv's kernel and
+    input-channel axes in permutable mode); per piece the subset with the largest product of sizes up to ``limit``.
+
+    Such a label has two terms on its own piece (keep the axis, or mean then broadcast) and one on every other (mean,
+    or broadcast), so its terms are computed by folding the axis into channels and mixing with a weight assembled
+    from the terms' own blocks: same span, same parameters, a fraction of the reads, matmuls and writes."""
+    count: dict[str, int] = {}
+    for p in pieces:
+        for label in p.labels:
+            count[label] = count.get(label, 0) + 1
+    out: set[str] = set()
+    for p in pieces:
+        mine = [a for a in p.labels if count[a] == 1 and spec.is_fixed(a)]
+        subsets = [c for k in range(len(mine) + 1) for c in combinations(mine, k)]
+        fits = [c for c in subsets if math.prod(spec.sizes[a] for a in c) <= limit]
+        out.update(max(fits, key=lambda c: (math.prod(spec.sizes[a] for a in c), len(c))))  # the largest fold
+    return frozenset(out)
+
+
+def _restrict(blocks: tuple[tuple[int, ...], ...], kept: tuple[int, ...], rest: tuple[int, ...]
+              ) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+    """Blocks and kept blocks of a read/write without the folded axes (each a block of its own); ``rest`` lists the
+    remaining axis positions in order (their new positions are their indices)."""
+    new_blocks, new_index = [], {}
+    for i, block in enumerate(blocks):
+        if block[0] in rest:
+            new_index[i] = len(new_blocks)
+            new_blocks.append(tuple(rest.index(a) for a in block))
+    return tuple(new_blocks), tuple(new_index[i] for i in kept if i in new_index)
+
+
+class _Folded:
+    """The layer's terms computed with its single-axis fixed labels (see ``_fold_labels``) folded into channels.
+
+    Pieces become ``(B, F*K, *other_dims)`` (folded axes outermost in the channels); the basis over the remaining
+    labels is planned as usual, and each of its mixing blocks is assembled from the original terms' blocks: the
+    term's ``(K_in, K_out)`` block times a constant ``(F_in, F_out)`` matrix, identity or mean-then-broadcast per
+    folded axis of a piece onto itself, mean-then-broadcast between pieces. One matmul per group assembles them."""
+
+    def __init__(self, spec: WeightSpec, pieces: list[_Piece], read_list: list[tuple[int, Read]],
+                 groups: list[_Group], labels: frozenset[str], in_channels: int, out_channels: int) -> None:
+        self.folded: list[tuple[int, ...]] = []  # per piece: label indices folded
+        self.rest: list[tuple[int, ...]] = []  # per piece: label indices kept as dims
+        self.fsizes: list[tuple[int, ...]] = []
+        self.pieces: list[_Piece] = []
+        for p in pieces:
+            fl = tuple(k for k, a in enumerate(p.labels) if a in labels)
+            rest = tuple(k for k in range(len(p.labels)) if k not in fl)
+            self.folded.append(fl)
+            self.rest.append(rest)
+            self.fsizes.append(tuple(spec.sizes[p.labels[k]] for k in fl))
+            self.pieces.append(_Piece(p.name, p.part, p.axes, tuple(p.perm_pos[k] for k in rest),
+                                      tuple(p.perm_pos[k] for k in fl), math.prod(self.fsizes[-1])))
+        self.reads, self.groups, _ = _plan(self.pieces, in_channels, out_channels)
+        read_index = {(pi, r.blocks, r.kept): i for i, (pi, r) in enumerate(self.reads)}
+        contrib_at: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}  # -> (group, row offset in F units)
+        output_at: dict[tuple[int, object], tuple[int, int, int]] = {}  # -> (group, col offset, output index)
+        sizes_rc = []
+        for e, g in enumerate(self.groups):
+            row = 0
+            for c in g.contributions:
+                contrib_at[(c.read, c.order)] = (e, row)
+                row += self.pieces[self.reads[c.read][0]].fold
+            col = 0
+            for oi, o in enumerate(g.outputs):
+                output_at[(o.piece, o.write.blocks, o.write.kept)] = (e, col, oi)
+                col += self.pieces[o.piece].fold
+            sizes_rc.append((row, col))
+        members: list[list[tuple[str, int, int]]] = [[] for _ in self.groups]  # per exec group: (key, n_c, n_o)
+        entries: list[list[tuple[int, int, int, Tensor]]] = [[] for _ in self.groups]  # (row, col, term, M)
+        bias_src: dict[int, int] = {}  # exec const output index -> original bias column
+        const_col = 0
+        for g in groups:
+            e_of = None
+            term0 = None
+            for ci, c in enumerate(g.contributions):
+                pi, r = read_list[c.read]
+                ec, er = self._exec_contribution(pi, r, c.order, read_index, contrib_at)
+                for oi, o in enumerate(g.outputs):
+                    wb, wk = _restrict(o.write.blocks, o.write.kept, self.rest[o.piece])
+                    eo, col, _ = output_at[(o.piece, wb, wk)]
+                    if ec != eo or (e_of is not None and e_of != ec):
+                        raise SpecError("internal: a folded term maps across groups")
+                    e_of = ec
+                    if term0 is None:
+                        term0 = sum(nc * no for _, nc, no in members[ec])
+                    m = self._fold_matrix(pi, r, o.piece, o.write)
+                    entries[ec].append((er, col, term0 + ci * len(g.outputs) + oi, m))
+            members[e_of].append((_key(g.signature), len(g.contributions), len(g.outputs)))  # type: ignore[index]
+            if not g.signature:  # the bias: one slice per output, broadcast over the folded axes too
+                for o in g.outputs:
+                    wb, wk = _restrict(o.write.blocks, o.write.kept, self.rest[o.piece])
+                    bias_src[output_at[(o.piece, wb, wk)][2]] = const_col
+                    const_col += o.width
+        self._buffers: dict[str, Tensor] = {}
+        plan = []
+        for e, g in enumerate(self.groups):
+            rows, cols = sizes_rc[e]
+            terms = sum(nc * no for _, nc, no in members[e])
+            mat = torch.zeros(rows, cols, terms, dtype=torch.float64)
+            for r0, c0, t, m in entries[e]:
+                mat[r0 : r0 + m.shape[0], c0 : c0 + m.shape[1], t] += m
+            name = f"_fold_{e}"
+            self._buffers[name] = mat.reshape(rows * cols, terms)  # float64: cast to the weights' dtype when used
+            plan.append((_key(g.signature), name, tuple(members[e]), rows, cols))
+        self.plan = tuple(plan)
+        index: list[int] = []
+        const = [g for g in self.groups if not g.signature]
+        for oi, o in enumerate(const[0].outputs if const else ()):
+            for _ in range(self.pieces[o.piece].fold):
+                index.extend(range(bias_src[oi], bias_src[oi] + out_channels))
+        self._buffers["_fold_bias"] = torch.tensor(index, dtype=torch.long)
+        self.in_channels, self.out_channels = in_channels, out_channels
+
+    def _exec_contribution(self, pi: int, r: Read, order: tuple[int, ...], read_index: Mapping, contrib_at: Mapping
+                           ) -> tuple[int, int]:
+        blocks, kept = _restrict(r.blocks, r.kept, self.rest[pi])
+        keep_folded = [r.blocks[i][0] not in self.rest[pi] for i in r.kept]  # per kept dim of r: folded?
+        new_dim = [sum(1 for q in range(k) if not keep_folded[q]) for k in range(len(r.kept))]
+        new_order = tuple(new_dim[k] for k in order if not keep_folded[k])
+        return contrib_at[(read_index[(pi, blocks, kept)], new_order)]
+
+    def _fold_matrix(self, pi: int, r: Read, po: int, w: Write) -> Tensor:
+        """(F_in, F_out): how the term maps the folded axes of its input piece onto those of its output piece."""
+        f_in, f_out = math.prod(self.fsizes[pi]), math.prod(self.fsizes[po])
+        if pi != po:
+            return torch.full((f_in, f_out), 1.0 / f_in, dtype=torch.float64)
+        m = torch.ones(1, 1, dtype=torch.float64)
+        for k, n in zip(self.folded[pi], self.fsizes[pi]):
+            kept_in = any(k in r.blocks[i] for i in r.kept)
+            kept_out = any(k in w.blocks[i] for i in w.kept)
+            if kept_in != kept_out:
+                raise SpecError("internal: a single-axis label is kept on one side of a term only")
+            m = torch.kron(m, torch.eye(n, dtype=torch.float64) if kept_in
+                           else torch.full((n, n), 1.0 / n, dtype=torch.float64))
+        return m
+
+    def buffers(self) -> dict[str, Tensor]:
+        return self._buffers
+
+    def fold(self, h: list[Tensor]) -> list[Tensor]:
+        """Pieces (B, K, *dims) -> (B, F*K, *other_dims), folded axes outermost in the channels."""
+        out = []
+        for t, fl, rest in zip(h, self.folded, self.rest):
+            if fl:
+                t = t.permute(0, *(2 + k for k in fl), 1, *(2 + k for k in rest))
+                t = t.reshape(t.shape[0], -1, *t.shape[2 + len(fl):])
+            out.append(t)
+        return out
+
+    def unfold(self, h: list[Tensor], channels: int) -> list[Tensor]:
+        out = []
+        for t, fl, rest, fs in zip(h, self.folded, self.rest, self.fsizes):
+            if fl:
+                t = t.reshape(t.shape[0], *fs, channels, *t.shape[2:])  # (B, *folded, C, *rest)
+                where = {k: 1 + j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
+                t = t.permute(0, 1 + len(fl), *(where[k] for k in range(len(fl) + len(rest))))
+            out.append(t)
+        return out
+
+    def weights(self, module: nn.Module, mix: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each group's mixing weight assembled from the original terms' blocks (one matmul per group)."""
+        out = {}
+        cin, cout = self.in_channels, self.out_channels
+        for key, name, members, rows, cols in self.plan:
+            blocks = []
+            for k, nc, no in members:
+                w = mix[k]
+                if nc > 1 and no > 1:
+                    w = w.view(nc, cin, no, cout).permute(0, 2, 1, 3)
+                blocks.append(w.reshape(nc * no, cin * cout))
+            stack = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+            y = torch.mm(getattr(module, name).to(stack.dtype), stack).view(rows, cols, cin, cout)
+            out[key] = y.permute(0, 2, 1, 3).reshape(rows * cin, cols * cout)
+        return out
+
+
+@dataclass(frozen=True)
+class _ForwardPlan:
+    """Everything forward needs that does not depend on the input, built once: read steps (each reduction once, from
+    the smallest parent), per-group (read, permutation) inputs and write views, per-piece summation order. Keeps
+    forward free of data-dependent Python, so ``torch.compile`` traces it in one graph."""
+
+    steps: tuple[_ReadStep, ...]
+    read_order: tuple[int, ...]
+    groups: tuple[tuple[str, tuple, tuple, tuple[int, ...]], ...]  # (weight key, inputs, outputs, widths)
+    num_outputs: int
+    merges: tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]
+
+
+def _forward_plan(pieces: list[_Piece], read_list: list[tuple[int, Read]], groups: list[_Group],
+                  sizes: Mapping[str, int]) -> _ForwardPlan:
+    steps = _read_steps(pieces, read_list, sizes)
+    used = {c.read for g in groups for c in g.contributions}
+    group_plans = []
+    per_piece: list[list[tuple[int, frozenset[int]]]] = [[] for _ in pieces]
+    n_out = 0
+    for g in groups:
+        ins = []
+        for c in g.contributions:
+            ins.append((c.read, (1, 0, *(2 + i for i in c.order))))  # (B, K, *kept) -> (K, B, *sig)
+        outs = []
+        col = 0
+        for o in g.outputs:
+            plan = _write_plan(o, (col, col + o.width), len(pieces[o.piece].labels))
+            col += o.width
+            outs.append((n_out, o.piece, plan))
+            per_piece[o.piece].append((n_out, plan.support))
+            n_out += 1
+        group_plans.append((_key(g.signature), tuple(ins), tuple(outs), tuple(o.width for o in g.outputs)))
+    merges = []
+    for terms in per_piece:
+        if not terms:
+            raise SpecError("internal: a weight-space piece receives no basis term")
+        order, parent = _merge_plan([s for _, s in terms])
+        merges.append((tuple(t for t, _ in terms), order, parent))
+    return _ForwardPlan(steps, _read_order(steps, used), tuple(group_plans), n_out, tuple(merges))
+
+
+def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bias: Tensor) -> list[Tensor]:
+    """One layer application on pieces ``h`` (B, K, *dims) with mixing ``weights`` per group key."""
+    reads = _compute_reads(h, plan.steps, plan.read_order)
+    terms: list[Tensor | None] = [None] * plan.num_outputs
+    for key, ins, outs, widths in plan.groups:
+        # channels outermost: (sum K_in, B, *sig), so the mixing is one (K_out, K_in) @ (K_in, B*N) matmul (its
+        # weight gradient one matmul too) and each output's rows are a contiguous block
+        xs = [reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
+        cat = xs[0] if len(xs) == 1 else torch.cat(xs, dim=0)
+        weight = weights[key]  # (sum K_in, sum K_out)
+        if cat.dim() == 2:
+            z = torch.addmm(bias.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
+        else:
+            z = torch.mm(weight.t(), cat.reshape(cat.shape[0], -1)).view(weight.shape[1], *cat.shape[1:])
+        # split, not slices: its backward is one concatenation, not a zero-filled z-sized gradient per output
+        chunks = z.split(widths) if len(widths) > 1 else (z,)
+        for (t, piece, wplan), chunk in zip(outs, chunks):
+            terms[t] = _apply_write(chunk, wplan, h[piece])
+    out = []
+    for ids, order, parent in plan.merges:
+        vals = [terms[t] for t in ids]
+        fresh = [False] * len(vals)  # vals[j] is a sum made here (referenced nowhere else): add in place
+        acc: Tensor | None = None
+        for i in order:  # small terms first, each added into the smallest term that contains it
+            j = parent[i]
+            if j >= 0 and fresh[j]:
+                vals[j].add_(vals[i])  # type: ignore[union-attr]
+            elif j >= 0:
+                vals[j] = vals[j] + vals[i]  # type: ignore[operator]
+                fresh[j] = True
+            else:
+                acc = vals[i] if acc is None else acc + vals[i]
+        out.append(acc)
+    return out  # type: ignore[return-value]
+
+
+
 class UNFLinear(nn.Module):
     """Maximal permutation-equivariant linear layer on a weight space: ``{name: (B, C_in, *shape)}`` -> ``C_out``.
 
@@ -433,41 +690,14 @@ class UNFLinear(nn.Module):
                 if any(n > 1 for n in shape):
                     self.pos_embed[str(i)] = nn.Parameter(torch.randn(in_channels, *shape) * 0.1)
         self.num_terms = sum(num_pair_terms(po.labels, pi.labels) for po in pieces for pi in pieces)
-        self._build_forward_plan(pieces)
-
-    def _build_forward_plan(self, pieces: list[_Piece]) -> None:
-        """Everything forward needs that does not depend on the input, built once: read steps (each reduction once,
-        from the smallest parent), per-group (read, permutation) inputs and write views, per-piece summation order.
-        Keeps forward free of data-dependent Python, so ``torch.compile`` traces it in one graph."""
-        steps = _read_steps(pieces, self._reads, self.spec.sizes)
-        used = {c.read for g in self._groups for c in g.contributions}
-        self._steps = steps
-        self._read_order = _read_order(steps, used)
-        group_plans = []
-        per_piece: list[list[tuple[int, frozenset[int]]]] = [[] for _ in pieces]
-        n_out = 0
-        for g in self._groups:
-            ins = []
-            for c in g.contributions:
-                ins.append((c.read, (1, 0, *(2 + i for i in c.order))))  # (B, K, *kept) -> (K, B, *sig)
-            outs = []
-            col = 0
-            for o in g.outputs:
-                plan = _write_plan(o, (col, col + o.width), len(pieces[o.piece].labels))
-                col += o.width
-                outs.append((n_out, o.piece, plan))
-                per_piece[o.piece].append((n_out, plan.support))
-                n_out += 1
-            group_plans.append((_key(g.signature), tuple(ins), tuple(outs), tuple(o.width for o in g.outputs)))
-        self._group_plans = tuple(group_plans)
-        self._num_outputs = n_out
-        merges = []
-        for terms in per_piece:
-            if not terms:
-                raise SpecError("internal: a weight-space piece receives no basis term")
-            order, parent = _merge_plan([s for _, s in terms])
-            merges.append((tuple(t for t, _ in terms), order, parent))
-        self._merges = tuple(merges)
+        self._fwd = _forward_plan(pieces, self._reads, self._groups, spec.sizes)
+        self._folded: _Folded | None = None
+        folded = _fold_labels(spec, pieces)
+        if folded:
+            self._folded = _Folded(spec, pieces, self._reads, self._groups, folded, in_channels, out_channels)
+            self._fwd = _forward_plan(self._folded.pieces, self._folded.reads, self._folded.groups, spec.sizes)
+            for name, value in self._folded.buffers().items():
+                self.register_buffer(name, value, persistent=False)
         self._embedded = tuple((i, str(i)) for i in range(len(pieces)) if str(i) in self.pos_embed)
 
     def extra_repr(self) -> str:
@@ -485,38 +715,11 @@ class UNFLinear(nn.Module):
             h = list(h)
             for i, key in self._embedded:
                 h[i] = h[i] + self.pos_embed[key]
-        reads = _compute_reads(h, self._steps, self._read_order)
-        terms: list[Tensor | None] = [None] * self._num_outputs
-        for key, ins, outs, widths in self._group_plans:
-            # channels outermost: (sum K_in, B, *sig), so the mixing is one (K_out, K_in) @ (K_in, B*N) matmul (its
-            # weight gradient one matmul too) and each output's rows are a contiguous block
-            xs = [reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
-            cat = xs[0] if len(xs) == 1 else torch.cat(xs, dim=0)
-            weight = self.mix[key]  # (sum K_in, sum K_out)
-            if cat.dim() == 2:
-                z = torch.addmm(self.bias.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
-            else:
-                z = torch.mm(weight.t(), cat.reshape(cat.shape[0], -1)).view(weight.shape[1], *cat.shape[1:])
-            # split, not slices: its backward is one concatenation, not a zero-filled z-sized gradient per output
-            chunks = z.split(widths) if len(widths) > 1 else (z,)
-            for (t, piece, plan), chunk in zip(outs, chunks):
-                terms[t] = _apply_write(chunk, plan, h[piece])
-        out = []
-        for ids, order, parent in self._merges:
-            vals = [terms[t] for t in ids]
-            fresh = [False] * len(vals)  # vals[j] is a sum made here (referenced nowhere else): add in place
-            acc: Tensor | None = None
-            for i in order:  # small terms first, each added into the smallest term that contains it
-                j = parent[i]
-                if j >= 0 and fresh[j]:
-                    vals[j].add_(vals[i])  # type: ignore[union-attr]
-                elif j >= 0:
-                    vals[j] = vals[j] + vals[i]  # type: ignore[operator]
-                    fresh[j] = True
-                else:
-                    acc = vals[i] if acc is None else acc + vals[i]
-            out.append(acc)
-        return out  # type: ignore[return-value]
+        if self._folded is None:
+            return _run(self._fwd, h, self.mix, self.bias)
+        f = self._folded
+        out = _run(self._fwd, f.fold(h), f.weights(self, self.mix), self.bias[self._fold_bias])
+        return f.unfold(out, self.out_channels)
 
 
 class UNFPool(nn.Module):
