@@ -210,7 +210,7 @@ class _PerTermLoop(nn.Module):
         for (pi, term, po, plan), w in zip(self.terms, self.weights):
             r = _read(h[pi], term.read)  # (B, K_in, *kept)
             r = r.permute(0, 1, *(2 + m for m in term.match))  # kept dims in output order
-            y = _apply_write(torch.einsum("bk...,ko->ob...", r, w), plan, h[po])
+            y = _apply_write(torch.einsum("bk...,ko->ob...", r, w), plan, h[po]).transpose(0, 1)
             out[po] = y if out[po] is None else out[po] + y
         return out
 

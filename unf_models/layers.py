@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations, permutations, product
 from typing import Literal
 
@@ -67,7 +67,7 @@ def _pieces(spec: WeightSpec, fixed_axes: FixedAxes) -> list[_Piece]:
 
 class _Layout:
     """Converts public ``{name: (B, C, *natural)}`` to pieces ``(B, C*fold, *perm_dims)`` and back (views unless
-    fixed axes must move in front of permutable ones)."""
+    fixed axes must move in front of permutable ones; such copies are channel-major in memory, as layers use them)."""
 
     def __init__(self, spec: WeightSpec, fixed_axes: FixedAxes) -> None:
         self.spec = spec
@@ -100,9 +100,9 @@ class _Layout:
             v = views[p.name][p.part]  # (B, C, *view)
             if not channel_dim:
                 v = v.unsqueeze(1)
-            if p.fixed_pos:
-                v = v.permute(0, 1, *(2 + a for a in p.fixed_pos), *(2 + a for a in p.perm_pos))  # (B, C, *fixed, *perm)
-                v = v.reshape(v.shape[0], -1, *v.shape[2 + len(p.fixed_pos) :])  # (B, C*fold, *perm)
+            if p.fixed_pos:  # one copy, channel-major as the layer computes: (C, *fixed, B, *perm)
+                v = v.permute(1, *(2 + a for a in p.fixed_pos), 0, *(2 + a for a in p.perm_pos))
+                v = v.reshape(-1, *v.shape[1 + len(p.fixed_pos) :]).transpose(0, 1)  # (B, C*fold, *perm)
             out.append(v)
         return out
 
@@ -111,11 +111,13 @@ class _Layout:
         """Pieces back to ``{name: (B, channels, *natural)}``, natural shapes those of ``like`` (the layer's input)."""
         parts: dict[str, list[Tensor]] = {}
         for p, y in zip(self.pieces, pieces):
-            if p.fixed_pos:
+            if p.fixed_pos:  # a view when y is channel-major (as the layer returns it)
                 fixed_dims = [sizes[p.axes[a]] for a in p.fixed_pos]
-                y = y.reshape(y.shape[0], channels, *fixed_dims, *y.shape[2:])  # (B, C, *fixed, *perm)
-                order = [*p.fixed_pos, *p.perm_pos]  # view axis held by each of dims 2..
-                y = y.permute(0, 1, *(2 + order.index(a) for a in range(len(order))))  # (B, C, *view)
+                nf = len(fixed_dims)
+                y = y.transpose(0, 1).reshape(channels, *fixed_dims, y.shape[0], *y.shape[2:])  # (C, *fixed, B, *perm)
+                order = [*p.fixed_pos, *p.perm_pos]  # view axis held by each fixed, then perm, dim
+                dims = [1 + i if i < nf else 2 + i for i in (order.index(a) for a in range(len(order)))]
+                y = y.permute(nf + 1, 0, *dims)  # (B, C, *view)
             parts.setdefault(p.name, []).append(y)
         return {name: self.spec.join_parts(name, parts[name], like[name].shape[2:], 2) for name in self.spec.names}
 
@@ -334,7 +336,7 @@ class _WritePlan:
     """Precomputed view ops placing a group's output columns into an output piece (see ``_apply_write``)."""
 
     rows: tuple[int, int]  # this output's row block of the group's matmul output
-    perm: tuple[int, ...]  # (W, B, *sorted_kept) -> (B, W, *kept in positional order)
+    perm: tuple[int, ...]  # (W, B, *sorted_kept) -> (W, B, *kept in positional order)
     index: tuple[object, ...]  # inserts the broadcast axes and the extra axes of diagonal blocks
     perm2: tuple[int, ...]  # block order -> positional order; () = identity
     diagonals: tuple[tuple[int, ...], ...]  # blocks written on their diagonal
@@ -342,7 +344,7 @@ class _WritePlan:
 
 
 def _write_plan(o: _Output, rows: tuple[int, int], ndim_out: int) -> _WritePlan:
-    perm = (1, 0, *(2 + i for i in o.to_pos))
+    perm = (0, 1, *(2 + i for i in o.to_pos))
     index: list[object] = [slice(None), slice(None)]
     kept = set(o.write.kept)
     position: list[int] = []
@@ -360,8 +362,9 @@ def _write_plan(o: _Output, rows: tuple[int, int], ndim_out: int) -> _WritePlan:
 
 
 def _apply_write(z: Tensor, w: _WritePlan, like: Tensor) -> Tensor:
-    """z: this output's rows of the group's matmul output (W, B, *sorted_kept) -> the term in the piece's layout
-    (B, W, *dims) with size 1 along broadcast axes (a view, times a 0/1 delta per diagonal block)."""
+    """z: this output's rows of the group's matmul output (W, B, *sorted_kept) -> the term in the layer's
+    channel-major layout (W, B, *dims) with size 1 along broadcast axes (a view, times a 0/1 delta per diagonal
+    block)."""
     y = z.permute(w.perm)
     if not w.index:
         return y
@@ -530,23 +533,20 @@ class _Folded:
         return self._buffers
 
     def fold(self, h: list[Tensor]) -> list[Tensor]:
-        """Pieces (B, K, *dims) -> (B, F*K, *other_dims), folded axes outermost in the channels."""
+        """Pieces (B, K, *dims) -> channel-major (F*K, B, *other_dims), folded axes outermost (one copy each)."""
         out = []
         for t, fl, rest in zip(h, self.folded, self.rest):
-            if fl:
-                t = t.permute(0, *(2 + k for k in fl), 1, *(2 + k for k in rest))
-                t = t.reshape(t.shape[0], -1, *t.shape[2 + len(fl):])
-            out.append(t)
+            t = t.permute(*(2 + k for k in fl), 1, 0, *(2 + k for k in rest))
+            out.append(t.reshape(-1, *t.shape[len(fl) + 1 :]))
         return out
 
     def unfold(self, h: list[Tensor], channels: int) -> list[Tensor]:
+        """Channel-major (F*C, B, *other_dims) -> views (B, C, *dims)."""
         out = []
         for t, fl, rest, fs in zip(h, self.folded, self.rest, self.fsizes):
-            if fl:
-                t = t.reshape(t.shape[0], *fs, channels, *t.shape[2:])  # (B, *folded, C, *rest)
-                where = {k: 1 + j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
-                t = t.permute(0, 1 + len(fl), *(where[k] for k in range(len(fl) + len(rest))))
-            out.append(t)
+            t = t.reshape(*fs, channels, *t.shape[1:])  # (*folded, C, B, *rest)
+            where = {k: j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
+            out.append(t.permute(len(fl) + 1, len(fl), *(where[k] for k in range(len(fl) + len(rest)))))
         return out
 
     def weights(self, module: nn.Module, mix: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -587,12 +587,21 @@ def _forward_plan(pieces: list[_Piece], read_list: list[tuple[int, Read]], group
     per_piece: list[list[tuple[int, frozenset[int]]]] = [[] for _ in pieces]
     n_out = 0
     for g in groups:
+        # the group's dims in the positional order of its largest input (not the sorted signature): that input is
+        # then a view, and the output of its own piece needs no permutation either
+        def size(c: _Contribution) -> int:
+            pi, r = read_list[c.read]
+            return pieces[pi].fold * math.prod(sizes.get(pieces[pi].labels[r.blocks[i][0]], 1) for i in r.kept)
+
+        lead = max(g.contributions, key=size).order
+        lead = tuple(lead.index(k) for k in range(len(lead)))  # new sig position k <- sorted position lead[k]
         ins = []
         for c in g.contributions:
-            ins.append((c.read, (1, 0, *(2 + i for i in c.order))))  # (B, K, *kept) -> (K, B, *sig)
+            ins.append((c.read, (0, 1, *(2 + c.order[lead[k]] for k in range(len(lead))))))  # (K, B, *sig)
         outs = []
         col = 0
         for o in g.outputs:
+            o = replace(o, to_pos=tuple(lead.index(i) for i in o.to_pos))
             plan = _write_plan(o, (col, col + o.width), len(pieces[o.piece].labels))
             col += o.width
             outs.append((n_out, o.piece, plan))
@@ -609,12 +618,14 @@ def _forward_plan(pieces: list[_Piece], read_list: list[tuple[int, Read]], group
 
 
 def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bias: Tensor) -> list[Tensor]:
-    """One layer application on pieces ``h`` (B, K, *dims) with mixing ``weights`` per group key."""
+    """One layer application on channel-major pieces ``h`` (K, B, *dims), with mixing ``weights`` per group key.
+
+    Channels outermost throughout: every read of a contiguous piece is contiguous, so a group's input is a view (or
+    one concatenation) of shape (sum K_in, B*N) for its one matmul, and its output (sum K_out, B, *sig) splits into
+    contiguous row blocks per output."""
     reads = _compute_reads(h, plan.steps, plan.read_order)
     terms: list[Tensor | None] = [None] * plan.num_outputs
     for key, ins, outs, widths in plan.groups:
-        # channels outermost: (sum K_in, B, *sig), so the mixing is one (K_out, K_in) @ (K_in, B*N) matmul (its
-        # weight gradient one matmul too) and each output's rows are a contiguous block
         xs = [reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
         cat = xs[0] if len(xs) == 1 else torch.cat(xs, dim=0)
         weight = weights[key]  # (sum K_in, sum K_out)
@@ -715,8 +726,9 @@ class UNFLinear(nn.Module):
             h = list(h)
             for i, key in self._embedded:
                 h[i] = h[i] + self.pos_embed[key]
-        if self._folded is None:
-            return _run(self._fwd, h, self.mix, self.bias)
+        if self._folded is None:  # channel-major (K, B, *dims): free when the input already is (a layer's output)
+            out = _run(self._fwd, [t.transpose(0, 1).contiguous() for t in h], self.mix, self.bias)
+            return [t.transpose(0, 1) for t in out]
         f = self._folded
         out = _run(self._fwd, f.fold(h), f.weights(self, self.mix), self.bias[self._fold_bias])
         return f.unfold(out, self.out_channels)
