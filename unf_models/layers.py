@@ -365,13 +365,22 @@ def _apply_write(z: Tensor, w: _WritePlan, like: Tensor) -> Tensor:
     """z: this output's rows of the group's matmul output (W, B, *sorted_kept) -> the term in the layer's
     channel-major layout (W, B, *dims) with size 1 along broadcast axes (a view, times a 0/1 delta per diagonal
     block)."""
+    return _diagonalize(_place(z, w), w.diagonals, like)
+
+
+def _place(z: Tensor, w: _WritePlan) -> Tensor:
+    """The term as a view in the piece's layout, a diagonal block held along its first axis only (compact)."""
     y = z.permute(w.perm)
     if not w.index:
         return y
     y = y[w.index]
     if w.perm2:
         y = y.permute(w.perm2)
-    for block in w.diagonals:
+    return y
+
+
+def _diagonalize(y: Tensor, diagonals: tuple[tuple[int, ...], ...], like: Tensor) -> Tensor:
+    for block in diagonals:
         y = y * _delta(like.dim() - 2, block, like.shape[2 + block[0]], like)
     return y
 
@@ -576,7 +585,8 @@ class _ForwardPlan:
     read_order: tuple[int, ...]
     groups: tuple[tuple[str, tuple, tuple, tuple[int, ...]], ...]  # (weight key, inputs, outputs, widths)
     num_outputs: int
-    merges: tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...]
+    # per piece: ((diagonals, ids, order, parent, slot) per diagonal pattern, (ids, order, parent) of the final sum)
+    merges: tuple[tuple[tuple[tuple, ...], tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]], ...]
 
 
 def _forward_plan(pieces: list[_Piece], read_list: list[tuple[int, Read]], groups: list[_Group],
@@ -584,7 +594,7 @@ def _forward_plan(pieces: list[_Piece], read_list: list[tuple[int, Read]], group
     steps = _read_steps(pieces, read_list, sizes)
     used = {c.read for g in groups for c in g.contributions}
     group_plans = []
-    per_piece: list[list[tuple[int, frozenset[int]]]] = [[] for _ in pieces]
+    per_piece: list[list[tuple[int, _WritePlan]]] = [[] for _ in pieces]
     n_out = 0
     for g in groups:
         # the group's dims in the positional order of its largest input (not the sorted signature): that input is
@@ -605,16 +615,50 @@ def _forward_plan(pieces: list[_Piece], read_list: list[tuple[int, Read]], group
             plan = _write_plan(o, (col, col + o.width), len(pieces[o.piece].labels))
             col += o.width
             outs.append((n_out, o.piece, plan))
-            per_piece[o.piece].append((n_out, plan.support))
+            per_piece[o.piece].append((n_out, plan))
             n_out += 1
         group_plans.append((_key(g.signature), tuple(ins), tuple(outs), tuple(o.width for o in g.outputs)))
+    # terms written on the same diagonal blocks are summed in their compact form first and placed on the diagonal
+    # once (one full-size product per pattern instead of per term); the placed sums join the other terms
     merges = []
+    n_slots = n_out
     for terms in per_piece:
         if not terms:
             raise SpecError("internal: a weight-space piece receives no basis term")
-        order, parent = _merge_plan([s for _, s in terms])
-        merges.append((tuple(t for t, _ in terms), order, parent))
-    return _ForwardPlan(steps, _read_order(steps, used), tuple(group_plans), n_out, tuple(merges))
+        patterns: dict[tuple, list[tuple[int, _WritePlan]]] = {}
+        for t, wp in terms:
+            patterns.setdefault(wp.diagonals, []).append((t, wp))
+        diag, final = [], []
+        for d, members in patterns.items():
+            if not d:
+                final += [(t, wp.support) for t, wp in members]
+                continue
+            compact = [frozenset(wp.support - {a for b in d for a in b[1:]}) for _, wp in members]
+            order, parent = _merge_plan(compact)
+            diag.append((d, tuple(t for t, _ in members), order, parent, n_slots))
+            final.append((n_slots, frozenset().union(*(wp.support for _, wp in members))))
+            n_slots += 1
+        order, parent = _merge_plan([sup for _, sup in final])
+        merges.append((tuple(diag), (tuple(t for t, _ in final), order, parent)))
+    return _ForwardPlan(steps, _read_order(steps, used), tuple(group_plans), n_slots, tuple(merges))
+
+
+def _sum_tree(vals: list[Tensor | None], fresh: list[bool], order: tuple[int, ...], parent: tuple[int, ...]
+              ) -> Tensor:
+    """Sum of ``vals``, small terms first, each added into the smallest term that contains it (``_merge_plan``);
+    ``fresh[j]``: vals[j] was made here and is referenced nowhere else, so it takes additions in place."""
+    vals, fresh = list(vals), list(fresh)
+    acc: Tensor | None = None
+    for i in order:
+        j = parent[i]
+        if j >= 0 and fresh[j]:
+            vals[j].add_(vals[i])  # type: ignore[union-attr]
+        elif j >= 0:
+            vals[j] = vals[j] + vals[i]  # type: ignore[operator]
+            fresh[j] = True
+        else:
+            acc = vals[i] if acc is None else acc + vals[i]
+    return acc  # type: ignore[return-value]
 
 
 def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bias: Tensor) -> list[Tensor]:
@@ -624,7 +668,8 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
     one concatenation) of shape (sum K_in, B*N) for its one matmul, and its output (sum K_out, B, *sig) splits into
     contiguous row blocks per output."""
     reads = _compute_reads(h, plan.steps, plan.read_order)
-    terms: list[Tensor | None] = [None] * plan.num_outputs
+    terms: list[Tensor | None] = [None] * plan.num_outputs  # the terms, then each piece's placed diagonal sums
+    owned = [False] * plan.num_outputs  # a product made here, referenced nowhere else: may be added into in place
     for key, ins, outs, widths in plan.groups:
         xs = [reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
         cat = xs[0] if len(xs) == 1 else torch.cat(xs, dim=0)
@@ -636,22 +681,14 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
         # split, not slices: its backward is one concatenation, not a zero-filled z-sized gradient per output
         chunks = z.split(widths) if len(widths) > 1 else (z,)
         for (t, piece, wplan), chunk in zip(outs, chunks):
-            terms[t] = _apply_write(chunk, wplan, h[piece])
+            terms[t] = _place(chunk, wplan)  # diagonal blocks are placed per pattern, after summing
     out = []
-    for ids, order, parent in plan.merges:
-        vals = [terms[t] for t in ids]
-        fresh = [False] * len(vals)  # vals[j] is a sum made here (referenced nowhere else): add in place
-        acc: Tensor | None = None
-        for i in order:  # small terms first, each added into the smallest term that contains it
-            j = parent[i]
-            if j >= 0 and fresh[j]:
-                vals[j].add_(vals[i])  # type: ignore[union-attr]
-            elif j >= 0:
-                vals[j] = vals[j] + vals[i]  # type: ignore[operator]
-                fresh[j] = True
-            else:
-                acc = vals[i] if acc is None else acc + vals[i]
-        out.append(acc)
+    for pi, (diag, (ids, order, parent)) in enumerate(plan.merges):
+        for d, members, m_order, m_parent, slot in diag:
+            compact = _sum_tree([terms[t] for t in members], [False] * len(members), m_order, m_parent)
+            terms[slot] = _diagonalize(compact, d, h[pi])
+            owned[slot] = True
+        out.append(_sum_tree([terms[t] for t in ids], [owned[t] for t in ids], order, parent))
     return out  # type: ignore[return-value]
 
 
