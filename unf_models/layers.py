@@ -336,8 +336,8 @@ class _WritePlan:
     """Precomputed view ops placing a group's output columns into an output piece (see ``_apply_write``)."""
 
     rows: tuple[int, int]  # this output's row block of the group's matmul output
-    perm: tuple[int, ...]  # (W, B, *sorted_kept) -> (W, B, *kept in positional order)
-    index: tuple[object, ...]  # inserts the broadcast axes and the extra axes of diagonal blocks
+    perm: tuple[int, ...]  # (W, B, *sorted_kept) -> (W, B, *kept in positional order); () = identity
+    index: tuple[object, ...]  # inserts the broadcast axes and the extra axes of diagonal blocks; () = none
     perm2: tuple[int, ...]  # block order -> positional order; () = identity
     diagonals: tuple[tuple[int, ...], ...]  # blocks written on their diagonal
     support: frozenset[int]  # output dims this term is not broadcast along
@@ -358,7 +358,10 @@ def _write_plan(o: _Output, rows: tuple[int, int], ndim_out: int) -> _WritePlan:
     perm2 = (0, 1, *(2 + position.index(a) for a in range(ndim_out)))
     perm2 = () if perm2 == tuple(range(ndim_out + 2)) else perm2
     diagonals = tuple(b for b in o.write.blocks if len(b) > 1)
-    return _WritePlan(rows, perm, tuple(index) if ndim_out else (), perm2, diagonals, frozenset(support))
+    perm = () if perm == tuple(range(len(perm))) else perm
+    plain = all(isinstance(i, slice) for i in index)  # every dim kept in place: no indexing needed
+    return _WritePlan(rows, perm, () if plain or not ndim_out else tuple(index), perm2, diagonals,
+                      frozenset(support))
 
 
 def _apply_write(z: Tensor, w: _WritePlan, like: Tensor) -> Tensor:
@@ -370,7 +373,7 @@ def _apply_write(z: Tensor, w: _WritePlan, like: Tensor) -> Tensor:
 
 def _place(z: Tensor, w: _WritePlan) -> Tensor:
     """The term as a view in the piece's layout, a diagonal block held along its first axis only (compact)."""
-    y = z.permute(w.perm)
+    y = z.permute(w.perm) if w.perm else z
     if not w.index:
         return y
     y = y[w.index]
@@ -669,7 +672,7 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
     contiguous row blocks per output."""
     reads = _compute_reads(h, plan.steps, plan.read_order)
     terms: list[Tensor | None] = [None] * plan.num_outputs  # the terms, then each piece's placed diagonal sums
-    owned = [False] * plan.num_outputs  # a product made here, referenced nowhere else: may be added into in place
+    owned = [False] * plan.num_outputs  # made here, referenced nowhere else: may be added into in place
     for key, ins, outs, widths in plan.groups:
         xs = [reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
         cat = xs[0] if len(xs) == 1 else torch.cat(xs, dim=0)
@@ -677,11 +680,15 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
         if cat.dim() == 2:
             z = torch.addmm(bias.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
         else:
-            z = torch.mm(weight.t(), cat.reshape(cat.shape[0], -1)).view(weight.shape[1], *cat.shape[1:])
+            z = torch.mm(weight.t(), cat.reshape(cat.shape[0], -1))
+            # the product is a temporary of ours: reshaped as a tensor of its own (not an autograd view), a term
+            # that is all of it can take the other terms in place (no full-size sum allocated per piece)
+            z = torch.ops.aten._unsafe_view(z, (weight.shape[1], *cat.shape[1:]))
         # split, not slices: its backward is one concatenation, not a zero-filled z-sized gradient per output
         chunks = z.split(widths) if len(widths) > 1 else (z,)
         for (t, piece, wplan), chunk in zip(outs, chunks):
             terms[t] = _place(chunk, wplan)  # diagonal blocks are placed per pattern, after summing
+            owned[t] = len(chunks) == 1 and not wplan.perm and not wplan.index
     out = []
     for pi, (diag, (ids, order, parent)) in enumerate(plan.merges):
         for d, members, m_order, m_parent, slot in diag:
