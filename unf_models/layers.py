@@ -7,13 +7,16 @@ are not permuted, so any linear map along them is allowed). ``fixed_axes="permut
 approximation: fixed labels are treated as permutable (cheaper in channels, more basis terms, and equivariant to
 permutations that are not symmetries); ``pos_embed=True`` adds a learned embedding along those axes to break it.
 
-Computation (see ``basis.py``): each distinct *read* of a piece (diagonals + means) is computed once, from the
-smallest read that contains it; terms whose kept axes carry the same labels form one group: their reads are
-concatenated along channels (channels outermost) and mixed by one matmul whose output rows cover every
-(output piece, write) of the group; writes then broadcast / place on diagonals, and each piece's terms are summed
-smallest first into the smallest term containing them. Every plan is built at construction, so ``forward`` has no
-data-dependent Python and ``torch.compile`` traces it as one graph. Parameters never depend on permutable sizes, so
-one layer accepts other widths of the same architecture.
+Computation (see ``basis.py``), on channel-major copies ``(K, batch, *dims)`` of the pieces: each distinct *read*
+of a piece (diagonals + means) is computed once, from the smallest read that contains it; terms whose kept axes
+carry the same labels form one group: their reads are concatenated along channels and mixed by one matmul whose
+output rows cover every (output piece, write) of the group; writes then broadcast, and each piece's terms are summed
+smallest first into the smallest term containing them (terms on the same diagonal blocks are summed compactly and
+placed on the diagonal once). In permutable mode, fixed labels on a single axis (a conv's kernel axes) are folded
+into channels with weights assembled from their terms' blocks (``_Folded``): the same parameters and span, far fewer
+groups. Every plan is built at construction, so ``forward`` has no data-dependent Python and ``torch.compile`` traces
+it as one graph. Parameters never depend on permutable sizes, so one layer accepts other widths of the same
+architecture.
 """
 
 from __future__ import annotations
@@ -438,7 +441,7 @@ def _restrict(blocks: tuple[tuple[int, ...], ...], kept: tuple[int, ...], rest: 
 class _Folded:
     """The layer's terms computed with its single-axis fixed labels (see ``_fold_labels``) folded into channels.
 
-    Pieces become ``(B, F*K, *other_dims)`` (folded axes outermost in the channels); the basis over the remaining
+    Pieces become channel-major ``(F*K, B, *other_dims)`` (folded axes outermost); the basis over the remaining
     labels is planned as usual, and each of its mixing blocks is assembled from the original terms' blocks: the
     term's ``(K_in, K_out)`` block times a constant ``(F_in, F_out)`` matrix, identity or mean-then-broadcast per
     folded axis of a piece onto itself, mean-then-broadcast between pieces. One matmul per group assembles them."""
@@ -597,7 +600,7 @@ def _forward_plan(pieces: list[_Piece], read_list: list[tuple[int, Read]], group
     steps = _read_steps(pieces, read_list, sizes)
     used = {c.read for g in groups for c in g.contributions}
     group_plans = []
-    per_piece: list[list[tuple[int, _WritePlan]]] = [[] for _ in pieces]
+    per_piece: list[list[tuple[int, _WritePlan, frozenset[int]]]] = [[] for _ in pieces]
     n_out = 0
     for g in groups:
         # the group's dims in the positional order of its largest input (not the sorted signature): that input is
@@ -618,7 +621,8 @@ def _forward_plan(pieces: list[_Piece], read_list: list[tuple[int, Read]], group
             plan = _write_plan(o, (col, col + o.width), len(pieces[o.piece].labels))
             col += o.width
             outs.append((n_out, o.piece, plan))
-            per_piece[o.piece].append((n_out, plan))
+            compact = frozenset(o.write.blocks[i][0] for i in o.write.kept)  # dims of size > 1 before placing
+            per_piece[o.piece].append((n_out, plan, compact))
             n_out += 1
         group_plans.append((_key(g.signature), tuple(ins), tuple(outs), tuple(o.width for o in g.outputs)))
     # terms written on the same diagonal blocks are summed in their compact form first and placed on the diagonal
@@ -628,18 +632,17 @@ def _forward_plan(pieces: list[_Piece], read_list: list[tuple[int, Read]], group
     for terms in per_piece:
         if not terms:
             raise SpecError("internal: a weight-space piece receives no basis term")
-        patterns: dict[tuple, list[tuple[int, _WritePlan]]] = {}
-        for t, wp in terms:
-            patterns.setdefault(wp.diagonals, []).append((t, wp))
+        patterns: dict[tuple, list[tuple[int, _WritePlan, frozenset[int]]]] = {}
+        for t, wp, compact in terms:
+            patterns.setdefault(wp.diagonals, []).append((t, wp, compact))
         diag, final = [], []
         for d, members in patterns.items():
             if not d:
-                final += [(t, wp.support) for t, wp in members]
+                final += [(t, wp.support) for t, wp, _ in members]
                 continue
-            compact = [frozenset(wp.support - {a for b in d for a in b[1:]}) for _, wp in members]
-            order, parent = _merge_plan(compact)
-            diag.append((d, tuple(t for t, _ in members), order, parent, n_slots))
-            final.append((n_slots, frozenset().union(*(wp.support for _, wp in members))))
+            order, parent = _merge_plan([compact for _, _, compact in members])
+            diag.append((d, tuple(t for t, _, _ in members), order, parent, n_slots))
+            final.append((n_slots, frozenset().union(*(wp.support for _, wp, _ in members))))
             n_slots += 1
         order, parent = _merge_plan([sup for _, sup in final])
         merges.append((tuple(diag), (tuple(t for t, _ in final), order, parent)))
