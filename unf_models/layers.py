@@ -22,7 +22,7 @@ architecture.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from itertools import combinations, permutations, product
 from typing import Literal
@@ -650,11 +650,13 @@ def _forward_plan(pieces: list[_Piece], read_list: list[tuple[int, Read]], group
 
 
 def _sum_tree(vals: list[Tensor | None], fresh: list[bool], order: tuple[int, ...], parent: tuple[int, ...]
-              ) -> Tensor:
+              ) -> tuple[Tensor, bool]:
     """Sum of ``vals``, small terms first, each added into the smallest term that contains it (``_merge_plan``);
-    ``fresh[j]``: vals[j] was made here and is referenced nowhere else, so it takes additions in place."""
+    ``fresh[j]``: vals[j] was made here and is referenced nowhere else, so it takes additions in place. Also says
+    whether the sum is such a tensor."""
     vals, fresh = list(vals), list(fresh)
     acc: Tensor | None = None
+    own = False
     for i in order:
         j = parent[i]
         if j >= 0 and fresh[j]:
@@ -662,12 +664,16 @@ def _sum_tree(vals: list[Tensor | None], fresh: list[bool], order: tuple[int, ..
         elif j >= 0:
             vals[j] = vals[j] + vals[i]  # type: ignore[operator]
             fresh[j] = True
+        elif acc is None:
+            acc, own = vals[i], fresh[i]
         else:
-            acc = vals[i] if acc is None else acc + vals[i]
-    return acc  # type: ignore[return-value]
+            acc, own = acc + vals[i], True
+    return acc, own  # type: ignore[return-value]
 
 
-def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bias: Tensor) -> list[Tensor]:
+def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bias: Tensor,
+         act: Callable[[Tensor], Tensor] | None = None, act_: Callable[[Tensor], Tensor] | None = None
+         ) -> list[Tensor]:
     """One layer application on channel-major pieces ``h`` (K, B, *dims), with mixing ``weights`` per group key.
 
     Channels outermost throughout: every read of a contiguous piece is contiguous, so a group's input is a view (or
@@ -695,10 +701,11 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
     out = []
     for pi, (diag, (ids, order, parent)) in enumerate(plan.merges):
         for d, members, m_order, m_parent, slot in diag:
-            compact = _sum_tree([terms[t] for t in members], [False] * len(members), m_order, m_parent)
+            compact, _ = _sum_tree([terms[t] for t in members], [False] * len(members), m_order, m_parent)
             terms[slot] = _diagonalize(compact, d, h[pi])
             owned[slot] = True
-        out.append(_sum_tree([terms[t] for t in ids], [owned[t] for t in ids], order, parent))
+        y, own = _sum_tree([terms[t] for t in ids], [owned[t] for t in ids], order, parent)
+        out.append(act_(y) if act_ is not None and own else act(y) if act is not None else y)
     return out  # type: ignore[return-value]
 
 
@@ -767,17 +774,20 @@ class UNFLinear(nn.Module):
         h = self._layout.to_internal(x, sizes)
         return self._layout.from_internal(self.forward_internal(h), sizes, self.out_channels, x)
 
-    def forward_internal(self, h: list[Tensor]) -> list[Tensor]:
-        """Pieces ``(B, K, *perm_dims)`` in and out (used by UNFPredictor to skip layout changes)."""
+    def forward_internal(self, h: list[Tensor], act: Callable[[Tensor], Tensor] | None = None,
+                         act_: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+        """Pieces ``(B, K, *perm_dims)`` in and out (used by UNFPredictor to skip layout changes). ``act`` (e.g. a
+        pointwise nonlinearity) is applied to every output piece, as its in-place form ``act_`` where that piece is
+        a fresh tensor of the layer's own (no second full-size tensor per piece)."""
         if self._embedded:
             h = list(h)
             for i, key in self._embedded:
                 h[i] = h[i] + self.pos_embed[key]
         if self._folded is None:  # channel-major (K, B, *dims): free when the input already is (a layer's output)
-            out = _run(self._fwd, [t.transpose(0, 1).contiguous() for t in h], self.mix, self.bias)
+            out = _run(self._fwd, [t.transpose(0, 1).contiguous() for t in h], self.mix, self.bias, act, act_)
             return [t.transpose(0, 1) for t in out]
         f = self._folded
-        out = _run(self._fwd, f.fold(h), f.weights(self, self.mix), self.bias[self._fold_bias])
+        out = _run(self._fwd, f.fold(h), f.weights(self, self.mix), self.bias[self._fold_bias], act, act_)
         return f.unfold(out, self.out_channels)
 
 
