@@ -755,11 +755,12 @@ class UNFLinear(nn.Module):
                 if any(n > 1 for n in shape):
                     self.pos_embed[str(i)] = nn.Parameter(torch.randn(in_channels, *shape) * 0.1)
         self.num_terms = sum(num_pair_terms(po.labels, pi.labels) for po in pieces for pi in pieces)
-        self._fwd = _forward_plan(pieces, self._reads, self._groups, spec.sizes)
-        self._folded: _Folded | None = None
         folded = _fold_labels(spec, pieces)
-        if folded:
-            self._folded = _Folded(spec, pieces, self._reads, self._groups, folded, in_channels, out_channels)
+        self._folded = _Folded(spec, pieces, self._reads, self._groups, folded, in_channels, out_channels) if folded \
+            else None
+        if self._folded is None:
+            self._fwd = _forward_plan(pieces, self._reads, self._groups, spec.sizes)
+        else:  # computed on the folded pieces; its constants are buffers (they follow .to()), not state
             self._fwd = _forward_plan(self._folded.pieces, self._folded.reads, self._folded.groups, spec.sizes)
             for name, value in self._folded.buffers().items():
                 self.register_buffer(name, value, persistent=False)
@@ -767,7 +768,7 @@ class UNFLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}->{self.out_channels}, fixed_axes={self.fixed_axes!r}, "
-                f"num_terms={self.num_terms}, groups={len(self._groups)}")
+                f"num_terms={self.num_terms}, groups={len(self._groups)}, matmuls={len(self._fwd.groups)}")
 
     def forward(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
         sizes = self._layout.sizes(x, batch_dims=2)
