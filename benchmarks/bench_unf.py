@@ -210,7 +210,7 @@ class _PerTermLoop(nn.Module):
         for (pi, term, po, plan), w in zip(self.terms, self.weights):
             r = _read(h[pi], term.read)  # (B, K_in, *kept)
             r = r.permute(0, 1, *(2 + m for m in term.match))  # kept dims in output order
-            y = _apply_write(torch.einsum("bk...,ko->ob...", r, w), plan, h[po])
+            y = _apply_write(torch.einsum("bk...,ko->ob...", r, w), plan, h[po]).transpose(0, 1)
             out[po] = y if out[po] is None else out[po] + y
         return out
 
@@ -236,7 +236,7 @@ def bench_gru_terms(batch: int, channels: int, reps: int, layer_counts: list[int
             t = _timeit({"grouped": grouped, "loop": per_term}, reps, warmup=1)
             rows.append((layers, mode, layer.num_terms, t["grouped"], t["loop"]))
             print(f"  GRU seq2seq {layers} layer(s), {mode:10s}: {layer.num_terms:5d} terms, "
-                  f"{len(layer._groups):3d} matmuls, {len(layer._read_order):4d} reads: grouped "
+                  f"{len(layer._groups):3d} matmuls, {len(layer._fwd.read_order):4d} reads: grouped "
                   f"{t['grouped'] * 1e3:7.1f} ms   per-term loop {t['loop'] * 1e3:8.1f} ms "
                   f"({t['loop'] / t['grouped']:.1f}x) ({_load()})", flush=True)
     return rows

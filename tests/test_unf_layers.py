@@ -242,3 +242,36 @@ def test_matches_the_reference_layer() -> None:
             ga = torch.autograd.grad(sum((v * v).sum() for v in a.values()), list(x.values()))
             gb = torch.autograd.grad(sum((v * v).sum() for v in b.values()), list(x.values()))
             assert max(float((p - q).abs().max()) for p, q in zip(ga, gb)) < 1e-10, (name, mode)
+
+
+def test_single_axis_fixed_labels_fold_into_channels() -> None:
+    """Permutable mode folds a conv's kernel axes (fixed labels on one axis of one tensor) into channels: fewer
+    matmuls than basis groups, the same parameters and span (test_matches_the_reference_layer checks the values)."""
+    spec = _derived("cnn")
+    torch.manual_seed(0)
+    layer = um.UNFLinear(spec, 2, 3, fixed_axes="permutable")
+    assert layer._folded is not None
+    convs = [p for p in layer._folded.pieces if len(p.axes) == 4]
+    assert convs and all(p.labels == p.axes[:2] and p.fold == math.prod(spec.sizes[a] for a in p.axes[2:])
+                         for p in convs)  # (out, in) stay dims, the kernel axes are folded
+    assert len(layer._fwd.groups) < len(layer._groups)
+    assert set(layer.state_dict()) == {n for n, _ in layer.named_parameters()}  # constants are not saved
+    assert um.UNFLinear(spec, 2, 3, fixed_axes="exact")._folded is None
+
+
+@pytest.mark.parametrize("mode", ["exact", "permutable"])
+def test_fused_activation_matches_applying_it_after(spec: um.WeightSpec, mode: str) -> None:
+    """forward_internal(h, act, act_) (in place where the output is the layer's own) == act applied afterwards,
+    values and input gradients."""
+    torch.manual_seed(0)
+    layer = um.UNFLinear(spec, 2, 3, fixed_axes=mode).double()
+    x = _features(spec, 2, 2)
+    for v in x.values():
+        v.requires_grad_(True)
+    h = layer._layout.to_internal(x, layer._layout.sizes(x, 2))
+    fused = layer.forward_internal(h, torch.relu, torch.relu_)
+    plain = [torch.relu(t) for t in layer.forward_internal(h)]
+    assert max(float((a - b).detach().abs().max()) for a, b in zip(fused, plain)) == 0.0
+    ga = torch.autograd.grad(sum((t * t).sum() for t in fused), list(x.values()))
+    gb = torch.autograd.grad(sum((t * t).sum() for t in plain), list(x.values()))
+    assert max(float((a - b).abs().max()) for a, b in zip(ga, gb)) < 1e-12

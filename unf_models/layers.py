@@ -7,21 +7,24 @@ are not permuted, so any linear map along them is allowed). ``fixed_axes="permut
 approximation: fixed labels are treated as permutable (cheaper in channels, more basis terms, and equivariant to
 permutations that are not symmetries); ``pos_embed=True`` adds a learned embedding along those axes to break it.
 
-Computation (see ``basis.py``): each distinct *read* of a piece (diagonals + means) is computed once, from the
-smallest read that contains it; terms whose kept axes carry the same labels form one group: their reads are
-concatenated along channels (channels outermost) and mixed by one matmul whose output rows cover every
-(output piece, write) of the group; writes then broadcast / place on diagonals, and each piece's terms are summed
-smallest first into the smallest term containing them. Every plan is built at construction, so ``forward`` has no
-data-dependent Python and ``torch.compile`` traces it as one graph. Parameters never depend on permutable sizes, so
-one layer accepts other widths of the same architecture.
+Computation (see ``basis.py``), on channel-major copies ``(K, batch, *dims)`` of the pieces: each distinct *read*
+of a piece (diagonals + means) is computed once, from the smallest read that contains it; terms whose kept axes
+carry the same labels form one group: their reads are concatenated along channels and mixed by one matmul whose
+output rows cover every (output piece, write) of the group; writes then broadcast, and each piece's terms are summed
+smallest first into the smallest term containing them (terms on the same diagonal blocks are summed compactly and
+placed on the diagonal once). In permutable mode, fixed labels on a single axis (a conv's kernel axes) are folded
+into channels with weights assembled from their terms' blocks (``_Folded``): the same parameters and span, far fewer
+groups. Every plan is built at construction, so ``forward`` has no data-dependent Python and ``torch.compile`` traces
+it as one graph. Parameters never depend on permutable sizes, so one layer accepts other widths of the same
+architecture.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
-from itertools import permutations, product
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from itertools import combinations, permutations, product
 from typing import Literal
 
 import torch
@@ -67,7 +70,7 @@ def _pieces(spec: WeightSpec, fixed_axes: FixedAxes) -> list[_Piece]:
 
 class _Layout:
     """Converts public ``{name: (B, C, *natural)}`` to pieces ``(B, C*fold, *perm_dims)`` and back (views unless
-    fixed axes must move in front of permutable ones)."""
+    fixed axes must move in front of permutable ones; such copies are channel-major in memory, as layers use them)."""
 
     def __init__(self, spec: WeightSpec, fixed_axes: FixedAxes) -> None:
         self.spec = spec
@@ -100,9 +103,9 @@ class _Layout:
             v = views[p.name][p.part]  # (B, C, *view)
             if not channel_dim:
                 v = v.unsqueeze(1)
-            if p.fixed_pos:
-                v = v.permute(0, 1, *(2 + a for a in p.fixed_pos), *(2 + a for a in p.perm_pos))  # (B, C, *fixed, *perm)
-                v = v.reshape(v.shape[0], -1, *v.shape[2 + len(p.fixed_pos) :])  # (B, C*fold, *perm)
+            if p.fixed_pos:  # one copy, channel-major as the layer computes: (C, *fixed, B, *perm)
+                v = v.permute(1, *(2 + a for a in p.fixed_pos), 0, *(2 + a for a in p.perm_pos))
+                v = v.reshape(-1, *v.shape[1 + len(p.fixed_pos) :]).transpose(0, 1)  # (B, C*fold, *perm)
             out.append(v)
         return out
 
@@ -111,11 +114,13 @@ class _Layout:
         """Pieces back to ``{name: (B, channels, *natural)}``, natural shapes those of ``like`` (the layer's input)."""
         parts: dict[str, list[Tensor]] = {}
         for p, y in zip(self.pieces, pieces):
-            if p.fixed_pos:
+            if p.fixed_pos:  # a view when y is channel-major (as the layer returns it)
                 fixed_dims = [sizes[p.axes[a]] for a in p.fixed_pos]
-                y = y.reshape(y.shape[0], channels, *fixed_dims, *y.shape[2:])  # (B, C, *fixed, *perm)
-                order = [*p.fixed_pos, *p.perm_pos]  # view axis held by each of dims 2..
-                y = y.permute(0, 1, *(2 + order.index(a) for a in range(len(order))))  # (B, C, *view)
+                nf = len(fixed_dims)
+                y = y.transpose(0, 1).reshape(channels, *fixed_dims, y.shape[0], *y.shape[2:])  # (C, *fixed, B, *perm)
+                order = [*p.fixed_pos, *p.perm_pos]  # view axis held by each fixed, then perm, dim
+                dims = [1 + i if i < nf else 2 + i for i in (order.index(a) for a in range(len(order)))]
+                y = y.permute(nf + 1, 0, *dims)  # (B, C, *view)
             parts.setdefault(p.name, []).append(y)
         return {name: self.spec.join_parts(name, parts[name], like[name].shape[2:], 2) for name in self.spec.names}
 
@@ -334,15 +339,15 @@ class _WritePlan:
     """Precomputed view ops placing a group's output columns into an output piece (see ``_apply_write``)."""
 
     rows: tuple[int, int]  # this output's row block of the group's matmul output
-    perm: tuple[int, ...]  # (W, B, *sorted_kept) -> (B, W, *kept in positional order)
-    index: tuple[object, ...]  # inserts the broadcast axes and the extra axes of diagonal blocks
+    perm: tuple[int, ...]  # (W, B, *sorted_kept) -> (W, B, *kept in positional order); () = identity
+    index: tuple[object, ...]  # inserts the broadcast axes and the extra axes of diagonal blocks; () = none
     perm2: tuple[int, ...]  # block order -> positional order; () = identity
     diagonals: tuple[tuple[int, ...], ...]  # blocks written on their diagonal
     support: frozenset[int]  # output dims this term is not broadcast along
 
 
 def _write_plan(o: _Output, rows: tuple[int, int], ndim_out: int) -> _WritePlan:
-    perm = (1, 0, *(2 + i for i in o.to_pos))
+    perm = (0, 1, *(2 + i for i in o.to_pos))
     index: list[object] = [slice(None), slice(None)]
     kept = set(o.write.kept)
     position: list[int] = []
@@ -356,19 +361,32 @@ def _write_plan(o: _Output, rows: tuple[int, int], ndim_out: int) -> _WritePlan:
     perm2 = (0, 1, *(2 + position.index(a) for a in range(ndim_out)))
     perm2 = () if perm2 == tuple(range(ndim_out + 2)) else perm2
     diagonals = tuple(b for b in o.write.blocks if len(b) > 1)
-    return _WritePlan(rows, perm, tuple(index) if ndim_out else (), perm2, diagonals, frozenset(support))
+    perm = () if perm == tuple(range(len(perm))) else perm
+    plain = all(isinstance(i, slice) for i in index)  # every dim kept in place: no indexing needed
+    return _WritePlan(rows, perm, () if plain or not ndim_out else tuple(index), perm2, diagonals,
+                      frozenset(support))
 
 
 def _apply_write(z: Tensor, w: _WritePlan, like: Tensor) -> Tensor:
-    """z: this output's rows of the group's matmul output (W, B, *sorted_kept) -> the term in the piece's layout
-    (B, W, *dims) with size 1 along broadcast axes (a view, times a 0/1 delta per diagonal block)."""
-    y = z.permute(w.perm)
+    """z: this output's rows of the group's matmul output (W, B, *sorted_kept) -> the term in the layer's
+    channel-major layout (W, B, *dims) with size 1 along broadcast axes (a view, times a 0/1 delta per diagonal
+    block)."""
+    return _diagonalize(_place(z, w), w.diagonals, like)
+
+
+def _place(z: Tensor, w: _WritePlan) -> Tensor:
+    """The term as a view in the piece's layout, a diagonal block held along its first axis only (compact)."""
+    y = z.permute(w.perm) if w.perm else z
     if not w.index:
         return y
     y = y[w.index]
     if w.perm2:
         y = y.permute(w.perm2)
-    for block in w.diagonals:
+    return y
+
+
+def _diagonalize(y: Tensor, diagonals: tuple[tuple[int, ...], ...], like: Tensor) -> Tensor:
+    for block in diagonals:
         y = y * _delta(like.dim() - 2, block, like.shape[2 + block[0]], like)
     return y
 
@@ -386,6 +404,313 @@ def _merge_plan(supports: list[frozenset[int]]) -> tuple[tuple[int, ...], tuple[
                 parent[i] = j
                 break
     return tuple(order), tuple(parent)
+
+
+def _fold_labels(spec: WeightSpec, pieces: list[_Piece], limit: int = 9) -> frozenset[str]:
+    """Fixed labels the layer treats as permutable that sit on exactly one axis of one piece (a conv's kernel and
+    input-channel axes in permutable mode); per piece the subset with the largest product of sizes up to ``limit``.
+
+    Such a label has two terms on its own piece (keep the axis, or mean then broadcast) and one on every other (mean,
+    or broadcast), so its terms are computed by folding the axis into channels and mixing with a weight assembled
+    from the terms' own blocks: same span, same parameters, a fraction of the reads, matmuls and writes."""
+    count: dict[str, int] = {}
+    for p in pieces:
+        for label in p.labels:
+            count[label] = count.get(label, 0) + 1
+    out: set[str] = set()
+    for p in pieces:
+        mine = [a for a in p.labels if count[a] == 1 and spec.is_fixed(a)]
+        subsets = [c for k in range(len(mine) + 1) for c in combinations(mine, k)]
+        fits = [c for c in subsets if math.prod(spec.sizes[a] for a in c) <= limit]
+        out.update(max(fits, key=lambda c: (math.prod(spec.sizes[a] for a in c), len(c))))  # the largest fold
+    return frozenset(out)
+
+
+def _restrict(blocks: tuple[tuple[int, ...], ...], kept: tuple[int, ...], rest: tuple[int, ...]
+              ) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+    """Blocks and kept blocks of a read/write without the folded axes (each a block of its own); ``rest`` lists the
+    remaining axis positions in order (their new positions are their indices)."""
+    new_blocks, new_index = [], {}
+    for i, block in enumerate(blocks):
+        if block[0] in rest:
+            new_index[i] = len(new_blocks)
+            new_blocks.append(tuple(rest.index(a) for a in block))
+    return tuple(new_blocks), tuple(new_index[i] for i in kept if i in new_index)
+
+
+class _Folded:
+    """The layer's terms computed with its single-axis fixed labels (see ``_fold_labels``) folded into channels.
+
+    Pieces become channel-major ``(F*K, B, *other_dims)`` (folded axes outermost); the basis over the remaining
+    labels is planned as usual, and each of its mixing blocks is assembled from the original terms' blocks: the
+    term's ``(K_in, K_out)`` block times a constant ``(F_in, F_out)`` matrix, identity or mean-then-broadcast per
+    folded axis of a piece onto itself, mean-then-broadcast between pieces. One matmul per group assembles them."""
+
+    def __init__(self, spec: WeightSpec, pieces: list[_Piece], read_list: list[tuple[int, Read]],
+                 groups: list[_Group], labels: frozenset[str], in_channels: int, out_channels: int) -> None:
+        self.folded: list[tuple[int, ...]] = []  # per piece: label indices folded
+        self.rest: list[tuple[int, ...]] = []  # per piece: label indices kept as dims
+        self.fsizes: list[tuple[int, ...]] = []
+        self.pieces: list[_Piece] = []
+        for p in pieces:
+            fl = tuple(k for k, a in enumerate(p.labels) if a in labels)
+            rest = tuple(k for k in range(len(p.labels)) if k not in fl)
+            self.folded.append(fl)
+            self.rest.append(rest)
+            self.fsizes.append(tuple(spec.sizes[p.labels[k]] for k in fl))
+            self.pieces.append(_Piece(p.name, p.part, p.axes, tuple(p.perm_pos[k] for k in rest),
+                                      tuple(p.perm_pos[k] for k in fl), math.prod(self.fsizes[-1])))
+        self.reads, self.groups, _ = _plan(self.pieces, in_channels, out_channels)
+        read_index = {(pi, r.blocks, r.kept): i for i, (pi, r) in enumerate(self.reads)}
+        contrib_at: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}  # -> (group, row offset in F units)
+        output_at: dict[tuple[int, object], tuple[int, int, int]] = {}  # -> (group, col offset, output index)
+        sizes_rc = []
+        for e, g in enumerate(self.groups):
+            row = 0
+            for c in g.contributions:
+                contrib_at[(c.read, c.order)] = (e, row)
+                row += self.pieces[self.reads[c.read][0]].fold
+            col = 0
+            for oi, o in enumerate(g.outputs):
+                output_at[(o.piece, o.write.blocks, o.write.kept)] = (e, col, oi)
+                col += self.pieces[o.piece].fold
+            sizes_rc.append((row, col))
+        members: list[list[tuple[str, int, int]]] = [[] for _ in self.groups]  # per exec group: (key, n_c, n_o)
+        entries: list[list[tuple[int, int, int, Tensor]]] = [[] for _ in self.groups]  # (row, col, term, M)
+        bias_src: dict[int, int] = {}  # exec const output index -> original bias column
+        const_col = 0
+        for g in groups:
+            e_of = None
+            term0 = None
+            for ci, c in enumerate(g.contributions):
+                pi, r = read_list[c.read]
+                ec, er = self._exec_contribution(pi, r, c.order, read_index, contrib_at)
+                for oi, o in enumerate(g.outputs):
+                    wb, wk = _restrict(o.write.blocks, o.write.kept, self.rest[o.piece])
+                    eo, col, _ = output_at[(o.piece, wb, wk)]
+                    if ec != eo or (e_of is not None and e_of != ec):
+                        raise SpecError("internal: a folded term maps across groups")
+                    e_of = ec
+                    if term0 is None:
+                        term0 = sum(nc * no for _, nc, no in members[ec])
+                    m = self._fold_matrix(pi, r, o.piece, o.write)
+                    entries[ec].append((er, col, term0 + ci * len(g.outputs) + oi, m))
+            members[e_of].append((_key(g.signature), len(g.contributions), len(g.outputs)))  # type: ignore[index]
+            if not g.signature:  # the bias: one slice per output, broadcast over the folded axes too
+                for o in g.outputs:
+                    wb, wk = _restrict(o.write.blocks, o.write.kept, self.rest[o.piece])
+                    bias_src[output_at[(o.piece, wb, wk)][2]] = const_col
+                    const_col += o.width
+        self._buffers: dict[str, Tensor] = {}
+        plan = []
+        for e, g in enumerate(self.groups):
+            rows, cols = sizes_rc[e]
+            terms = sum(nc * no for _, nc, no in members[e])
+            mat = torch.zeros(rows, cols, terms, dtype=torch.float64)
+            for r0, c0, t, m in entries[e]:
+                mat[r0 : r0 + m.shape[0], c0 : c0 + m.shape[1], t] += m
+            name = f"_fold_{e}"
+            self._buffers[name] = mat.reshape(rows * cols, terms)  # float64: cast to the weights' dtype when used
+            plan.append((_key(g.signature), name, tuple(members[e]), rows, cols))
+        self.plan = tuple(plan)
+        index: list[int] = []
+        const = [g for g in self.groups if not g.signature]
+        for oi, o in enumerate(const[0].outputs if const else ()):
+            for _ in range(self.pieces[o.piece].fold):
+                index.extend(range(bias_src[oi], bias_src[oi] + out_channels))
+        self._buffers["_fold_bias"] = torch.tensor(index, dtype=torch.long)
+        self.in_channels, self.out_channels = in_channels, out_channels
+
+    def _exec_contribution(self, pi: int, r: Read, order: tuple[int, ...], read_index: Mapping, contrib_at: Mapping
+                           ) -> tuple[int, int]:
+        blocks, kept = _restrict(r.blocks, r.kept, self.rest[pi])
+        keep_folded = [r.blocks[i][0] not in self.rest[pi] for i in r.kept]  # per kept dim of r: folded?
+        new_dim = [sum(1 for q in range(k) if not keep_folded[q]) for k in range(len(r.kept))]
+        new_order = tuple(new_dim[k] for k in order if not keep_folded[k])
+        return contrib_at[(read_index[(pi, blocks, kept)], new_order)]
+
+    def _fold_matrix(self, pi: int, r: Read, po: int, w: Write) -> Tensor:
+        """(F_in, F_out): how the term maps the folded axes of its input piece onto those of its output piece."""
+        f_in, f_out = math.prod(self.fsizes[pi]), math.prod(self.fsizes[po])
+        if pi != po:
+            return torch.full((f_in, f_out), 1.0 / f_in, dtype=torch.float64)
+        m = torch.ones(1, 1, dtype=torch.float64)
+        for k, n in zip(self.folded[pi], self.fsizes[pi]):
+            kept_in = any(k in r.blocks[i] for i in r.kept)
+            kept_out = any(k in w.blocks[i] for i in w.kept)
+            if kept_in != kept_out:
+                raise SpecError("internal: a single-axis label is kept on one side of a term only")
+            m = torch.kron(m, torch.eye(n, dtype=torch.float64) if kept_in
+                           else torch.full((n, n), 1.0 / n, dtype=torch.float64))
+        return m
+
+    def buffers(self) -> dict[str, Tensor]:
+        return self._buffers
+
+    def fold(self, h: list[Tensor]) -> list[Tensor]:
+        """Pieces (B, K, *dims) -> channel-major (F*K, B, *other_dims), folded axes outermost (one copy each)."""
+        out = []
+        for t, fl, rest in zip(h, self.folded, self.rest):
+            v = t.permute(*(2 + k for k in fl), 1, 0, *(2 + k for k in rest))
+            if fl and not v.is_contiguous():  # copy channel by channel first (the source stays in cache), then the
+                v = t.permute(1, *(2 + k for k in fl), 0, *(2 + k for k in rest)).contiguous()  # folded axes
+                v = v.permute(*range(1, 1 + len(fl)), 0, *range(1 + len(fl), v.dim()))  # to the front: ~25% faster
+            out.append(v.reshape(-1, *v.shape[len(fl) + 1 :]))
+        return out
+
+    def unfold(self, h: list[Tensor], channels: int) -> list[Tensor]:
+        """Channel-major (F*C, B, *other_dims) -> views (B, C, *dims)."""
+        out = []
+        for t, fl, rest, fs in zip(h, self.folded, self.rest, self.fsizes):
+            t = t.reshape(*fs, channels, *t.shape[1:])  # (*folded, C, B, *rest)
+            where = {k: j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
+            out.append(t.permute(len(fl) + 1, len(fl), *(where[k] for k in range(len(fl) + len(rest)))))
+        return out
+
+    def weights(self, module: nn.Module, mix: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each group's mixing weight assembled from the original terms' blocks (one matmul per group)."""
+        out = {}
+        cin, cout = self.in_channels, self.out_channels
+        for key, name, members, rows, cols in self.plan:
+            blocks = []
+            for k, nc, no in members:
+                w = mix[k]
+                if nc > 1 and no > 1:
+                    w = w.view(nc, cin, no, cout).permute(0, 2, 1, 3)
+                blocks.append(w.reshape(nc * no, cin * cout))
+            stack = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+            y = torch.mm(getattr(module, name).to(stack.dtype), stack).view(rows, cols, cin, cout)
+            out[key] = y.permute(0, 2, 1, 3).reshape(rows * cin, cols * cout)
+        return out
+
+
+@dataclass(frozen=True)
+class _ForwardPlan:
+    """Everything forward needs that does not depend on the input, built once: read steps (each reduction once, from
+    the smallest parent), per-group (read, permutation) inputs and write views, per-piece summation order. Keeps
+    forward free of data-dependent Python, so ``torch.compile`` traces it in one graph."""
+
+    steps: tuple[_ReadStep, ...]
+    read_order: tuple[int, ...]
+    groups: tuple[tuple[str, tuple, tuple, tuple[int, ...]], ...]  # (weight key, inputs, outputs, widths)
+    num_outputs: int
+    # per piece: ((diagonals, ids, order, parent, slot) per diagonal pattern, (ids, order, parent) of the final sum)
+    merges: tuple[tuple[tuple[tuple, ...], tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]], ...]
+
+
+def _forward_plan(pieces: list[_Piece], read_list: list[tuple[int, Read]], groups: list[_Group],
+                  sizes: Mapping[str, int]) -> _ForwardPlan:
+    steps = _read_steps(pieces, read_list, sizes)
+    used = {c.read for g in groups for c in g.contributions}
+    group_plans = []
+    per_piece: list[list[tuple[int, _WritePlan, frozenset[int]]]] = [[] for _ in pieces]
+    n_out = 0
+    for g in groups:
+        # the group's dims in the positional order of its largest input (not the sorted signature): that input is
+        # then a view, and the output of its own piece needs no permutation either
+        def size(c: _Contribution) -> int:
+            pi, r = read_list[c.read]
+            return pieces[pi].fold * math.prod(sizes.get(pieces[pi].labels[r.blocks[i][0]], 1) for i in r.kept)
+
+        lead = max(g.contributions, key=size).order
+        lead = tuple(lead.index(k) for k in range(len(lead)))  # new sig position k <- sorted position lead[k]
+        ins = []
+        for c in g.contributions:
+            ins.append((c.read, (0, 1, *(2 + c.order[lead[k]] for k in range(len(lead))))))  # (K, B, *sig)
+        outs = []
+        col = 0
+        for o in g.outputs:
+            o = replace(o, to_pos=tuple(lead.index(i) for i in o.to_pos))
+            plan = _write_plan(o, (col, col + o.width), len(pieces[o.piece].labels))
+            col += o.width
+            outs.append((n_out, o.piece, plan))
+            compact = frozenset(o.write.blocks[i][0] for i in o.write.kept)  # dims of size > 1 before placing
+            per_piece[o.piece].append((n_out, plan, compact))
+            n_out += 1
+        group_plans.append((_key(g.signature), tuple(ins), tuple(outs), tuple(o.width for o in g.outputs)))
+    # terms written on the same diagonal blocks are summed in their compact form first and placed on the diagonal
+    # once (one full-size product per pattern instead of per term); the placed sums join the other terms
+    merges = []
+    n_slots = n_out
+    for terms in per_piece:
+        if not terms:
+            raise SpecError("internal: a weight-space piece receives no basis term")
+        patterns: dict[tuple, list[tuple[int, _WritePlan, frozenset[int]]]] = {}
+        for t, wp, compact in terms:
+            patterns.setdefault(wp.diagonals, []).append((t, wp, compact))
+        diag, final = [], []
+        for d, members in patterns.items():
+            if not d:
+                final += [(t, wp.support) for t, wp, _ in members]
+                continue
+            order, parent = _merge_plan([compact for _, _, compact in members])
+            diag.append((d, tuple(t for t, _, _ in members), order, parent, n_slots))
+            final.append((n_slots, frozenset().union(*(wp.support for _, wp, _ in members))))
+            n_slots += 1
+        order, parent = _merge_plan([sup for _, sup in final])
+        merges.append((tuple(diag), (tuple(t for t, _ in final), order, parent)))
+    return _ForwardPlan(steps, _read_order(steps, used), tuple(group_plans), n_slots, tuple(merges))
+
+
+def _sum_tree(vals: list[Tensor | None], fresh: list[bool], order: tuple[int, ...], parent: tuple[int, ...]
+              ) -> tuple[Tensor, bool]:
+    """Sum of ``vals``, small terms first, each added into the smallest term that contains it (``_merge_plan``);
+    ``fresh[j]``: vals[j] was made here and is referenced nowhere else, so it takes additions in place. Also says
+    whether the sum is such a tensor."""
+    vals, fresh = list(vals), list(fresh)
+    acc: Tensor | None = None
+    own = False
+    for i in order:
+        j = parent[i]
+        if j >= 0 and fresh[j]:
+            vals[j].add_(vals[i])  # type: ignore[union-attr]
+        elif j >= 0:
+            vals[j] = vals[j] + vals[i]  # type: ignore[operator]
+            fresh[j] = True
+        elif acc is None:
+            acc, own = vals[i], fresh[i]
+        else:
+            acc, own = acc + vals[i], True
+    return acc, own  # type: ignore[return-value]
+
+
+def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bias: Tensor,
+         act: Callable[[Tensor], Tensor] | None = None, act_: Callable[[Tensor], Tensor] | None = None
+         ) -> list[Tensor]:
+    """One layer application on channel-major pieces ``h`` (K, B, *dims), with mixing ``weights`` per group key.
+
+    Channels outermost throughout: every read of a contiguous piece is contiguous, so a group's input is a view (or
+    one concatenation) of shape (sum K_in, B*N) for its one matmul, and its output (sum K_out, B, *sig) splits into
+    contiguous row blocks per output."""
+    reads = _compute_reads(h, plan.steps, plan.read_order)
+    terms: list[Tensor | None] = [None] * plan.num_outputs  # the terms, then each piece's placed diagonal sums
+    owned = [False] * plan.num_outputs  # made here, referenced nowhere else: may be added into in place
+    for key, ins, outs, widths in plan.groups:
+        xs = [reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
+        cat = xs[0] if len(xs) == 1 else torch.cat(xs, dim=0)
+        weight = weights[key]  # (sum K_in, sum K_out)
+        if cat.dim() == 2:
+            z = torch.addmm(bias.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
+        else:
+            z = torch.mm(weight.t(), cat.reshape(cat.shape[0], -1))
+            # the product is a temporary of ours: reshaped as a tensor of its own (not an autograd view), a term
+            # that is all of it can take the other terms in place (no full-size sum allocated per piece)
+            z = torch.ops.aten._unsafe_view(z, (weight.shape[1], *cat.shape[1:]))
+        # split, not slices: its backward is one concatenation, not a zero-filled z-sized gradient per output
+        chunks = z.split(widths) if len(widths) > 1 else (z,)
+        for (t, piece, wplan), chunk in zip(outs, chunks):
+            terms[t] = _place(chunk, wplan)  # diagonal blocks are placed per pattern, after summing
+            owned[t] = len(chunks) == 1 and not wplan.perm and not wplan.index
+    out = []
+    for pi, (diag, (ids, order, parent)) in enumerate(plan.merges):
+        for d, members, m_order, m_parent, slot in diag:
+            compact, _ = _sum_tree([terms[t] for t in members], [False] * len(members), m_order, m_parent)
+            terms[slot] = _diagonalize(compact, d, h[pi])
+            owned[slot] = True
+        y, own = _sum_tree([terms[t] for t in ids], [owned[t] for t in ids], order, parent)
+        out.append(act_(y) if act_ is not None and own else act(y) if act is not None else y)
+    return out  # type: ignore[return-value]
+
 
 
 class UNFLinear(nn.Module):
@@ -433,90 +758,41 @@ class UNFLinear(nn.Module):
                 if any(n > 1 for n in shape):
                     self.pos_embed[str(i)] = nn.Parameter(torch.randn(in_channels, *shape) * 0.1)
         self.num_terms = sum(num_pair_terms(po.labels, pi.labels) for po in pieces for pi in pieces)
-        self._build_forward_plan(pieces)
-
-    def _build_forward_plan(self, pieces: list[_Piece]) -> None:
-        """Everything forward needs that does not depend on the input, built once: read steps (each reduction once,
-        from the smallest parent), per-group (read, permutation) inputs and write views, per-piece summation order.
-        Keeps forward free of data-dependent Python, so ``torch.compile`` traces it in one graph."""
-        steps = _read_steps(pieces, self._reads, self.spec.sizes)
-        used = {c.read for g in self._groups for c in g.contributions}
-        self._steps = steps
-        self._read_order = _read_order(steps, used)
-        group_plans = []
-        per_piece: list[list[tuple[int, frozenset[int]]]] = [[] for _ in pieces]
-        n_out = 0
-        for g in self._groups:
-            ins = []
-            for c in g.contributions:
-                ins.append((c.read, (1, 0, *(2 + i for i in c.order))))  # (B, K, *kept) -> (K, B, *sig)
-            outs = []
-            col = 0
-            for o in g.outputs:
-                plan = _write_plan(o, (col, col + o.width), len(pieces[o.piece].labels))
-                col += o.width
-                outs.append((n_out, o.piece, plan))
-                per_piece[o.piece].append((n_out, plan.support))
-                n_out += 1
-            group_plans.append((_key(g.signature), tuple(ins), tuple(outs), tuple(o.width for o in g.outputs)))
-        self._group_plans = tuple(group_plans)
-        self._num_outputs = n_out
-        merges = []
-        for terms in per_piece:
-            if not terms:
-                raise SpecError("internal: a weight-space piece receives no basis term")
-            order, parent = _merge_plan([s for _, s in terms])
-            merges.append((tuple(t for t, _ in terms), order, parent))
-        self._merges = tuple(merges)
+        folded = _fold_labels(spec, pieces)
+        self._folded = _Folded(spec, pieces, self._reads, self._groups, folded, in_channels, out_channels) if folded \
+            else None
+        if self._folded is None:
+            self._fwd = _forward_plan(pieces, self._reads, self._groups, spec.sizes)
+        else:  # computed on the folded pieces; its constants are buffers (they follow .to()), not state
+            self._fwd = _forward_plan(self._folded.pieces, self._folded.reads, self._folded.groups, spec.sizes)
+            for name, value in self._folded.buffers().items():
+                self.register_buffer(name, value, persistent=False)
         self._embedded = tuple((i, str(i)) for i in range(len(pieces)) if str(i) in self.pos_embed)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}->{self.out_channels}, fixed_axes={self.fixed_axes!r}, "
-                f"num_terms={self.num_terms}, groups={len(self._groups)}")
+                f"num_terms={self.num_terms}, groups={len(self._groups)}, matmuls={len(self._fwd.groups)}")
 
     def forward(self, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
         sizes = self._layout.sizes(x, batch_dims=2)
         h = self._layout.to_internal(x, sizes)
         return self._layout.from_internal(self.forward_internal(h), sizes, self.out_channels, x)
 
-    def forward_internal(self, h: list[Tensor]) -> list[Tensor]:
-        """Pieces ``(B, K, *perm_dims)`` in and out (used by UNFPredictor to skip layout changes)."""
+    def forward_internal(self, h: list[Tensor], act: Callable[[Tensor], Tensor] | None = None,
+                         act_: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+        """Pieces ``(B, K, *perm_dims)`` in and out (used by UNFPredictor to skip layout changes). ``act`` (e.g. a
+        pointwise nonlinearity) is applied to every output piece, as its in-place form ``act_`` where that piece is
+        a fresh tensor of the layer's own (no second full-size tensor per piece)."""
         if self._embedded:
             h = list(h)
             for i, key in self._embedded:
                 h[i] = h[i] + self.pos_embed[key]
-        reads = _compute_reads(h, self._steps, self._read_order)
-        terms: list[Tensor | None] = [None] * self._num_outputs
-        for key, ins, outs, widths in self._group_plans:
-            # channels outermost: (sum K_in, B, *sig), so the mixing is one (K_out, K_in) @ (K_in, B*N) matmul (its
-            # weight gradient one matmul too) and each output's rows are a contiguous block
-            xs = [reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
-            cat = xs[0] if len(xs) == 1 else torch.cat(xs, dim=0)
-            weight = self.mix[key]  # (sum K_in, sum K_out)
-            if cat.dim() == 2:
-                z = torch.addmm(self.bias.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
-            else:
-                z = torch.mm(weight.t(), cat.reshape(cat.shape[0], -1)).view(weight.shape[1], *cat.shape[1:])
-            # split, not slices: its backward is one concatenation, not a zero-filled z-sized gradient per output
-            chunks = z.split(widths) if len(widths) > 1 else (z,)
-            for (t, piece, plan), chunk in zip(outs, chunks):
-                terms[t] = _apply_write(chunk, plan, h[piece])
-        out = []
-        for ids, order, parent in self._merges:
-            vals = [terms[t] for t in ids]
-            fresh = [False] * len(vals)  # vals[j] is a sum made here (referenced nowhere else): add in place
-            acc: Tensor | None = None
-            for i in order:  # small terms first, each added into the smallest term that contains it
-                j = parent[i]
-                if j >= 0 and fresh[j]:
-                    vals[j].add_(vals[i])  # type: ignore[union-attr]
-                elif j >= 0:
-                    vals[j] = vals[j] + vals[i]  # type: ignore[operator]
-                    fresh[j] = True
-                else:
-                    acc = vals[i] if acc is None else acc + vals[i]
-            out.append(acc)
-        return out  # type: ignore[return-value]
+        if self._folded is None:  # channel-major (K, B, *dims): free when the input already is (a layer's output)
+            out = _run(self._fwd, [t.transpose(0, 1).contiguous() for t in h], self.mix, self.bias, act, act_)
+            return [t.transpose(0, 1) for t in out]
+        f = self._folded
+        out = _run(self._fwd, f.fold(h), f.weights(self, self.mix), self.bias[self._fold_bias], act, act_)
+        return f.unfold(out, self.out_channels)
 
 
 class UNFPool(nn.Module):

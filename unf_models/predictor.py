@@ -52,6 +52,7 @@ class UNFPredictor(nn.Module):
         channel_dim = self.in_channels > 1
         sizes = layout.sizes(x, batch_dims=2 if channel_dim else 1)
         h = layout.to_internal(x, sizes, channel_dim=channel_dim)  # pieces (B, C*fold, *perm_dims)
+        act_ = torch.relu_ if type(self.act) is nn.ReLU else None  # in place on the layers' fresh outputs
         for layer in self.layers:
-            h = [self.act(t) for t in layer.forward_internal(h)]
+            h = layer.forward_internal(h, self.act, act_)
         return self.head(self.pool.forward_internal(h))  # (B, out_features)
