@@ -60,7 +60,8 @@ train: $(STAMP)
 # measured 25.7 min end to end (zoo 14 s, meta-training 22 min, eval 1.5 min) with nice -n 5 OMP_NUM_THREADS=1 on
 # 2 shared CPU cores (load average 3-4); on a GPU try LOPT_ARGS="--pairs 16 --horizon 1000 --truncation 50 --outer-steps 2000 --hidden 32 --layers 3".
 # Each run saves the meta-parameters that scored best on 8 val members (checked every 50 steps), not the last ones.
-# Other zoos: LOPT_RECIPE=cnn-digits-lopt or LOPT_RECIPE=gru-arith-lopt (same table).
+# Other zoos: LOPT_RECIPE=cnn-digits-lopt or LOPT_RECIPE=gru-arith-lopt (same table). The CNN is slower: measured 40.1 min
+# with LOPT_SEEDS=2 (load 4-6), so ~55 min with the default 3 seeds.
 # A LOPT_DIR from a run with other options is refused (exit 2): pass a fresh one, e.g. LOPT_DIR=runs/lopt/mlp-digits-lopt-v2.
 LOPT_RECIPE ?= mlp-digits-lopt
 LOPT_MEMBERS ?= 128
