@@ -4,12 +4,14 @@ meta-seeds with two-way bootstrap intervals, evaluation past the horizon, and th
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 from torch.func import grad
 
@@ -153,3 +155,6 @@ def test_evaluation_over_seeds_past_the_horizon(tmp_path) -> None:
     assert all(ln["rises"] == "1" for ln in hot) and float(hot[-1]["train_loss"]) > float(hot[0]["train_loss"])
     table = format_table(report)
     assert table.row_count == 3 and any("rises" in c.header for c in table.columns)
+    console = Console(file=io.StringIO(), width=400)
+    console.print(table)
+    assert "[lo, hi] = 95% bootstrap" in console.file.getvalue()  # the title's legend is not eaten as rich markup

@@ -299,14 +299,14 @@ def _meta_train_cell(row: Mapping[str, Any]) -> str:
 
 def format_table(report: Mapping[str, Any]) -> Any:
     """A rich Table of the report: one row per optimizer; intervals are 95% two-way bootstrap (seeds x members).
-    Names come from folder names and are escaped (rich would read `[...]` in them as markup)."""
+    Names and the title are escaped (rich would read `[...]` in them, e.g. the title's `[lo, hi]`, as markup and drop it)."""
     from rich.markup import escape
     from rich.table import Table
 
     steps = [str(s) for s in report["eval_at"]]
     h, long = steps[0], steps[-1]
-    table = Table(title=f"held-out members: {len(report['members'])}; horizon {h} steps, reported at {', '.join(steps)}; "
-                        "[lo, hi] = 95% bootstrap over meta-seeds x members")
+    table = Table(title=escape(f"held-out members: {len(report['members'])}; horizon {h} steps, reported at {', '.join(steps)}; "
+                               "[lo, hi] = 95% bootstrap over meta-seeds x members"))
     cols = ["optimizer", "seeds", f"loss@{h}", *(f"loss@{s}" for s in steps[1:]), f"Δloss@{h} vs adam", f"Δloss@{long} vs adam",
             f"acc@{long}", f"rises past {h}", "diverged", "ms/step", "meta-train (mean per seed)"]
     for col in cols:
