@@ -282,3 +282,20 @@ def test_rank_loss_scores_the_order_and_trains(predict_zoo, tmp_path: Path) -> N
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["config"]["rank_weight"] == 1.0
     with pytest.raises(ConfigError, match="--rank-weight"):
         _config(rank_weight=-1.0)
+
+
+def test_size_feature_tells_widths_apart_and_keeps_invariance(predict_zoo, tmp_path: Path) -> None:
+    """--features raw+log+size: a third channel, log10(entries per member) / 3, constant over each tensor (so every
+    permutation symmetry holds) and different for a wider net; a predictor trained with it stays invariant."""
+    from pipeline.predict.models import pointwise_features
+
+    narrow, wide = torch.randn(2, 8, 8, 3, 3), torch.randn(2, 16, 16, 3, 3)
+    c_narrow, c_wide = pointwise_features(narrow, "raw+log+size"), pointwise_features(wide, "raw+log+size")
+    assert c_narrow.shape == (2, 3, 8, 8, 3, 3)
+    assert torch.all(c_narrow[:, 2] == np.log10(8 * 8 * 9) / 3) and torch.all(c_wide[:, 2] == np.log10(16 * 16 * 9) / 3)
+    train_predictor(predict_zoo, _config(models=("unf",), features="raw+log+size"), tmp_path / "o")
+    predictor = load_predictor(tmp_path / "o" / "unf", device="cpu")
+    weights = predict_zoo.weights(np.arange(8), -1)
+    perm = predict_zoo.spec.random_permutation(torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(predictor.predict(predict_zoo.spec.permute(weights, perm)), predictor.predict(weights),
+                               atol=1e-5)

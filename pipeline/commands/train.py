@@ -12,7 +12,7 @@ from pipeline.commands._common import DEVICES, check_device, completer, console,
 # Mirrors pipeline.predict.config (MODEL_NAMES, FEATURES); kept here so `--help` does not import torch (a test checks).
 MODELS = ("unf", "unf-perm", "unf-hybrid", "statnn", "deepsets", "flat", "all")
 SPLITS = ("run", "config")
-FEATURES = ("raw+log", "raw")
+FEATURES = ("raw+log+size", "raw+log", "raw")
 LOSSES = ("auto", "bce", "mse")
 
 _EPILOG = """
@@ -87,8 +87,9 @@ def train(
     chance_margin: float = typer.Option(0.05, help="Trained = accuracy above 1/classes + this (tau above chance, "
                                         "AUC)."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples of the intervals."),
-    features: str = typer.Option("raw+log", help="Input channels of the torch models: raw+log (adds log|w|, "
-                                 "pointwise, so symmetries are kept: weight scales differ ~50x between members) | raw.",
+    features: str = typer.Option("raw+log+size", help="Input channels of the torch models: raw+log+size (the weight, "
+                                 "log|w| and log10 of the tensor's size, which tells the width; all keep every "
+                                 "symmetry) | raw+log | raw.",
                                  metavar=one_of(FEATURES), autocompletion=completer(FEATURES)),
     loss: str = typer.Option("auto", help="auto (BCE when train/val targets lie in [0,1], else MSE) | bce | mse.",
                              metavar=one_of(LOSSES), autocompletion=completer(LOSSES)),

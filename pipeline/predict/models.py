@@ -8,6 +8,7 @@ BCE targets, a standardized value for MSE targets.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,7 +34,10 @@ def pointwise_features(x: torch.Tensor, features: str) -> torch.Tensor:
     into additive offsets. Pointwise, so it keeps every permutation symmetry exactly."""
     if features == "raw":
         return x.unsqueeze(1)
-    return torch.stack([x, torch.log(x.abs() + 1e-3) / 3.0], dim=1)
+    channels = [x, torch.log(x.abs() + 1e-3) / 3.0]
+    if features == "raw+log+size":  # log10(entries per member) / 3: the width, as one constant per tensor
+        channels.append(torch.full_like(x, math.log10(max(x[0].numel(), 1)) / 3.0))
+    return torch.stack(channels, dim=1)
 
 
 def _mlp(sizes: Sequence[int]) -> nn.Sequential:
