@@ -22,7 +22,7 @@ WIDE = {"COLUMNS": "200"}
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
-        (["train"], ["[default: (runs/train/<zoo name>-<target>)]", "[run|config|group:HPARAM[=V,...]]", "[raw+log|raw]", "[auto|bce|mse]",
+        (["train"], ["[default: (runs/train/<zoo name>-<target>)]", "[run|config|group:HPARAM[=V,...]]", "[raw+log+size|raw+log|raw]", "[auto|bce|mse]",
                      "[auto|cpu|cuda|cuda:N]", "MODEL[,MODEL...]", "[default: unf]", "[default: (all)]"]),
         (["lopt", "eval"], ["[default: (DIRECTORY/eval)]", "[default: 1e-4,3e-4", "--json"]),
         (["lopt", "meta-train"], ["[unf|perparam|sgdm]", "[pes|tes]", "[default: pes]"]),

@@ -131,7 +131,7 @@ def test_saved_predictor_reproduces_training_predictions(trained_predictors, pre
 
 def test_unf_predictor_is_invariant_and_width_agnostic(trained_predictors, predict_zoo) -> None:
     unf = load_predictor(trained_predictors.out_dir / "unf", device="cpu")
-    assert unf.config["hyperparameters"]["features"] == "raw+log"  # the default: the log|w| channel keeps symmetry
+    assert unf.config["hyperparameters"]["features"] == "raw+log+size"  # the default: log|w| and size keep symmetry
     spec = predict_zoo.spec
     weights = predict_zoo.weights(np.arange(8), -1)
     perm = spec.random_permutation(torch.Generator().manual_seed(0))
