@@ -121,8 +121,7 @@ def train(
                              split_seed=split_seed, seeds=seeds, epochs=epochs, batch_size=batch_size, lr=lr,
                              patience=patience, augment=augment, normalize=normalize, rank_weight=rank_weight,
                              ensemble=ensemble, chance_margin=chance_margin, bootstrap=bootstrap, features=features,
-                             loss=loss,
-                             include_diverged=include_diverged, max_members=max_members, device=device)
+                             loss=loss, include_diverged=include_diverged, max_members=max_members, device=device)
         for path, store in zip((*zoos, *(eval_zoo or ())), (*stores, *evals)):
             targets = available_targets(store)
             if target not in targets:

@@ -146,7 +146,7 @@ class TrainConfig:
         if not self.statnn_candidates or set(self.statnn_candidates) - set(known):
             raise ConfigError(f"statnn_candidates {self.statnn_candidates} must be a non-empty subset of {known}")
         if not 0 <= self.rank_weight < 1e3:
-            raise ConfigError(f"--rank-weight must be >= 0, got {self.rank_weight}")
+            raise ConfigError(f"--rank-weight must lie in [0, 1000), got {self.rank_weight}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.max_members is not None and self.max_members < 3:

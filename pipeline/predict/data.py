@@ -96,18 +96,21 @@ def zoo_width(spec: Any, shapes: Mapping[str, Sequence[int]]) -> str:
     return str(values[0]) if values and len(set(values)) == 1 else ",".join(map(str, values))
 
 
+def _task_info(zoo: Any) -> dict[str, Any]:
+    """The `info` a recipe zoo records about its task ({} for zoos without one, e.g. imports)."""
+    return (getattr(zoo, "attrs", {}).get("task") or {}).get("info") or {}
+
+
 def n_classes(zoo: Any) -> int | None:
     """The zoo task's number of classes (recipe zoos record it), else the architecture's `num_classes`."""
-    task = getattr(zoo, "attrs", {}).get("task") or {}
-    info = task.get("info") or {}
-    value = info.get("num_classes") or (zoo.arch or {}).get("num_classes")
+    value = _task_info(zoo).get("num_classes") or (zoo.arch or {}).get("num_classes")
     return int(value) if value else None
 
 
 def n_test_samples(zoo: Any) -> int | None:
     """How many test samples the zoo task scored each member's test metrics on (recipe zoos record it), else None."""
-    info = (getattr(zoo, "attrs", {}).get("task") or {}).get("info") or {}
-    return int(info["n_test"]) if info.get("n_test") else None
+    value = _task_info(zoo).get("n_test")
+    return int(value) if value else None
 
 
 @dataclass

@@ -76,20 +76,22 @@ class TensorNormalizer(nn.Module):
         return flat.pow(2).mean(dim=1).sqrt().clamp_min(1e-8).reshape(-1, *[1] * (w.dim() - 1))
 
     def channels(self, weights: Mapping[str, torch.Tensor], features: str) -> dict[str, torch.Tensor]:
-        """{name: (B, *shape)} -> {name: (B, C, *shape)}: normalized weights, pointwise features and (mode "member")
-        the log-scale channel."""
-        x = self(weights)
+        """{name: (B, *shape)} -> {name: (B, C, *shape)}: normalized weights, pointwise features and (modes "member",
+        "fanin") the log-scale channel."""
+        if self.mode == "tensor":
+            x = self(weights)
+            return {n: pointwise_features(x[n], features) for n in self.names}
         out = {}
         for i, n in enumerate(self.names):
-            c = pointwise_features(x[n], features)  # (B, F, *shape)
+            w = weights[n].to(self.mean.dtype)
+            rms = self._rms(w)  # (B, 1, ..., 1), once per tensor: it divides the weights and makes the scale channel
+            c = pointwise_features(w / rms, features)  # (B, F, *shape)
             if self.mode == "member":
-                scale = torch.log10(self._rms(weights[n]) / self.std[i])  # (B, 1, ..., 1)
-            elif self.mode == "fanin":  # RMS * sqrt(fan_in), fan_in counted as torch's inits do (dims after the first)
-                fan_in = x[n][0].numel() // x[n].shape[1] if x[n].dim() > 2 else 1
-                scale = torch.log10(self._rms(weights[n]) * fan_in ** 0.5)  # (B, 1, ..., 1)
-            if self.mode != "tensor":
-                c = torch.cat([c, scale.unsqueeze(1).expand(-1, 1, *x[n].shape[1:])], dim=1)
-            out[n] = c
+                scale = torch.log10(rms / self.std[i])
+            else:  # "fanin": RMS * sqrt(fan_in), fan_in counted as torch's inits do (dims after the first)
+                fan_in = w[0].numel() // w.shape[1] if w.dim() > 2 else 1
+                scale = torch.log10(rms * fan_in ** 0.5)
+            out[n] = torch.cat([c, scale.unsqueeze(1).expand(-1, 1, *w.shape[1:])], dim=1)
         return out
 
 
