@@ -12,7 +12,7 @@ of a piece (diagonals + means) is computed once, from the smallest read that con
 carry the same labels form one group: their reads are concatenated along channels and mixed by one matmul whose
 output rows cover every (output piece, write) of the group; writes then broadcast, and each piece's terms are summed
 smallest first into the smallest term containing them (terms on the same diagonal blocks are summed compactly and
-placed on the diagonal once). In permutable mode, fixed labels on a single axis (a conv's kernel axes) are folded
+added onto the diagonal once, in place). In permutable mode, fixed labels on a single axis (a conv's kernel axes) are folded
 into channels with weights assembled from their terms' blocks (``_Folded``): the same parameters and span, far fewer
 groups. Every plan is built at construction, so ``forward`` has no data-dependent Python and ``torch.compile`` traces
 it as one graph. Parameters never depend on permutable sizes, so one layer accepts other widths of the same
