@@ -12,7 +12,7 @@ of a piece (diagonals + means) is computed once, from the smallest read that con
 carry the same labels form one group: their reads are concatenated along channels and mixed by one matmul whose
 output rows cover every (output piece, write) of the group; writes then broadcast, and each piece's terms are summed
 smallest first into the smallest term containing them (terms on the same diagonal blocks are summed compactly and
-placed on the diagonal once). In permutable mode, fixed labels on a single axis (a conv's kernel axes) are folded
+added onto the diagonal once, in place). In permutable mode, fixed labels on a single axis (a conv's kernel axes) are folded
 into channels with weights assembled from their terms' blocks (``_Folded``): the same parameters and span, far fewer
 groups. Every plan is built at construction, so ``forward`` has no data-dependent Python and ``torch.compile`` traces
 it as one graph. Parameters never depend on permutable sizes, so one layer accepts other widths of the same
@@ -391,6 +391,22 @@ def _diagonalize(y: Tensor, diagonals: tuple[tuple[int, ...], ...], like: Tensor
     return y
 
 
+def _add_to_diagonals_(y: Tensor, c: Tensor, blocks: tuple[tuple[int, ...], ...]) -> None:
+    """``y[..., i, ..., i, ...] += c[..., i, ..., 0, ...]`` for every diagonal block, in place on a strided view of
+    ``y`` (K, B, *dims); ``c`` holds each block along its first axis, size 1 on the others (``_place``). Its backward
+    is a copy of the gradient and its diagonal, where multiplying by 0/1 masks cost full-size products both ways."""
+    order = list(range(y.dim()))  # original dim held by each current dim
+    for block in blocks:
+        dims = [order.index(2 + a) for a in block]
+        end = list(range(y.dim() - len(dims), y.dim()))
+        y, c = y.movedim(dims, end), c.movedim(dims, end)
+        for _ in range(len(dims) - 1):
+            y = y.diagonal(0, -2, -1)
+        c = c.flatten(-len(dims))
+        order = [a for a in order if a - 2 not in block] + [2 + block[0]]
+    y.add_(c)
+
+
 def _merge_plan(supports: list[frozenset[int]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Order in which to sum one piece's terms and, per term, the term it is added into (-1: a root).
 
@@ -594,7 +610,7 @@ class _ForwardPlan:
     read_order: tuple[int, ...]
     groups: tuple[tuple[str, tuple, tuple, tuple[int, ...]], ...]  # (weight key, inputs, outputs, widths)
     num_outputs: int
-    # per piece: ((diagonals, ids, order, parent, slot) per diagonal pattern, (ids, order, parent) of the final sum)
+    # per piece: ((diagonals, ids, order, parent) per diagonal pattern, (ids, order, parent) of the other terms' sum)
     merges: tuple[tuple[tuple[tuple, ...], tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]], ...]
 
 
@@ -628,10 +644,9 @@ def _forward_plan(pieces: list[_Piece], read_list: list[tuple[int, Read]], group
             per_piece[o.piece].append((n_out, plan, compact))
             n_out += 1
         group_plans.append((_key(g.signature), tuple(ins), tuple(outs), tuple(o.width for o in g.outputs)))
-    # terms written on the same diagonal blocks are summed in their compact form first and placed on the diagonal
-    # once (one full-size product per pattern instead of per term); the placed sums join the other terms
+    # terms written on the same diagonal blocks are summed in their compact form first, then added in place onto
+    # those diagonals of the piece's sum of the other terms (no full-size 0/1 product, no full-size addition)
     merges = []
-    n_slots = n_out
     for terms in per_piece:
         if not terms:
             raise SpecError("internal: a weight-space piece receives no basis term")
@@ -644,12 +659,10 @@ def _forward_plan(pieces: list[_Piece], read_list: list[tuple[int, Read]], group
                 final += [(t, wp.support) for t, wp, _ in members]
                 continue
             order, parent = _merge_plan([compact for _, _, compact in members])
-            diag.append((d, tuple(t for t, _, _ in members), order, parent, n_slots))
-            final.append((n_slots, frozenset().union(*(wp.support for _, wp, _ in members))))
-            n_slots += 1
+            diag.append((d, tuple(t for t, _, _ in members), order, parent))
         order, parent = _merge_plan([sup for _, sup in final])
         merges.append((tuple(diag), (tuple(t for t, _ in final), order, parent)))
-    return _ForwardPlan(steps, _read_order(steps, used), tuple(group_plans), n_slots, tuple(merges))
+    return _ForwardPlan(steps, _read_order(steps, used), tuple(group_plans), n_out, tuple(merges))
 
 
 def _sum_tree(vals: list[Tensor | None], fresh: list[bool], order: tuple[int, ...], parent: tuple[int, ...]
@@ -687,7 +700,8 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
     owned = [False] * plan.num_outputs  # made here, referenced nowhere else: may be added into in place
     for key, ins, outs, widths in plan.groups:
         xs = [reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
-        cat = xs[0] if len(xs) == 1 else torch.cat(xs, dim=0)
+        # permuted inputs (a tied matrix transposed) are copied first: cat's strided path is ~2x slower than both
+        cat = xs[0] if len(xs) == 1 else torch.cat([x.contiguous() for x in xs], dim=0)
         weight = weights[key]  # (sum K_in, sum K_out)
         if cat.dim() == 2:
             z = torch.addmm(bias.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
@@ -703,11 +717,15 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
             owned[t] = len(chunks) == 1 and not wplan.perm and not wplan.index
     out = []
     for pi, (diag, (ids, order, parent)) in enumerate(plan.merges):
-        for d, members, m_order, m_parent, slot in diag:
+        y, own = _sum_tree([terms[t] for t in ids], [owned[t] for t in ids], order, parent) if ids else (None, False)
+        for d, members, m_order, m_parent in diag:
             compact, _ = _sum_tree([terms[t] for t in members], [False] * len(members), m_order, m_parent)
-            terms[slot] = _diagonalize(compact, d, h[pi])
-            owned[slot] = True
-        y, own = _sum_tree([terms[t] for t in ids], [owned[t] for t in ids], order, parent)
+            full = (compact.shape[0], compact.shape[1], *h[pi].shape[2:])
+            if y is None:
+                y, own = compact.new_zeros(full), True
+            elif not own or y.shape != full:  # a tensor of our own, full size, to add the diagonals into
+                y, own = y.expand(full).clone(memory_format=torch.contiguous_format), True
+            _add_to_diagonals_(y, compact, d)
         out.append(act_(y) if act_ is not None and own else act(y) if act is not None else y)
     return out  # type: ignore[return-value]
 
@@ -823,5 +841,10 @@ class UNFPool(nn.Module):
         return self.forward_internal(self._layout.to_internal(x, sizes))
 
     def forward_internal(self, h: list[Tensor]) -> Tensor:
-        reads = _compute_reads(h, self._steps, self._read_order)
-        return torch.cat([reads[i] for i in self._features], dim=-1)  # type: ignore[misc]  # (B, num_features)
+        # a channel-major piece (a layer's output, seen as a (B, K, ...) view) is reduced as (K, B, ...): contiguous
+        # reductions, and their gradients are written channel-major too; the small (K, B) results are transposed
+        flip = [t.dim() > 2 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous() for t in h]
+        reads = _compute_reads([t.transpose(0, 1) if f else t for t, f in zip(h, flip)], self._steps,
+                               self._read_order)
+        feats = [reads[i].t() if flip[pi] else reads[i] for i, (pi, _) in zip(self._features, self._reads)]
+        return torch.cat(feats, dim=-1)  # type: ignore[arg-type]  # (B, num_features)
