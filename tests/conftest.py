@@ -50,7 +50,7 @@ def predict_zoo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_predictors(predict_zoo, tmp_path_factory):
-    """`train_predictor` result: every model kind (unf, unf-exact, statnn, deepsets, flat), one seed, a few epochs;
+    """`train_predictor` result: every model kind (unf, unf-perm, statnn, deepsets, flat), one seed, a few epochs;
     predictors in `result.out_dir / <model>` (load with `pipeline.predict.load_predictor`)."""
     from pipeline.predict import TrainConfig, train_predictor
 

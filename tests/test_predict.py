@@ -115,7 +115,7 @@ def test_end_to_end_beats_chance_and_writes_reports(trained_predictors) -> None:
         assert (result.out_dir / name).is_file(), name
 
 
-@pytest.mark.parametrize("model", ["unf", "unf-exact", "statnn", "deepsets", "flat"])
+@pytest.mark.parametrize("model", ["unf", "unf-perm", "statnn", "deepsets", "flat"])
 def test_saved_predictor_reproduces_training_predictions(trained_predictors, predict_zoo, model: str) -> None:
     run = next(r for r in trained_predictors.runs if r.model == model)
     predictor = load_predictor(run.directory, device="cpu")
@@ -127,20 +127,6 @@ def test_saved_predictor_reproduces_training_predictions(trained_predictors, pre
     for epoch, group in rows.groupby("epoch"):
         weights = predict_zoo.weights(group["member"].to_numpy(), epochs.index(epoch))
         np.testing.assert_allclose(predictor.predict(weights), group["prediction"].to_numpy(), rtol=0, atol=1e-6)
-
-
-def test_unf_ties_fixed_axes_and_unf_exact_keeps_them(trained_predictors) -> None:
-    """`unf` (the default) is the tied form, `unf-exact` the exact one; their runs never share a resume key, and
-    `unf`'s key differs from the one the exact form had when it was called `unf`."""
-    from pipeline.predict import TrainConfig
-
-    for model, axes in (("unf", "permutable"), ("unf-exact", "exact")):
-        predictor = load_predictor(trained_predictors.out_dir / model, device="cpu")
-        assert predictor.config["hyperparameters"]["fixed_axes"] == axes
-        assert predictor.net.unf.layers[0].fixed_axes == axes
-    config = TrainConfig()
-    assert config.run_key("unf") != config.run_key("unf-exact")
-    assert set(TrainConfig(models="all").models) >= {"unf", "unf-exact", "statnn", "deepsets"}
 
 
 def test_unf_predictor_is_invariant_and_width_agnostic(trained_predictors, predict_zoo) -> None:

@@ -49,13 +49,6 @@ def test_unknown_model_and_bad_checkpoints(predict_zoo, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--checkpoints" in result.output
 
 
-def test_renamed_model_says_what_it_is_called_now(predict_zoo, tmp_path: Path) -> None:
-    result = _invoke(predict_zoo.url, "--model", "unf,unf-perm", "--out", str(tmp_path / "o"))
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "unf-perm is now called unf" in result.output and "unf-exact" in result.output
-    assert not (tmp_path / "o").exists()
-
-
 def test_short_run_writes_outputs_and_resumes(predict_zoo, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = (predict_zoo.url, "--model", "statnn,flat", "--epochs", "2", "--checkpoints", "all", "--fractions",

@@ -10,7 +10,7 @@ import typer
 from pipeline.commands._common import DEVICES, check_device, completer, console, escape, one_of, print_json, user_errors
 
 # Mirrors pipeline.predict.config (MODEL_NAMES, FEATURES); kept here so `--help` does not import torch (a test checks).
-MODELS = ("unf", "unf-exact", "unf-hybrid", "statnn", "deepsets", "flat", "all")
+MODELS = ("unf", "unf-perm", "unf-hybrid", "statnn", "deepsets", "flat", "all")
 SPLITS = ("run", "config")
 FEATURES = ("raw+log+size", "raw+log", "raw")
 LOSSES = ("auto", "bce", "mse")
@@ -28,9 +28,8 @@ _EPILOG = """
 
   unfzoo train A.zarr B.zarr --model unf,statnn --eval-zoo C.zarr --split group:optimizer
 
-Models: unf (fixed axes tied, as the reference implementation), statnn, deepsets, flat, unf-exact (fixed axes kept
-fixed: the maximal equivariant layer; ranks worse on unseen training recipes), unf-hybrid (UNF whose head also reads
-the STATNN statistics), all, or a comma list.
+Models: unf, statnn, deepsets, flat, unf-perm (ablation: fixed axes treated as permutable), unf-hybrid (UNF whose
+head also reads the STATNN statistics), all, or a comma list.
 Several zoos: one architecture family, any widths (flat needs one width); each zoo is split on its own.
 --eval-zoo: predicted and reported as split eval:<name>, never used for selection or early stopping.
 --split group:<hparam>[=v1,v2]: members with the held-out value(s) are the test split (default: one value, the
@@ -55,7 +54,7 @@ def train(
                                      "several: one architecture family, any widths."),
     eval_zoo: list[str] = typer.Option(None, "--eval-zoo", help="Foreign zoo reported as its own split, never used "
                                        "for selection (repeatable)."),
-    model: str = typer.Option("unf", "--model", "-m", help="unf, unf-exact, unf-hybrid, statnn, deepsets, flat, all, or a "
+    model: str = typer.Option("unf", "--model", "-m", help="unf, unf-perm, unf-hybrid, statnn, deepsets, flat, all, or a "
                               "comma list such as unf,statnn.", metavar="MODEL[,MODEL...]",
                               autocompletion=completer(MODELS, comma_list=True)),
     target: str = typer.Option("test_acc", help="Metric (test_acc, train_loss, ...), gen_gap, or a hyperparameter "

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 
-__all__ = ["MODEL_NAMES", "MODEL_KINDS", "UNF_FIXED_AXES", "FEATURES", "NORMALIZE", "TrainConfig", "parse_models", "parse_checkpoints"]
+__all__ = ["MODEL_NAMES", "MODEL_KINDS", "FEATURES", "NORMALIZE", "TrainConfig", "parse_models", "parse_checkpoints"]
 
 # `--features` choices of the torch models -> input channels per weight (see `models.pointwise_features`)
 # "raw+log+size" adds log10 of the tensor's entries per member, a constant per tensor that tells the model the width
@@ -22,25 +22,19 @@ FEATURES: dict[str, int] = {"raw": 1, "raw+log": 2, "raw+log+size": 3}
 # is not read as a small-weight one)
 NORMALIZE: dict[str, int] = {"tensor": 0, "member": 1, "fanin": 1}  # extra input channels
 
-# Model names a user may ask for -> the predictor kind they train. "unf" ties the fixed axes (input features, classes,
-# kernel positions) as permutable, as the reference implementation does; "unf-exact" keeps them fixed (the maximal
-# equivariant layer, a superset of unf's functions). On two held-out groups of cnn-digits (an unseen width, an unseen
-# optimizer family) the tied form ranked better by +0.055 [+0.043, +0.068] and +0.069 [+0.055, +0.087] (paired 90%
-# intervals, 2 seeds each) and won validation, so it is the default (docs/results.md).
+# Model names a user may ask for -> the predictor kind they train. "unf-perm" is the ablation: UNF with fixed axes
+# (input features, classes, kernel positions) treated as permutable, as the reference implementation does.
 # "unf-hybrid": UNF whose head also reads the STATNN statistics (standardized) beside the UNF pooled features.
 MODEL_KINDS: dict[str, str] = {
     "unf": "unf",
-    "unf-exact": "unf",
+    "unf-perm": "unf",
     "statnn": "statnn",
     "deepsets": "deepsets",
     "flat": "flat",
     "unf-hybrid": "hybrid",
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_KINDS)
-# how each UNF model treats fixed axes (`unf_models.UNFLinear(fixed_axes=...)`)
-UNF_FIXED_AXES: dict[str, str] = {"unf": "permutable", "unf-exact": "exact", "unf-hybrid": "permutable"}
-_ALL = ("unf", "statnn", "deepsets", "flat", "unf-exact")
-_RENAMED = {"unf-perm": "unf-perm is now called unf (fixed axes tied, the default); the exact form is unf-exact"}
+_ALL = ("unf", "statnn", "deepsets", "flat", "unf-perm")
 
 
 def parse_models(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -48,9 +42,6 @@ def parse_models(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
     if items == ["all"]:
         return _ALL
-    renamed = [_RENAMED[m] for m in items if m in _RENAMED]
-    if renamed:
-        raise ConfigError(f"--model: {renamed[0]}")
     bad = [m for m in items if m not in MODEL_KINDS]
     if bad or not items:
         raise ConfigError(f"--model {','.join(bad) or text!r} is unknown; use one of {', '.join(MODEL_NAMES)} or all")
@@ -187,6 +178,4 @@ class TrainConfig:
             fields += ["normalize"] if self.normalize != "tensor" else []  # old runs keep their keys
             fields += ["rank_weight"] if self.rank_weight else []
         payload = {"model": model, **{k: d[k] for k in fields}}
-        if model in UNF_FIXED_AXES:  # "unf" once meant the exact form: its old runs must not be reused
-            payload["fixed_axes"] = UNF_FIXED_AXES[model]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -19,7 +19,7 @@ from scipy.stats import kendalltau
 
 from pipeline.errors import ConfigError
 from pipeline.predict.artifacts import CONFIG_FILE, STATE_FILE, Predictor, save_predictor
-from pipeline.predict.config import MODEL_KINDS, UNF_FIXED_AXES, TrainConfig
+from pipeline.predict.config import MODEL_KINDS, TrainConfig
 from pipeline.predict.data import PredictData, build_data, normalization_stats, zoo_width
 from pipeline.predict.features import statnn_features
 from pipeline.predict.models import WIDTH_AGNOSTIC, TensorNormalizer, build_net
@@ -103,7 +103,7 @@ def _hyperparameters(model: str, config: TrainConfig) -> dict[str, Any]:
     norm = {"normalize": config.normalize} if config.normalize != "tensor" else {}
     if kind in ("unf", "hybrid"):
         return {"hidden": list(config.unf_hidden), "head": list(config.unf_head),
-                "fixed_axes": UNF_FIXED_AXES[model], "features": config.features, **norm}
+                "fixed_axes": "permutable" if model == "unf-perm" else "exact", "features": config.features, **norm}
     if kind == "deepsets":
         return {"hidden": config.deepsets_hidden, "head": list(config.deepsets_head), "features": config.features,
                 **norm}
