@@ -158,12 +158,19 @@ def test_loaded_statnn_equals_scikit_learn_predict(predict_zoo, tmp_path: Path, 
     assert result.runs[0].metrics["test"]["n"] > 0
 
 
-@pytest.mark.parametrize("model,normalize", [("unf-hybrid", "tensor"), ("unf", "member"), ("deepsets", "member"),
-                                             ("unf", "fanin")])
+@pytest.mark.parametrize("model,normalize,pos_embed", [("unf-hybrid", "tensor", False), ("unf", "member", False),
+                                                       ("deepsets", "member", False), ("unf", "fanin", False),
+                                                       ("unf-perm", "fanin", True)])
 def test_hybrid_and_scale_aware_models_are_invariant_and_width_agnostic(predict_zoo, tmp_path: Path, model: str,
-                                                                        normalize: str) -> None:
-    result = train_predictor(predict_zoo, _config(models=(model,), normalize=normalize), tmp_path / "o")
+                                                                        normalize: str, pos_embed: bool) -> None:
+    config = _config(models=(model,), normalize=normalize, unf_pos_embed=pos_embed)
+    result = train_predictor(predict_zoo, config, tmp_path / "o")
     predictor = load_predictor(tmp_path / "o" / model, device="cpu")
+    if pos_embed:  # --pos-embed: the tied layer's embedding along the fixed axes, saved and loaded with it
+        assert predictor.config["hyperparameters"]["pos_embed"] is True
+        assert len(predictor.net.unf.layers[0].pos_embed) > 0
+        assert config.run_key(model) != _config(models=(model,), normalize=normalize).run_key(model)
+        assert config.run_key("unf") == _config(models=(model,), normalize=normalize).run_key("unf")
     spec = predict_zoo.spec
     weights = predict_zoo.weights(np.arange(8), -1)
     base = predictor.predict(weights)

@@ -83,6 +83,9 @@ def train(
                                   "nets as smaller) | tensor (one mean/std per tensor from the training rows)."),
     rank_weight: float = typer.Option(0.0, help="Weight of a pairwise ranking term (RankNet) added to the torch "
                                       "models' loss; 0 = off."),
+    pos_embed: bool = typer.Option(False, help="A learned embedding along the fixed axes (pixels, kernel positions, "
+                                   "classes) at the first layer of unf-perm, so it can tell them apart (exact "
+                                   "unf needs none)."),
     ensemble: bool = typer.Option(False, help="Also report <model>-ens: the mean prediction over seeds."),
     chance_margin: float = typer.Option(0.05, help="Trained = accuracy above 1/classes + this (tau above chance, "
                                         "AUC)."),
@@ -120,6 +123,7 @@ def train(
                              train_checkpoints=train_checkpoints, split=split, fractions=_fractions(fractions),
                              split_seed=split_seed, seeds=seeds, epochs=epochs, batch_size=batch_size, lr=lr,
                              patience=patience, augment=augment, normalize=normalize, rank_weight=rank_weight,
+                             unf_pos_embed=pos_embed,
                              ensemble=ensemble, chance_margin=chance_margin, bootstrap=bootstrap, features=features,
                              loss=loss, include_diverged=include_diverged, max_members=max_members, device=device)
         for path, store in zip((*zoos, *(eval_zoo or ())), (*stores, *evals)):

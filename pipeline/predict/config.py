@@ -108,6 +108,10 @@ class TrainConfig:
     features: str = "raw+log+size"
     unf_hidden: tuple[int, ...] = (16, 16)
     unf_head: tuple[int, ...] = (512,)
+    # a learned embedding along the fixed axes at the first layer of `unf-perm` (the reference code's io_embed), so
+    # the tied layer can tell pixels, kernel positions and classes apart again; exact `unf` needs none. Off: it tied
+    # unf-perm on held-out widths of cnn-digits and mlp-digits-diverse (docs/results.md)
+    unf_pos_embed: bool = False
     deepsets_hidden: int = 32
     deepsets_head: tuple[int, ...] = (512,)
     flat_hidden: tuple[int, ...] = (512, 512)
@@ -178,4 +182,6 @@ class TrainConfig:
             fields += ["normalize"] if self.normalize != "tensor" else []  # old runs keep their keys
             fields += ["rank_weight"] if self.rank_weight else []
         payload = {"model": model, **{k: d[k] for k in fields}}
+        if self.unf_pos_embed and model == "unf-perm":  # only the tied form takes the embedding
+            payload["pos_embed"] = True
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

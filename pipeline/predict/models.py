@@ -99,7 +99,7 @@ class UNFNet(nn.Module):
     """Normalizer -> `unf_models.UNFPredictor` (UNF layers -> invariant pooling -> MLP head) -> (B,)."""
 
     def __init__(self, spec: Any, hidden: Sequence[int], head: Sequence[int], fixed_axes: str = "exact",
-                 normalizer: TensorNormalizer | None = None, features: str = "raw"):
+                 normalizer: TensorNormalizer | None = None, features: str = "raw", pos_embed: bool = False):
         super().__init__()
         from unf_models import UNFPredictor
 
@@ -107,7 +107,7 @@ class UNFNet(nn.Module):
         self.features = features
         self.channels = n_channels(features, self.norm.mode)
         self.unf = UNFPredictor(spec, hidden=tuple(hidden), head=tuple(head), fixed_axes=fixed_axes,
-                                in_channels=self.channels)
+                                in_channels=self.channels, pos_embed=pos_embed)
 
     def _inputs(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.channels == 1:
@@ -123,8 +123,8 @@ class UNFHybridNet(UNFNet):
     MLP head -> (B,). The statistics' mean/std are buffers set from the training rows (`set_stat_scaling`)."""
 
     def __init__(self, spec: Any, hidden: Sequence[int], head: Sequence[int], fixed_axes: str = "exact",
-                 normalizer: TensorNormalizer | None = None, features: str = "raw"):
-        super().__init__(spec, hidden, (), fixed_axes, normalizer, features)
+                 normalizer: TensorNormalizer | None = None, features: str = "raw", pos_embed: bool = False):
+        super().__init__(spec, hidden, (), fixed_axes, normalizer, features, pos_embed)
         n_pool = self.unf.pool.num_features
         self.unf.head = nn.Identity()  # the UNF part returns its pooled features (B, n_pool)
         n_stats = 7 * len(spec.names)
@@ -210,10 +210,11 @@ def build_net(kind: str, spec: Any, params: Mapping[str, Any], normalizer: Tenso
     normalizer = normalizer or TensorNormalizer(names)
     normalizer.mode = params.get("normalize", "tensor")
     if kind == "unf":
-        return UNFNet(spec, params["hidden"], params["head"], params.get("fixed_axes", "exact"), normalizer, features)
+        return UNFNet(spec, params["hidden"], params["head"], params.get("fixed_axes", "exact"), normalizer, features,
+                      bool(params.get("pos_embed", False)))
     if kind == "hybrid":
         return UNFHybridNet(spec, params["hidden"], params["head"], params.get("fixed_axes", "exact"), normalizer,
-                            features)
+                            features, bool(params.get("pos_embed", False)))
     if kind == "deepsets":
         return DeepSetsNet(names, params["hidden"], params["head"], normalizer, features)
     if kind == "flat":

@@ -102,8 +102,10 @@ def _hyperparameters(model: str, config: TrainConfig) -> dict[str, Any]:
     kind = MODEL_KINDS[model]
     norm = {"normalize": config.normalize} if config.normalize != "tensor" else {}
     if kind in ("unf", "hybrid"):
-        return {"hidden": list(config.unf_hidden), "head": list(config.unf_head),
-                "fixed_axes": "permutable" if model == "unf-perm" else "exact", "features": config.features, **norm}
+        axes = "permutable" if model == "unf-perm" else "exact"
+        embed = {"pos_embed": True} if config.unf_pos_embed and axes == "permutable" else {}
+        return {"hidden": list(config.unf_hidden), "head": list(config.unf_head), "fixed_axes": axes,
+                "features": config.features, **embed, **norm}
     if kind == "deepsets":
         return {"hidden": config.deepsets_hidden, "head": list(config.deepsets_head), "features": config.features,
                 **norm}
