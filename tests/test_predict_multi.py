@@ -158,19 +158,24 @@ def test_loaded_statnn_equals_scikit_learn_predict(predict_zoo, tmp_path: Path, 
     assert result.runs[0].metrics["test"]["n"] > 0
 
 
-@pytest.mark.parametrize("model,normalize,pos_embed", [("unf-hybrid", "tensor", False), ("unf", "member", False),
-                                                       ("deepsets", "member", False), ("unf", "fanin", False),
-                                                       ("unf-perm", "fanin", True)])
+@pytest.mark.parametrize("model,normalize,extra", [("unf-hybrid", "tensor", {}), ("unf", "member", {}),
+                                                   ("deepsets", "member", {}), ("unf", "fanin", {}),
+                                                   ("unf-perm", "fanin", {"unf_pos_embed": True}),
+                                                   ("unf-perm", "fanin", {"unf_keep_fixed": ("head",)})])
 def test_hybrid_and_scale_aware_models_are_invariant_and_width_agnostic(predict_zoo, tmp_path: Path, model: str,
-                                                                        normalize: str, pos_embed: bool) -> None:
-    config = _config(models=(model,), normalize=normalize, unf_pos_embed=pos_embed)
+                                                                        normalize: str, extra: dict) -> None:
+    config = _config(models=(model,), normalize=normalize, **extra)
     result = train_predictor(predict_zoo, config, tmp_path / "o")
     predictor = load_predictor(tmp_path / "o" / model, device="cpu")
-    if pos_embed:  # --pos-embed: the tied layer's embedding along the fixed axes, saved and loaded with it
+    plain = _config(models=(model,), normalize=normalize)
+    if extra:  # an option of the tied form: saved and loaded with it, and part of the run's resume key
+        assert config.run_key(model) != plain.run_key(model) and config.run_key("unf") == plain.run_key("unf")
+    if "unf_pos_embed" in extra:  # --pos-embed: an embedding along the fixed axes at the first layer
         assert predictor.config["hyperparameters"]["pos_embed"] is True
         assert len(predictor.net.unf.layers[0].pos_embed) > 0
-        assert config.run_key(model) != _config(models=(model,), normalize=normalize).run_key(model)
-        assert config.run_key("unf") == _config(models=(model,), normalize=normalize).run_key("unf")
+    if "unf_keep_fixed" in extra:  # --keep-fixed head: only the kept label stays fixed, the others are tied
+        assert predictor.config["hyperparameters"]["keep_fixed"] == ["head"]
+        assert predictor.net.unf.spec.fixed_labels == ["head"]
     spec = predict_zoo.spec
     weights = predict_zoo.weights(np.arange(8), -1)
     base = predictor.predict(weights)
@@ -289,6 +294,16 @@ def test_rank_loss_scores_the_order_and_trains(predict_zoo, tmp_path: Path) -> N
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["config"]["rank_weight"] == 1.0
     with pytest.raises(ConfigError, match="--rank-weight"):
         _config(rank_weight=-1.0)
+
+
+def test_keep_fixed_bad_label_or_combination_is_refused(predict_zoo, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["train", predict_zoo.url, "--model", "unf-perm", "--keep-fixed", "nope",
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--keep-fixed nope: not a fixed label" in result.output and "head" in result.output
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="do not combine"):
+        TrainConfig(unf_keep_fixed=("head",), unf_pos_embed=True)
 
 
 def test_size_feature_tells_widths_apart_and_keeps_invariance(predict_zoo, tmp_path: Path) -> None:

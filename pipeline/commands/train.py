@@ -86,6 +86,10 @@ def train(
     pos_embed: bool = typer.Option(False, help="A learned embedding along the fixed axes (pixels, kernel positions, "
                                    "classes) at the first layer of unf-perm, so it can tell them apart (exact "
                                    "unf needs none)."),
+    keep_fixed: str = typer.Option("", help="Fixed labels unf-perm keeps fixed while it ties the others, e.g. an "
+                                   "MLP's input pixels x.2,x.3 (a label that is not fixed gets an error listing "
+                                   "the fixed ones).",
+                                   metavar="LABEL[,LABEL...]"),
     ensemble: bool = typer.Option(False, help="Also report <model>-ens: the mean prediction over seeds."),
     chance_margin: float = typer.Option(0.05, help="Trained = accuracy above 1/classes + this (tau above chance, "
                                         "AUC)."),
@@ -124,6 +128,7 @@ def train(
                              split_seed=split_seed, seeds=seeds, epochs=epochs, batch_size=batch_size, lr=lr,
                              patience=patience, augment=augment, normalize=normalize, rank_weight=rank_weight,
                              unf_pos_embed=pos_embed,
+                             unf_keep_fixed=tuple(t.strip() for t in keep_fixed.split(",") if t.strip()),
                              ensemble=ensemble, chance_margin=chance_margin, bootstrap=bootstrap, features=features,
                              loss=loss, include_diverged=include_diverged, max_members=max_members, device=device)
         for path, store in zip((*zoos, *(eval_zoo or ())), (*stores, *evals)):

@@ -112,6 +112,9 @@ class TrainConfig:
     # the tied layer can tell pixels, kernel positions and classes apart again; exact `unf` needs none. Off: it tied
     # unf-perm on held-out widths of cnn-digits and mlp-digits-diverse (docs/results.md)
     unf_pos_embed: bool = False
+    # fixed labels that `unf-perm` keeps fixed (exact) while it ties every other one, e.g. an MLP's input pixels
+    # ("x.2", "x.3"): the network's input keeps its identity, kernel positions and classes are tied. () = tie all
+    unf_keep_fixed: tuple[str, ...] = ()
     deepsets_hidden: int = 32
     deepsets_head: tuple[int, ...] = (512,)
     flat_hidden: tuple[int, ...] = (512, 512)
@@ -129,7 +132,8 @@ class TrainConfig:
         from pipeline.zoo.splits import parse_split
 
         object.__setattr__(self, "split", str(parse_split(self.split)))
-        for name in ("fractions", "unf_hidden", "unf_head", "deepsets_head", "flat_hidden", "statnn_candidates"):
+        for name in ("fractions", "unf_hidden", "unf_head", "deepsets_head", "flat_hidden", "statnn_candidates",
+                     "unf_keep_fixed"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.normalize not in NORMALIZE:
             raise ConfigError(f"--normalize {self.normalize!r} is unknown; use {' or '.join(NORMALIZE)}")
@@ -153,6 +157,9 @@ class TrainConfig:
             raise ConfigError(f"--rank-weight must lie in [0, 1000), got {self.rank_weight}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.unf_keep_fixed and self.unf_pos_embed:
+            raise ConfigError("--keep-fixed and --pos-embed do not combine: a kept label needs no embedding; "
+                              "use one of them")
         if self.max_members is not None and self.max_members < 3:
             raise ConfigError(f"--max-members must be at least 3 (train, val, test), got {self.max_members}")
 
@@ -184,4 +191,6 @@ class TrainConfig:
         payload = {"model": model, **{k: d[k] for k in fields}}
         if self.unf_pos_embed and model == "unf-perm":  # only the tied form takes the embedding
             payload["pos_embed"] = True
+        if self.unf_keep_fixed and model == "unf-perm":
+            payload["keep_fixed"] = sorted(self.unf_keep_fixed)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

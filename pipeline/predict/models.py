@@ -96,13 +96,19 @@ class TensorNormalizer(nn.Module):
 
 
 class UNFNet(nn.Module):
-    """Normalizer -> `unf_models.UNFPredictor` (UNF layers -> invariant pooling -> MLP head) -> (B,)."""
+    """Normalizer -> `unf_models.UNFPredictor` (UNF layers -> invariant pooling -> MLP head) -> (B,).
+
+    `keep_fixed` (tied mode only): these fixed labels stay fixed and every other fixed label is tied, by running the
+    exact layer on a spec where only they are fixed."""
 
     def __init__(self, spec: Any, hidden: Sequence[int], head: Sequence[int], fixed_axes: str = "exact",
-                 normalizer: TensorNormalizer | None = None, features: str = "raw", pos_embed: bool = False):
+                 normalizer: TensorNormalizer | None = None, features: str = "raw", pos_embed: bool = False,
+                 keep_fixed: Sequence[str] = ()):
         super().__init__()
         from unf_models import UNFPredictor
 
+        if keep_fixed and fixed_axes == "permutable":
+            spec, fixed_axes = spec.with_fixed(keep_fixed), "exact"
         self.norm = normalizer or TensorNormalizer(spec.names)
         self.features = features
         self.channels = n_channels(features, self.norm.mode)
@@ -123,8 +129,9 @@ class UNFHybridNet(UNFNet):
     MLP head -> (B,). The statistics' mean/std are buffers set from the training rows (`set_stat_scaling`)."""
 
     def __init__(self, spec: Any, hidden: Sequence[int], head: Sequence[int], fixed_axes: str = "exact",
-                 normalizer: TensorNormalizer | None = None, features: str = "raw", pos_embed: bool = False):
-        super().__init__(spec, hidden, (), fixed_axes, normalizer, features, pos_embed)
+                 normalizer: TensorNormalizer | None = None, features: str = "raw", pos_embed: bool = False,
+                 keep_fixed: Sequence[str] = ()):
+        super().__init__(spec, hidden, (), fixed_axes, normalizer, features, pos_embed, keep_fixed)
         n_pool = self.unf.pool.num_features
         self.unf.head = nn.Identity()  # the UNF part returns its pooled features (B, n_pool)
         n_stats = 7 * len(spec.names)
@@ -211,10 +218,10 @@ def build_net(kind: str, spec: Any, params: Mapping[str, Any], normalizer: Tenso
     normalizer.mode = params.get("normalize", "tensor")
     if kind == "unf":
         return UNFNet(spec, params["hidden"], params["head"], params.get("fixed_axes", "exact"), normalizer, features,
-                      bool(params.get("pos_embed", False)))
+                      bool(params.get("pos_embed", False)), tuple(params.get("keep_fixed", ())))
     if kind == "hybrid":
         return UNFHybridNet(spec, params["hidden"], params["head"], params.get("fixed_axes", "exact"), normalizer,
-                            features, bool(params.get("pos_embed", False)))
+                            features, bool(params.get("pos_embed", False)), tuple(params.get("keep_fixed", ())))
     if kind == "deepsets":
         return DeepSetsNet(names, params["hidden"], params["head"], normalizer, features)
     if kind == "flat":

@@ -104,6 +104,8 @@ def _hyperparameters(model: str, config: TrainConfig) -> dict[str, Any]:
     if kind in ("unf", "hybrid"):
         axes = "permutable" if model == "unf-perm" else "exact"
         embed = {"pos_embed": True} if config.unf_pos_embed and axes == "permutable" else {}
+        if config.unf_keep_fixed and axes == "permutable":
+            embed["keep_fixed"] = sorted(config.unf_keep_fixed)
         return {"hidden": list(config.unf_hidden), "head": list(config.unf_head), "fixed_axes": axes,
                 "features": config.features, **embed, **norm}
     if kind == "deepsets":
@@ -491,6 +493,10 @@ def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[st
     for z in (*zoos, *eval_zoos):
         if z.spec is None:
             raise ConfigError(f"zoo {z.url} records no weight-space spec; predictors need one (rebuild or re-import it)")
+    unknown = sorted(set(config.unf_keep_fixed) - set(zoos[0].spec.fixed_labels))
+    if unknown:
+        raise ConfigError(f"--keep-fixed {','.join(unknown)}: not a fixed label of {zoos[0].url}; its fixed labels are "
+                          f"{','.join(zoos[0].spec.fixed_labels)}")
     out_dir = Path(out_dir)
     urls = [str(z.url) for z in zoos]
     _check_out_dir(out_dir, config, urls)
