@@ -61,7 +61,8 @@ train: $(STAMP)
 # 2 shared CPU cores (load average 3-4); on a GPU try LOPT_ARGS="--pairs 16 --horizon 1000 --truncation 50 --outer-steps 2000 --hidden 32 --layers 3".
 # Each run saves the meta-parameters that scored best on 8 val members (checked every 50 steps), not the last ones.
 # Other zoos: LOPT_RECIPE=cnn-digits-lopt or LOPT_RECIPE=gru-arith-lopt (same table). The CNN is slower: measured 40.1 min
-# with LOPT_SEEDS=2 (load 4-6), so ~55 min with the default 3 seeds.
+# with LOPT_SEEDS=2 (load 4-6) in an older version, ~23 min for 3 seeds of LOPT_OPTIMIZERS="sgdm unf-adam unf" now (load 3-4). The GRU: LOPT_SEEDS=2 LOPT_OPTIMIZERS="sgdm unf-adam unf"
+# measured 59 min (load 3-5; zoo 2.3 min more when built fresh, eval 5.5 min), so ~85 min for 3 seeds of those three.
 # A LOPT_DIR from a run with other options is refused (exit 2): pass a fresh one, e.g. LOPT_DIR=runs/lopt/mlp-digits-lopt-v2.
 LOPT_RECIPE ?= mlp-digits-lopt
 LOPT_MEMBERS ?= 128

@@ -99,3 +99,8 @@ def test_meta_train_seeds_then_eval_reports_intervals_over_them(predict_zoo, tmp
     assert len(report["rows"]["sgdm"]["selected_steps"]) == 2
     rows = list(csv.DictReader((tmp_path / "eval" / "results.csv").open()))
     assert {r["optimizer"] for r in rows} == set(report["rows"]) and len(rows) == 3 * 3
+    versus = report["rows"]["perparam"]["vs_versus"]["train_loss@4"]
+    assert report["versus"] == "sgdm" and versus["seeds"] == 2 and versus["seeds_versus"] == 2  # both seed sets resampled
+    assert all(r["versus"] == "sgdm" for r in rows) and {r["vs_versus"] == "" for r in rows if r["optimizer"] == "sgdm"} == {True}
+    wrong = runner.invoke(app, ["lopt", "eval", str(tmp_path), "--zoo", zoo, "--versus", "unf", "--device", "cpu"])
+    assert wrong.exit_code == 2 and "--versus 'unf' is not among" in wrong.output and "Traceback" not in wrong.output

@@ -158,3 +158,67 @@ def test_evaluation_over_seeds_past_the_horizon(tmp_path) -> None:
     console = Console(file=io.StringIO(), width=400)
     console.print(table)
     assert "[lo, hi] = 95% bootstrap" in console.file.getvalue()  # the title's legend is not eaten as rich markup
+
+
+def test_paired_bootstrap_pairs_by_member_and_resamples_both_seed_sets() -> None:
+    """Against one run (tuned Adam) it is cluster_bootstrap of the difference; pairing removes the member spread; the
+    other side's seed spread widens the interval."""
+    from pipeline.lopt.evaluate import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    b = rng.lognormal(0, 1, size=(1, 30))  # members of very different difficulty
+    a = b + 0.1 + rng.normal(0, 0.01, size=(3, 30))  # 3 seeds, each 0.1 worse on every member
+    one = paired_bootstrap(a, b, resamples=500, seed=3)
+    ref = cluster_bootstrap(a - b, resamples=500, seed=3)
+    assert one["mean"] == pytest.approx(0.1, abs=0.01)
+    assert (one["lo"], one["hi"]) == pytest.approx((ref["lo"], ref["hi"]), abs=1e-12)
+    assert 0.08 < one["lo"] < 0.1 < one["hi"] < 0.12  # the members' lognormal spread cancels in the pairs
+    b3 = b + np.array([[-0.2], [0.0], [0.2]])  # the other optimizer's 3 meta-seeds disagree
+    three = paired_bootstrap(a, b3, resamples=500, seed=3)
+    assert three["mean"] == pytest.approx(one["mean"]) and three["seeds_versus"] == 3
+    assert three["hi"] - three["lo"] > 5 * (one["hi"] - one["lo"])
+    with pytest.raises(ConfigError, match="same members"):
+        paired_bootstrap(a, b[:, :5])
+
+
+def test_collapsed_runs_are_those_that_lose_their_progress() -> None:
+    """Back near the initial loss after progress at the horizon: collapsed; never trained, diverged or still
+    improving: not."""
+    from pipeline.lopt.evaluate import collapsed_runs
+
+    initial = np.array([2.3, 2.3, 2.3, 2.3, 2.3])
+    at_h = np.array([[0.2, 0.2, 2.25, 0.2, 0.2]])
+    final = np.array([[2.30, 0.01, 2.30, 9.0, np.nan]])
+    assert collapsed_runs(at_h, final, initial).tolist() == [[True, False, False, False, False]]
+    assert collapsed_runs(at_h, final, initial, collapse=1.01).tolist() == [[False] * 5]
+
+
+def test_evaluation_versus_another_optimizer(tmp_path) -> None:
+    """Every row but sgdm's gets a paired difference against sgdm (table, results.json, results.csv); an unknown
+    --versus is refused before any training."""
+    sgdm = ResidualLOpt(LOptConfig(kind="sgdm"))
+    meta = sgdm.init_meta(0)
+    slow = sgdm.init_meta(0)
+    slow["log_alpha"] = torch.tensor(math.log(0.01))
+    test, val = [mlp_problem(seed=s) for s in (1, 2, 3)], [mlp_problem(seed=s) for s in (4, 5)]
+    cfg = EvalConfig(multiples=(2,), adam_lrs=(1e-2,), bootstrap=200)
+    report = evaluate_optimizers({"sgdm": (sgdm, meta), "slow": (sgdm, slow)}, test, val, horizon=4, config=cfg)
+    assert report["versus"] == "sgdm" and "vs_versus" not in report["rows"]["sgdm"]
+    d = report["rows"]["slow"]["vs_versus"]["train_loss@4"]
+    rows = report["rows"]
+    assert d["mean"] == pytest.approx(rows["slow"]["train_loss"]["4"] - rows["sgdm"]["train_loss"]["4"]) and d["mean"] > 0
+    assert d["lo"] <= d["mean"] <= d["hi"]
+    adam = next(k for k in rows if k.startswith("adam"))
+    assert "vs_versus" in rows[adam] and all(0 <= r["collapsed"] <= 1 for r in rows.values())
+    save_report(report, tmp_path)
+    lines = list(csv.DictReader((tmp_path / "results.csv").open()))
+    slow4 = next(ln for ln in lines if ln["optimizer"] == "slow" and ln["step"] == "4")
+    assert slow4["versus"] == "sgdm" and float(slow4["vs_versus"]) == pytest.approx(d["mean"])
+    assert json.loads((tmp_path / "results.json").read_text())["versus"] == "sgdm"
+    headers = [c.header for c in format_table(report).columns]
+    assert "Δloss@4 vs sgdm" in headers and "Δloss@8 vs sgdm" in headers and "collapsed by 8" in headers
+    off = evaluate_optimizers({"slow": (sgdm, slow)}, test, val, horizon=4, config=cfg)
+    assert off["versus"] is None and "vs_versus" not in off["rows"]["slow"]
+    assert not any("vs" in c.header and "adam" not in c.header for c in format_table(off).columns)
+    with pytest.raises(ConfigError, match="--versus 'perparam'"):
+        evaluate_optimizers({"slow": (sgdm, slow)}, test, val, horizon=4, config=EvalConfig(versus="perparam"))

@@ -163,6 +163,8 @@ def eval_cmd(
                                autocompletion=completer(DEVICES)),
     out: Path = typer.Option(None, help="Output folder (results.json, results.csv, curves.png).",
                              show_default="DIRECTORY/eval"),
+    versus: str = typer.Option(None, "--versus", help="Also give every optimizer's paired difference against this one "
+                               "(a folder name under DIRECTORY; '' = none).", show_default="sgdm when evaluated"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON document on stdout."),
 ) -> None:
     """Evaluate meta-trained optimizers and tuned Adam on a zoo's held-out members."""
@@ -178,6 +180,7 @@ def eval_cmd(
             val_members=val_members,
             adam_lrs=_floats(adam_lrs, "--adam-lrs"),
             seed=seed,
+            versus=versus,
         )
         # --json keeps stdout for the document: no spinner
         status = nullcontext() if as_json else console.status("training held-out members with every optimizer")

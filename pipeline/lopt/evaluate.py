@@ -6,7 +6,10 @@ optimizer: training loss (whole train split) at the horizon and at each multiple
 over meta-seeds and members; the paired difference against tuned Adam (same bootstrap); test accuracy; whether the
 loss at the last multiple is above the loss at the horizon ("rises"); divergence rate and time per step. Adam's learning
 rate is chosen on validation members only, by training loss at the horizon. Non-finite losses count as `loss_cap` x the
-member's initial loss in means and differences (and as diverged)."""
+member's initial loss in means and differences (and as diverged). With a `versus` optimizer (default: `sgdm` when
+evaluated) every other row also gets its paired difference against it, and a run that had made progress at the
+horizon but ends back near its initial loss is counted as collapsed (a loss of chance is neither a rise nor a
+divergence by the other flags' measure)."""
 
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ from pipeline.errors import ConfigError
 from pipeline.lopt.inner import InnerProblem, group_problems
 from pipeline.lopt.optimizers import Adam, FunctionalOptimizer
 
-__all__ = ["EvalConfig", "RunResult", "cluster_bootstrap", "evaluate_optimizers", "format_table", "paired_difference", "run_optimizer",
-           "save_report", "tune_adam", "write_csv"]
+__all__ = ["EvalConfig", "RunResult", "cluster_bootstrap", "collapsed_runs", "evaluate_optimizers", "format_table", "paired_bootstrap",
+           "paired_difference", "run_optimizer", "save_report", "tune_adam", "write_csv"]
 
 DEFAULT_ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
@@ -46,6 +49,10 @@ class EvalConfig:
     loss_cap: float = 2.0  # a final loss above cap x initial loss (or non-finite) counts as diverged
     seed: int = 0
     bootstrap: int = 2000  # resamples of the two-way (meta-seed x member) bootstrap intervals
+    # every other optimizer's paired difference against this one: None = "sgdm" when evaluated, "" = none, a name = required
+    versus: str | None = None
+    # a run below collapse x its initial loss at the horizon that ends at or above it (finite, not diverged) collapsed
+    collapse: float = 0.9
 
     def __post_init__(self) -> None:
         if self.horizon < 0 or self.members < 0 or self.val_members < 0:
@@ -58,6 +65,8 @@ class EvalConfig:
             raise ConfigError(f"loss_cap must be > 1, got {self.loss_cap}")
         if self.bootstrap < 100:
             raise ConfigError(f"bootstrap needs at least 100 resamples, got {self.bootstrap}")
+        if not 0 < self.collapse < self.loss_cap:
+            raise ConfigError(f"collapse must be in (0, loss_cap = {self.loss_cap:g}), got {self.collapse}")
 
 
 @dataclass
@@ -190,6 +199,41 @@ def cluster_bootstrap(values: np.ndarray, resamples: int = 2000, seed: int = 0, 
     return {"mean": mean, "lo": float(lo), "hi": float(hi), "n": m, "seeds": s}
 
 
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Mean of a - b (a: seeds Sa x members M, b: Sb x the same M members) with a two-way bootstrap interval, paired
+    by member.
+
+    Each resample draws Sa seeds of `a`, Sb seeds of `b` (independently: two meta-training runs share nothing but the
+    members) and M members, the same for both, with replacement, and takes the difference of the two block means.
+    With Sb = 1 (tuned Adam) it is `cluster_bootstrap(a - b)` with the same draws.
+    """
+    a = np.atleast_2d(np.asarray(a, np.float64))
+    b = np.atleast_2d(np.asarray(b, np.float64))
+    if a.shape[1] != b.shape[1]:
+        raise ConfigError(f"paired difference needs the same members on both sides, got {a.shape[1]} and {b.shape[1]}")
+    (sa, m), sb = a.shape, b.shape[0]
+    mean = float(a.mean() - b.mean())
+    if max(sa, sb) * m < 2 or not np.isfinite(mean):
+        return {"mean": mean, "lo": math.nan, "hi": math.nan, "n": m, "seeds": sa, "seeds_versus": sb}
+    rng = np.random.default_rng(seed)
+    si = rng.integers(0, sa, size=(resamples, sa))
+    mi = rng.integers(0, m, size=(resamples, m))
+    bi = rng.integers(0, sb, size=(resamples, sb))
+    means = a[si[:, :, None], mi[:, None, :]].mean(axis=(1, 2)) - b[bi[:, :, None], mi[:, None, :]].mean(axis=(1, 2))
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": mean, "lo": float(lo), "hi": float(hi), "n": m, "seeds": sa, "seeds_versus": sb}
+
+
+def collapsed_runs(at_horizon: np.ndarray, final: np.ndarray, initial: np.ndarray, collapse: float = 0.9, cap: float = 2.0) -> np.ndarray:
+    """(S, M) runs that lost their progress past the horizon: below `collapse` x the member's initial loss at the
+    horizon, at or above it at the end (e.g. back at chance level), and finite and within `cap` x initial (beyond
+    that a run counts as diverged instead)."""
+    limit = np.asarray(initial, np.float64)[None, :]
+    final = np.asarray(final, np.float64)
+    ok = np.isfinite(final) & (final <= cap * limit)
+    return ok & (np.asarray(at_horizon, np.float64) < collapse * limit) & (final >= collapse * limit)
+
+
 @dataclass
 class _Row:
     name: str
@@ -221,13 +265,16 @@ def evaluate_optimizers(
     optimizer the report gives the training loss at the horizon and at each multiple of it (mean and two-way bootstrap
     interval over seeds x members), the difference against tuned Adam on the same members (same bootstrap, paired by
     member), and `rises`: whether the mean loss at the last multiple is above the mean at the horizon (the optimizer
-    undoes its own progress past the horizon it was meta-trained for). `reference` is an optional row copied into the
-    report; `extra` maps an optimizer name to fields shown with it (e.g. its meta-training wall time).
+    undoes its own progress past the horizon it was meta-trained for), `collapsed`: the share of runs that ends back near
+    its initial loss after progress at the horizon (`collapsed_runs`), and `vs_versus`: the paired difference against
+    the `config.versus` optimizer (`paired_bootstrap`; the report's `versus` names it). `reference` is an optional row
+    copied into the report; `extra` maps an optimizer name to fields shown with it (e.g. its meta-training wall time).
     """
     if not test_problems:
         raise ConfigError("no test members to evaluate on (is the zoo's test split empty?)")
     if not val_problems:
         raise ConfigError("no validation members to tune Adam on (is the zoo's val split empty?)")
+    versus = _versus_name(config.versus, optimizers)
     eval_at = tuple(sorted({horizon, *(horizon * m for m in config.multiples)}))
     long = eval_at[-1]
     best_lr, grid = tune_adam(val_problems, config.adam_lrs, horizon, config.seed, config.loss_cap)
@@ -237,17 +284,28 @@ def evaluate_optimizers(
     adam_name = f"adam (lr {best_lr:g})"
     runs[adam_name] = [run_optimizer(test_problems, Adam(), Adam.init_meta(best_lr), long, eval_at, config.seed)]
     adam = runs[adam_name][0]
-    a_loss = _capped(adam.train_loss, adam.initial_loss, config.loss_cap)  # (M, E)
-    a_acc = np.nan_to_num(adam.test_acc)
     boot = {"resamples": config.bootstrap, "seed": config.seed}
+
+    def stacked(rs: Sequence[RunResult]) -> tuple[np.ndarray, np.ndarray]:
+        loss = np.stack([_capped(r.train_loss, r.initial_loss, config.loss_cap) for r in rs])  # (S, M, E)
+        return loss, np.stack([np.nan_to_num(r.test_acc) for r in rs])  # (S, M, E)
+
+    def versus_row(loss: np.ndarray, acc: np.ndarray, other: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+        return {
+            **{f"train_loss@{s}": paired_bootstrap(loss[:, :, j], other[0][:, :, j], **boot) for j, s in enumerate(eval_at)},
+            **{f"test_acc@{s}": paired_bootstrap(acc[:, :, j], other[1][:, :, j], **boot) for j, s in enumerate(eval_at)},
+        }
+
+    adam_arrays = stacked([adam])
+    versus_arrays = stacked(runs[versus]) if versus else None
     rows = {}
     for name, rs in runs.items():
-        loss = np.stack([_capped(r.train_loss, r.initial_loss, config.loss_cap) for r in rs])  # (S, M, E)
-        acc = np.stack([np.nan_to_num(r.test_acc) for r in rs])  # (S, M, E)
+        loss, acc = stacked(rs)
         final = np.stack([r.train_loss[:, -1] for r in rs])
         initial = rs[0].initial_loss
         diverged = ~np.isfinite(final) | (final > config.loss_cap * initial)
         rises = loss[:, :, -1] > loss[:, :, 0]  # (S, M) runs that end above their loss at the horizon
+        collapsed = collapsed_runs(loss[:, :, 0], final, initial, config.collapse, config.loss_cap)
         row: dict[str, Any] = {
             "seeds": len(rs),
             "members": len(test_problems),
@@ -258,13 +316,13 @@ def evaluate_optimizers(
             "rises": bool(loss[:, :, -1].mean() > loss[:, :, 0].mean()),
             "rises_fraction": float(rises.mean()),
             "diverged": float(diverged.mean()),
+            "collapsed": float(collapsed.mean()),
             "ms_per_step": float(np.mean([r.ms_per_step for r in rs])),
         }
         if name != adam_name:
-            row["vs_adam"] = {
-                **{f"train_loss@{s}": cluster_bootstrap(loss[:, :, j] - a_loss[None, :, j], **boot) for j, s in enumerate(eval_at)},
-                **{f"test_acc@{s}": cluster_bootstrap(acc[:, :, j] - a_acc[None, :, j], **boot) for j, s in enumerate(eval_at)},
-            }
+            row["vs_adam"] = versus_row(loss, acc, adam_arrays)
+        if versus_arrays is not None and name != versus:
+            row["vs_versus"] = versus_row(loss, acc, versus_arrays)
         row.update(dict((extra or {}).get(name, {})))
         rows[name] = row
     return {
@@ -272,12 +330,22 @@ def evaluate_optimizers(
         "eval_at": list(eval_at),
         "config": asdict(config),
         "adam": {"lr": best_lr, "grid": grid, "val_members": len(val_problems)},
+        "versus": versus,
         "rows": rows,
         "reference": dict(reference) if reference else None,
         "members": [p.member if p.member is not None else p.name for p in test_problems],
         "curves": {name: np.nanmean(np.stack([_capped(r.curve, r.initial_loss, config.loss_cap) for r in rs]), axis=(0, 1)).tolist()
                    for name, rs in runs.items()},
     }
+
+
+def _versus_name(requested: str | None, optimizers: Mapping[str, Any]) -> str | None:
+    """The optimizer the others are compared with: `requested`, or "sgdm" when evaluated and nothing was requested."""
+    if requested is None:
+        return "sgdm" if "sgdm" in optimizers else None
+    if requested and requested not in optimizers:
+        raise ConfigError(f"--versus {requested!r} is not among the evaluated optimizers ({', '.join(optimizers)}); pass one of them or ''")
+    return requested or None
 
 
 def _ci(d: Mapping[str, float] | None, fmt: str = "+.3f") -> str:
@@ -307,14 +375,18 @@ def format_table(report: Mapping[str, Any]) -> Any:
     h, long = steps[0], steps[-1]
     table = Table(title=escape(f"held-out members: {len(report['members'])}; horizon {h} steps, reported at {', '.join(steps)}; "
                                "[lo, hi] = 95% bootstrap over meta-seeds x members"))
+    versus = report.get("versus")
+    vs_cols = [f"Δloss@{h} vs {versus}", f"Δloss@{long} vs {versus}"] if versus else []
     cols = ["optimizer", "seeds", f"loss@{h}", *(f"loss@{s}" for s in steps[1:]), f"Δloss@{h} vs adam", f"Δloss@{long} vs adam",
-            f"acc@{long}", f"rises past {h}", "diverged", "ms/step", "meta-train (mean per seed)"]
+            *vs_cols, f"acc@{long}", f"rises past {h}", "diverged", f"collapsed by {long}", "ms/step", "meta-train (mean per seed)"]
     for col in cols:
         table.add_column(col, justify="left" if col == "optimizer" else "right")
     for name, row in report["rows"].items():
         vs = row.get("vs_adam") or {}
+        other = row.get("vs_versus") or {}
         ci = row.get("train_loss_ci") or {}
         rises = "YES" if row.get("rises") else "no"
+        collapsed = row.get("collapsed")
         table.add_row(
             escape(name),
             str(row.get("seeds", 1)),
@@ -322,22 +394,25 @@ def format_table(report: Mapping[str, Any]) -> Any:
             *(f"{row['train_loss'][s]:.4f}" for s in steps[1:]),
             _ci(vs.get(f"train_loss@{h}")),
             _ci(vs.get(f"train_loss@{long}")),
+            *([_ci(other.get(f"train_loss@{h}")), _ci(other.get(f"train_loss@{long}"))] if versus else []),
             f"{row['test_acc'][long]:.3f}",
             f"{rises} ({100 * row.get('rises_fraction', 0):.0f}%)",
             f"{100 * row['diverged']:.0f}%",
+            "-" if collapsed is None else f"{'YES' if collapsed > 0 else 'no'} ({100 * collapsed:.0f}%)",
             f"{row['ms_per_step']:.1f}",
             _meta_train_cell(row),
         )
     ref = report.get("reference")
     if ref:
         table.add_row(escape(ref.get("name", "zoo record")), "-", _fmt(ref.get("train_loss@horizon")), *(["-"] * (len(steps) - 2)),
-                      _fmt(ref.get("train_loss@long")), "-", "-", _fmt(ref.get("test_acc@long"), ".3f"), "-", "-", "-", escape(ref.get("note", "-")))
+                      _fmt(ref.get("train_loss@long")), "-", "-", *(["-"] * len(vs_cols)), _fmt(ref.get("test_acc@long"), ".3f"),
+                      "-", "-", "-", "-", escape(ref.get("note", "-")))
     return table
 
 
 CSV_FIELDS = ("optimizer", "seeds", "members", "step", "multiple", "train_loss", "train_loss_lo", "train_loss_hi",
               "vs_adam", "vs_adam_lo", "vs_adam_hi", "test_acc", "rises", "rises_fraction", "diverged", "ms_per_step",
-              "meta_train_s")
+              "meta_train_s", "versus", "vs_versus", "vs_versus_lo", "vs_versus_hi", "collapsed")
 
 
 def write_csv(report: Mapping[str, Any], path: str | Path) -> Path:
@@ -353,12 +428,15 @@ def write_csv(report: Mapping[str, Any], path: str | Path) -> Path:
             for s in report["eval_at"]:
                 ci = (row.get("train_loss_ci") or {}).get(str(s)) or {}
                 vs = (row.get("vs_adam") or {}).get(f"train_loss@{s}") or {}
+                other = (row.get("vs_versus") or {}).get(f"train_loss@{s}") or {}
                 w.writerow({
                     "optimizer": name, "seeds": row.get("seeds", 1), "members": row.get("members"), "step": s, "multiple": s // h,
                     "train_loss": row["train_loss"][str(s)], "train_loss_lo": ci.get("lo", ""), "train_loss_hi": ci.get("hi", ""),
                     "vs_adam": vs.get("mean", ""), "vs_adam_lo": vs.get("lo", ""), "vs_adam_hi": vs.get("hi", ""),
                     "test_acc": row["test_acc"][str(s)], "rises": int(bool(row.get("rises"))), "rises_fraction": row.get("rises_fraction", ""),
                     "diverged": row["diverged"], "ms_per_step": row["ms_per_step"], "meta_train_s": row.get("meta_train_wall_s") or "",
+                    "versus": report.get("versus") or "", "vs_versus": other.get("mean", ""), "vs_versus_lo": other.get("lo", ""),
+                    "vs_versus_hi": other.get("hi", ""), "collapsed": row.get("collapsed", ""),
                 })
     return path
 
