@@ -129,6 +129,20 @@ def test_saved_predictor_reproduces_training_predictions(trained_predictors, pre
         np.testing.assert_allclose(predictor.predict(weights), group["prediction"].to_numpy(), rtol=0, atol=1e-6)
 
 
+def test_unf_val_row_is_the_unf_form_with_the_better_validation_tau(trained_predictors) -> None:
+    """With both UNF forms trained, "unf-val" repeats the one whose mean validation tau is higher (never test), and
+    comparison.md says which; its pairs with the two forms themselves are left out (0 or already listed)."""
+    summary = trained_predictors.summary.set_index("model")
+    chosen = "unf" if summary.loc["unf", "val_tau_mean"] >= summary.loc["unf-perm", "val_tau_mean"] else "unf-perm"
+    for col in ("val_tau_mean", "test_tau_mean", "seeds"):
+        assert summary.loc["unf-val", col] == summary.loc[chosen, col]
+    text = (trained_predictors.out_dir / "comparison.md").read_text()
+    assert f"unf-val = {chosen}: of the two UNF forms" in text
+    pairs = {(p["a"], p["b"]) for p in trained_predictors.pairs}
+    assert not pairs & {("unf", "unf-val"), ("unf-perm", "unf-val"), ("unf-val", "unf"), ("unf-val", "unf-perm")}
+    assert any("unf-val" in pair and "statnn" in pair for pair in pairs)
+
+
 def test_unf_predictor_is_invariant_and_width_agnostic(trained_predictors, predict_zoo) -> None:
     unf = load_predictor(trained_predictors.out_dir / "unf", device="cpu")
     assert unf.config["hyperparameters"]["features"] == "raw+log+size"  # the default: log|w| and size keep symmetry
