@@ -195,9 +195,10 @@ def _f(x: Any, digits: int = 3) -> str:
 
 def comparison_markdown(summary: pd.DataFrame, stats: list[dict[str, Any]] | None = None,
                         widths: list[dict[str, Any]] | None = None, pairs: list[dict[str, Any]] | None = None,
-                        threshold: float | None = None) -> str:
+                        threshold: float | None = None, selected: str | None = None) -> str:
     """The comparison as Markdown: per split, tau with its 90% bootstrap interval over members (and the spread over
-    seeds when there are 2+), the other statistics; bias per width; paired differences of tau."""
+    seeds when there are 2+), the other statistics; bias per width; paired differences of tau. `selected`: the UNF
+    form the "unf-val" row stands for (`selected_unf_form`), named in a line."""
     if stats is None:  # summary only (old callers)
         lines = ["| model | test tau | val tau | test R^2 | test MAE | seeds |", "|---|---|---|---|---|---|"]
         for r in summary.itertuples():
@@ -229,10 +230,9 @@ def comparison_markdown(summary: pd.DataFrame, stats: list[dict[str, Any]] | Non
                       f"{first['n_test_samples']} test samples."]
         lines.append("")
     lines.append(f"Chance threshold: {thr}. Intervals: percentile bootstrap over members, {pct}%.")
-    if SELECTED_UNF in set(summary["model"]):
+    if selected is not None:
         val = summary.set_index("model")["val_tau_mean"]
-        chosen = max(UNF_FORMS, key=lambda m: val.get(m, -1.0))
-        lines.append(f"{SELECTED_UNF} = {chosen}: of the two UNF forms, the one with the better validation tau "
+        lines.append(f"{SELECTED_UNF} = {selected}: of the two UNF forms, the one with the better validation tau "
                      f"({' vs '.join(f'{m} {_f(val.get(m))}' for m in UNF_FORMS)}); chosen on validation only.")
     lines.append("")
     if widths:
@@ -350,7 +350,8 @@ def write_report(result: TrainResult, data: PredictData | None = None) -> tuple[
         _atomic(out / "pairs.csv", lambda p: pd.DataFrame(pairs).to_csv(p, index=False))
     threshold = data.threshold if data is not None else None
     _atomic(out / "comparison.md", lambda p: p.write_text(
-        comparison_markdown(result.summary, stats, widths, pairs, threshold)))
+        comparison_markdown(result.summary, stats, widths, pairs, threshold,
+                            selected_unf_form(result.runs) if data is not None else None)))
     _atomic(out / "test_scatter.png", lambda p: plot_test_scatter(result.runs, p, result.data_info["target"]))
     _atomic(out / "val_tau.png", lambda p: plot_val_tau(result.runs, p))
     return stats, widths, pairs
