@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,23 @@ def test_unf_val_row_is_the_unf_form_with_the_better_validation_tau(trained_pred
     pairs = {(p["a"], p["b"]) for p in trained_predictors.pairs}
     assert not pairs & {("unf", "unf-val"), ("unf-perm", "unf-val"), ("unf-val", "unf"), ("unf-val", "unf-perm")}
     assert any("unf-val" in pair and "statnn" in pair for pair in pairs)
+
+
+def test_unf_val_folder_saves_the_selected_form(trained_predictors, predict_zoo) -> None:
+    """`<out>/unf-val/` is a loadable copy of the validation-selected form's predictor, with selection.json saying
+    which form and why, so `unfzoo score <out>/unf-val` scores with the form the report's unf-val row stands for."""
+    out = trained_predictors.out_dir
+    selection = json.loads((out / "unf-val" / "selection.json").read_text())
+    summary = trained_predictors.summary.set_index("model")
+    chosen = "unf" if summary.loc["unf", "val_tau_mean"] >= summary.loc["unf-perm", "val_tau_mean"] else "unf-perm"
+    assert selection["form"] == chosen
+    assert selection["mean_val_tau"][chosen] == pytest.approx(summary.loc[chosen, "val_tau_mean"])
+    assert (out / "unf-val" / "model.safetensors").read_bytes() == (out / chosen / "model.safetensors").read_bytes()
+    selected, original = load_predictor(out / "unf-val", device="cpu"), load_predictor(out / chosen, device="cpu")
+    weights = predict_zoo.weights(np.arange(6), -1)
+    np.testing.assert_array_equal(selected.predict(weights), original.predict(weights))
+    with pytest.raises(PredictorError, match="unf-val"):
+        load_predictor(out, device="cpu")  # several predictors: the message points at the selected one
 
 
 def test_unf_predictor_is_invariant_and_width_agnostic(trained_predictors, predict_zoo) -> None:

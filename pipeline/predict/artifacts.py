@@ -137,8 +137,10 @@ def resolve_predictor_dir(directory: str | os.PathLike[str]) -> Path:
     if len(subdirs) == 1:
         return subdirs[0]
     if subdirs:
-        raise PredictorError(f"{directory} holds several predictors ({', '.join(p.name for p in subdirs)}); pass one "
-                             f"of them, e.g. {subdirs[0]}")
+        names = [p.name for p in subdirs]
+        hint = directory / ("unf-val" if "unf-val" in names else names[0])
+        raise PredictorError(f"{directory} holds several predictors ({', '.join(names)}); pass one of them, e.g. "
+                             f"{hint}" + (" (the UNF form chosen on validation)" if hint.name == "unf-val" else ""))
     raise PredictorError(f"{directory} holds no {CONFIG_FILE}; is it the --out folder of `unfzoo train`?")
 
 

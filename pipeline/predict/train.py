@@ -474,6 +474,33 @@ def _open(zoo: Any) -> Any:
     return zoo
 
 
+def _copy_predictor(source: Path, dest: Path) -> None:
+    """Copy a saved predictor (config + state) into `dest`, each file atomically."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, STATE_FILE):
+        tmp = dest / (name + ".tmp")
+        shutil.copyfile(source / name, tmp)
+        os.replace(tmp, dest / name)
+
+
+def _write_selected_unf(out_dir: Path, runs: list[RunResult]) -> None:
+    """With both UNF forms trained, save the validation-selected one as `<out>/unf-val/` (the predictor of the report's
+    "unf-val" row: the better form's best-validation seed) with a `selection.json` saying what was chosen and why."""
+    from pipeline.predict.report import SELECTED_UNF, UNF_FORMS, selected_unf_form
+
+    chosen = selected_unf_form(runs)
+    if chosen is None:
+        return
+    dest = out_dir / SELECTED_UNF
+    _copy_predictor(out_dir / chosen, dest)
+    val = {m: float(np.mean([_val_tau(r) for r in runs if r.model == m])) for m in UNF_FORMS}
+    atomic_write_text(dest / "selection.json", json.dumps({
+        "form": chosen, "mean_val_tau": val,
+        "rule": "of the two UNF forms, the one with the higher mean validation tau over seeds (never test or an eval "
+                "zoo); its best-validation seed",
+    }, indent=2))
+
+
 def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[str],
                     progress: ProgressFn | None = None, data: PredictData | None = None,
                     eval_zoos: list[Any] | tuple[Any, ...] = ()) -> TrainResult:
@@ -481,7 +508,8 @@ def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[st
     architecture family, any widths, each split on its own) and write `out_dir`:
 
     `<model>/seed<k>/` (predictor, result.json, history.csv, predictions of each run), `<model>/` (the seed with the
-    best validation tau, loadable with `load_predictor`), `metrics.json`, `predictions.csv`, `comparison.csv/.md`,
+    best validation tau, loadable with `load_predictor`), `unf-val/` (with both UNF forms: the one with the better
+    validation tau), `metrics.json`, `predictions.csv`, `comparison.csv/.md`,
     `pairs.csv` and PNG plots. `eval_zoos` are predicted and reported as their own splits ("eval:<name>"), never
     used for selection. Passing `data` (from `build_data`) skips loading the zoos' weights again.
     """
@@ -526,10 +554,8 @@ def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[st
                                 progress, features))
         # the model's default predictor: the seed with the best validation tau (never test)
         best = max((r for r in runs if r.model == model), key=_val_tau)
-        for name in (CONFIG_FILE, STATE_FILE):
-            tmp = out_dir / model / (name + ".tmp")
-            shutil.copyfile(best.directory / name, tmp)
-            os.replace(tmp, out_dir / model / name)
+        _copy_predictor(best.directory, out_dir / model)
+    _write_selected_unf(out_dir, runs)
     data_info = {"target": data.target, "loss": data.loss, "excluded": data.excluded, "counts": data.counts(),
                  "checkpoint_epochs": data.info["checkpoint_epochs"],
                  "train_checkpoint_epochs": data.info.get("train_checkpoint_epochs"),
