@@ -142,6 +142,13 @@ def test_inspect_json(predict_zoo) -> None:
     assert doc["checkpoint_epochs"] == [0, 1, 4] and doc["arch"]["name"] == "mlp"
     final = [m for m in doc["metrics"] if m["metric"] == "test_acc" and m["epoch"] == 4]
     assert len(final) == 1 and final[0]["min"] <= final[0]["median"] <= final[0]["max"]
+    # the spec's labels with their sizes: what --keep-fixed takes and what UNF permutes
+    spec = predict_zoo.spec
+    assert doc["labels"]["fixed"] == {label: spec.sizes[label] for label in spec.fixed_labels}
+    assert list(doc["labels"]["permutable"]) == spec.permutable_labels and doc["labels"]["fixed"]
+    table = runner.invoke(app, ["inspect", predict_zoo.url], env=WIDE)
+    assert table.exit_code == 0 and "fixed labels" in table.output
+    assert all(f"{label} ({size})" in table.output for label, size in doc["labels"]["fixed"].items())
 
 
 def test_score_json_and_progress_lines(trained_predictors, predict_zoo, tmp_path: Path) -> None:

@@ -47,6 +47,10 @@ def inspect(
         head = Table(title=f"zoo {escape(str(summary['name']))}", show_header=False, title_justify="left")
         for key in ("store", "kind", "task", "arch", "members", "status", "checkpoint epochs", "chunks", "splits", "size on disk"):
             head.add_row(key, escape(str(summary[key])))
+        labels = summary["labels"]
+        for kind in ("permutable", "fixed"):
+            text = ", ".join(f"{label} ({size})" for label, size in labels[kind].items()) if labels else "-"
+            head.add_row(f"{kind} labels", escape(text or "-"))
         print_table(head)
         hp = Table(title="hyperparameters", title_justify="left")
         hp.add_column("name")

@@ -935,6 +935,16 @@ def _module_summary(record: Any) -> str:
     return f"--module {record.get('factory')} {json.dumps(record.get('kwargs') or {})}"
 
 
+def _spec_labels(spec: Any) -> dict[str, dict[str, int]] | None:
+    """{"permutable": {label: size}, "fixed": {label: size}} of a weight-space spec (None without one): the names
+    `unfzoo train --keep-fixed` takes and what the UNF layers permute."""
+    if spec is None:
+        return None
+    sizes = spec.sizes
+    return {"permutable": {label: sizes[label] for label in spec.permutable_labels},
+            "fixed": {label: sizes[label] for label in spec.fixed_labels}}
+
+
 class Zoo:
     """Read a zoo store: metadata, the members table, weights as tensors, modules, splits and a loader."""
 
@@ -1293,6 +1303,7 @@ class Zoo:
             "chunks": f"{-(-self.n_members // k)} of {k} members",
             "splits": "; ".join(f"{kind}: " + "/".join(str(c) for c in v.values()) for kind, v in splits.items()),
             "size on disk": _human_bytes(self.size_on_disk()),
+            "labels": _spec_labels(self.spec),
             "hparams": hparams,
             "metrics": metrics,
         }
