@@ -296,7 +296,13 @@ def test_rank_loss_scores_the_order_and_trains(predict_zoo, tmp_path: Path) -> N
         _config(rank_weight=-1.0)
 
 
-def test_keep_fixed_bad_label_or_combination_is_refused(predict_zoo, tmp_path: Path) -> None:
+def test_keep_fixed_bad_label_or_combination_is_refused(predict_zoo, tmp_path: Path, monkeypatch) -> None:
+    import pipeline.predict
+
+    def no_loading(*args, **kwargs):  # a typo in --keep-fixed is refused before any weights are read
+        raise AssertionError("build_data called before --keep-fixed was checked")
+
+    monkeypatch.setattr(pipeline.predict, "build_data", no_loading)
     result = CliRunner().invoke(app, ["train", predict_zoo.url, "--model", "unf-perm", "--keep-fixed", "nope",
                                       "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "Traceback" not in result.output

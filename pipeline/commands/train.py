@@ -135,6 +135,10 @@ def train(
             targets = available_targets(store)
             if target not in targets:
                 raise ConfigError(f"unknown target {target!r} for {path}; available: {', '.join(targets)}")
+        if stores[0].spec is not None:
+            from pipeline.predict.train import check_keep_fixed
+
+            check_keep_fixed(stores[0], config.unf_keep_fixed)
         if out is not None and out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is an existing file, not a folder; pass a folder path")
         out = out or Path("runs/train") / f"{'+'.join(Path(z.rstrip('/')).stem for z in zoos)}-{target}"

@@ -466,6 +466,15 @@ def _val_tau(run: RunResult) -> float:
     return float(t) if t is not None and np.isfinite(t) else -1.0
 
 
+def check_keep_fixed(zoo: Any, labels: tuple[str, ...]) -> None:
+    """Raise ConfigError when a `--keep-fixed` label is not a fixed label of `zoo`'s spec (checked before any weights
+    are read, so a typo fails at once)."""
+    unknown = sorted(set(labels) - set(zoo.spec.fixed_labels))
+    if unknown:
+        raise ConfigError(f"--keep-fixed {','.join(unknown)}: not a fixed label of {zoo.url}; its fixed labels are "
+                          f"{','.join(zoo.spec.fixed_labels)} (`unfzoo inspect` lists them)")
+
+
 def _open(zoo: Any) -> Any:
     if isinstance(zoo, (str, os.PathLike)):
         from pipeline.zoo.store import Zoo
@@ -521,10 +530,7 @@ def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[st
     for z in (*zoos, *eval_zoos):
         if z.spec is None:
             raise ConfigError(f"zoo {z.url} records no weight-space spec; predictors need one (rebuild or re-import it)")
-    unknown = sorted(set(config.unf_keep_fixed) - set(zoos[0].spec.fixed_labels))
-    if unknown:
-        raise ConfigError(f"--keep-fixed {','.join(unknown)}: not a fixed label of {zoos[0].url}; its fixed labels are "
-                          f"{','.join(zoos[0].spec.fixed_labels)}")
+    check_keep_fixed(zoos[0], config.unf_keep_fixed)
     out_dir = Path(out_dir)
     urls = [str(z.url) for z in zoos]
     _check_out_dir(out_dir, config, urls)
