@@ -173,6 +173,14 @@ class TrainConfig:
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
         return cls(**kwargs)
 
+    def tied_form_options(self, model: str) -> dict[str, Any]:
+        """The options only the tied form (`unf-perm`) takes, as they enter its hyperparameters and run key: the
+        positional embedding and the labels it keeps fixed; empty for every other model and when unset."""
+        if model != "unf-perm":
+            return {}
+        return {**({"pos_embed": True} if self.unf_pos_embed else {}),
+                **({"keep_fixed": sorted(self.unf_keep_fixed)} if self.unf_keep_fixed else {})}
+
     def run_key(self, model: str) -> str:
         """Hash of the fields that decide one model's runs: a finished or interrupted run is reused only when it
         matches (changing the device, the seed count or another model's settings keeps it)."""
@@ -188,9 +196,5 @@ class TrainConfig:
             fields += [f"{net}_head"] if net in ("unf", "deepsets") else []
             fields += ["normalize"] if self.normalize != "tensor" else []  # old runs keep their keys
             fields += ["rank_weight"] if self.rank_weight else []
-        payload = {"model": model, **{k: d[k] for k in fields}}
-        if self.unf_pos_embed and model == "unf-perm":  # only the tied form takes the embedding
-            payload["pos_embed"] = True
-        if self.unf_keep_fixed and model == "unf-perm":
-            payload["keep_fixed"] = sorted(self.unf_keep_fixed)
+        payload = {"model": model, **{k: d[k] for k in fields}, **self.tied_form_options(model)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

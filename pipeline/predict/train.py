@@ -103,11 +103,8 @@ def _hyperparameters(model: str, config: TrainConfig) -> dict[str, Any]:
     norm = {"normalize": config.normalize} if config.normalize != "tensor" else {}
     if kind in ("unf", "hybrid"):
         axes = "permutable" if model == "unf-perm" else "exact"
-        embed = {"pos_embed": True} if config.unf_pos_embed and axes == "permutable" else {}
-        if config.unf_keep_fixed and axes == "permutable":
-            embed["keep_fixed"] = sorted(config.unf_keep_fixed)
         return {"hidden": list(config.unf_hidden), "head": list(config.unf_head), "fixed_axes": axes,
-                "features": config.features, **embed, **norm}
+                "features": config.features, **config.tied_form_options(model), **norm}
     if kind == "deepsets":
         return {"hidden": config.deepsets_hidden, "head": list(config.deepsets_head), "features": config.features,
                 **norm}
