@@ -44,6 +44,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from pipeline.device import resolve_device
 from pipeline.errors import ConfigError
+from pipeline.zoo.batched_cnn import BatchedCNN
 from pipeline.zoo.members import _GOLDEN, MemberConv2d, MemberDropout, _mix32, build_member, resolve_arch
 from pipeline.zoo.tasks import Task
 
@@ -617,6 +618,18 @@ def train_population(
         return (stats[:, 0] * wb).sum() / (stats[:, 1] * wb).sum()
 
     step_fn = vmap(grad_and_value(member_loss), randomness="error")
+    # The CNN runs on the stacked parameters directly (batched products, no vmap): the same function, faster.
+    cnn = BatchedCNN(job.arch, tuple(task.info["input_shape"]), dev) if job.arch["name"] == "cnn" else None
+
+    def cnn_step(p: torch.Tensor, rate: torch.Tensor, key: torch.Tensor, xb, yb, wb) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grads (k, P), losses (k,)) of the members with flat params `p` (k, P), as step_fn's vmapped loss."""
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in views(p).items()}  # one leaf per tensor
+        with torch.enable_grad():
+            logits = cnn(leaves, xb, rate, key) if use_noise else cnn(leaves, xb)  # (k, B, classes)
+            per = -logits.log_softmax(-1).gather(-1, yb[..., None])[..., 0]  # (k, B) cross-entropy
+            loss = (per * wb).sum(1) / wb.sum(1)
+            grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+        return torch.cat([g.reshape(len(p), -1) for g in grads], dim=1), loss.detach()
 
     def evaluate(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, y_rows: torch.Tensor | None = None):
         """Metrics per member on (x, y); `y_rows` (M, n) per-member labels replace y when given."""
@@ -624,6 +637,13 @@ def train_population(
         params = views(flat)
         y_dim = None if y_rows is None else 0
         fwd = vmap(lambda p, xb, yb: _sample_stats(kind, _run_model(model, kind, p, xb, yb), yb, pad_id), in_dims=(0, None, y_dim))
+        if cnn is not None:
+
+            def fwd(p, xb, yb):  # noqa: F811 (the batched CNN: same stats, no vmap)
+                yb = yb.expand(n_mem, -1) if yb.dim() == 1 else yb
+                logits = cnn(p, xb.expand(n_mem, *xb.shape))
+                return _sample_stats(kind, logits.flatten(0, 1), yb.flatten(), pad_id).view(*yb.shape, 4)
+
         rows = max(1, _EVAL_ROWS // n_mem)
         sums = torch.zeros(n_mem, 4, device=dev, dtype=dtype)
         with torch.no_grad():
@@ -688,8 +708,11 @@ def train_population(
             else:
                 xb = x_train[bidx]
             yb = y_train[bidx] if y_member is None else y_member[rows].gather(1, bidx)
-            grads, loss = step_fn(views(flat[rows]), rates[rows], keys, xb, yb, valid_t[rows, cols])
-            g = torch.cat([grads[n].reshape(k, -1) for n in names], dim=1)  # (k, P)
+            if cnn is not None:
+                g, loss = cnn_step(flat[rows], rates[rows], keys, xb, yb, valid_t[rows, cols])
+            else:
+                grads, loss = step_fn(views(flat[rows]), rates[rows], keys, xb, yb, valid_t[rows, cols])
+                g = torch.cat([grads[n].reshape(k, -1) for n in names], dim=1)  # (k, P)
             hp_k = {"lr": hps["lr"][rows], "lr64": hps["lr64"][rows], "weight_decay": hps["weight_decay"][rows]}
             if scheduled:
                 where = np.arange(n_mem)[rows] if everyone else live
