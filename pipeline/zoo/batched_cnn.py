@@ -6,19 +6,21 @@ the same network directly on stacked tensors (k members, each with its own batch
 products; autograd of the summed member losses then gives every member its own gradient (members share nothing).
 
 Each convolution is one of two plain batched products:
-- dense (small images, the zoo's 8x8 ones): the kernel is gathered into the layer's (C*H*W, O*Ho*Wo) matrix (a gather
-  with a custom backward that gathers again, so no scatter-add), and x (k, B, C*H*W) @ that matrix is one bmm;
+- dense (small images, the zoo's 8x8 ones): the kernel is gathered into the layer's (C*H*W, O*Ho*Wo) matrix and
+  x (k, B, C*H*W) @ that matrix is one bmm; the backward forms that matrix's gradient with one bmm and sums each
+  kernel entry's copies with a gather (no scatter-add);
 - unfold (larger images): im2col patches (F.unfold; its backward is F.fold) times the (O, C*kh*kw) kernel, one bmm.
 
 Activations, counter-based dropout (the same keep masks as `MemberDropout` computes per member, bit for bit), global
-average pooling and the linear head follow `CNNMember.forward` exactly; results equal the vmapped module's up to
-float rounding.
+average pooling and the linear head follow `CNNMember.forward`; results equal the vmapped module's up to float
+rounding. With relu, bias, dropout and activation run in place on the product's output (no new buffers: on a CPU,
+fresh multi-MiB tensors cost more than the arithmetic). `evaluator` serves eval mode on inputs shared by all members:
+the dense matrices are built once and the first layer is one product for all members.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,7 @@ __all__ = ["BatchedCNN", "batched_counter_keep"]
 _DENSE_RATIO = 8  # dense when the dense matrix costs at most this many times the convolution's multiply-adds
 _M31 = 0x7FFFFFFF
 _SIGN = -(1 << 31)
+_EVAL_ELEMENTS = 1 << 19  # activation elements per evaluation call (small chunks stay in cache: fastest measured)
 _BLOCK = 1 << 17  # elements per block of the dropout noise (2 int32 buffers of 512 KiB: in a core's L2 cache)
 
 
@@ -43,11 +46,9 @@ class _DenseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, plan: _ConvPlan) -> torch.Tensor:
-        k = h.shape[0]
-        big_l = plan.ho * plan.wo
-        dense = F.pad(w, (0, 1)).index_select(1, plan.fwd).view(k, -1, plan.c_out * big_l)  # (k, C*H*W, O*L)
+        dense = _dense_matrix(w, plan)  # (k, C*H*W, O*L)
         out = torch.bmm(h, dense)
-        out += bias.repeat_interleave(big_l, dim=1)[:, None, :]
+        out += bias.repeat_interleave(plan.ho * plan.wo, dim=1)[:, None, :]
         ctx.save_for_backward(h, dense)
         ctx.plan = plan
         return out
@@ -61,8 +62,13 @@ class _DenseConv(torch.autograd.Function):
         grad_dense = torch.bmm(h.transpose(1, 2).contiguous(), grad).view(k, -1)  # (k, C*H*W*O*L)
         copies = grad_dense.index_select(1, plan.copies.view(-1)).view(k, *plan.copies.shape)  # (k, O*C*K, L)
         grad_w = (copies * plan.inside).sum(-1)
-        grad_b = grad.view(k, grad.shape[1], plan.c_out, -1).sum((1, 3))
+        grad_b = grad.reshape(k, grad.shape[1], plan.c_out, -1).sum((1, 3))
         return grad_h, grad_w, grad_b, None
+
+
+def _dense_matrix(w: torch.Tensor, plan: _ConvPlan) -> torch.Tensor:
+    """The dense (k, C*H*W, O*L) matrices of flat kernels w (k, O*C*K)."""
+    return F.pad(w, (0, 1)).index_select(1, plan.fwd).view(len(w), -1, plan.c_out * plan.ho * plan.wo)
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,8 @@ class BatchedCNN:
             else:
                 self.plans.append(_ConvPlan(c, c_out, h, w, ho, wo, False))
             c, h, w = c_out, ho, wo
+        widest = max([input_shape[0] * input_shape[1] * input_shape[2]] + [q.c_out * q.ho * q.wo for q in self.plans])
+        self.eval_rows = max(1, _EVAL_ELEMENTS // widest)  # members x samples per evaluation call
 
     def __call__(
         self,
@@ -183,8 +191,8 @@ class BatchedCNN:
         rates: torch.Tensor | None = None,
         keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits of each member on its own batch; dropout (counter noise, rate `rates` (k,), int32 `keys` (k,)) when
-        both are given (training), none otherwise (eval)."""
+        """Logits of each member on its own batch x (k, B, C, H, W); dropout (counter noise, rate `rates` (k,), int32
+        `keys` (k,)) when both are given (training), none otherwise."""
         k, b = x.shape[:2]
         h = x.reshape(k, b, -1)  # (k, B, C*H*W)
         for i, plan in enumerate(self.plans):
@@ -193,7 +201,7 @@ class BatchedCNN:
             if plan.dense:  # (k, B, O*L), the Function's own output (not a view): in-place ops keep autograd cheap
                 out = _DenseConv.apply(h, weight.reshape(k, -1), bias, plan)
             else:
-                patches = F.unfold(h.view(k * b, plan.c_in, plan.h, plan.w), self.kernel, 1, self.padding, self.stride)
+                patches = F.unfold(h.reshape(k * b, plan.c_in, plan.h, plan.w), self.kernel, 1, self.padding, self.stride)
                 patches = patches.view(k, b, -1, big_l).transpose(1, 2).reshape(k, patches.shape[1], b * big_l)
                 out = torch.bmm(weight.reshape(k, plan.c_out, -1), patches)  # (k, O, B*L)
                 out = (out.view(k, plan.c_out, b, big_l).transpose(1, 2) + bias[:, None, :, None]).reshape(k, b, -1)
@@ -208,3 +216,41 @@ class BatchedCNN:
                 h = h if keep is None else h * keep / scale
         pooled = h.view(k, b, self.plans[-1].c_out, -1).mean(-1)  # (k, B, C_last)
         return torch.baddbmm(params["head.bias"][:, None, :], pooled, params["head.weight"].transpose(1, 2))
+
+    @torch.no_grad()
+    def evaluator(self, params: Mapping[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Eval-mode logits of all k members on shared inputs: f(x (B, C, H, W)) -> (k, B, classes). The dense
+        matrices are built once; the first layer is one product of the inputs with all members' matrices."""
+        k = params["head.bias"].shape[0]
+        layers = []
+        for i, plan in enumerate(self.plans):
+            weight, bias = params[f"convs.{i}.weight"].reshape(k, -1), params[f"convs.{i}.bias"]
+            dense = _dense_matrix(weight, plan) if plan.dense else None
+            if i == 0 and dense is not None:
+                dense = dense.transpose(0, 1).reshape(dense.shape[1], -1)  # (C*H*W, k*O*L)
+            layers.append((plan, weight, bias, dense, bias.repeat_interleave(plan.ho * plan.wo, dim=1)[:, None, :]))
+        head_w, head_b = params["head.weight"].transpose(1, 2), params["head.bias"][:, None, :]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            b = x.shape[0]
+            h = x.reshape(b, -1)
+            for i, (plan, weight, bias, dense, wide_bias) in enumerate(layers):
+                if i == 0 and dense is not None:
+                    out = (h @ dense).view(b, k, -1).transpose(0, 1) + wide_bias  # (k, B, O*L)
+                    h = self.act(out)
+                    continue
+                if h.dim() == 2:
+                    h = h.expand(k, *h.shape)
+                if dense is not None:
+                    out = torch.baddbmm(wide_bias, h, dense)
+                else:
+                    big_l = plan.ho * plan.wo
+                    patches = F.unfold(h.reshape(k * b, plan.c_in, plan.h, plan.w), self.kernel, 1, self.padding, self.stride)
+                    patches = patches.view(k, b, -1, big_l).transpose(1, 2).reshape(k, patches.shape[1], b * big_l)
+                    out = torch.bmm(weight.view(k, plan.c_out, -1), patches).view(k, plan.c_out, b, big_l)
+                    out = (out.transpose(1, 2) + bias[:, None, :, None]).reshape(k, b, -1)
+                h = self.act(out)
+            pooled = h.reshape(k, b, self.plans[-1].c_out, -1).mean(-1)
+            return torch.baddbmm(head_b, pooled, head_w)
+
+        return forward

@@ -638,13 +638,13 @@ def train_population(
         y_dim = None if y_rows is None else 0
         fwd = vmap(lambda p, xb, yb: _sample_stats(kind, _run_model(model, kind, p, xb, yb), yb, pad_id), in_dims=(0, None, y_dim))
         if cnn is not None:
+            logits_of = cnn.evaluator(params)  # the batched CNN: same stats, no vmap, matrices built once
 
-            def fwd(p, xb, yb):  # noqa: F811 (the batched CNN: same stats, no vmap)
+            def fwd(p, xb, yb):  # noqa: F811
                 yb = yb.expand(n_mem, -1) if yb.dim() == 1 else yb
-                logits = cnn(p, xb.expand(n_mem, *xb.shape))
-                return _sample_stats(kind, logits.flatten(0, 1), yb.flatten(), pad_id).view(*yb.shape, 4)
+                return _sample_stats(kind, logits_of(xb).flatten(0, 1), yb.flatten(), pad_id).view(*yb.shape, 4)
 
-        rows = max(1, _EVAL_ROWS // n_mem)
+        rows = max(1, (_EVAL_ROWS if cnn is None else cnn.eval_rows) // n_mem)
         sums = torch.zeros(n_mem, 4, device=dev, dtype=dtype)
         with torch.no_grad():
             for start in range(0, len(y), rows):
