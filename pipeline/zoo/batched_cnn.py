@@ -118,10 +118,13 @@ _BITS: dict[tuple[int, str], torch.Tensor] = {}
 
 
 def _index_hash(n: int, device: torch.device) -> torch.Tensor:
-    """arange(n) * golden (int32), the key-independent part of the counter noise; cached per size and device."""
+    """The key-independent part of the counter noise, cached per size and device: i = arange(n) * golden (int32)
+    after the hash's first xor-shift, i ^ (i >>> 16). That step distributes over the xor with the key's base
+    (x >>> s = (i >>> s) ^ (base >>> s) for x = i ^ base), so it is done here once instead of every step."""
     hit = _BITS.get((n, str(device)))
     if hit is None:
-        hit = torch.arange(n, device=device, dtype=torch.int32) * _GOLDEN
+        i = torch.arange(n, device=device, dtype=torch.int32) * _GOLDEN
+        hit = i ^ ((i >> 16) & 0xFFFF)
         _BITS[(n, str(device))] = hit
     return hit
 
@@ -136,6 +139,7 @@ def batched_counter_keep(
     on unsigned 32-bit u)."""
     k = len(keys)
     base = _mix32(keys ^ (salt * 0x2545F491 & _M31))  # (k,)
+    base = base ^ ((base >> 16) & 0xFFFF)  # its part of the hash's first xor-shift (see _index_hash)
     threshold = ((rates * float(1 << 24)).to(torch.int32).to(torch.int64) * 256 + _SIGN).to(torch.int32)  # (k,)
     index = _index_hash(numel, keys.device)[None, :]
     out = torch.empty(k, numel, dtype=dtype, device=keys.device)
@@ -146,8 +150,9 @@ def batched_counter_keep(
     for r0 in range(0, k, rows):
         r1 = min(k, r0 + rows)
         xb, tb = x[: r1 - r0], t[: r1 - r0]
-        torch.bitwise_xor(index, base[r0:r1, None], out=xb)
-        for shift, mask, mult in ((16, 0xFFFF, 0x7FEB352D), (15, 0x1FFFF, 0x2C1B3C6D), (16, 0xFFFF, None)):
+        torch.bitwise_xor(index, base[r0:r1, None], out=xb)  # = x ^ (x >>> 16) for x = index hash ^ key base
+        xb *= 0x7FEB352D
+        for shift, mask, mult in ((15, 0x1FFFF, 0x2C1B3C6D), (16, 0xFFFF, None)):
             torch.bitwise_right_shift(xb, shift, out=tb)
             tb &= mask
             xb ^= tb
