@@ -209,12 +209,13 @@ class BatchedCNN:
                 patches = F.unfold(h.reshape(k * b, plan.c_in, plan.h, plan.w), self.kernel, 1, self.padding, self.stride)
                 patches = patches.view(k, b, -1, big_l).transpose(1, 2).reshape(k, patches.shape[1], b * big_l)
                 out = torch.bmm(weight.reshape(k, plan.c_out, -1), patches)  # (k, O, B*L)
-                out = (out.view(k, plan.c_out, b, big_l).transpose(1, 2) + bias[:, None, :, None]).reshape(k, b, -1)
+                out += bias[:, :, None]  # in place: bmm's backward needs its inputs, not its output
+                out = out.view(k, plan.c_out, b, big_l).transpose(1, 2).reshape(k, b, -1)  # a fresh copy, no view
             keep = None
             if rates is not None and keys is not None:
                 keep = batched_counter_keep(keys, i, b * out.shape[-1], rates, out.dtype).view(k, b, -1)
                 scale = (1.0 - rates)[:, None, None]
-            if self.relu and plan.dense:  # relu(x) * keep / s == relu(x * keep / s) exactly; in place, no new buffers
+            if self.relu:  # relu(x) * keep / s == relu(x * keep / s) exactly; in place, no new buffers
                 h = (out if keep is None else out.mul_(keep).div_(scale)).relu_()
             else:
                 h = self.act(out)
