@@ -380,7 +380,11 @@ def _momentum_update(p, g, state, hp):
 
 
 def _adam_update(p, g, state, hp):
-    g = _decayed(p, g, hp)
+    return _adam_step(p, _decayed(p, g, hp), state, hp)
+
+
+def _adam_step(p, g, state, hp):
+    """Adam's moment and parameter update for the (decayed) gradient g."""
     b1, b2 = ADAM_BETAS
     m = torch.lerp(state["m"], g, 1 - b1)
     v = state["v"].mul(b2).addcmul_(g, g, value=1 - b2)  # in place on fresh temporaries: same values, fewer passes
@@ -398,7 +402,7 @@ def _nesterov_update(p, g, state, hp):
 
 def _adamw_update(p, g, state, hp):
     p = p * (1 - hp["lr"] * hp["weight_decay"])  # decoupled decay, then Adam without L2
-    return _adam_update(p, g, state, {**hp, "weight_decay": torch.zeros_like(hp["weight_decay"])})
+    return _adam_step(p, g, state, hp)
 
 
 def _rmsprop_update(p, g, state, hp):
@@ -508,11 +512,13 @@ def check_task_options(task: Task, label_noise: bool, shift: bool) -> None:
 def _shifted(padded: torch.Tensor, bidx: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
     """Images `bidx` (k, B) of `padded` (N, C, H + 2 pad, W + 2 pad) moved by `offsets` (k, B, 2) = (dy, dx)
     pixels, zeros shifted in: out[..., i, j] = image[..., i - dy, j - dx]. Returns (k, B, C, H, W)."""
-    h, w = padded.shape[-2] - 2 * pad, padded.shape[-1] - 2 * pad
+    n, c, hp, wp = padded.shape
+    h, w = hp - 2 * pad, wp - 2 * pad
     rows = torch.arange(h, device=padded.device) + pad - offsets[..., :1]  # (k, B, H)
     cols = torch.arange(w, device=padded.device) + pad - offsets[..., 1:]  # (k, B, W)
-    out = padded[bidx[..., None, None], :, rows[..., :, None], cols[..., None, :]]  # (k, B, H, W, C)
-    return out.permute(0, 1, 4, 2, 3)
+    pixel = rows[..., :, None] * wp + cols[..., None, :]  # (k, B, H, W) flat position in a padded channel
+    start = bidx[..., None] * (c * hp * wp) + torch.arange(c, device=padded.device) * (hp * wp)  # (k, B, C)
+    return padded.take(start[..., None, None] + pixel[..., None, :, :])  # one flat gather, contiguous (k, B, C, H, W)
 
 
 def _template(job: ChunkJob, device: torch.device, batched: bool, dtype: torch.dtype) -> tuple[nn.Module, list[str]]:
