@@ -1,7 +1,9 @@
 """Batched training of a chunk of zoo members that share an architecture, with per-member hyperparameters.
 
 All members of a chunk train at once: their parameters live in one flat (M, P) tensor, a loss-and-gradient function of
-one member is vmapped over members with `torch.func` (`functional_call` + `grad_and_value`), and the optimizer steps
+one member is vmapped over members with `torch.func` (`functional_call` + `grad_and_value`; the `cnn` runs on the
+stacked parameters directly instead, with batched products and plain autograd: `pipeline.zoo.batched_cnn`, the same
+function and gradients up to float rounding), and the optimizer steps
 (OPTIMIZERS: sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad, adamax, each as its torch.optim namesake) are
 vectorized tensor math on explicit state (`init` / `update` pairs). Categorical choices (optimizer, activation, batch
 size, init scheme, lr schedule; a width sets the arch) are fixed per chunk; continuous ones (lr, weight_decay,
