@@ -4,7 +4,7 @@ For `cnn` on `digits` (Small-CNN-Zoo options, and the default zoo's: adamw, torc
 random shifts) and `gru_seq2seq` on `arith`: members x epochs per second of `train_population` on a chunk of
 members, and of `train_member_reference` (nn modules + torch.optim, one member after the other) on a few of the same
 members, scaled honestly (time per member-epoch, evaluation at the recipe's checkpoints included on both sides).
-Repetitions are interleaved; medians are reported. Both sides run with the same torch thread count (`--threads`,
+Both sides are warmed up once (untimed); repetitions are interleaved; medians are reported. Both sides run with the same torch thread count (`--threads`,
 default: torch's default). The plain loop runs members one after the other with standard nn.Dropout.
 
 Also: the engine's achieved FLOP rate (FLOPs counted analytically: 6 x forward MACs per training sample, 2 x per
