@@ -86,3 +86,11 @@ def test_batched_counter_keep_has_member_dropout_bits(numel: int) -> None:
     assert keep[0].all()
     if numel > 1000:
         assert 0.45 < float(keep[2].float().mean()) < 0.55
+
+
+def test_wide_layers_fall_back_to_unfold() -> None:
+    """Dense matrices are capped per member (memory), so wide layers on small images use im2col instead."""
+    arch = {"name": "cnn", "activation": "relu", "channels": [256, 256], "kernel_size": 3, "stride": 2, "padding": 1,
+            "in_channels": 1, "num_classes": 10}
+    cnn = BatchedCNN(arch, (1, 8, 8), torch.device("cpu"))
+    assert [p.dense for p in cnn.plans] == [True, False]  # 64 x 4096 dense entries; then 4096 x 1024 is too many

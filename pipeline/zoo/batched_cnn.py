@@ -32,6 +32,7 @@ from pipeline.zoo.members import _GOLDEN, _mix32, make_activation
 __all__ = ["BatchedCNN", "batched_counter_keep"]
 
 _DENSE_RATIO = 8  # dense when the dense matrix costs at most this many times the convolution's multiply-adds
+_DENSE_MAX = 1 << 20  # ... and has at most this many entries per member (4 MiB in float32)
 _M31 = 0x7FFFFFFF
 _SIGN = -(1 << 31)
 _EVAL_ELEMENTS = 1 << 19  # activation elements per evaluation call (small chunks stay in cache: fastest measured)
@@ -143,7 +144,7 @@ def batched_counter_keep(
     threshold = ((rates * float(1 << 24)).to(torch.int32).to(torch.int64) * 256 + _SIGN).to(torch.int32)  # (k,)
     index = _index_hash(numel, keys.device)[None, :]
     out = torch.empty(k, numel, dtype=dtype, device=keys.device)
-    rows = max(1, _BLOCK // numel)
+    rows = max(1, _BLOCK // numel) if keys.device.type == "cpu" else k  # cache blocks matter on CPUs only
     x = torch.empty(min(k, rows), numel, dtype=torch.int32, device=keys.device)
     t = torch.empty_like(x)
     flag = torch.empty_like(x, dtype=torch.bool)
@@ -180,7 +181,7 @@ class BatchedCNN:
         self.plans: list[_ConvPlan] = []
         for c_out in arch["channels"]:
             ho, wo = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
-            if h * w <= _DENSE_RATIO * k[0] * k[1]:
+            if h * w <= _DENSE_RATIO * k[0] * k[1] and c * h * w * c_out * ho * wo <= _DENSE_MAX:
                 fwd, copies, inside, ho, wo = _dense_indices(c, c_out, h, w, k, s, p, device)
                 self.plans.append(_ConvPlan(c, c_out, h, w, ho, wo, True, fwd, copies, inside))
             else:
