@@ -1,0 +1,96 @@
+"""The batched CNN (no vmap) computes what each member's CNNMember computes: logits, dropout masks, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from pipeline.zoo.batched_cnn import BatchedCNN, batched_counter_keep
+from pipeline.zoo.members import _counter_bits, build_member
+
+# 8x8 inputs: every layer dense (the zoo's images); 20x20: unfold layers first, then dense ones.
+ARCHS = {
+    "dense-relu": ({"activation": "relu", "channels": [4, 6, 5]}, (2, 8, 8)),
+    "dense-tanh": ({"activation": "tanh", "channels": [4, 5]}, (1, 8, 8)),
+    "unfold-relu": ({"activation": "relu", "channels": [3, 4, 4]}, (2, 20, 20)),
+    "unfold-gelu-stride1": ({"activation": "gelu", "channels": [3, 2], "stride": 1, "kernel_size": 5, "padding": 2}, (1, 16, 16)),
+}
+DENSE = {"dense-relu": [True] * 3, "dense-tanh": [True] * 2, "unfold-relu": [False, False, True], "unfold-gelu-stride1": [False] * 2}
+K, B, CLASSES = 3, 5, 4
+
+
+def _setup(name: str):
+    fields, shape = ARCHS[name]
+    arch = {"name": "cnn", "kernel_size": 3, "stride": 2, "padding": 1, **fields, "in_channels": shape[0], "num_classes": CLASSES}
+    model = build_member(arch).double()
+    for m in model.drops:
+        m.counter_noise = True
+    gen = torch.Generator().manual_seed(0)
+    params = {n: 0.3 * torch.randn(K, *p.shape, generator=gen, dtype=torch.float64) for n, p in model.named_parameters()}
+    x = torch.randn(K, B, *shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, CLASSES, (K, B), generator=gen)
+    rates = torch.tensor([0.0, 0.3, 0.6], dtype=torch.float64)
+    keys = torch.tensor([11, -7, 123456], dtype=torch.int32)
+    return arch, shape, model, params, x, y, rates, keys
+
+
+def _member_loss(model, drop_names):
+    def loss(p, rate, key, xb, yb):
+        buffers = {f"{d}.{b}": v for d in drop_names for b, v in (("rate", rate), ("noise_key", key))}
+        return F.cross_entropy(functional_call(model, (p, buffers), (xb,)), yb)
+
+    return loss
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_batched_cnn_equals_each_member_with_dropout_and_gradients(name: str) -> None:
+    arch, shape, model, params, x, y, rates, keys = _setup(name)
+    cnn = BatchedCNN(arch, shape, torch.device("cpu"))
+    assert [p.dense for p in cnn.plans] == DENSE[name]
+    drops = [n for n, _ in model.named_modules() if n.startswith("drops.")]
+    loss = _member_loss(model, drops)
+    # training mode: each member's own rate and noise key, as the engine feeds MemberDropout
+    want = vmap(lambda p, r, k, xb: functional_call(model, (p, {f"{d}.{b}": v for d in drops for b, v in (("rate", r), ("noise_key", k))}), (xb,)))(
+        params, rates, keys, x
+    )
+    leaves = {n: t.clone().requires_grad_() for n, t in params.items()}
+    got = cnn(leaves, x, rates, keys)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # gradients of the summed member losses are each member's own gradients
+    per = F.cross_entropy(got.flatten(0, 1), y.flatten(), reduction="none").view(K, B).mean(1)
+    grads = torch.autograd.grad(per.sum(), list(leaves.values()))
+    want_grads = vmap(grad(loss))(params, rates, keys, x, y)
+    for (n, g) in zip(leaves, grads):
+        torch.testing.assert_close(g, want_grads[n], rtol=1e-10, atol=1e-12, msg=n)
+    # eval mode: no dropout; shared inputs through the evaluator equal per-member calls
+    model.eval()
+    shared = x[0]
+    want_eval = vmap(lambda p: functional_call(model, p, (shared,)))(params)
+    torch.testing.assert_close(cnn(params, shared.expand(K, *shared.shape)), want_eval, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cnn.evaluator(params)(shared), want_eval, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("numel", [7, 4096, 40_000])
+def test_batched_counter_keep_has_member_dropout_bits(numel: int) -> None:
+    keys = torch.tensor([0, 1, -5, 2**31 - 1, -(2**31), 99], dtype=torch.int32)
+    rates = torch.tensor([0.0, 0.1, 0.5, 0.9, 0.999, 0.25])
+    keep = batched_counter_keep(keys, 2, numel, rates)  # 40_000 x 6 members spans several cache blocks
+    as_float = batched_counter_keep(keys, 2, numel, rates, torch.float64)
+    for m in range(len(keys)):
+        bits = _counter_bits(keys[m], 2, (numel,))
+        want = bits >= (rates[m] * float(1 << 24)).to(torch.int32)  # MemberDropout's rule
+        assert torch.equal(keep[m], want), m
+        assert torch.equal(as_float[m], want.double()), m
+    assert keep[0].all()
+    if numel > 1000:
+        assert 0.45 < float(keep[2].float().mean()) < 0.55
+
+
+def test_wide_layers_fall_back_to_unfold() -> None:
+    """Dense matrices are capped per member (memory), so wide layers on small images use im2col instead."""
+    arch = {"name": "cnn", "activation": "relu", "channels": [256, 256], "kernel_size": 3, "stride": 2, "padding": 1,
+            "in_channels": 1, "num_classes": 10}
+    cnn = BatchedCNN(arch, (1, 8, 8), torch.device("cpu"))
+    assert [p.dense for p in cnn.plans] == [True, False]  # 64 x 4096 dense entries; then 4096 x 1024 is too many
