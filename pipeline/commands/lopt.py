@@ -120,12 +120,11 @@ def meta_train_cmd(
 ) -> None:
     """Meta-train a learned optimizer with ES on a zoo's train-split members."""
     with user_errors():
+        from pipeline.errors import ConfigError
         from pipeline.lopt.es import ESConfig
         from pipeline.lopt.meta_train import MetaTrainConfig
         from pipeline.lopt.optimizers import LOptConfig
         from pipeline.lopt.runs import meta_train_zoo
-
-        from pipeline.errors import ConfigError
 
         check_device(device)
         if alpha is not None and init_from == "tuned":
