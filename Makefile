@@ -74,7 +74,8 @@ LOPT_DIR ?= runs/lopt/$(LOPT_RECIPE)
 # --init-from of the Adam-nominal rows (*-adam) and of the others. tuned: start at the nominal optimizer's best grid
 # point on the meta-validation members (for *-adam: tuned Adam, lr 0.03 on mlp-digits-lopt), so the selected optimizer
 # is at least that on meta-validation; default: alpha 0.1, gamma0 0.9. Chosen on meta-validation (6 seeds, MLP zoo):
-# tuned won for unf-adam (selected val score 0.0266 vs 0.0297 mean, 5 of 6 seeds lower), lost for unf (3 seeds).
+# tuned won for unf-adam (selected val score 0.0266 vs 0.0297 mean, 5 of 6 seeds lower; CNN zoo 0.0270 vs 0.0337,
+# 6 of 6), lost for unf (3 seeds).
 LOPT_INIT ?= default
 LOPT_INIT_ADAM ?= tuned
 LOPT_ARGS ?=
