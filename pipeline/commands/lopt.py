@@ -21,6 +21,7 @@ from pipeline.commands._common import (
 
 # Mirror pipeline.lopt.optimizers.KINDS and the ES estimators; kept here so `--help` does not import torch (a test checks).
 OPTIMIZERS = ("unf", "perparam", "sgdm")
+INIT_FROM = ("default", "tuned")  # pipeline.lopt.warm_start.INIT_FROM
 ESTIMATORS = ("pes", "tes")
 
 _EPILOG = """
@@ -67,6 +68,19 @@ def _multiples(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+def _warm_note(out: Path | None) -> str:
+    """", started at the tuned alpha ... gamma0 ..." for a run with --init-from tuned (read from its config.json)."""
+    import json
+
+    try:
+        warm = json.loads((Path(out) / "config.json").read_text()).get("warm_start") if out is not None else None
+    except (OSError, ValueError):
+        return ""
+    if not warm:
+        return ""
+    return f", started at the tuned alpha {warm['alpha']:g}, gamma0 {warm['gamma0']:g} (val {min(warm['grid'].values()):.4f})"
+
+
 @lopt_app.command("meta-train", epilog=_EPILOG)
 def meta_train_cmd(
     zoo: str = typer.Argument(..., help="Zoo store whose train-split members are the inner problems."),
@@ -85,7 +99,7 @@ def meta_train_cmd(
     grad_clip: float = typer.Option(1.0, help="Norm bound of the ES gradient."),
     hidden: int = typer.Option(16, help="Channels of f's pointwise layers."),
     layers: int = typer.Option(2, help="Pointwise layers of f before its head."),
-    alpha: float = typer.Option(0.1, help="Initial step size alpha."),
+    alpha: float = typer.Option(None, help="Initial step size alpha.", show_default="0.1"),
     beta: float = typer.Option(0.01, help="Initial scale beta of f's output."),
     head_scale: float = typer.Option(0.0, help="Scale of f's head at init; 0 = start as SGDM (f = 0)."),
     seed: int = typer.Option(0, help="Seed of f's init, perturbations and episode draws."),
@@ -93,6 +107,9 @@ def meta_train_cmd(
     nominal: str = typer.Option("sgdm", help="Nominal term the learned part is added to: sgdm | adam."),
     meta_loss: str = typer.Option("ratio", help="Meta-loss per inner step: ratio (loss / initial) | log (its logarithm)."),
     norm_features: bool = typer.Option(False, help="Give f the per-tensor log gradient and weight RMS as two more inputs."),
+    init_from: str = typer.Option("default", help="Initial alpha and gamma0: default (--alpha, 0.9) | tuned (the nominal "
+                                  "optimizer's best grid point on the val members, so ES starts at the tuned baseline).",
+                                  metavar=one_of(INIT_FROM), autocompletion=completer(INIT_FROM)),
     curriculum: int = typer.Option(0, help="Grow the episode horizon from one truncation to --horizon over this many ES steps (0 = off)."),
     validate_every: int = typer.Option(50, help="Score the meta-parameters on val-split members every N outer steps "
                                        "(and at 0 and the end); the best are saved as the optimizer. 0 = keep the last."),
@@ -103,14 +120,17 @@ def meta_train_cmd(
 ) -> None:
     """Meta-train a learned optimizer with ES on a zoo's train-split members."""
     with user_errors():
+        from pipeline.errors import ConfigError
         from pipeline.lopt.es import ESConfig
         from pipeline.lopt.meta_train import MetaTrainConfig
         from pipeline.lopt.optimizers import LOptConfig
         from pipeline.lopt.runs import meta_train_zoo
 
         check_device(device)
+        if alpha is not None and init_from == "tuned":
+            raise ConfigError("--alpha and --init-from tuned both set the initial step size; pass one of them")
         config = MetaTrainConfig(
-            optimizer=LOptConfig(kind=optimizer, hidden=hidden, layers=layers, alpha=alpha, beta=beta, head_scale=head_scale,
+            optimizer=LOptConfig(kind=optimizer, hidden=hidden, layers=layers, alpha=0.1 if alpha is None else alpha, beta=beta, head_scale=head_scale,
                                  nominal=nominal, norm_features=norm_features),
             es=ESConfig(estimator=estimator, pairs=pairs, sigma=sigma),
             outer_steps=outer_steps,
@@ -124,20 +144,21 @@ def meta_train_cmd(
             val_members=val_members,
             meta_loss=meta_loss,
             curriculum=curriculum,
+            init_from=init_from,
         )
         if seeds:
             from pipeline.lopt.runs import meta_train_seeds
 
             for k, result in enumerate(meta_train_seeds(zoo, config, out, seeds, device=device, max_members=max_members, progress=True)):
                 sel = f", selected step {result.selected_step} (val {result.selected_val_loss:.4f})" if result.selected_step is not None else ""
-                console.print(f"seed {seed + k}: meta-trained {optimizer} in {result.wall_time_s / 60:.1f} min{sel}; wrote {out}/seed{seed + k}/")
+                console.print(f"seed {seed + k}: meta-trained {optimizer} in {result.wall_time_s / 60:.1f} min{sel}{_warm_note(result.out)}; wrote {out}/seed{seed + k}/")
             return
         result = meta_train_zoo(zoo, config, out, device=device, max_members=max_members, progress=True)
         hp = result.history[-1] if result.history else {}
         console.print(
             f"meta-trained {optimizer} in {result.wall_time_s / 60:.1f} min; last step: "
             + ", ".join(f"{k} {hp[k]:.4g}" for k in ("alpha", "beta", "gamma0", "meta_loss") if k in hp)
-            + f"; wrote {escape(str(out))}/"
+            + f"{_warm_note(result.out)}; wrote {escape(str(out))}/"
         )
         if result.selected_step is not None:
             last = result.validation[-1]

@@ -46,6 +46,7 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.lopt.es import ESConfig, clip_by_norm, es_step, sanitize_losses
 from pipeline.lopt.inner import InnerProblem
 from pipeline.lopt.optimizers import Adam, LOptConfig, ResidualLOpt, flatten_meta, unflatten_meta
+from pipeline.lopt.warm_start import warm_started
 
 __all__ = [
     "MetaTrainConfig",
@@ -64,7 +65,8 @@ CKPT_FILE = "checkpoint.safetensors"
 PROGRESS_FILE = "progress.json"
 _RESUME_FREE = ("outer_steps", "checkpoint_every")  # may change between a run and its resume
 # options added after runs were first written, with the defaults that reproduce those runs
-_LATER_DEFAULTS: dict[str, Any] = {"meta_loss": "ratio", "curriculum": 0, "optimizer.nominal": "sgdm", "optimizer.norm_features": False}
+_LATER_DEFAULTS: dict[str, Any] = {"meta_loss": "ratio", "curriculum": 0, "init_from": "default", "optimizer.nominal": "sgdm",
+                                   "optimizer.norm_features": False}
 _CKPT_FORMAT = "unfzoo-lopt-checkpoint/2"  # metadata "format" of a checkpoint that records its own step
 
 
@@ -94,6 +96,10 @@ class MetaTrainConfig:
     # Horizon curriculum: over the first `curriculum` outer steps the episodes' horizon grows linearly from one
     # truncation to `horizon` (0 = off: every episode lasts `horizon`). Meta-validation always uses `horizon`.
     curriculum: int = 0
+    # Initial alpha and gamma0: "default" = the optimizer config's; "tuned" = the best point of a grid of the nominal
+    # optimizer alone (f = 0), scored on the meta-validation members (`pipeline.lopt.warm_start`), so step 0 of
+    # meta-training is the tuned baseline and meta-validation's selection can only improve on it.
+    init_from: str = "default"
 
     def __post_init__(self) -> None:
         if self.horizon < 1 or self.truncation < 1 or self.horizon % self.truncation:
@@ -104,6 +110,8 @@ class MetaTrainConfig:
             raise ConfigError(f"validate_every must be >= 0 and val_members >= 1, got {self.validate_every} and {self.val_members}")
         if self.meta_loss not in ("ratio", "log"):
             raise ConfigError(f"meta_loss {self.meta_loss!r} is unknown; use ratio or log")
+        if self.init_from not in ("default", "tuned"):
+            raise ConfigError(f"init_from {self.init_from!r} is unknown; use default or tuned")
         if self.curriculum < 0:
             raise ConfigError(f"curriculum must be >= 0 outer steps, got {self.curriculum}")
         if not (self.outer_lr > 0 and self.hp_lr > 0 and self.grad_clip > 0 and self.loss_cap > 1):
@@ -252,6 +260,15 @@ def _run_digest(stored: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _stored_config(out: Path | None) -> dict[str, Any] | None:
+    """An existing run's config.json (None if absent or unreadable: `_try_resume` reports that)."""
+    try:
+        data = json.loads((out / CONFIG_FILE).read_text()) if out is not None else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _spec_dict(spec: Any) -> Any:
     return None if spec is None else spec.to_dict()
 
@@ -307,6 +324,9 @@ def meta_train(
     device = torch.device(device)
     problems = [p.to(device) for p in problems]
     val = [p.to(device) for p in val_problems or []] if config.validate_every else []
+    out_dir = Path(out) if out is not None else None
+    t_warm = time.perf_counter()
+    config, warm = warm_started(config, val, _stored_config(out_dir))
     lopt = ResidualLOpt(config.optimizer, spec)
     template = lopt.init_meta(config.seed)
     theta = flatten_meta(template).to(device)
@@ -319,12 +339,13 @@ def meta_train(
         "source": dict(source or {}),
         "meta_parameters": int(theta.numel()),
     }
+    if warm is not None:  # the tuned start and its grid (part of the run's identity: a resume reuses it)
+        stored["warm_start"] = warm if "seconds" in warm else {**warm, "seconds": round(time.perf_counter() - t_warm, 1)}
     start, elapsed, history = 0, 0.0, []
     state: Any = None
     accum: Tensor | None = None
     best = _Best()
     timing = {"es_s": 0.0, "val_s": 0.0}  # wall seconds in ES steps and in meta-validation (where a run's time goes)
-    out_dir = Path(out) if out is not None else None
     run = _run_digest(stored)
     if out_dir is not None:
         resumed = _try_resume(out_dir, stored, run, device)
