@@ -105,3 +105,23 @@ def test_cli_bad_init_from_exits_2(tmp_path, args: list[str], message: str) -> N
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_table_says_which_runs_started_tuned(tmp_path) -> None:
+    """`lopt eval`'s meta-train column names the tuned start, read from each run's config.json (the default start
+    adds nothing), so a table says which rows began at the tuned baseline."""
+    from pipeline.lopt.evaluate import _meta_train_cell
+    from pipeline.lopt.meta_train import load_optimizer
+    from pipeline.lopt.runs import _extra
+
+    train, val = _problems()
+    rows = {}
+    for start in ("tuned", "default"):
+        config = MetaTrainConfig(**{**_config(2).__dict__, "init_from": start})
+        meta_train(train, config, tmp_path / start, val_problems=val)
+        lopt, meta, stored = load_optimizer(tmp_path / start, "cpu")
+        progress = json.loads((tmp_path / start / "progress.json").read_text())
+        rows[start] = _extra([(lopt, meta, stored, progress, tmp_path / start)])
+    assert rows["tuned"]["init_from"] == ["tuned"] and rows["default"]["init_from"] == ["default"]
+    assert _meta_train_cell(rows["tuned"]).endswith(", tuned start")
+    assert "tuned" not in _meta_train_cell(rows["default"])

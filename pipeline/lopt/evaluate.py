@@ -362,6 +362,8 @@ def _meta_train_cell(row: Mapping[str, Any]) -> str:
     steps = row.get("selected_steps") or ([row["selected_step"]] if row.get("selected_step") is not None else [])
     if steps:
         text += f", step {'/'.join(str(s) for s in steps)}"
+    if "tuned" in row.get("init_from", ()):
+        text += ", tuned start"  # --init-from tuned: step 0 was the tuned baseline
     return text
 
 

@@ -200,7 +200,8 @@ def evaluate_zoo(
 
 
 def _extra(runs: Sequence[tuple[ResidualLOpt, dict[str, Any], dict[str, Any], dict[str, Any], Path]]) -> dict[str, Any]:
-    """Per optimizer: meta-training wall time (mean per seed), selected steps, hyperparameters (mean), folders."""
+    """Per optimizer: meta-training wall time (mean per seed), selected steps, start (`init_from`), hyperparameters
+    (mean), folders."""
     walls = [p.get("elapsed_s") for *_x, p, _d in runs if p.get("elapsed_s") is not None]
     selected = [(p.get("selected") or {}) for *_x, p, _d in runs]
     hps = [ResidualLOpt.hyperparameters(meta) for _o, meta, *_x in runs]
@@ -214,6 +215,8 @@ def _extra(runs: Sequence[tuple[ResidualLOpt, dict[str, Any], dict[str, Any], di
         "selected_steps": [s.get("step") for s in selected],
         "selected_val_loss": [s.get("val_loss") for s in selected],
         "nominal": runs[0][0].config.nominal,
+        # how each seed's alpha/gamma0 started: "tuned" (--init-from tuned: at the tuned baseline) or "default"
+        "init_from": sorted({(stored.get("meta_train") or {}).get("init_from", "default") for _o, _m, stored, *_x in runs}),
         "directories": [str(d) for *_x, d in runs],
         **{k: float(np.mean([h[k] for h in hps])) for k in hps[0]},
     }
