@@ -68,14 +68,8 @@ def _multiples(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def _warm_note(out: Path | None) -> str:
-    """", started at the tuned alpha ... gamma0 ..." for a run with --init-from tuned (read from its config.json)."""
-    import json
-
-    try:
-        warm = json.loads((Path(out) / "config.json").read_text()).get("warm_start") if out is not None else None
-    except (OSError, ValueError):
-        return ""
+def _warm_note(warm: dict | None) -> str:
+    """", started at the tuned alpha ... gamma0 ..." for a run with --init-from tuned (its `warm_start` record)."""
     if not warm:
         return ""
     return f", started at the tuned alpha {warm['alpha']:g}, gamma0 {warm['gamma0']:g} (val {min(warm['grid'].values()):.4f})"
@@ -151,14 +145,14 @@ def meta_train_cmd(
 
             for k, result in enumerate(meta_train_seeds(zoo, config, out, seeds, device=device, max_members=max_members, progress=True)):
                 sel = f", selected step {result.selected_step} (val {result.selected_val_loss:.4f})" if result.selected_step is not None else ""
-                console.print(f"seed {seed + k}: meta-trained {optimizer} in {result.wall_time_s / 60:.1f} min{sel}{_warm_note(result.out)}; wrote {out}/seed{seed + k}/")
+                console.print(f"seed {seed + k}: meta-trained {optimizer} in {result.wall_time_s / 60:.1f} min{sel}{_warm_note(result.warm_start)}; wrote {out}/seed{seed + k}/")
             return
         result = meta_train_zoo(zoo, config, out, device=device, max_members=max_members, progress=True)
         hp = result.history[-1] if result.history else {}
         console.print(
             f"meta-trained {optimizer} in {result.wall_time_s / 60:.1f} min; last step: "
             + ", ".join(f"{k} {hp[k]:.4g}" for k in ("alpha", "beta", "gamma0", "meta_loss") if k in hp)
-            + f"{_warm_note(result.out)}; wrote {escape(str(out))}/"
+            + f"{_warm_note(result.warm_start)}; wrote {escape(str(out))}/"
         )
         if result.selected_step is not None:
             last = result.validation[-1]

@@ -46,7 +46,7 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.lopt.es import ESConfig, clip_by_norm, es_step, sanitize_losses
 from pipeline.lopt.inner import InnerProblem
 from pipeline.lopt.optimizers import Adam, LOptConfig, ResidualLOpt, flatten_meta, unflatten_meta
-from pipeline.lopt.warm_start import warm_started
+from pipeline.lopt.warm_start import INIT_FROM, warm_started
 
 __all__ = [
     "MetaTrainConfig",
@@ -110,8 +110,8 @@ class MetaTrainConfig:
             raise ConfigError(f"validate_every must be >= 0 and val_members >= 1, got {self.validate_every} and {self.val_members}")
         if self.meta_loss not in ("ratio", "log"):
             raise ConfigError(f"meta_loss {self.meta_loss!r} is unknown; use ratio or log")
-        if self.init_from not in ("default", "tuned"):
-            raise ConfigError(f"init_from {self.init_from!r} is unknown; use default or tuned")
+        if self.init_from not in INIT_FROM:
+            raise ConfigError(f"init_from {self.init_from!r} is unknown; use {' or '.join(INIT_FROM)}")
         if self.curriculum < 0:
             raise ConfigError(f"curriculum must be >= 0 outer steps, got {self.curriculum}")
         if not (self.outer_lr > 0 and self.hp_lr > 0 and self.grad_clip > 0 and self.loss_cap > 1):
@@ -136,6 +136,7 @@ class MetaTrainResult:
     validation: list[dict[str, float]] = field(default_factory=list)  # [{"step", "val_loss"}]
     selected_step: int | None = None  # outer step of `meta` (None without validation)
     selected_val_loss: float | None = None
+    warm_start: dict[str, Any] | None = None  # --init-from tuned: the chosen start and its grid (as in config.json)
 
 
 def validation_score(problems: Sequence[InnerProblem], lopt: ResidualLOpt, meta: Mapping[str, Tensor], horizon: int, seed: int, cap: float) -> float:
@@ -325,7 +326,6 @@ def meta_train(
     problems = [p.to(device) for p in problems]
     val = [p.to(device) for p in val_problems or []] if config.validate_every else []
     out_dir = Path(out) if out is not None else None
-    t_warm = time.perf_counter()
     config, warm = warm_started(config, val, _stored_config(out_dir))
     lopt = ResidualLOpt(config.optimizer, spec)
     template = lopt.init_meta(config.seed)
@@ -340,7 +340,7 @@ def meta_train(
         "meta_parameters": int(theta.numel()),
     }
     if warm is not None:  # the tuned start and its grid (part of the run's identity: a resume reuses it)
-        stored["warm_start"] = warm if "seconds" in warm else {**warm, "seconds": round(time.perf_counter() - t_warm, 1)}
+        stored["warm_start"] = warm
     start, elapsed, history = 0, 0.0, []
     state: Any = None
     accum: Tensor | None = None
@@ -404,7 +404,7 @@ def meta_train(
     if out_dir is not None:
         _save_meta(out_dir, last, meta)
     return MetaTrainResult(meta=meta, history=history, wall_time_s=wall, out=out_dir, meta_last=last, validation=list(best.curve),
-                           selected_step=best.step, selected_val_loss=best.score)
+                           selected_step=best.step, selected_val_loss=best.score, warm_start=warm)
 
 
 @dataclass

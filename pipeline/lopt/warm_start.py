@@ -16,17 +16,19 @@ step sizes x momenta around what meta-tuned SGDM reaches on the digits zoos (alp
 from __future__ import annotations
 
 from collections.abc import Sequence
+import time
 from dataclasses import replace
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.lopt.evaluate import DEFAULT_ADAM_LRS
 from pipeline.lopt.inner import InnerProblem
 from pipeline.lopt.optimizers import LOptConfig, ResidualLOpt
 
 __all__ = ["ADAM_GRID", "INIT_FROM", "SGDM_GRID", "nominal_grid", "tune_nominal", "warm_started"]
 
 INIT_FROM = ("default", "tuned")
-ADAM_GRID = tuple((lr, 0.9) for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1))  # (alpha, gamma0): evaluate.DEFAULT_ADAM_LRS
+ADAM_GRID = tuple((lr, 0.9) for lr in DEFAULT_ADAM_LRS)  # (alpha, gamma0): the evaluation's tuned-Adam grid
 SGDM_GRID = tuple((a, g) for a in (0.1, 0.2, 0.5, 1.0, 2.0, 5.0) for g in (0.5, 0.8, 0.9))
 
 
@@ -44,22 +46,18 @@ def tune_nominal(val_problems: Sequence[InnerProblem], optimizer: LOptConfig, ho
     if not val_problems:
         raise ConfigError("--init-from tuned chooses the start on val-split members: it needs --validate-every > 0 and a val split")
     scores: dict[str, float] = {}
-    best: tuple[float, float] | None = None
     for alpha, gamma0 in nominal_grid(optimizer.nominal):
         nominal = ResidualLOpt(LOptConfig(kind="sgdm", alpha=alpha, gamma0=gamma0, nominal=optimizer.nominal))
-        score = validation_score(val_problems, nominal, nominal.init_meta(seed), horizon, seed, cap)
-        key = f"{alpha:g}/{gamma0:g}"
-        if best is None or score < scores[f"{best[0]:g}/{best[1]:g}"]:
-            best = (alpha, gamma0)
-        scores[key] = score
-    assert best is not None
-    return best[0], best[1], scores
+        scores[f"{alpha:g}/{gamma0:g}"] = validation_score(val_problems, nominal, nominal.init_meta(seed), horizon, seed, cap)
+    alpha, gamma0 = min(nominal_grid(optimizer.nominal), key=lambda point: scores[f"{point[0]:g}/{point[1]:g}"])
+    return alpha, gamma0, scores
 
 
 def warm_started(config: Any, val_problems: Sequence[InnerProblem], stored: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any] | None]:
-    """(config with the tuned initial alpha and gamma0, the warm-start record for config.json) for a `MetaTrainConfig`
-    with `init_from` "tuned"; the config unchanged and None otherwise. `stored` is a resumed run's config.json: its
-    recorded choice is reused (not re-tuned), so a resume never depends on re-running the grid bit for bit."""
+    """(config with the tuned initial alpha and gamma0, the warm-start record for config.json: the choice, every grid
+    point's score and the tuning's wall seconds) for a `MetaTrainConfig` with `init_from` "tuned"; the config unchanged
+    and None otherwise. `stored` is a resumed run's config.json: its recorded choice is reused (not re-tuned), so a
+    resume never depends on re-running the grid bit for bit."""
     if config.init_from != "tuned":
         return config, None
     if config.optimizer.head_scale != 0:
@@ -68,6 +66,8 @@ def warm_started(config: Any, val_problems: Sequence[InnerProblem], stored: dict
     if isinstance(record, dict) and {"alpha", "gamma0", "grid"} <= set(record):
         alpha, gamma0 = float(record["alpha"]), float(record["gamma0"])
     else:
+        t0 = time.perf_counter()
         alpha, gamma0, grid = tune_nominal(val_problems, config.optimizer, config.horizon, config.seed, config.loss_cap)
-        record = {"alpha": alpha, "gamma0": gamma0, "nominal": config.optimizer.nominal, "grid": grid}
+        record = {"alpha": alpha, "gamma0": gamma0, "nominal": config.optimizer.nominal, "grid": grid,
+                  "seconds": round(time.perf_counter() - t0, 1)}
     return replace(config, optimizer=replace(config.optimizer, alpha=alpha, gamma0=gamma0)), record
