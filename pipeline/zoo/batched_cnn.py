@@ -190,6 +190,15 @@ class BatchedCNN:
         widest = max([input_shape[0] * input_shape[1] * input_shape[2]] + [q.c_out * q.ho * q.wo for q in self.plans])
         self.eval_rows = max(1, _EVAL_ELEMENTS // widest)  # members x samples per evaluation call
 
+    def _unfold_product(self, h: torch.Tensor, weight: torch.Tensor, plan: _ConvPlan) -> torch.Tensor:
+        """im2col convolution without bias: h (k, B, C*H*W) and kernels `weight` (k, O, C, kh, kw) or flat ->
+        (k, O, B*L), one bmm of each member's kernel matrix with its im2col patches."""
+        k, b = h.shape[:2]
+        big_l = plan.ho * plan.wo
+        patches = F.unfold(h.reshape(k * b, plan.c_in, plan.h, plan.w), self.kernel, 1, self.padding, self.stride)
+        patches = patches.view(k, b, -1, big_l).transpose(1, 2).reshape(k, patches.shape[1], b * big_l)
+        return torch.bmm(weight.reshape(k, plan.c_out, -1), patches)
+
     def __call__(
         self,
         params: Mapping[str, torch.Tensor],
@@ -207,9 +216,7 @@ class BatchedCNN:
             if plan.dense:  # (k, B, O*L), the Function's own output (not a view): in-place ops keep autograd cheap
                 out = _DenseConv.apply(h, weight.reshape(k, -1), bias, plan)
             else:
-                patches = F.unfold(h.reshape(k * b, plan.c_in, plan.h, plan.w), self.kernel, 1, self.padding, self.stride)
-                patches = patches.view(k, b, -1, big_l).transpose(1, 2).reshape(k, patches.shape[1], b * big_l)
-                out = torch.bmm(weight.reshape(k, plan.c_out, -1), patches)  # (k, O, B*L)
+                out = self._unfold_product(h, weight, plan)  # (k, O, B*L)
                 out += bias[:, :, None]  # in place: bmm's backward needs its inputs, not its output
                 out = out.view(k, plan.c_out, b, big_l).transpose(1, 2).reshape(k, b, -1)  # a fresh copy, no view
             keep = None
@@ -251,10 +258,7 @@ class BatchedCNN:
                 if dense is not None:
                     out = torch.baddbmm(wide_bias, h, dense)
                 else:
-                    big_l = plan.ho * plan.wo
-                    patches = F.unfold(h.reshape(k * b, plan.c_in, plan.h, plan.w), self.kernel, 1, self.padding, self.stride)
-                    patches = patches.view(k, b, -1, big_l).transpose(1, 2).reshape(k, patches.shape[1], b * big_l)
-                    out = torch.bmm(weight.view(k, plan.c_out, -1), patches).view(k, plan.c_out, b, big_l)
+                    out = self._unfold_product(h, weight, plan).view(k, plan.c_out, b, plan.ho * plan.wo)
                     out = (out.transpose(1, 2) + bias[:, None, :, None]).reshape(k, b, -1)
                 h = self.act(out)
             pooled = h.reshape(k, b, self.plans[-1].c_out, -1).mean(-1)
