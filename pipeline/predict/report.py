@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from pipeline.predict.data import PredictData
     from pipeline.predict.train import RunResult, TrainResult
 
-__all__ = ["summarize", "statistics_table", "selected_unf_form", "SELECTED_UNF", "comparison_markdown", "write_report", "plot_test_scatter",
+__all__ = ["summarize", "statistics_table", "selected_unf_form", "unf_form_val_taus", "SELECTED_UNF", "comparison_markdown", "write_report", "plot_test_scatter",
            "plot_val_tau", "clean_json", "model_predictions"]
 
 _STATS = ("tau", "spearman", "tau_above", "r2", "mae", "bias", "auc")
@@ -50,14 +50,17 @@ UNF_FORMS = ("unf", "unf-perm")
 SELECTED_UNF = "unf-val"
 
 
+def unf_form_val_taus(runs: list[RunResult]) -> dict[str, float]:
+    """{form: mean validation tau over its seeds} of the UNF forms among `runs` (a non-finite tau counts as -1)."""
+    return {m: _mean([_val(r) for r in runs_of(runs, m)]) for m in UNF_FORMS if runs_of(runs, m)}
+
+
 def selected_unf_form(runs: list[RunResult]) -> str | None:
     """When both UNF forms were trained: the one with the higher mean validation tau over seeds (never test). Neither
     form wins on every zoo (the tied one on cnn-digits, the exact one on the MLP zoos), and validation picked the form
     that won the held-out groups in every comparison measured (docs/results.md); None otherwise."""
-    forms = [m for m in UNF_FORMS if runs_of(runs, m)]
-    if len(forms) < 2:
-        return None
-    return max(forms, key=lambda m: _mean([_val(r) for r in runs_of(runs, m)]))
+    taus = unf_form_val_taus(runs)
+    return max(taus, key=taus.__getitem__) if len(taus) == len(UNF_FORMS) else None
 
 
 def model_predictions(runs: list[RunResult], ensemble: bool = False) -> dict[str, list[np.ndarray]]:

@@ -492,16 +492,15 @@ def _copy_predictor(source: Path, dest: Path) -> None:
 def _write_selected_unf(out_dir: Path, runs: list[RunResult]) -> None:
     """With both UNF forms trained, save the validation-selected one as `<out>/unf-val/` (the predictor of the report's
     "unf-val" row: the better form's best-validation seed) with a `selection.json` saying what was chosen and why."""
-    from pipeline.predict.report import SELECTED_UNF, UNF_FORMS, selected_unf_form
+    from pipeline.predict.report import SELECTED_UNF, selected_unf_form, unf_form_val_taus
 
     chosen = selected_unf_form(runs)
     if chosen is None:
         return
     dest = out_dir / SELECTED_UNF
     _copy_predictor(out_dir / chosen, dest)
-    val = {m: float(np.mean([_val_tau(r) for r in runs if r.model == m])) for m in UNF_FORMS}
     atomic_write_text(dest / "selection.json", json.dumps({
-        "form": chosen, "mean_val_tau": val,
+        "form": chosen, "mean_val_tau": unf_form_val_taus(runs),
         "rule": "of the two UNF forms, the one with the higher mean validation tau over seeds (never test or an eval "
                 "zoo); its best-validation seed",
     }, indent=2))
