@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PredictorError
+from pipeline.predict.config import SELECTED_UNF
 from pipeline.predict.features import statnn_features
 from pipeline.predict.models import WIDTH_AGNOSTIC, TensorNormalizer, build_net
 from pipeline.predict.statnn import StatNNModel
@@ -138,9 +139,9 @@ def resolve_predictor_dir(directory: str | os.PathLike[str]) -> Path:
         return subdirs[0]
     if subdirs:
         names = [p.name for p in subdirs]
-        hint = directory / ("unf-val" if "unf-val" in names else names[0])
+        hint = directory / (SELECTED_UNF if SELECTED_UNF in names else names[0])
         raise PredictorError(f"{directory} holds several predictors ({', '.join(names)}); pass one of them, e.g. "
-                             f"{hint}" + (" (the UNF form chosen on validation)" if hint.name == "unf-val" else ""))
+                             f"{hint}" + (" (the UNF form chosen on validation)" if hint.name == SELECTED_UNF else ""))
     raise PredictorError(f"{directory} holds no {CONFIG_FILE}; is it the --out folder of `unfzoo train`?")
 
 

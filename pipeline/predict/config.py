@@ -34,6 +34,10 @@ MODEL_KINDS: dict[str, str] = {
     "unf-hybrid": "hybrid",
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_KINDS)
+# The UNF forms (exact, tied fixed axes) and the name of whichever has the better validation tau: a report row and,
+# after `unfzoo train`, a predictor folder
+UNF_FORMS: tuple[str, ...] = ("unf", "unf-perm")
+SELECTED_UNF = "unf-val"
 _ALL = ("unf", "statnn", "deepsets", "flat", "unf-perm")
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from pipeline.predict.config import SELECTED_UNF, UNF_FORMS
 from pipeline.predict.stats import (CONFIDENCE, noise_ceiling_tau, pairwise_differences, split_statistics,
                                     tau_interval)
 
@@ -45,9 +46,6 @@ def _val(r: RunResult) -> float:
     return float(t) if t is not None and np.isfinite(t) else -1.0
 
 
-# The UNF forms (exact, tied fixed axes) and the row that stands for whichever has the better validation tau
-UNF_FORMS = ("unf", "unf-perm")
-SELECTED_UNF = "unf-val"
 
 
 def unf_form_val_taus(runs: list[RunResult]) -> dict[str, float]:
