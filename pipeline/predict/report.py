@@ -41,16 +41,9 @@ def _mean(values: list[Any]) -> float:
     return float(np.mean(v)) if v else float("nan")
 
 
-def _val(r: RunResult) -> float:
-    t = r.metrics["val"]["tau"]
-    return float(t) if t is not None and np.isfinite(t) else -1.0
-
-
-
-
 def unf_form_val_taus(runs: list[RunResult]) -> dict[str, float]:
     """{form: mean validation tau over its seeds} of the UNF forms among `runs` (a non-finite tau counts as -1)."""
-    return {m: _mean([_val(r) for r in runs_of(runs, m)]) for m in UNF_FORMS if runs_of(runs, m)}
+    return {m: _mean([r.val_tau for r in runs_of(runs, m)]) for m in UNF_FORMS if runs_of(runs, m)}
 
 
 def selected_unf_form(runs: list[RunResult]) -> str | None:
@@ -88,7 +81,7 @@ def summarize(runs: list[RunResult], data: PredictData | None = None, ensemble: 
         mine = runs_of(runs, selected_unf_form(runs) if model == SELECTED_UNF else model)
         if mine:
             metrics = [r.metrics for r in mine]
-            best_seed, seconds = int(mine[int(np.argmax([_val(r) for r in mine]))].seed), sum(r.seconds for r in mine)
+            best_seed, seconds = int(mine[int(np.argmax([r.val_tau for r in mine]))].seed), sum(r.seconds for r in mine)
             seconds = 0.0 if model == SELECTED_UNF else seconds  # its runs are counted under their own name
         else:  # an ensemble: statistics of the mean prediction
             assert data is not None
@@ -277,7 +270,7 @@ def plot_test_scatter(runs: list[RunResult], path: Any, target: str) -> None:
     models = list(dict.fromkeys(r.model for r in runs))
     fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.6), squeeze=False)
     for ax, model in zip(axes[0], models):
-        best = max((r for r in runs if r.model == model), key=_val)
+        best = max((r for r in runs if r.model == model), key=lambda r: r.val_tau)
         test = best.predictions[best.predictions["split"] == "test"]
         ax.scatter(test["target"], test["prediction"], s=6, alpha=0.5)
         lo = float(np.nanmin([test["target"].min(), test["prediction"].min()]))
@@ -307,7 +300,7 @@ def plot_val_tau(runs: list[RunResult], path: Any) -> None:
             ax.plot([h["epoch"] for h in r.history], [h["val_tau"] for h in r.history], color=colors[r.model],
                     alpha=0.8, label=label)
         else:
-            ax.axhline(_val(r), color=colors[r.model], ls="--", alpha=0.8, label=label)
+            ax.axhline(r.val_tau, color=colors[r.model], ls="--", alpha=0.8, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation Kendall tau")
     ax.legend(fontsize=8)

@@ -76,6 +76,12 @@ class RunResult:
     predictions: pd.DataFrame
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def val_tau(self) -> float:
+        """Validation Kendall tau, -1 when it is missing or not finite (so such a run is never selected)."""
+        t = self.metrics["val"]["tau"]
+        return float(t) if t is not None and np.isfinite(t) else -1.0
+
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "kind": self.kind, "seed": self.seed, "metrics": self.metrics,
                 "history": self.history, "best_epoch": self.best_epoch, "seconds": self.seconds, "extra": self.extra}
@@ -458,11 +464,6 @@ def _check_out_dir(out_dir: Path, config: TrainConfig, zoos: list[str]) -> None:
                           "use another --out or delete that folder")
 
 
-def _val_tau(run: RunResult) -> float:
-    t = run.metrics["val"]["tau"]
-    return float(t) if t is not None and np.isfinite(t) else -1.0
-
-
 def check_keep_fixed(zoo: Any, labels: tuple[str, ...]) -> None:
     """Raise ConfigError when a `--keep-fixed` label is not a fixed label of `zoo`'s spec (checked before any weights
     are read, so a typo fails at once)."""
@@ -555,7 +556,7 @@ def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[st
             runs.append(fit_run(model, data, config, spec, seed, out_dir / model / f"seed{seed}", zoo_info, device,
                                 progress, features))
         # the model's default predictor: the seed with the best validation tau (never test)
-        best = max((r for r in runs if r.model == model), key=_val_tau)
+        best = max((r for r in runs if r.model == model), key=lambda r: r.val_tau)
         _copy_predictor(best.directory, out_dir / model)
     _write_selected_unf(out_dir, runs)
     data_info = {"target": data.target, "loss": data.loss, "excluded": data.excluded, "counts": data.counts(),
