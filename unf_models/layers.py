@@ -687,6 +687,21 @@ def _sum_tree(vals: list[Tensor | None], fresh: list[bool], order: tuple[int, ..
     return acc, own  # type: ignore[return-value]
 
 
+class _PermutedCopy(torch.autograd.Function):
+    """``x.permute(perm).contiguous()`` whose gradient is contiguous too. Plain autograd hands back the permuted view
+    of the output's gradient; once summed with ``x``'s other gradients the sum keeps that transposed layout, and every
+    later backward op on it (the ReLU's mask, the reductions) runs ~10x slower on the strided tensor."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: tuple[int, ...]) -> Tensor:  # type: ignore[override]
+        ctx.inv = tuple(perm.index(i) for i in range(len(perm)))
+        return x.permute(perm).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad.permute(ctx.inv).contiguous(), None
+
+
 def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bias: Tensor,
          act: Callable[[Tensor], Tensor] | None = None, act_: Callable[[Tensor], Tensor] | None = None
          ) -> list[Tensor]:
@@ -699,8 +714,9 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
     terms: list[Tensor | None] = [None] * plan.num_outputs  # the terms, then each piece's placed diagonal sums
     owned = [False] * plan.num_outputs  # made here, referenced nowhere else: may be added into in place
     for key, ins, outs, widths in plan.groups:
-        xs = [reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
         # permuted inputs (a tied matrix transposed) are copied first: cat's strided path is ~2x slower than both
+        xs = [reads[r].permute(perm) if perm == tuple(range(len(perm))) or not reads[r].is_contiguous()  # type: ignore
+              else _PermutedCopy.apply(reads[r], perm) for r, perm in ins]
         cat = xs[0] if len(xs) == 1 else torch.cat([x.contiguous() for x in xs], dim=0)
         weight = weights[key]  # (sum K_in, sum K_out)
         if cat.dim() == 2:
@@ -805,11 +821,35 @@ class UNFLinear(nn.Module):
             h = list(h)
             for i, key in self._embedded:
                 h[i] = h[i] + self.pos_embed[key]
+        return self._forward_work(self._work_layout(h), act, act_)
+
+    def enter(self, h: list[Tensor]) -> list[Tensor]:
+        """Pieces ``(B, K, *perm_dims)`` -> the layout ``forward_entered`` takes, batch on dim 1 (channel-major, or
+        folded). Parameter-free, so constant inputs (a training set) are entered once and batches are taken from
+        them with ``index_select(1, ...)`` instead of paying the layout copy every step."""
+        if self._embedded:  # the embedding is learned: added per call, before the working layout
+            return [t.transpose(0, 1).contiguous() for t in h]
+        return self._work_layout(h)
+
+    def forward_entered(self, h: list[Tensor], act: Callable[[Tensor], Tensor] | None = None,
+                        act_: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+        """``forward_internal`` on pieces already ``enter``-ed; returns pieces ``(B, K_out, *perm_dims)``."""
+        if self._embedded:
+            return self.forward_internal([t.transpose(0, 1) for t in h], act, act_)
+        return self._forward_work(h, act, act_)
+
+    def _work_layout(self, h: list[Tensor]) -> list[Tensor]:
         if self._folded is None:  # channel-major (K, B, *dims): free when the input already is (a layer's output)
-            out = _run(self._fwd, [t.transpose(0, 1).contiguous() for t in h], self.mix, self.bias, act, act_)
+            return [t.transpose(0, 1).contiguous() for t in h]
+        return self._folded.fold(h)
+
+    def _forward_work(self, h: list[Tensor], act: Callable[[Tensor], Tensor] | None,
+                      act_: Callable[[Tensor], Tensor] | None) -> list[Tensor]:
+        if self._folded is None:
+            out = _run(self._fwd, h, self.mix, self.bias, act, act_)
             return [t.transpose(0, 1) for t in out]
         f = self._folded
-        out = _run(self._fwd, f.fold(h), f.weights(self, self.mix), self.bias[self._fold_bias], act, act_)
+        out = _run(self._fwd, h, f.weights(self, self.mix), self.bias[self._fold_bias], act, act_)
         return f.unfold(out, self.out_channels)
 
 
