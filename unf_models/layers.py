@@ -536,6 +536,7 @@ class _Folded:
                 index.extend(range(bias_src[oi], bias_src[oi] + out_channels))
         self._buffers["_fold_bias"] = torch.tensor(index, dtype=torch.long)
         self.in_channels, self.out_channels = in_channels, out_channels
+        self._cast: dict[str, tuple[Tensor, Tensor]] = {}  # buffer name -> (the buffer, it in the weights' dtype)
 
     def _exec_contribution(self, pi: int, r: Read, order: tuple[int, ...], read_index: Mapping, contrib_at: Mapping
                            ) -> tuple[int, int]:
@@ -595,9 +596,20 @@ class _Folded:
                     w = w.view(nc, cin, no, cout).permute(0, 2, 1, 3)
                 blocks.append(w.reshape(nc * no, cin * cout))
             stack = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-            y = torch.mm(getattr(module, name).to(stack.dtype), stack).view(rows, cols, cin, cout)
+            y = torch.mm(self._matrix(module, name, stack.dtype), stack).view(rows, cols, cin, cout)
             out[key] = y.permute(0, 2, 1, 3).reshape(rows * cin, cols * cout)
         return out
+
+    def _matrix(self, module: nn.Module, name: str, dtype: torch.dtype) -> Tensor:
+        """The float64 fold buffer ``name`` in the weights' dtype, converted once per buffer (not every call)."""
+        source = getattr(module, name)
+        if source.dtype == dtype or torch.compiler.is_compiling():
+            return source.to(dtype)
+        hit = self._cast.get(name)
+        if hit is None or hit[0] is not source or hit[1].dtype != dtype:
+            hit = (source, source.to(dtype))
+            self._cast[name] = hit
+        return hit[1]
 
 
 @dataclass(frozen=True)
