@@ -320,18 +320,39 @@ def _read_order(steps: tuple[_ReadStep, ...], used: set[int]) -> tuple[int, ...]
     return tuple(sorted(need, key=lambda i: (depth(i), i)))
 
 
-def _compute_reads(h: list[Tensor], steps: tuple[_ReadStep, ...], order: tuple[int, ...]) -> list[Tensor | None]:
-    """The reads listed in ``order`` (B, K, *kept), each distinct reduction once, from its smallest parent."""
+def _compute_reads(h: list[Tensor], steps: tuple[_ReadStep, ...], order: tuple[int, ...]
+                   ) -> tuple[list[Tensor | None], list[int]]:
+    """The reads listed in ``order`` (B, K, *kept), each distinct reduction once, from its smallest parent, as sums,
+    and each read's count (entries per sum; 1 for a base read): the mean is sum / count. The consumers scale whole
+    concatenations at once (``_row_scale``) instead of dividing every read (one op each way, not one per read)."""
     out: list[Tensor | None] = [None] * len(steps)
+    count = [1] * len(steps)
     for i in order:
         s = steps[i]
         if s.parent >= 0:
             parent = out[s.parent]
-            # sum then scale the small result: sum's backward is an expand (a view) where mean's materializes
-            out[i] = parent.sum(dim=s.dim) / parent.shape[s.dim]  # type: ignore[union-attr]
+            out[i] = parent.sum(dim=s.dim)  # type: ignore[union-attr]  # its backward is an expand (a view)
+            count[i] = count[s.parent] * parent.shape[s.dim]  # type: ignore[union-attr]
         else:
             out[i] = torch.einsum(s.equation, h[s.piece]) if s.equation else h[s.piece]
-    return out
+    return out, count
+
+
+def _row_scale(counts: list[int], widths: list[int], like: Tensor, cache: dict | None) -> Tensor | float | None:
+    """1 / count for the rows of a concatenation of blocks ``widths`` rows high: None when every count is 1, a float
+    for a single block, else a ``(sum(widths),)`` tensor (kept in ``cache`` per counts, dtype and device)."""
+    if all(c == 1 for c in counts):
+        return None
+    if len(counts) == 1:
+        return 1.0 / counts[0]
+    key = (tuple(counts), tuple(widths), like.dtype, like.device)
+    hit = None if cache is None or torch.compiler.is_compiling() else cache.get(key)
+    if hit is None:
+        hit = torch.tensor([1.0 / c for c, w in zip(counts, widths) for _ in range(w)], dtype=like.dtype,
+                           device=like.device)
+        if cache is not None and not torch.compiler.is_compiling() and len(cache) < 256:
+            cache[key] = hit
+    return hit
 
 
 @dataclass(frozen=True)
@@ -715,14 +736,14 @@ class _PermutedCopy(torch.autograd.Function):
 
 
 def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bias: Tensor,
-         act: Callable[[Tensor], Tensor] | None = None, act_: Callable[[Tensor], Tensor] | None = None
-         ) -> list[Tensor]:
+         act: Callable[[Tensor], Tensor] | None = None, act_: Callable[[Tensor], Tensor] | None = None,
+         scales: dict | None = None) -> list[Tensor]:
     """One layer application on channel-major pieces ``h`` (K, B, *dims), with mixing ``weights`` per group key.
 
     Channels outermost throughout: every read of a contiguous piece is contiguous, so a group's input is a view (or
     one concatenation) of shape (sum K_in, B*N) for its one matmul, and its output (sum K_out, B, *sig) splits into
     contiguous row blocks per output."""
-    reads = _compute_reads(h, plan.steps, plan.read_order)
+    reads, counts = _compute_reads(h, plan.steps, plan.read_order)
     terms: list[Tensor | None] = [None] * plan.num_outputs  # the terms, then each piece's placed diagonal sums
     owned = [False] * plan.num_outputs  # made here, referenced nowhere else: may be added into in place
     for key, ins, outs, widths in plan.groups:
@@ -730,6 +751,9 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
         xs = [reads[r].permute(perm) if perm == tuple(range(len(perm))) or not reads[r].is_contiguous()  # type: ignore
               else _PermutedCopy.apply(reads[r], perm) for r, perm in ins]
         cat = xs[0] if len(xs) == 1 else torch.cat([x.contiguous() for x in xs], dim=0)
+        scale = _row_scale([counts[r] for r, _ in ins], [x.shape[0] for x in xs], cat, scales)  # sums -> means
+        if scale is not None:
+            cat = cat * (scale if isinstance(scale, float) else scale.view(-1, *[1] * (cat.dim() - 1)))
         weight = weights[key]  # (sum K_in, sum K_out)
         if cat.dim() == 2:
             z = torch.addmm(bias.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
@@ -814,6 +838,7 @@ class UNFLinear(nn.Module):
             for name, value in self._folded.buffers().items():
                 self.register_buffer(name, value, persistent=False)
         self._embedded = tuple((i, str(i)) for i in range(len(pieces)) if str(i) in self.pos_embed)
+        self._scales: dict = {}  # the 1/count row scales of the groups' inputs, per sizes (see _row_scale)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}->{self.out_channels}, fixed_axes={self.fixed_axes!r}, "
@@ -858,10 +883,10 @@ class UNFLinear(nn.Module):
     def _forward_work(self, h: list[Tensor], act: Callable[[Tensor], Tensor] | None,
                       act_: Callable[[Tensor], Tensor] | None) -> list[Tensor]:
         if self._folded is None:
-            out = _run(self._fwd, h, self.mix, self.bias, act, act_)
+            out = _run(self._fwd, h, self.mix, self.bias, act, act_, self._scales)
             return [t.transpose(0, 1) for t in out]
         f = self._folded
-        out = _run(self._fwd, h, f.weights(self, self.mix), self.bias[self._fold_bias], act, act_)
+        out = _run(self._fwd, h, f.weights(self, self.mix), self.bias[self._fold_bias], act, act_, self._scales)
         return f.unfold(out, self.out_channels)
 
 
@@ -887,6 +912,7 @@ class UNFPool(nn.Module):
         self._steps = _read_steps(pieces, every, spec.sizes)
         self._read_order = _read_order(self._steps, set(self._features))
         self.num_features = sum(channels * pieces[pi].fold for pi, _ in self._reads)
+        self._scales: dict = {}  # 1/count per feature, per sizes (see _row_scale)
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
         sizes = self._layout.sizes(x, batch_dims=2)
@@ -896,7 +922,10 @@ class UNFPool(nn.Module):
         # a channel-major piece (a layer's output, seen as a (B, K, ...) view) is reduced as (K, B, ...): contiguous
         # reductions, and their gradients are written channel-major too; the small (K, B) results are transposed
         flip = [t.dim() > 2 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous() for t in h]
-        reads = _compute_reads([t.transpose(0, 1) if f else t for t, f in zip(h, flip)], self._steps,
-                               self._read_order)
+        reads, counts = _compute_reads([t.transpose(0, 1) if f else t for t, f in zip(h, flip)], self._steps,
+                                       self._read_order)
         feats = [reads[i].t() if flip[pi] else reads[i] for i, (pi, _) in zip(self._features, self._reads)]
-        return torch.cat(feats, dim=-1)  # type: ignore[arg-type]  # (B, num_features)
+        out = torch.cat(feats, dim=-1)  # type: ignore[arg-type]  # (B, num_features) sums
+        scale = _row_scale([counts[i] for i in self._features], [f.shape[-1] for f in feats], out,  # type: ignore
+                           self._scales)
+        return out if scale is None else out * scale  # means
