@@ -850,15 +850,23 @@ class UNFLinear(nn.Module):
         return self._layout.from_internal(self.forward_internal(h), sizes, self.out_channels, x)
 
     def forward_internal(self, h: list[Tensor], act: Callable[[Tensor], Tensor] | None = None,
-                         act_: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+                         act_: Callable[[Tensor], Tensor] | None = None, channel_major: bool = False
+                         ) -> list[Tensor]:
         """Pieces ``(B, K, *perm_dims)`` in and out (used by UNFPredictor to skip layout changes). ``act`` (e.g. a
         pointwise nonlinearity) is applied to every output piece, as its in-place form ``act_`` where that piece is
-        a fresh tensor of the layer's own (no second full-size tensor per piece)."""
+        a fresh tensor of the layer's own (no second full-size tensor per piece). ``channel_major``: return the
+        contiguous ``(K_out, B, *perm_dims)`` pieces themselves where the layer computes them so (not ``folds``)."""
         if self._embedded:
             h = list(h)
             for i, key in self._embedded:
                 h[i] = h[i] + self.pos_embed[key]
-        return self._forward_work(self._work_layout(h), act, act_)
+        return self._forward_work(self._work_layout(h), act, act_, channel_major)
+
+    @property
+    def channel_major(self) -> bool:
+        """Whether the layer computes on contiguous channel-major pieces ``(K, B, *perm_dims)`` (its ``enter``-ed
+        layout, also what it returns with ``channel_major=True``): no folded axes, no positional embedding."""
+        return self._folded is None and not self._embedded
 
     def enter(self, h: list[Tensor]) -> list[Tensor]:
         """Pieces ``(B, K, *perm_dims)`` -> the layout ``forward_entered`` takes, batch on dim 1 (channel-major, or
@@ -869,11 +877,12 @@ class UNFLinear(nn.Module):
         return self._work_layout(h)
 
     def forward_entered(self, h: list[Tensor], act: Callable[[Tensor], Tensor] | None = None,
-                        act_: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
-        """``forward_internal`` on pieces already ``enter``-ed; returns pieces ``(B, K_out, *perm_dims)``."""
+                        act_: Callable[[Tensor], Tensor] | None = None, channel_major: bool = False
+                        ) -> list[Tensor]:
+        """``forward_internal`` on pieces already ``enter``-ed (or returned channel-major by the layer before)."""
         if self._embedded:
-            return self.forward_internal([t.transpose(0, 1) for t in h], act, act_)
-        return self._forward_work(h, act, act_)
+            return self.forward_internal([t.transpose(0, 1) for t in h], act, act_, channel_major)
+        return self._forward_work(h, act, act_, channel_major)
 
     def _work_layout(self, h: list[Tensor]) -> list[Tensor]:
         if self._folded is None:  # channel-major (K, B, *dims): free when the input already is (a layer's output)
@@ -881,10 +890,10 @@ class UNFLinear(nn.Module):
         return self._folded.fold(h)
 
     def _forward_work(self, h: list[Tensor], act: Callable[[Tensor], Tensor] | None,
-                      act_: Callable[[Tensor], Tensor] | None) -> list[Tensor]:
+                      act_: Callable[[Tensor], Tensor] | None, channel_major: bool = False) -> list[Tensor]:
         if self._folded is None:
             out = _run(self._fwd, h, self.mix, self.bias, act, act_, self._scales)
-            return [t.transpose(0, 1) for t in out]
+            return [t.contiguous() for t in out] if channel_major else [t.transpose(0, 1) for t in out]
         f = self._folded
         out = _run(self._fwd, h, f.weights(self, self.mix), self.bias[self._fold_bias], act, act_, self._scales)
         return f.unfold(out, self.out_channels)
@@ -918,12 +927,16 @@ class UNFPool(nn.Module):
         sizes = self._layout.sizes(x, batch_dims=2)
         return self.forward_internal(self._layout.to_internal(x, sizes))
 
-    def forward_internal(self, h: list[Tensor]) -> Tensor:
+    def forward_internal(self, h: list[Tensor], channel_major: bool = False) -> Tensor:
+        """Pieces ``(B, K, *perm_dims)`` (or, with ``channel_major``, ``(K, B, *perm_dims)``) -> features."""
         # a channel-major piece (a layer's output, seen as a (B, K, ...) view) is reduced as (K, B, ...): contiguous
         # reductions, and their gradients are written channel-major too; the small (K, B) results are transposed
-        flip = [t.dim() > 2 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous() for t in h]
-        reads, counts = _compute_reads([t.transpose(0, 1) if f else t for t, f in zip(h, flip)], self._steps,
-                                       self._read_order)
+        if channel_major:
+            flip = [True] * len(h)
+        else:
+            flip = [t.dim() > 2 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous() for t in h]
+            h = [t.transpose(0, 1) if f else t for t, f in zip(h, flip)]
+        reads, counts = _compute_reads(h, self._steps, self._read_order)
         feats = [reads[i].t() if flip[pi] else reads[i] for i, (pi, _) in zip(self._features, self._reads)]
         out = torch.cat(feats, dim=-1)  # type: ignore[arg-type]  # (B, num_features) sums
         scale = _row_scale([counts[i] for i in self._features], [f.shape[-1] for f in feats], out,  # type: ignore

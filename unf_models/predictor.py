@@ -67,7 +67,12 @@ class UNFPredictor(nn.Module):
     def forward_prepared(self, h: list[Tensor]) -> Tensor:
         """``forward`` on ``prepare``-d inputs -> ``(B, out_features)``."""
         act_ = torch.relu_ if type(self.act) is nn.ReLU else None  # in place on the layers' fresh outputs
-        h = self.layers[0].forward_entered(h, self.act, act_)
-        for layer in self.layers[1:]:
-            h = layer.forward_internal(h, self.act, act_)
-        return self.head(self.pool.forward_internal(h))  # (B, out_features)
+        # pieces pass between layers (and into the pool) channel-major where both sides compute so: no transposes
+        nxt = [layer.channel_major for layer in self.layers[1:]] + [True]
+        h = self.layers[0].forward_entered(h, self.act, act_, channel_major=nxt[0])
+        cm = nxt[0] and self.layers[0]._folded is None
+        for layer, want in zip(self.layers[1:], nxt[1:]):
+            run = layer.forward_entered if cm else layer.forward_internal
+            h = run(h, self.act, act_, channel_major=want)
+            cm = want and layer._folded is None
+        return self.head(self.pool.forward_internal(h, channel_major=cm))  # (B, out_features)
