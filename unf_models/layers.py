@@ -735,6 +735,21 @@ class _PermutedCopy(torch.autograd.Function):
         return grad.permute(ctx.inv).contiguous(), None
 
 
+class _Split(torch.autograd.Function):
+    """``z.split(widths)`` (dim 0) into tensors autograd treats as z's outputs rather than views of it, so each may
+    take its piece's other terms and the activation in place (views of a multi-output split may not): no
+    full-size sum allocated per piece. Safe because z is a fresh matmul product nothing else reads; the gradient
+    is the same one concatenation as split's."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, widths: tuple[int, ...]) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(torch.ops.aten._unsafe_view(c, c.shape) for c in z.split(widths))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
+        return torch.cat(grads), None  # type: ignore[arg-type]
+
+
 def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bias: Tensor,
          act: Callable[[Tensor], Tensor] | None = None, act_: Callable[[Tensor], Tensor] | None = None,
          scales: dict | None = None) -> list[Tensor]:
@@ -762,11 +777,17 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
             # the product is a temporary of ours: reshaped as a tensor of its own (not an autograd view), a term
             # that is all of it can take the other terms in place (no full-size sum allocated per piece)
             z = torch.ops.aten._unsafe_view(z, (weight.shape[1], *cat.shape[1:]))
-        # split, not slices: its backward is one concatenation, not a zero-filled z-sized gradient per output
-        chunks = z.split(widths) if len(widths) > 1 else (z,)
+        # split, not slices: its backward is one concatenation, not a zero-filled z-sized gradient per output; a
+        # full-size product's parts are split as tensors of their own, which take the other terms in place
+        # (worth its overhead when such a part is large)
+        own = len(widths) == 1 or (z.numel() // z.shape[0] * max(w for w, (_, _, wp) in zip(widths, outs)
+                                                                    if not wp.perm and not wp.index) >= 1 << 16
+                                   if any(not wp.perm and not wp.index for _, _, wp in outs)
+                                   and not torch.compiler.is_compiling() else False)
+        chunks = (z,) if len(widths) == 1 else _Split.apply(z, tuple(widths)) if own else z.split(widths)
         for (t, piece, wplan), chunk in zip(outs, chunks):
             terms[t] = _place(chunk, wplan)  # diagonal blocks are placed per pattern, after summing
-            owned[t] = len(chunks) == 1 and not wplan.perm and not wplan.index
+            owned[t] = own and not wplan.perm and not wplan.index
     out = []
     for pi, (diag, (ids, order, parent)) in enumerate(plan.merges):
         y, own = _sum_tree([terms[t] for t in ids], [owned[t] for t in ids], order, parent) if ids else (None, False)
