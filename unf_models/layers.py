@@ -759,12 +759,15 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
     one concatenation) of shape (sum K_in, B*N) for its one matmul, and its output (sum K_out, B, *sig) splits into
     contiguous row blocks per output."""
     reads, counts = _compute_reads(h, plan.steps, plan.read_order)
+    # the two custom autograd Functions below serve eager autograd; traced (torch.compile) or functorch-transformed
+    # (vmap, grad: the learned optimizers) calls take the plain ops, as before them
+    eager = not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
     terms: list[Tensor | None] = [None] * plan.num_outputs  # the terms, then each piece's placed diagonal sums
     owned = [False] * plan.num_outputs  # made here, referenced nowhere else: may be added into in place
     for key, ins, outs, widths in plan.groups:
         # permuted inputs (a tied matrix transposed) are copied first: cat's strided path is ~2x slower than both
-        xs = [reads[r].permute(perm) if perm == tuple(range(len(perm))) or not reads[r].is_contiguous()  # type: ignore
-              else _PermutedCopy.apply(reads[r], perm) for r, perm in ins]
+        xs = [_PermutedCopy.apply(reads[r], perm) if eager and perm != tuple(range(len(perm)))
+              and reads[r].is_contiguous() else reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
         cat = xs[0] if len(xs) == 1 else torch.cat([x.contiguous() for x in xs], dim=0)
         scale = _row_scale([counts[r] for r, _ in ins], [x.shape[0] for x in xs], cat, scales)  # sums -> means
         if scale is not None:
@@ -780,10 +783,8 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
         # split, not slices: its backward is one concatenation, not a zero-filled z-sized gradient per output; a
         # full-size product's parts are split as tensors of their own, which take the other terms in place
         # (worth its overhead when such a part is large)
-        own = len(widths) == 1 or (z.numel() // z.shape[0] * max(w for w, (_, _, wp) in zip(widths, outs)
-                                                                    if not wp.perm and not wp.index) >= 1 << 16
-                                   if any(not wp.perm and not wp.index for _, _, wp in outs)
-                                   and not torch.compiler.is_compiling() else False)
+        plain = [w for w, (_, _, wp) in zip(widths, outs) if not wp.perm and not wp.index]  # parts kept as they are
+        own = len(widths) == 1 or eager and bool(plain) and max(plain) * (z.numel() // z.shape[0]) >= 1 << 16
         chunks = (z,) if len(widths) == 1 else _Split.apply(z, tuple(widths)) if own else z.split(widths)
         for (t, piece, wplan), chunk in zip(outs, chunks):
             terms[t] = _place(chunk, wplan)  # diagonal blocks are placed per pattern, after summing
