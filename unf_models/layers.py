@@ -416,6 +416,12 @@ def _add_to_diagonals_(y: Tensor, c: Tensor, blocks: tuple[tuple[int, ...], ...]
     """``y[..., i, ..., i, ...] += c[..., i, ..., 0, ...]`` for every diagonal block, in place on a strided view of
     ``y`` (K, B, *dims); ``c`` holds each block along its first axis, size 1 on the others (``_place``). Its backward
     is a copy of the gradient and its diagonal, where multiplying by 0/1 masks cost full-size products both ways."""
+    y, c = _diagonal_views(y, c, blocks)
+    y.add_(c)
+
+
+def _diagonal_views(y: Tensor, c: Tensor, blocks: tuple[tuple[int, ...], ...]) -> tuple[Tensor, Tensor]:
+    """The strided view of ``y``'s diagonal blocks and the matching (broadcastable) view of ``c``."""
     order = list(range(y.dim()))  # original dim held by each current dim
     for block in blocks:
         dims = [order.index(2 + a) for a in block]
@@ -423,9 +429,29 @@ def _add_to_diagonals_(y: Tensor, c: Tensor, blocks: tuple[tuple[int, ...], ...]
         y, c = y.movedim(dims, end), c.movedim(dims, end)
         for _ in range(len(dims) - 1):
             y = y.diagonal(0, -2, -1)
-        c = c.flatten(-len(dims))
+        c = c.flatten(-len(dims))  # a view: the block's other axes have size 1
         order = [a for a in order if a - 2 not in block] + [2 + block[0]]
-    y.add_(c)
+    return y, c
+
+
+class _AddToDiagonals(torch.autograd.Function):
+    """``_add_to_diagonals_`` as one autograd node: the gradient passes to ``y`` as it is and ``c`` gets its diagonal
+    entries, where autograd's record of an in-place add on a view copies the whole gradient first."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, c: Tensor, blocks: tuple[tuple[int, ...], ...]) -> Tensor:  # type: ignore[override]
+        ctx.blocks, ctx.c_meta = blocks, (c.shape, c.dtype, c.device)
+        _add_to_diagonals_(y, c, blocks)
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        shape, dtype, device = ctx.c_meta
+        gc = torch.zeros(shape, dtype=dtype, device=device)
+        g_view, gc_view = _diagonal_views(grad, gc, ctx.blocks)
+        gc_view.copy_(g_view.sum_to_size(gc_view.shape))
+        return grad, gc, None
 
 
 def _merge_plan(supports: list[frozenset[int]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -799,7 +825,10 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
                 y, own = compact.new_zeros(full), True
             elif not own or y.shape != full:  # a tensor of our own, full size, to add the diagonals into
                 y, own = y.expand(full).clone(memory_format=torch.contiguous_format), True
-            _add_to_diagonals_(y, compact, d)
+            if eager:
+                y = _AddToDiagonals.apply(y, compact, d)
+            else:
+                _add_to_diagonals_(y, compact, d)
         out.append(act_(y) if act_ is not None and own else act(y) if act is not None else y)
     return out  # type: ignore[return-value]
 
