@@ -243,3 +243,59 @@ def test_load_predictor_errors(tmp_path: Path, trained_predictors) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(PredictorError, match="no predictor.json"):
         load_predictor(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("model", ["unf", "unf-perm", "deepsets", "flat"])
+def test_training_on_prepared_inputs_matches_per_batch_inputs(predict_zoo, tmp_path: Path, monkeypatch,
+                                                              model: str) -> None:
+    """Training prepares the inputs (normalization, features, layout) once per run; the same run with them
+    computed every batch (the fallback above PREPARED_BYTES_MAX) gives the same model up to float rounding."""
+    import pipeline.predict.train as train
+
+    config = _config(epochs=2, unf_hidden=(4, 4), unf_head=(16,), deepsets_hidden=8, deepsets_head=(16,),
+                     flat_hidden=(16,))
+    data = build_data(predict_zoo, config)
+    calls = []
+    real = train._prepared_inputs
+    monkeypatch.setattr(train, "_prepared_inputs", lambda *a: calls.append(1) or real(*a))
+    once = fit_run(model, data, config, predict_zoo.spec, 0, tmp_path / "once", {}, CPU)
+    assert calls and real(*_first_part(model, data, config, predict_zoo.spec)) is not None
+    monkeypatch.setattr(train, "PREPARED_BYTES_MAX", 0)
+    per_batch = fit_run(model, data, config, predict_zoo.spec, 0, tmp_path / "per_batch", {}, CPU)
+    a, b = once.predictions["prediction"].to_numpy(), per_batch.predictions["prediction"].to_numpy()
+    assert np.allclose(a, b, atol=1e-5), float(np.abs(a - b).max())
+    assert [h["train_loss"] for h in once.history] == pytest.approx([h["train_loss"] for h in per_batch.history],
+                                                                      rel=1e-5)
+
+
+def _first_part(model: str, data, config: TrainConfig, spec):
+    """(net, [one training part], chunk) as `_fit_torch` builds them, to call `_prepared_inputs` directly."""
+    from pipeline.predict.config import MODEL_KINDS
+    from pipeline.predict.data import normalization_stats
+    from pipeline.predict.models import TensorNormalizer, build_net
+    from pipeline.predict.train import _hyperparameters
+
+    _, _, w = data.take(data.rows["train"])[0]
+    net = build_net(MODEL_KINDS[model], spec, _hyperparameters(model, config),
+                    TensorNormalizer(data.names, *normalization_stats([w], data.names)))
+    n = len(next(iter(w.values())))
+    return net, [(w, torch.zeros(n), None)], 7  # chunks of 7 members: the concatenation is exercised
+
+
+def test_prepared_inputs_select_the_same_members_as_the_raw_weights(predict_zoo) -> None:
+    """forward_prepared(select(prepare(all), idx)) == forward(weights[idx]) for every torch model kind, prepared in
+    chunks (as training does) or at once."""
+    from pipeline.predict.train import _prepared_inputs
+
+    config = _config(unf_hidden=(4, 4), unf_head=(16,), deepsets_hidden=8, deepsets_head=(16,), flat_hidden=(16,),
+                     unf_pos_embed=True)
+    data = build_data(predict_zoo, config)
+    idx = torch.tensor([5, 0, 3, 11])
+    for model in ("unf", "unf-perm", "deepsets", "flat"):
+        net, parts, chunk = _first_part(model, data, config, predict_zoo.spec)
+        (prepared,) = _prepared_inputs(net, parts, chunk)
+        w = parts[0][0]
+        with torch.no_grad():
+            direct = net({k: v[idx] for k, v in w.items()})
+            via = net.forward_prepared(net.select(prepared, idx))
+        assert torch.allclose(direct, via, atol=1e-6), model

@@ -320,18 +320,39 @@ def _read_order(steps: tuple[_ReadStep, ...], used: set[int]) -> tuple[int, ...]
     return tuple(sorted(need, key=lambda i: (depth(i), i)))
 
 
-def _compute_reads(h: list[Tensor], steps: tuple[_ReadStep, ...], order: tuple[int, ...]) -> list[Tensor | None]:
-    """The reads listed in ``order`` (B, K, *kept), each distinct reduction once, from its smallest parent."""
+def _compute_reads(h: list[Tensor], steps: tuple[_ReadStep, ...], order: tuple[int, ...]
+                   ) -> tuple[list[Tensor | None], list[int]]:
+    """The reads listed in ``order`` (B, K, *kept), each distinct reduction once, from its smallest parent, as sums,
+    and each read's count (entries per sum; 1 for a base read): the mean is sum / count. The consumers scale whole
+    concatenations at once (``_row_scale``) instead of dividing every read (one op each way, not one per read)."""
     out: list[Tensor | None] = [None] * len(steps)
+    count = [1] * len(steps)
     for i in order:
         s = steps[i]
         if s.parent >= 0:
             parent = out[s.parent]
-            # sum then scale the small result: sum's backward is an expand (a view) where mean's materializes
-            out[i] = parent.sum(dim=s.dim) / parent.shape[s.dim]  # type: ignore[union-attr]
+            out[i] = parent.sum(dim=s.dim)  # type: ignore[union-attr]  # its backward is an expand (a view)
+            count[i] = count[s.parent] * parent.shape[s.dim]  # type: ignore[union-attr]
         else:
             out[i] = torch.einsum(s.equation, h[s.piece]) if s.equation else h[s.piece]
-    return out
+    return out, count
+
+
+def _row_scale(counts: list[int], widths: list[int], like: Tensor, cache: dict | None) -> Tensor | float | None:
+    """1 / count for the rows of a concatenation of blocks ``widths`` rows high: None when every count is 1, a float
+    for a single block, else a ``(sum(widths),)`` tensor (kept in ``cache`` per counts, dtype and device)."""
+    if all(c == 1 for c in counts):
+        return None
+    if len(counts) == 1:
+        return 1.0 / counts[0]
+    key = (tuple(counts), tuple(widths), like.dtype, like.device)
+    hit = None if cache is None or torch.compiler.is_compiling() else cache.get(key)
+    if hit is None:
+        hit = torch.tensor([1.0 / c for c, w in zip(counts, widths) for _ in range(w)], dtype=like.dtype,
+                           device=like.device)
+        if cache is not None and not torch.compiler.is_compiling() and len(cache) < 256:
+            cache[key] = hit
+    return hit
 
 
 @dataclass(frozen=True)
@@ -395,6 +416,12 @@ def _add_to_diagonals_(y: Tensor, c: Tensor, blocks: tuple[tuple[int, ...], ...]
     """``y[..., i, ..., i, ...] += c[..., i, ..., 0, ...]`` for every diagonal block, in place on a strided view of
     ``y`` (K, B, *dims); ``c`` holds each block along its first axis, size 1 on the others (``_place``). Its backward
     is a copy of the gradient and its diagonal, where multiplying by 0/1 masks cost full-size products both ways."""
+    y, c = _diagonal_views(y, c, blocks)
+    y.add_(c)
+
+
+def _diagonal_views(y: Tensor, c: Tensor, blocks: tuple[tuple[int, ...], ...]) -> tuple[Tensor, Tensor]:
+    """The strided view of ``y``'s diagonal blocks and the matching (broadcastable) view of ``c``."""
     order = list(range(y.dim()))  # original dim held by each current dim
     for block in blocks:
         dims = [order.index(2 + a) for a in block]
@@ -402,9 +429,29 @@ def _add_to_diagonals_(y: Tensor, c: Tensor, blocks: tuple[tuple[int, ...], ...]
         y, c = y.movedim(dims, end), c.movedim(dims, end)
         for _ in range(len(dims) - 1):
             y = y.diagonal(0, -2, -1)
-        c = c.flatten(-len(dims))
+        c = c.flatten(-len(dims))  # a view: the block's other axes have size 1
         order = [a for a in order if a - 2 not in block] + [2 + block[0]]
-    y.add_(c)
+    return y, c
+
+
+class _AddToDiagonals(torch.autograd.Function):
+    """``_add_to_diagonals_`` as one autograd node: the gradient passes to ``y`` as it is and ``c`` gets its diagonal
+    entries, where autograd's record of an in-place add on a view copies the whole gradient first."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, c: Tensor, blocks: tuple[tuple[int, ...], ...]) -> Tensor:  # type: ignore[override]
+        ctx.blocks, ctx.c_meta = blocks, (c.shape, c.dtype, c.device)
+        _add_to_diagonals_(y, c, blocks)
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        shape, dtype, device = ctx.c_meta
+        gc = torch.zeros(shape, dtype=dtype, device=device)
+        g_view, gc_view = _diagonal_views(grad, gc, ctx.blocks)
+        gc_view.copy_(g_view.sum_to_size(gc_view.shape))
+        return grad, gc, None
 
 
 def _merge_plan(supports: list[frozenset[int]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -536,6 +583,7 @@ class _Folded:
                 index.extend(range(bias_src[oi], bias_src[oi] + out_channels))
         self._buffers["_fold_bias"] = torch.tensor(index, dtype=torch.long)
         self.in_channels, self.out_channels = in_channels, out_channels
+        self._cast: dict[str, tuple[Tensor, Tensor]] = {}  # buffer name -> (the buffer, it in the weights' dtype)
 
     def _exec_contribution(self, pi: int, r: Read, order: tuple[int, ...], read_index: Mapping, contrib_at: Mapping
                            ) -> tuple[int, int]:
@@ -595,9 +643,20 @@ class _Folded:
                     w = w.view(nc, cin, no, cout).permute(0, 2, 1, 3)
                 blocks.append(w.reshape(nc * no, cin * cout))
             stack = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-            y = torch.mm(getattr(module, name).to(stack.dtype), stack).view(rows, cols, cin, cout)
+            y = torch.mm(self._matrix(module, name, stack.dtype), stack).view(rows, cols, cin, cout)
             out[key] = y.permute(0, 2, 1, 3).reshape(rows * cin, cols * cout)
         return out
+
+    def _matrix(self, module: nn.Module, name: str, dtype: torch.dtype) -> Tensor:
+        """The float64 fold buffer ``name`` in the weights' dtype, converted once per buffer (not every call)."""
+        source = getattr(module, name)
+        if source.dtype == dtype or torch.compiler.is_compiling():
+            return source.to(dtype)
+        hit = self._cast.get(name)
+        if hit is None or hit[0] is not source or hit[1].dtype != dtype:
+            hit = (source, source.to(dtype))
+            self._cast[name] = hit
+        return hit[1]
 
 
 @dataclass(frozen=True)
@@ -687,21 +746,58 @@ def _sum_tree(vals: list[Tensor | None], fresh: list[bool], order: tuple[int, ..
     return acc, own  # type: ignore[return-value]
 
 
+class _PermutedCopy(torch.autograd.Function):
+    """``x.permute(perm).contiguous()`` whose gradient is contiguous too. Plain autograd hands back the permuted view
+    of the output's gradient; once summed with ``x``'s other gradients the sum keeps that transposed layout, and every
+    later backward op on it (the ReLU's mask, the reductions) runs ~10x slower on the strided tensor."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: tuple[int, ...]) -> Tensor:  # type: ignore[override]
+        ctx.inv = tuple(perm.index(i) for i in range(len(perm)))
+        return x.permute(perm).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad.permute(ctx.inv).contiguous(), None
+
+
+class _Split(torch.autograd.Function):
+    """``z.split(widths)`` (dim 0) into tensors autograd treats as z's outputs rather than views of it, so each may
+    take its piece's other terms and the activation in place (views of a multi-output split may not): no
+    full-size sum allocated per piece. Safe because z is a fresh matmul product nothing else reads; the gradient
+    is the same one concatenation as split's."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, widths: tuple[int, ...]) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(torch.ops.aten._unsafe_view(c, c.shape) for c in z.split(widths))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
+        return torch.cat(grads), None  # type: ignore[arg-type]
+
+
 def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bias: Tensor,
-         act: Callable[[Tensor], Tensor] | None = None, act_: Callable[[Tensor], Tensor] | None = None
-         ) -> list[Tensor]:
+         act: Callable[[Tensor], Tensor] | None = None, act_: Callable[[Tensor], Tensor] | None = None,
+         scales: dict | None = None) -> list[Tensor]:
     """One layer application on channel-major pieces ``h`` (K, B, *dims), with mixing ``weights`` per group key.
 
     Channels outermost throughout: every read of a contiguous piece is contiguous, so a group's input is a view (or
     one concatenation) of shape (sum K_in, B*N) for its one matmul, and its output (sum K_out, B, *sig) splits into
     contiguous row blocks per output."""
-    reads = _compute_reads(h, plan.steps, plan.read_order)
+    reads, counts = _compute_reads(h, plan.steps, plan.read_order)
+    # the two custom autograd Functions below serve eager autograd; traced (torch.compile) or functorch-transformed
+    # (vmap, grad: the learned optimizers) calls take the plain ops, as before them
+    eager = not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
     terms: list[Tensor | None] = [None] * plan.num_outputs  # the terms, then each piece's placed diagonal sums
     owned = [False] * plan.num_outputs  # made here, referenced nowhere else: may be added into in place
     for key, ins, outs, widths in plan.groups:
-        xs = [reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
         # permuted inputs (a tied matrix transposed) are copied first: cat's strided path is ~2x slower than both
+        xs = [_PermutedCopy.apply(reads[r], perm) if eager and perm != tuple(range(len(perm)))
+              and reads[r].is_contiguous() else reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
         cat = xs[0] if len(xs) == 1 else torch.cat([x.contiguous() for x in xs], dim=0)
+        scale = _row_scale([counts[r] for r, _ in ins], [x.shape[0] for x in xs], cat, scales)  # sums -> means
+        if scale is not None:
+            cat = cat * (scale if isinstance(scale, float) else scale.view(-1, *[1] * (cat.dim() - 1)))
         weight = weights[key]  # (sum K_in, sum K_out)
         if cat.dim() == 2:
             z = torch.addmm(bias.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
@@ -710,11 +806,15 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
             # the product is a temporary of ours: reshaped as a tensor of its own (not an autograd view), a term
             # that is all of it can take the other terms in place (no full-size sum allocated per piece)
             z = torch.ops.aten._unsafe_view(z, (weight.shape[1], *cat.shape[1:]))
-        # split, not slices: its backward is one concatenation, not a zero-filled z-sized gradient per output
-        chunks = z.split(widths) if len(widths) > 1 else (z,)
+        # split, not slices: its backward is one concatenation, not a zero-filled z-sized gradient per output; a
+        # full-size product's parts are split as tensors of their own, which take the other terms in place
+        # (worth its overhead when such a part is large)
+        plain = [w for w, (_, _, wp) in zip(widths, outs) if not wp.perm and not wp.index]  # parts kept as they are
+        own = len(widths) == 1 or eager and bool(plain) and max(plain) * (z.numel() // z.shape[0]) >= 1 << 16
+        chunks = (z,) if len(widths) == 1 else _Split.apply(z, tuple(widths)) if own else z.split(widths)
         for (t, piece, wplan), chunk in zip(outs, chunks):
             terms[t] = _place(chunk, wplan)  # diagonal blocks are placed per pattern, after summing
-            owned[t] = len(chunks) == 1 and not wplan.perm and not wplan.index
+            owned[t] = own and not wplan.perm and not wplan.index
     out = []
     for pi, (diag, (ids, order, parent)) in enumerate(plan.merges):
         y, own = _sum_tree([terms[t] for t in ids], [owned[t] for t in ids], order, parent) if ids else (None, False)
@@ -725,7 +825,10 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
                 y, own = compact.new_zeros(full), True
             elif not own or y.shape != full:  # a tensor of our own, full size, to add the diagonals into
                 y, own = y.expand(full).clone(memory_format=torch.contiguous_format), True
-            _add_to_diagonals_(y, compact, d)
+            if eager:
+                y = _AddToDiagonals.apply(y, compact, d)
+            else:
+                _add_to_diagonals_(y, compact, d)
         out.append(act_(y) if act_ is not None and own else act(y) if act is not None else y)
     return out  # type: ignore[return-value]
 
@@ -786,6 +889,7 @@ class UNFLinear(nn.Module):
             for name, value in self._folded.buffers().items():
                 self.register_buffer(name, value, persistent=False)
         self._embedded = tuple((i, str(i)) for i in range(len(pieces)) if str(i) in self.pos_embed)
+        self._scales: dict = {}  # the 1/count row scales of the groups' inputs, per sizes (see _row_scale)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}->{self.out_channels}, fixed_axes={self.fixed_axes!r}, "
@@ -797,19 +901,52 @@ class UNFLinear(nn.Module):
         return self._layout.from_internal(self.forward_internal(h), sizes, self.out_channels, x)
 
     def forward_internal(self, h: list[Tensor], act: Callable[[Tensor], Tensor] | None = None,
-                         act_: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+                         act_: Callable[[Tensor], Tensor] | None = None, channel_major: bool = False
+                         ) -> list[Tensor]:
         """Pieces ``(B, K, *perm_dims)`` in and out (used by UNFPredictor to skip layout changes). ``act`` (e.g. a
         pointwise nonlinearity) is applied to every output piece, as its in-place form ``act_`` where that piece is
-        a fresh tensor of the layer's own (no second full-size tensor per piece)."""
+        a fresh tensor of the layer's own (no second full-size tensor per piece). ``channel_major``: return the
+        contiguous ``(K_out, B, *perm_dims)`` pieces themselves where the layer computes them so (not ``folds``)."""
         if self._embedded:
             h = list(h)
             for i, key in self._embedded:
                 h[i] = h[i] + self.pos_embed[key]
+        return self._forward_work(self._work_layout(h), act, act_, channel_major)
+
+    @property
+    def channel_major(self) -> bool:
+        """Whether the layer computes on contiguous channel-major pieces ``(K, B, *perm_dims)`` (its ``enter``-ed
+        layout, also what it returns with ``channel_major=True``): no folded axes, no positional embedding."""
+        return self._folded is None and not self._embedded
+
+    def enter(self, h: list[Tensor]) -> list[Tensor]:
+        """Pieces ``(B, K, *perm_dims)`` -> the layout ``forward_entered`` takes, batch on dim 1 (channel-major, or
+        folded). Parameter-free, so constant inputs (a training set) are entered once and batches are taken from
+        them with ``index_select(1, ...)`` instead of paying the layout copy every step."""
+        if self._embedded:  # the embedding is learned: added per call, before the working layout
+            return [t.transpose(0, 1).contiguous() for t in h]
+        return self._work_layout(h)
+
+    def forward_entered(self, h: list[Tensor], act: Callable[[Tensor], Tensor] | None = None,
+                        act_: Callable[[Tensor], Tensor] | None = None, channel_major: bool = False
+                        ) -> list[Tensor]:
+        """``forward_internal`` on pieces already ``enter``-ed (or returned channel-major by the layer before)."""
+        if self._embedded:
+            return self.forward_internal([t.transpose(0, 1) for t in h], act, act_, channel_major)
+        return self._forward_work(h, act, act_, channel_major)
+
+    def _work_layout(self, h: list[Tensor]) -> list[Tensor]:
         if self._folded is None:  # channel-major (K, B, *dims): free when the input already is (a layer's output)
-            out = _run(self._fwd, [t.transpose(0, 1).contiguous() for t in h], self.mix, self.bias, act, act_)
-            return [t.transpose(0, 1) for t in out]
+            return [t.transpose(0, 1).contiguous() for t in h]
+        return self._folded.fold(h)
+
+    def _forward_work(self, h: list[Tensor], act: Callable[[Tensor], Tensor] | None,
+                      act_: Callable[[Tensor], Tensor] | None, channel_major: bool = False) -> list[Tensor]:
+        if self._folded is None:
+            out = _run(self._fwd, h, self.mix, self.bias, act, act_, self._scales)
+            return [t.contiguous() for t in out] if channel_major else [t.transpose(0, 1) for t in out]
         f = self._folded
-        out = _run(self._fwd, f.fold(h), f.weights(self, self.mix), self.bias[self._fold_bias], act, act_)
+        out = _run(self._fwd, h, f.weights(self, self.mix), self.bias[self._fold_bias], act, act_, self._scales)
         return f.unfold(out, self.out_channels)
 
 
@@ -835,16 +972,24 @@ class UNFPool(nn.Module):
         self._steps = _read_steps(pieces, every, spec.sizes)
         self._read_order = _read_order(self._steps, set(self._features))
         self.num_features = sum(channels * pieces[pi].fold for pi, _ in self._reads)
+        self._scales: dict = {}  # 1/count per feature, per sizes (see _row_scale)
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
         sizes = self._layout.sizes(x, batch_dims=2)
         return self.forward_internal(self._layout.to_internal(x, sizes))
 
-    def forward_internal(self, h: list[Tensor]) -> Tensor:
+    def forward_internal(self, h: list[Tensor], channel_major: bool = False) -> Tensor:
+        """Pieces ``(B, K, *perm_dims)`` (or, with ``channel_major``, ``(K, B, *perm_dims)``) -> features."""
         # a channel-major piece (a layer's output, seen as a (B, K, ...) view) is reduced as (K, B, ...): contiguous
         # reductions, and their gradients are written channel-major too; the small (K, B) results are transposed
-        flip = [t.dim() > 2 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous() for t in h]
-        reads = _compute_reads([t.transpose(0, 1) if f else t for t, f in zip(h, flip)], self._steps,
-                               self._read_order)
+        if channel_major:
+            flip = [True] * len(h)
+        else:
+            flip = [t.dim() > 2 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous() for t in h]
+            h = [t.transpose(0, 1) if f else t for t, f in zip(h, flip)]
+        reads, counts = _compute_reads(h, self._steps, self._read_order)
         feats = [reads[i].t() if flip[pi] else reads[i] for i, (pi, _) in zip(self._features, self._reads)]
-        return torch.cat(feats, dim=-1)  # type: ignore[arg-type]  # (B, num_features)
+        out = torch.cat(feats, dim=-1)  # type: ignore[arg-type]  # (B, num_features) sums
+        scale = _row_scale([counts[i] for i in self._features], [f.shape[-1] for f in feats], out,  # type: ignore
+                           self._scales)
+        return out if scale is None else out * scale  # means

@@ -48,11 +48,31 @@ class UNFPredictor(nn.Module):
         return sum(layer.num_terms for layer in self.layers)
 
     def forward(self, x: Mapping[str, Tensor]) -> Tensor:
+        return self.forward_prepared(self.prepare(x))
+
+    def prepare(self, x: Mapping[str, Tensor]) -> list[Tensor]:
+        """The inputs in the first layer's working layout, batch on dim 1 (parameter-free: a fixed training set is
+        prepared once, its batches taken with ``select``, and ``forward_prepared`` skips the per-call layout copies)."""
         layout = self.layers[0]._layout
         channel_dim = self.in_channels > 1
         sizes = layout.sizes(x, batch_dims=2 if channel_dim else 1)
         h = layout.to_internal(x, sizes, channel_dim=channel_dim)  # pieces (B, C*fold, *perm_dims)
+        return self.layers[0].enter(h)
+
+    @staticmethod
+    def select(prepared: Sequence[Tensor], index: Tensor) -> list[Tensor]:
+        """The members ``index`` of prepared inputs."""
+        return [t.index_select(1, index) for t in prepared]
+
+    def forward_prepared(self, h: list[Tensor]) -> Tensor:
+        """``forward`` on ``prepare``-d inputs -> ``(B, out_features)``."""
         act_ = torch.relu_ if type(self.act) is nn.ReLU else None  # in place on the layers' fresh outputs
-        for layer in self.layers:
-            h = layer.forward_internal(h, self.act, act_)
-        return self.head(self.pool.forward_internal(h))  # (B, out_features)
+        # pieces pass between layers (and into the pool) channel-major where both sides compute so: no transposes
+        nxt = [layer.channel_major for layer in self.layers[1:]] + [True]
+        h = self.layers[0].forward_entered(h, self.act, act_, channel_major=nxt[0])
+        cm = nxt[0] and self.layers[0]._folded is None
+        for layer, want in zip(self.layers[1:], nxt[1:]):
+            run = layer.forward_entered if cm else layer.forward_internal
+            h = run(h, self.act, act_, channel_major=want)
+            cm = want and layer._folded is None
+        return self.head(self.pool.forward_internal(h, channel_major=cm))  # (B, out_features)

@@ -121,7 +121,22 @@ class UNFNet(nn.Module):
         return self.norm.channels(weights, self.features)  # {name: (B, C, *shape)}
 
     def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.unf(self._inputs(weights)).reshape(-1)  # (B,)
+        return self.forward_prepared(self.prepare(weights))  # (B,)
+
+    # Preparable models split forward into a parameter-free `prepare` (normalization, pointwise features, layout),
+    # `select` (the members of a batch) and `forward_prepared`, so training computes a fixed training set's inputs
+    # once instead of every batch (pipeline.predict.train). The same numbers, computed once.
+    preparable = True
+    prepared_dim = 1  # the member dim of the prepared tensors (UNF pieces are channel-major)
+
+    def prepare(self, weights: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        return self.unf.prepare(self._inputs(weights))
+
+    def select(self, prepared: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+        return self.unf.select(prepared, index)
+
+    def forward_prepared(self, prepared: list[torch.Tensor]) -> torch.Tensor:
+        return self.unf.forward_prepared(prepared).reshape(-1)  # (B,)
 
 
 class UNFHybridNet(UNFNet):
@@ -139,6 +154,8 @@ class UNFHybridNet(UNFNet):
         self.register_buffer("stat_std", torch.ones(n_stats))
         self.head = _mlp([n_pool + n_stats, *head, 1])
         self.names = list(spec.names)
+
+    preparable = False  # its head also reads statistics of the raw weights
 
     def set_stat_scaling(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.stat_mean.copy_(mean)
@@ -169,10 +186,21 @@ class DeepSetsNet(nn.Module):
         self.rho = _mlp([len(names) * hidden, *head, 1])
 
     def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.forward_prepared(self.prepare(weights))  # (B,)
+
+    preparable = True  # see UNFNet
+    prepared_dim = 0
+
+    def prepare(self, weights: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         x = self.norm.channels(weights, self.features)  # {name: (B, C, *shape)}
+        return [x[n].reshape(x[n].shape[0], x[n].shape[1], -1).transpose(1, 2) for n in self.names]  # (B, n, C)
+
+    def select(self, prepared: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+        return [t.index_select(0, index) for t in prepared]
+
+    def forward_prepared(self, prepared: list[torch.Tensor]) -> torch.Tensor:
         pooled = []
-        for i, name in enumerate(self.names):
-            w = x[name].reshape(x[name].shape[0], x[name].shape[1], -1).transpose(1, 2)  # (B, n, C)
+        for i, w in enumerate(prepared):  # (B, n, C) per tensor
             h = self.phi(self.inp(w) + self.tensor_embedding[i])  # (B, n, H)
             pooled.append(h.mean(dim=1))  # (B, H)
         return self.rho(torch.cat(pooled, dim=1)).reshape(-1)  # (B,)
@@ -204,10 +232,21 @@ class FlatNet(nn.Module):
         return out
 
     def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.forward_prepared(self.prepare(weights))  # (B,)
+
+    preparable = True  # see UNFNet
+    prepared_dim = 0
+
+    def prepare(self, weights: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         x = self.norm.channels(self._pad(weights), self.features)  # {name: (B, C, *shape)}
-        flat = torch.cat([x[n].reshape(x[n].shape[0], x[n].shape[1], -1).flatten(1)
-                          for n in self.names], dim=1)  # (B, C * P)
-        return self.mlp(flat).reshape(-1)  # (B,)
+        return [torch.cat([x[n].reshape(x[n].shape[0], x[n].shape[1], -1).flatten(1)
+                           for n in self.names], dim=1)]  # (B, C * P)
+
+    def select(self, prepared: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+        return [prepared[0].index_select(0, index)]
+
+    def forward_prepared(self, prepared: list[torch.Tensor]) -> torch.Tensor:
+        return self.mlp(prepared[0]).reshape(-1)  # (B,)
 
 
 def build_net(kind: str, spec: Any, params: Mapping[str, Any], normalizer: TensorNormalizer | None = None) -> nn.Module:

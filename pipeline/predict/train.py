@@ -235,6 +235,33 @@ def pairwise_rank_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return torch.nn.functional.softplus(-diff[above]).mean()
 
 
+# a training set's inputs are prepared once (normalized, features, layout) up to this size, else per batch
+PREPARED_BYTES_MAX = 1 << 30
+
+
+@torch.no_grad()
+def _prepared_inputs(net: torch.nn.Module, parts: list[tuple[dict[str, torch.Tensor], torch.Tensor, Any]],
+                     chunk: int) -> list[list[torch.Tensor]] | None:
+    """Per training part, `net.prepare` of all its members (computed in chunks of `chunk` members): the per-member
+    inputs every epoch would otherwise recompute for each batch. None when the model has no such split or the
+    result would exceed PREPARED_BYTES_MAX (estimated from the first chunk)."""
+    if not getattr(net, "preparable", False):
+        return None
+    members = sum(len(y) for _, y, _ in parts)
+    out = []
+    for x_part, y_part, _ in parts:
+        chunks = []
+        for i in range(0, len(y_part), chunk):
+            chunks.append(net.prepare({k: v[i:i + chunk] for k, v in x_part.items()}))
+            if not out and i == 0:
+                per_member = sum(t.numel() * t.element_size() for t in chunks[0]) / min(chunk, len(y_part))
+                if per_member * members > PREPARED_BYTES_MAX:
+                    return None
+        dim = net.prepared_dim
+        out.append([c[0] if len(chunks) == 1 else torch.cat(c, dim=dim) for c in zip(*chunks)])
+    return out
+
+
 def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, seed: int, device: torch.device,
                run_dir: Path, run_key: str, progress: ProgressFn | None
                ) -> tuple[torch.nn.Module, list[dict[str, Any]], int, tuple[list[float], list[float]]]:
@@ -255,6 +282,8 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
     train_parts = [({k: v.to(device) for k, v in w.items()}, y_scaled[train_rows[where]].to(device),
                     spec.infer_sizes({k: tuple(v.shape[1:]) for k, v in w.items()}))
                    for where, _, w in parts]
+    # the training inputs prepared once (not with augmentation: every batch is then permuted anew)
+    prepared = None if config.augment else _prepared_inputs(net, train_parts, config.eval_batch_size)
     val_rows = data.rows["val"]
     val_y = data.y[val_rows]
     loss_fn = torch.nn.BCEWithLogitsLoss() if data.loss == "bce" else torch.nn.MSELoss()
@@ -288,10 +317,13 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
         for p, idx in batches:
             x_part, y_part, sizes = train_parts[p]
             idx = idx.to(device)
-            batch = {k: v.index_select(0, idx) for k, v in x_part.items()}  # {name: (b, *shape)}
-            if config.augment:
-                batch = spec.permute(batch, spec.random_permutation(gen, sizes=sizes, device=device))
-            scores = net(batch)  # (b,) raw outputs
+            if prepared is not None:
+                scores = net.forward_prepared(net.select(prepared[p], idx))  # (b,) raw outputs
+            else:
+                batch = {k: v.index_select(0, idx) for k, v in x_part.items()}  # {name: (b, *shape)}
+                if config.augment:
+                    batch = spec.permute(batch, spec.random_permutation(gen, sizes=sizes, device=device))
+                scores = net(batch)  # (b,) raw outputs
             loss = loss_fn(scores, y_part[idx])
             if config.rank_weight:
                 loss = loss + config.rank_weight * pairwise_rank_loss(scores, y_part[idx])
