@@ -75,7 +75,7 @@ def test_wheel_resolves_recipes_by_name_outside_the_checkout(installed: Path, tm
     assert done.returncode == 0, done.stderr
     module, folder, recipes = done.stdout.splitlines()
     assert str(ROOT) not in module and str(ROOT) not in folder  # the installed copy, not this checkout
-    assert recipes.startswith("2048 ") and {"cnn-digits", "gru-arith", "mlp-digits-lopt"} <= set(recipes.split()[1:])
+    assert recipes.startswith("4096 ") and {"cnn-digits", "gru-arith", "mlp-digits-lopt"} <= set(recipes.split()[1:])
 
     unknown = _run([str(installed / "unfzoo"), "zoo", "no-such-recipe"], tmp_path)
     assert unknown.returncode == 2 and "cnn-digits" in unknown.stderr + unknown.stdout
