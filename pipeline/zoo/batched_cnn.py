@@ -27,13 +27,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.zoo.members import _GOLDEN, _mix32, make_activation
+from pipeline.zoo.members import _GOLDEN, _M31, _mix32, make_activation
 
 __all__ = ["BatchedCNN", "batched_counter_keep"]
 
 _DENSE_RATIO = 8  # dense when the dense matrix costs at most this many times the convolution's multiply-adds
 _DENSE_MAX = 1 << 20  # ... and has at most this many entries per member (4 MiB in float32)
-_M31 = 0x7FFFFFFF
 _SIGN = -(1 << 31)
 _EVAL_ELEMENTS = 1 << 19  # activation elements per evaluation call (small chunks stay in cache: fastest measured)
 _BLOCK = 1 << 17  # elements per block of the dropout noise (2 int32 buffers of 512 KiB: in a core's L2 cache)

@@ -318,6 +318,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 _GOLDEN = 0x9E3779B1 - (1 << 32)  # 2^32 / golden ratio as a signed int32
+_M31 = 0x7FFFFFFF  # keeps a hash seed a non-negative int32
 
 
 def _counter_bits(key: torch.Tensor, salt: int, shape: Sequence[int]) -> torch.Tensor:

@@ -47,7 +47,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from pipeline.device import resolve_device
 from pipeline.errors import ConfigError
 from pipeline.zoo.batched_cnn import BatchedCNN
-from pipeline.zoo.members import _GOLDEN, MemberConv2d, MemberDropout, _mix32, build_member, resolve_arch
+from pipeline.zoo.members import _GOLDEN, _M31, MemberConv2d, MemberDropout, _mix32, build_member, resolve_arch
 from pipeline.zoo.tasks import Task
 
 __all__ = [
@@ -126,7 +126,6 @@ _SHIFT_SALT = 0x5A1F  # counter-noise salt of the shift offsets (dropout layers 
 _EVAL_ROWS = 1 << 13  # members x samples per evaluation call: activations that stay in cache (1 << 16 cost the GRU
 # zoo's evaluation ~25% more CPU time), and at least _EVAL_MIN_ROWS samples per call (bounds per-call overhead)
 _EVAL_MIN_ROWS = 64
-_M31 = 0x7FFFFFFF
 
 
 # ------------------------------------------------------------------------------------------------- seeds, data
