@@ -95,7 +95,23 @@ class TensorNormalizer(nn.Module):
         return out
 
 
-class UNFNet(nn.Module):
+class _Preparable(nn.Module):
+    """A predictor whose forward splits into a parameter-free `prepare` (normalization, pointwise features, layout)
+    and `forward_prepared`, so training computes a fixed training set's inputs once and takes each batch with
+    `select` instead of recomputing them every batch (pipeline.predict.train): the same numbers, computed once."""
+
+    preparable = True
+    prepared_dim = 0  # the member dim of the prepared tensors
+
+    def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.forward_prepared(self.prepare(weights))  # type: ignore[attr-defined]  # (B,)
+
+    def select(self, prepared: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+        """The members `index` of prepared inputs."""
+        return [t.index_select(self.prepared_dim, index) for t in prepared]
+
+
+class UNFNet(_Preparable):
     """Normalizer -> `unf_models.UNFPredictor` (UNF layers -> invariant pooling -> MLP head) -> (B,).
 
     `keep_fixed` (tied mode only): these fixed labels stay fixed and every other fixed label is tied, by running the
@@ -120,20 +136,10 @@ class UNFNet(nn.Module):
             return self.norm(weights)  # {name: (B, *shape)}
         return self.norm.channels(weights, self.features)  # {name: (B, C, *shape)}
 
-    def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.forward_prepared(self.prepare(weights))  # (B,)
-
-    # Preparable models split forward into a parameter-free `prepare` (normalization, pointwise features, layout),
-    # `select` (the members of a batch) and `forward_prepared`, so training computes a fixed training set's inputs
-    # once instead of every batch (pipeline.predict.train). The same numbers, computed once.
-    preparable = True
-    prepared_dim = 1  # the member dim of the prepared tensors (UNF pieces are channel-major)
+    prepared_dim = 1  # UNFPredictor.prepare's pieces are channel-major (K, B, ...)
 
     def prepare(self, weights: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         return self.unf.prepare(self._inputs(weights))
-
-    def select(self, prepared: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
-        return self.unf.select(prepared, index)
 
     def forward_prepared(self, prepared: list[torch.Tensor]) -> torch.Tensor:
         return self.unf.forward_prepared(prepared).reshape(-1)  # (B,)
@@ -170,7 +176,7 @@ class UNFHybridNet(UNFNet):
         return self.head(torch.cat([pooled, stats], dim=1)).reshape(-1)  # (B,)
 
 
-class DeepSetsNet(nn.Module):
+class DeepSetsNet(_Preparable):
     """Each scalar weight is a set element: phi([w, embedding of its tensor]) -> mean over the tensor's entries ->
     concatenate tensors -> rho MLP. Invariant to every permutation within a tensor (a superset of the true group)."""
 
@@ -185,18 +191,9 @@ class DeepSetsNet(nn.Module):
         self.phi = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
         self.rho = _mlp([len(names) * hidden, *head, 1])
 
-    def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.forward_prepared(self.prepare(weights))  # (B,)
-
-    preparable = True  # see UNFNet
-    prepared_dim = 0
-
     def prepare(self, weights: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         x = self.norm.channels(weights, self.features)  # {name: (B, C, *shape)}
         return [x[n].reshape(x[n].shape[0], x[n].shape[1], -1).transpose(1, 2) for n in self.names]  # (B, n, C)
-
-    def select(self, prepared: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
-        return [t.index_select(0, index) for t in prepared]
 
     def forward_prepared(self, prepared: list[torch.Tensor]) -> torch.Tensor:
         pooled = []
@@ -206,7 +203,7 @@ class DeepSetsNet(nn.Module):
         return self.rho(torch.cat(pooled, dim=1)).reshape(-1)  # (B,)
 
 
-class FlatNet(nn.Module):
+class FlatNet(_Preparable):
     """Concatenate every normalized weight into one vector -> MLP. Tied to the zoo's exact shapes and ordering;
     narrower members (a zoo with several widths) are zero-padded to those shapes first, which is the same network
     (the extra units have zero weights in and out)."""
@@ -231,19 +228,10 @@ class FlatNet(nn.Module):
             out[n] = torch.nn.functional.pad(w, pad) if any(pad) else w
         return out
 
-    def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.forward_prepared(self.prepare(weights))  # (B,)
-
-    preparable = True  # see UNFNet
-    prepared_dim = 0
-
     def prepare(self, weights: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         x = self.norm.channels(self._pad(weights), self.features)  # {name: (B, C, *shape)}
         return [torch.cat([x[n].reshape(x[n].shape[0], x[n].shape[1], -1).flatten(1)
                            for n in self.names], dim=1)]  # (B, C * P)
-
-    def select(self, prepared: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
-        return [prepared[0].index_select(0, index)]
 
     def forward_prepared(self, prepared: list[torch.Tensor]) -> torch.Tensor:
         return self.mlp(prepared[0]).reshape(-1)  # (B,)
