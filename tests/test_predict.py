@@ -138,7 +138,7 @@ def test_unf_val_row_is_the_unf_form_with_the_better_validation_tau(trained_pred
     for col in ("val_tau_mean", "test_tau_mean", "seeds"):
         assert summary.loc["unf-val", col] == summary.loc[chosen, col]
     text = (trained_predictors.out_dir / "comparison.md").read_text()
-    assert f"unf-val = {chosen}: of the two UNF forms" in text
+    assert f"unf-val = {chosen}: of the UNF forms trained" in text
     pairs = {(p["a"], p["b"]) for p in trained_predictors.pairs}
     assert not pairs & {("unf", "unf-val"), ("unf-perm", "unf-val"), ("unf-val", "unf"), ("unf-val", "unf-perm")}
     assert any("unf-val" in pair and "statnn" in pair for pair in pairs)

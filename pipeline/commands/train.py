@@ -10,7 +10,7 @@ import typer
 from pipeline.commands._common import DEVICES, check_device, completer, console, escape, one_of, print_json, user_errors
 
 # Mirrors pipeline.predict.config (MODEL_NAMES, FEATURES); kept here so `--help` does not import torch (a test checks).
-MODELS = ("unf", "unf-perm", "unf-hybrid", "statnn", "deepsets", "flat", "all")
+MODELS = ("unf", "unf-perm", "unf-hybrid", "unf-probe", "probe", "statnn", "deepsets", "flat", "all")
 SPLITS = ("run", "config")
 FEATURES = ("raw+log+size", "raw+log", "raw")
 LOSSES = ("auto", "bce", "mse")
@@ -29,7 +29,8 @@ _EPILOG = """
   unfzoo train A.zarr B.zarr --model unf,statnn --eval-zoo C.zarr --split group:optimizer
 
 Models: unf, statnn, deepsets, flat, unf-perm (ablation: fixed axes treated as permutable), unf-hybrid (UNF whose
-head also reads the STATNN statistics), all, or a comma list.
+head also reads the STATNN statistics), probe (the member's outputs on learned probe inputs; cnn and mlp zoos),
+unf-probe (UNF pooled features and probe outputs side by side), all, or a comma list.
 Several zoos: one architecture family, any widths (flat needs one width); each zoo is split on its own.
 --eval-zoo: predicted and reported as split eval:<name>, never used for selection or early stopping.
 --split group:<hparam>[=v1,v2]: members with the held-out value(s) are the test split (default: one value, the
@@ -54,8 +55,8 @@ def train(
                                      "several: one architecture family, any widths."),
     eval_zoo: list[str] = typer.Option(None, "--eval-zoo", help="Foreign zoo reported as its own split, never used "
                                        "for selection (repeatable)."),
-    model: str = typer.Option("unf", "--model", "-m", help="unf, unf-perm, unf-hybrid, statnn, deepsets, flat, all, or a "
-                              "comma list such as unf,statnn.", metavar="MODEL[,MODEL...]",
+    model: str = typer.Option("unf", "--model", "-m", help="unf, unf-perm, unf-hybrid, unf-probe, probe, statnn, "
+                              "deepsets, flat, all, or a comma list such as unf,statnn.", metavar="MODEL[,MODEL...]",
                               autocompletion=completer(MODELS, comma_list=True)),
     target: str = typer.Option("test_acc", help="Metric (test_acc, train_loss, ...), gen_gap, or a hyperparameter "
                                "such as log_lr."),
@@ -90,6 +91,7 @@ def train(
                                    "MLP's input pixels x.2,x.3 (a label that is not fixed gets an error listing "
                                    "the fixed ones).",
                                    metavar="LABEL[,LABEL...]"),
+    probes: int = typer.Option(64, help="Learned probe inputs of probe and unf-probe (each member is run on them)."),
     ensemble: bool = typer.Option(False, help="Also report <model>-ens: the mean prediction over seeds."),
     chance_margin: float = typer.Option(0.05, help="Trained = accuracy above 1/classes + this (tau above chance, "
                                         "AUC)."),
@@ -129,7 +131,8 @@ def train(
                              patience=patience, augment=augment, normalize=normalize, rank_weight=rank_weight,
                              unf_pos_embed=pos_embed,
                              unf_keep_fixed=tuple(t.strip() for t in keep_fixed.split(",") if t.strip()),
-                             ensemble=ensemble, chance_margin=chance_margin, bootstrap=bootstrap, features=features,
+                             probes=probes, ensemble=ensemble, chance_margin=chance_margin, bootstrap=bootstrap,
+                             features=features,
                              loss=loss, include_diverged=include_diverged, max_members=max_members, device=device)
         for path, store in zip((*zoos, *(eval_zoo or ())), (*stores, *evals)):
             targets = available_targets(store)
@@ -139,6 +142,10 @@ def train(
             from pipeline.predict.train import check_keep_fixed
 
             check_keep_fixed(stores[0], config.unf_keep_fixed)
+        if any(m in ("probe", "unf-probe") for m in config.models):
+            from pipeline.predict.train import training_probe_setup
+
+            training_probe_setup(stores, config)  # refuses a zoo the probe models cannot read, before any loading
         if out is not None and out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is an existing file, not a folder; pass a folder path")
         out = out or Path("runs/train") / f"{'+'.join(Path(z.rstrip('/')).stem for z in zoos)}-{target}"

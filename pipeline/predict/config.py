@@ -25,6 +25,8 @@ NORMALIZE: dict[str, int] = {"tensor": 0, "member": 1, "fanin": 1}  # extra inpu
 # Model names a user may ask for -> the predictor kind they train. "unf-perm" is the ablation: UNF with fixed axes
 # (input features, classes, kernel positions) treated as permutable, as the reference implementation does.
 # "unf-hybrid": UNF whose head also reads the STATNN statistics (standardized) beside the UNF pooled features.
+# "probe": the member's outputs on learned probe inputs -> MLP (reads the function; cnn and mlp zoos built by `unfzoo
+# zoo`); "unf-probe": UNF pooled features and those probe outputs side by side -> MLP head.
 MODEL_KINDS: dict[str, str] = {
     "unf": "unf",
     "unf-perm": "unf",
@@ -32,11 +34,13 @@ MODEL_KINDS: dict[str, str] = {
     "deepsets": "deepsets",
     "flat": "flat",
     "unf-hybrid": "hybrid",
+    "unf-probe": "unf-probe",
+    "probe": "probe",
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_KINDS)
 # The UNF forms (exact, tied fixed axes) and the name of whichever has the better validation tau: a report row and,
 # after `unfzoo train`, a predictor folder
-UNF_FORMS: tuple[str, ...] = ("unf", "unf-perm")
+UNF_FORMS: tuple[str, ...] = ("unf", "unf-perm", "unf-probe")
 SELECTED_UNF = "unf-val"
 _ALL = ("unf", "statnn", "deepsets", "flat", "unf-perm")
 
@@ -122,6 +126,8 @@ class TrainConfig:
     deepsets_hidden: int = 32
     deepsets_head: tuple[int, ...] = (512,)
     flat_hidden: tuple[int, ...] = (512, 512)
+    probes: int = 64  # learned probe inputs of `probe` and `unf-probe`
+    probe_head: tuple[int, ...] = (512,)  # hidden sizes of `probe`'s head (`unf-probe` uses unf_head)
     statnn_candidates: tuple[str, ...] = ("gbr-d3", "gbr-d5", "mlp-a1e-3", "mlp-a1e-1")  # see STATNN_CANDIDATES
     eval_batch_size: int = 256
     device: str = "auto"
@@ -137,7 +143,7 @@ class TrainConfig:
 
         object.__setattr__(self, "split", str(parse_split(self.split)))
         for name in ("fractions", "unf_hidden", "unf_head", "deepsets_head", "flat_hidden", "statnn_candidates",
-                     "unf_keep_fixed"):
+                     "unf_keep_fixed", "probe_head"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.normalize not in NORMALIZE:
             raise ConfigError(f"--normalize {self.normalize!r} is unknown; use {' or '.join(NORMALIZE)}")
@@ -149,7 +155,8 @@ class TrainConfig:
             raise ConfigError(f"loss {self.loss!r} is unknown; use auto, bce or mse")
         if len(self.fractions) != 3 or min(self.fractions) < 0 or abs(sum(self.fractions) - 1) > 1e-6:
             raise ConfigError(f"fractions {self.fractions} must be three non-negative numbers summing to 1")
-        for name in ("seeds", "epochs", "batch_size", "patience", "eval_batch_size", "deepsets_hidden", "bootstrap"):
+        for name in ("seeds", "epochs", "batch_size", "patience", "eval_batch_size", "deepsets_hidden", "bootstrap",
+                     "probes"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         from pipeline.predict.statnn import STATNN_CANDIDATES
@@ -194,10 +201,13 @@ class TrainConfig:
         kind = MODEL_KINDS[model]
         if kind == "statnn":
             fields += ["statnn_candidates"]
+        elif kind == "probe":
+            fields += ["epochs", "batch_size", "lr", "patience", "probes", "probe_head"]
         else:
-            net = "unf" if kind == "hybrid" else kind
+            net = "unf" if kind in ("hybrid", "unf-probe") else kind
             fields += ["epochs", "batch_size", "lr", "patience", "augment", "features", f"{net}_hidden"]
             fields += [f"{net}_head"] if net in ("unf", "deepsets") else []
+            fields += ["probes"] if kind == "unf-probe" else []
             fields += ["normalize"] if self.normalize != "tensor" else []  # old runs keep their keys
             fields += ["rank_weight"] if self.rank_weight else []
         payload = {"model": model, **{k: d[k] for k in fields}, **self.tied_form_options(model)}

@@ -17,10 +17,11 @@ from torch import nn
 
 from pipeline.predict.config import FEATURES, NORMALIZE
 
-__all__ = ["TensorNormalizer", "UNFNet", "UNFHybridNet", "DeepSetsNet", "FlatNet", "build_net", "pointwise_features",
-           "WIDTH_AGNOSTIC", "FEATURES"]
+__all__ = ["TensorNormalizer", "UNFNet", "UNFHybridNet", "UNFProbeNet", "ProbeNet", "DeepSetsNet", "FlatNet",
+           "build_net", "pointwise_features", "WIDTH_AGNOSTIC", "FEATURES"]
 
-WIDTH_AGNOSTIC = {"unf": True, "hybrid": True, "statnn": True, "deepsets": True, "flat": False}
+WIDTH_AGNOSTIC = {"unf": True, "hybrid": True, "unf-probe": True, "probe": True, "statnn": True, "deepsets": True,
+                  "flat": False}
 
 
 def n_channels(features: str, normalize: str = "tensor") -> int:
@@ -176,6 +177,53 @@ class UNFHybridNet(UNFNet):
         return self.head(torch.cat([pooled, stats], dim=1)).reshape(-1)  # (B,)
 
 
+class ProbeNet(nn.Module):
+    """Learned probe inputs -> the member's outputs on them (`pipeline.predict.probe.ProbeFeatures`) -> MLP -> (B,).
+    Invariant to every hidden-unit permutation by construction (it reads the function), fixed axes included."""
+
+    def __init__(self, setup: Mapping[str, Any], head: Sequence[int]):
+        super().__init__()
+        from pipeline.predict.probe import ProbeFeatures
+
+        self.probe = ProbeFeatures(setup)
+        self.head = _mlp([self.probe.num_features, *head, 1])
+
+    def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.probe(weights)).reshape(-1)  # (B,)
+
+
+class UNFProbeNet(UNFNet):
+    """UNF layers -> invariant pooling, concatenated with the member's outputs on learned probe inputs -> MLP head ->
+    (B,): the weights' structure and the function they compute, side by side. The UNF part is prepared once per run
+    like `UNFNet`; the probe part reads the raw weights every batch (the probes are learned)."""
+
+    def __init__(self, spec: Any, hidden: Sequence[int], head: Sequence[int], setup: Mapping[str, Any],
+                 fixed_axes: str = "exact", normalizer: TensorNormalizer | None = None, features: str = "raw",
+                 pos_embed: bool = False, keep_fixed: Sequence[str] = ()):
+        super().__init__(spec, hidden, (), fixed_axes, normalizer, features, pos_embed, keep_fixed)
+        from pipeline.predict.probe import ProbeFeatures
+
+        n_pool = self.unf.pool.num_features
+        self.unf.head = nn.Identity()  # the UNF part returns its pooled features (B, n_pool)
+        self.probe = ProbeFeatures(setup)
+        self.head = _mlp([n_pool + self.probe.num_features, *head, 1])
+        self.names = list(spec.names)
+
+    def prepare(self, weights: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [*super().prepare(weights), *(weights[n] for n in self.names)]  # UNF pieces, then raw weights
+
+    def select(self, prepared: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+        n_unf = len(prepared) - len(self.names)
+        return ([t.index_select(self.prepared_dim, index) for t in prepared[:n_unf]]
+                + [t.index_select(0, index) for t in prepared[n_unf:]])
+
+    def forward_prepared(self, prepared: list[torch.Tensor]) -> torch.Tensor:
+        n_unf = len(prepared) - len(self.names)
+        pooled = self.unf.forward_prepared(prepared[:n_unf])  # (B, n_pool)
+        probed = self.probe(dict(zip(self.names, prepared[n_unf:])))  # (B, n_probe_features)
+        return self.head(torch.cat([pooled, probed.to(pooled.dtype)], dim=1)).reshape(-1)  # (B,)
+
+
 class DeepSetsNet(_Preparable):
     """Each scalar weight is a set element: phi([w, embedding of its tensor]) -> mean over the tensor's entries ->
     concatenate tensors -> rho MLP. Invariant to every permutation within a tensor (a superset of the true group)."""
@@ -249,6 +297,12 @@ def build_net(kind: str, spec: Any, params: Mapping[str, Any], normalizer: Tenso
     if kind == "hybrid":
         return UNFHybridNet(spec, params["hidden"], params["head"], params.get("fixed_axes", "exact"), normalizer,
                             features, bool(params.get("pos_embed", False)), tuple(params.get("keep_fixed", ())))
+    if kind == "unf-probe":
+        return UNFProbeNet(spec, params["hidden"], params["head"], params["probe"], params.get("fixed_axes", "exact"),
+                           normalizer, features, bool(params.get("pos_embed", False)),
+                           tuple(params.get("keep_fixed", ())))
+    if kind == "probe":
+        return ProbeNet(params["probe"], params["head"])
     if kind == "deepsets":
         return DeepSetsNet(names, params["hidden"], params["head"], normalizer, features)
     if kind == "flat":

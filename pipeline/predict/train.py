@@ -104,13 +104,20 @@ class TrainResult:
         return self.out_dir / model
 
 
-def _hyperparameters(model: str, config: TrainConfig) -> dict[str, Any]:
+def _hyperparameters(model: str, config: TrainConfig, probe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON-able hyperparameters `build_net` rebuilds a model from; `probe` is `probe_setup`'s description of the
+    training zoo (the probe models need it)."""
     kind = MODEL_KINDS[model]
     norm = {"normalize": config.normalize} if config.normalize != "tensor" else {}
-    if kind in ("unf", "hybrid"):
+    if kind in ("probe", "unf-probe") and probe is None:
+        raise ValueError(f"model {model!r} needs the training zoo's probe setup (pipeline.predict.probe.probe_setup)")
+    if kind == "probe":
+        return {"head": list(config.probe_head), "probe": probe}
+    if kind in ("unf", "hybrid", "unf-probe"):
         axes = "permutable" if model == "unf-perm" else "exact"
         return {"hidden": list(config.unf_hidden), "head": list(config.unf_head), "fixed_axes": axes,
-                "features": config.features, **config.tied_form_options(model), **norm}
+                "features": config.features, **config.tied_form_options(model), **norm,
+                **({"probe": probe} if kind == "unf-probe" else {})}
     if kind == "deepsets":
         return {"hidden": config.deepsets_hidden, "head": list(config.deepsets_head), "features": config.features,
                 **norm}
@@ -266,7 +273,7 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
                run_dir: Path, run_key: str, progress: ProgressFn | None
                ) -> tuple[torch.nn.Module, list[dict[str, Any]], int, tuple[list[float], list[float]]]:
     kind = MODEL_KINDS[model]
-    params = _hyperparameters(model, config)
+    params = _hyperparameters(model, config, data.info.get("probe_setup"))
     train_rows = data.rows["train"]
     parts = data.take(train_rows)  # [(positions in train_rows, block, {name: (n_b, *shape_b)})]
     norm = normalization_stats([w for _, _, w in parts], data.names)  # training rows only
@@ -375,7 +382,7 @@ def fit_run(model: str, data: PredictData, config: TrainConfig, spec: Any, seed:
         return done
     t0 = time.perf_counter()
     kind = MODEL_KINDS[model]
-    params = _hyperparameters(model, config)
+    params = _hyperparameters(model, config, data.info.get("probe_setup"))
     extra: dict[str, Any] = {}
     if kind == "statnn":
         x = features if features is not None else _features(data, device, config.eval_batch_size)
@@ -513,6 +520,18 @@ def _open(zoo: Any) -> Any:
     return zoo
 
 
+def training_probe_setup(zoos: list[Any], config: TrainConfig) -> dict[str, Any]:
+    """`probe_setup` of the first training zoo, with the activations of every training zoo; ConfigError naming the
+    zoo when the probe models cannot read it (checked before any weights load)."""
+    from pipeline.predict.probe import check_probe_names, probe_setup
+
+    setups = [probe_setup(z, config.probes) for z in zoos]
+    setup = setups[0]
+    setup["activations"] = list(dict.fromkeys(a for s in setups for a in s["activations"]))
+    check_probe_names(zoos[0].spec.names, setup["arch"])
+    return setup
+
+
 def _copy_predictor(source: Path, dest: Path) -> None:
     """Copy a saved predictor (config + state) into `dest`, each file atomically."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -523,7 +542,7 @@ def _copy_predictor(source: Path, dest: Path) -> None:
 
 
 def _write_selected_unf(out_dir: Path, runs: list[RunResult]) -> None:
-    """With both UNF forms trained, save the validation-selected one as `<out>/unf-val/` (the predictor of the report's
+    """With two or more UNF forms trained, save the validation-selected one as `<out>/unf-val/` (the predictor of the report's
     "unf-val" row: the better form's best-validation seed) with a `selection.json` saying what was chosen and why."""
     from pipeline.predict.report import SELECTED_UNF, selected_unf_form, unf_form_val_taus
 
@@ -534,7 +553,7 @@ def _write_selected_unf(out_dir: Path, runs: list[RunResult]) -> None:
     _copy_predictor(out_dir / chosen, dest)
     atomic_write_text(dest / "selection.json", json.dumps({
         "form": chosen, "mean_val_tau": unf_form_val_taus(runs),
-        "rule": "of the two UNF forms, the one with the higher mean validation tau over seeds (never test or an eval "
+        "rule": "of the UNF forms trained, the one with the higher mean validation tau over seeds (never test or an eval "
                 "zoo); its best-validation seed",
     }, indent=2))
 
@@ -546,7 +565,7 @@ def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[st
     architecture family, any widths, each split on its own) and write `out_dir`:
 
     `<model>/seed<k>/` (predictor, result.json, history.csv, predictions of each run), `<model>/` (the seed with the
-    best validation tau, loadable with `load_predictor`), `unf-val/` (with both UNF forms: the one with the better
+    best validation tau, loadable with `load_predictor`), `unf-val/` (with two or more UNF forms: the one with the better
     validation tau), `metrics.json`, `predictions.csv`, `comparison.csv/.md`,
     `pairs.csv` and PNG plots. `eval_zoos` are predicted and reported as their own splits ("eval:<name>"), never
     used for selection. Passing `data` (from `build_data`) skips loading the zoos' weights again.
@@ -560,6 +579,8 @@ def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[st
         if z.spec is None:
             raise ConfigError(f"zoo {z.url} records no weight-space spec; predictors need one (rebuild or re-import it)")
     check_keep_fixed(zoos[0], config.unf_keep_fixed)
+    probe = (training_probe_setup(zoos, config) if any(MODEL_KINDS[m] in ("probe", "unf-probe") for m in config.models)
+             else None)
     out_dir = Path(out_dir)
     urls = [str(z.url) for z in zoos]
     _check_out_dir(out_dir, config, urls)
@@ -572,6 +593,8 @@ def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[st
         raise ConfigError(f"--model {','.join(fixed)} reads the widths of {zoos[0].url} (at most "
                           f"{zoo_width(zoos[0].spec, zoos[0].weight_shapes)}) and a training zoo has width "
                           f"{', '.join(wider)}; drop {','.join(fixed)} or list the widest zoo first")
+    if probe is not None:
+        data.info["probe_setup"] = probe
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "train_config.json", json.dumps(
         clean_json({**config.to_dict(), "zoos": urls, "eval_zoos": [str(z.url) for z in eval_zoos]}), indent=2))
