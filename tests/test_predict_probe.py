@@ -144,3 +144,26 @@ def test_cli_refuses_a_zoo_without_what_probes_need(score_zoo, tmp_path: Path) -
     assert result.exit_code == 2, result.output
     assert "input_shape" in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_unf_probe_prepared_in_chunks_gives_the_forward_outputs() -> None:
+    """Training prepares the UNF inputs once, in chunks, and selects batches from them: the same outputs as the
+    plain forward on those members."""
+    from pipeline.predict.models import TensorNormalizer, UNFProbeNet
+    from pipeline.predict.train import _prepared_inputs
+    from unf_models import WeightSpec
+
+    arch, input_shape = ARCHS["cnn"]
+    modules = _members(arch, "relu", 12, seed=4)
+    spec = WeightSpec.from_module(modules[0])
+    weights = _stacked(modules)
+    torch.manual_seed(0)
+    setup = {"arch": arch, "input_shape": list(input_shape), "activations": ["relu"], "n_probes": 4}
+    net = UNFProbeNet(spec, (4,), (16,), setup, normalizer=TensorNormalizer(spec.names, mode="fanin"),
+                      features="raw+log+size").eval()
+    prepared = _prepared_inputs(net, [(weights, torch.zeros(12), None)], chunk=5)  # chunks of 5, 5, 2
+    index = torch.tensor([11, 0, 6, 3])
+    with torch.no_grad():
+        got = net.forward_prepared(net.select(prepared[0], index))
+        want = net({k: v[index] for k, v in weights.items()})
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -142,10 +142,12 @@ def train(
             from pipeline.predict.train import check_keep_fixed
 
             check_keep_fixed(stores[0], config.unf_keep_fixed)
-        if any(m in ("probe", "unf-probe") for m in config.models):
-            from pipeline.predict.train import training_probe_setup
+        from pipeline.predict.train import plan_probe_models
 
-            training_probe_setup(stores, config)  # refuses a zoo the probe models cannot read, before any loading
+        # refuses a zoo an asked-for probe model cannot read, before any loading; `all` leaves them out there
+        config, _, note = plan_probe_models(stores, config)
+        if note is not None:
+            print(f"note: {note}", file=sys.stderr if as_json else sys.stdout, flush=True)
         if out is not None and out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is an existing file, not a folder; pass a folder path")
         out = out or Path("runs/train") / f"{'+'.join(Path(z.rstrip('/')).stem for z in zoos)}-{target}"

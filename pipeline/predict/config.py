@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 
-__all__ = ["MODEL_NAMES", "MODEL_KINDS", "FEATURES", "NORMALIZE", "TrainConfig", "parse_models", "parse_checkpoints"]
+__all__ = ["MODEL_NAMES", "MODEL_KINDS", "ALL_MODELS", "PROBE_MODELS", "FEATURES", "NORMALIZE", "TrainConfig", "parse_models", "parse_checkpoints"]
 
 # `--features` choices of the torch models -> input channels per weight (see `models.pointwise_features`)
 # "raw+log+size" adds log10 of the tensor's entries per member, a constant per tensor that tells the model the width
@@ -42,14 +42,16 @@ MODEL_NAMES: tuple[str, ...] = tuple(MODEL_KINDS)
 # after `unfzoo train`, a predictor folder
 UNF_FORMS: tuple[str, ...] = ("unf", "unf-perm", "unf-probe")
 SELECTED_UNF = "unf-val"
-_ALL = ("unf", "statnn", "deepsets", "flat", "unf-perm")
+# the models that read a member through its function; `--model all` leaves them out on zoos they cannot read
+PROBE_MODELS: tuple[str, ...] = ("unf-probe", "probe")
+ALL_MODELS: tuple[str, ...] = ("unf", "statnn", "deepsets", "flat", "unf-perm", *PROBE_MODELS)
 
 
 def parse_models(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """'unf', 'unf,statnn' or 'all' -> a tuple of model names, validated."""
     items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
     if items == ["all"]:
-        return _ALL
+        return ALL_MODELS
     bad = [m for m in items if m not in MODEL_KINDS]
     if bad or not items:
         raise ConfigError(f"--model {','.join(bad) or text!r} is unknown; use one of {', '.join(MODEL_NAMES)} or all")

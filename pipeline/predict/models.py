@@ -210,17 +210,14 @@ class UNFProbeNet(UNFNet):
         self.names = list(spec.names)
 
     def prepare(self, weights: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [*super().prepare(weights), *(weights[n] for n in self.names)]  # UNF pieces, then raw weights
-
-    def select(self, prepared: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
-        n_unf = len(prepared) - len(self.names)
-        return ([t.index_select(self.prepared_dim, index) for t in prepared[:n_unf]]
-                + [t.index_select(0, index) for t in prepared[n_unf:]])
+        # UNF pieces, then the raw weights with the member dim moved to prepared_dim (1) like the UNF pieces
+        return [*super().prepare(weights), *(weights[n].movedim(0, 1) for n in self.names)]
 
     def forward_prepared(self, prepared: list[torch.Tensor]) -> torch.Tensor:
         n_unf = len(prepared) - len(self.names)
         pooled = self.unf.forward_prepared(prepared[:n_unf])  # (B, n_pool)
-        probed = self.probe(dict(zip(self.names, prepared[n_unf:])))  # (B, n_probe_features)
+        raw = {n: t.movedim(1, 0) for n, t in zip(self.names, prepared[n_unf:])}  # {name: (B, *shape)}
+        probed = self.probe(raw)  # (B, n_probe_features)
         return self.head(torch.cat([pooled, probed.to(pooled.dtype)], dim=1)).reshape(-1)  # (B,)
 
 

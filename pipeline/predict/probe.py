@@ -4,8 +4,8 @@ A probe model owns a few learned inputs (probes) and runs every member network o
 the zoo's architecture. The member's outputs on the probes (log-softmax over classes, plus the log-sum-exp as a scale)
 are features no hidden-unit permutation can change, and they cannot over-claim a symmetry: the network's own function
 is read, fixed axes (pixels, classes) included. Nothing of the task's data is used; the probes are parameters learned
-from weights and targets only, like every other predictor parameter (the functionalist idea of learned probing, e.g.
-ProbeGen, Kahana et al. 2024).
+from weights and targets only, like every other predictor parameter (plain learned probing, the baseline of Kahana et
+al., ICLR 2025, without their probe generator).
 
 Supported: zoos whose members are `cnn` or `mlp` networks built by `unfzoo zoo` (the zoo records the architecture).
 The member's activation is not in its weights; a probe model runs each member under every activation its training

@@ -19,7 +19,7 @@ from scipy.stats import kendalltau
 
 from pipeline.errors import ConfigError
 from pipeline.predict.artifacts import CONFIG_FILE, STATE_FILE, Predictor, save_predictor
-from pipeline.predict.config import MODEL_KINDS, TrainConfig
+from pipeline.predict.config import ALL_MODELS, MODEL_KINDS, PROBE_MODELS, TrainConfig
 from pipeline.predict.data import PredictData, build_data, normalization_stats, zoo_width
 from pipeline.predict.features import statnn_features
 from pipeline.predict.models import WIDTH_AGNOSTIC, TensorNormalizer, build_net
@@ -520,6 +520,24 @@ def _open(zoo: Any) -> Any:
     return zoo
 
 
+def plan_probe_models(zoos: list[Any], config: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None, str | None]:
+    """(config, probe setup, note): the probe setup when probe models are asked for; with `--model all` on a zoo they
+    cannot read (another architecture, an import), the config without them and a note saying why; an explicit
+    probe model on such a zoo raises the ConfigError."""
+    import dataclasses
+
+    wanted = [m for m in config.models if m in PROBE_MODELS]
+    if not wanted:
+        return config, None, None
+    try:
+        return config, training_probe_setup(zoos, config), None
+    except ConfigError as err:
+        if not set(ALL_MODELS) <= set(config.models):
+            raise
+        kept = tuple(m for m in config.models if m not in wanted)
+        return dataclasses.replace(config, models=kept), None, f"--model all: left out {', '.join(wanted)} ({err})"
+
+
 def training_probe_setup(zoos: list[Any], config: TrainConfig) -> dict[str, Any]:
     """`probe_setup` of the first training zoo, with the activations of every training zoo; ConfigError naming the
     zoo when the probe models cannot read it (checked before any weights load)."""
@@ -579,8 +597,11 @@ def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[st
         if z.spec is None:
             raise ConfigError(f"zoo {z.url} records no weight-space spec; predictors need one (rebuild or re-import it)")
     check_keep_fixed(zoos[0], config.unf_keep_fixed)
-    probe = (training_probe_setup(zoos, config) if any(MODEL_KINDS[m] in ("probe", "unf-probe") for m in config.models)
-             else None)
+    config, probe, note = plan_probe_models(zoos, config)
+    if note is not None:
+        import warnings
+
+        warnings.warn(note, stacklevel=2)
     out_dir = Path(out_dir)
     urls = [str(z.url) for z in zoos]
     _check_out_dir(out_dir, config, urls)
