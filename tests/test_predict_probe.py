@@ -167,3 +167,15 @@ def test_unf_probe_prepared_in_chunks_gives_the_forward_outputs() -> None:
         got = net.forward_prepared(net.select(prepared[0], index))
         want = net({k: v[index] for k, v in weights.items()})
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_model_all_leaves_the_probe_models_out_where_they_cannot_read(score_zoo) -> None:
+    """`--model all` on a zoo the probe models cannot read trains the rest, with a note; naming one raises."""
+    from pipeline.predict.train import plan_probe_models
+
+    config, setup, note = plan_probe_models([score_zoo], TrainConfig(models="all"))
+    assert setup is None and "probe" not in config.models and "unf-probe" not in config.models
+    assert {"unf", "unf-perm", "statnn", "deepsets", "flat"} <= set(config.models)
+    assert "left out unf-probe, probe" in note and "input_shape" in note
+    with pytest.raises(ConfigError, match="input_shape"):
+        plan_probe_models([score_zoo], TrainConfig(models=("unf", "probe")))

@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 
-__all__ = ["PROBE_ARCHS", "probe_setup", "member_logits", "ProbeFeatures"]
+__all__ = ["PROBE_ARCHS", "probe_setup", "member_logits", "ProbeFeatures", "check_probe_names"]
 
 PROBE_ARCHS: tuple[str, ...] = ("cnn", "mlp")
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid,
