@@ -87,7 +87,9 @@ def score(
             print_json(_summary(frame, out))
             failed = int((frame["status"] != "ok").sum())
         else:
-            failed = _summarize(frame, f"{predictor.kind} predictor of {predictor.target}", out)
+            members = getattr(predictor, "members", None)  # a seed ensemble (EnsemblePredictor)
+            what = f"seed ensemble of {len(members)}" if members else "predictor"
+            failed = _summarize(frame, f"{predictor.kind} {what} of {predictor.target}", out)
         if failed:
             raise typer.Exit(code=1)
 

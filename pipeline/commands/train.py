@@ -35,8 +35,10 @@ Several zoos: one architecture family, any widths (flat needs one width); each z
 --eval-zoo: predicted and reported as split eval:<name>, never used for selection or early stopping.
 --split group:<hparam>[=v1,v2]: members with the held-out value(s) are the test split (default: one value, the
 sorted values' index split-seed mod count); the rest is split by run into train and val (ratio of --fractions).
-The output folder holds <model>/ (best-validation seed; load it with pipeline.predict.load_predictor),
-<model>/seed<k>/ (history.csv per epoch), metrics.json, predictions.csv, comparison.md/.csv, pairs.csv,
+The output folder holds <model>/ (load it with pipeline.predict.load_predictor or score with it: with --seeds 2+
+the seed ensemble when its validation tau is at least the best seed's, else the best-validation seed; its
+selection.json says which), <model>/seed<k>/ (history.csv per epoch), unf-val/ (with both UNF forms: a copy of
+the one with the better validation tau), metrics.json, predictions.csv, comparison.md/.csv, pairs.csv,
 test_scatter.png and val_tau.png. Rerunning the same command resumes interrupted runs and skips finished ones.
 """
 

@@ -9,7 +9,7 @@ selected on validation Kendall tau, evaluated on test and foreign eval zoos with
     scores = predictor.predict(zoo.weights(members, -1))   # (N,) predicted test accuracy
 """
 
-from pipeline.predict.artifacts import Predictor, load_predictor, save_predictor
+from pipeline.predict.artifacts import EnsemblePredictor, Predictor, load_predictor, save_ensemble, save_predictor
 from pipeline.predict.config import MODEL_KINDS, MODEL_NAMES, TrainConfig
 from pipeline.predict.data import PredictData, available_targets, build_data
 from pipeline.predict.features import statnn_features
@@ -28,8 +28,10 @@ __all__ = [
     "tau_interval",
     "paired_tau_difference",
     "Predictor",
+    "EnsemblePredictor",
     "load_predictor",
     "save_predictor",
+    "save_ensemble",
     "RunResult",
     "TrainResult",
     "kendall_tau",

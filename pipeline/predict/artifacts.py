@@ -1,11 +1,12 @@
 """Saved predictors: `predictor.json` (kind, target, spec, normalization, zoo identity, hyperparameters) next to
-`model.safetensors` (the state). Loading never unpickles anything."""
+`model.safetensors` (the state); or a seed ensemble: a `predictor.json` of kind "ensemble" naming member sub-folders
+(each a saved predictor) whose predictions it averages. Loading never unpickles anything."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,12 @@ from pipeline.predict.features import statnn_features
 from pipeline.predict.models import WIDTH_AGNOSTIC, TensorNormalizer, build_net
 from pipeline.predict.statnn import StatNNModel
 
-__all__ = ["FORMAT", "Predictor", "save_predictor", "load_predictor", "resolve_predictor_dir"]
+__all__ = ["FORMAT", "ENSEMBLE_FORMAT", "Predictor", "EnsemblePredictor", "save_predictor", "save_ensemble",
+           "load_predictor", "resolve_predictor_dir"]
 
 FORMAT = "unfzoo.predictor/1"
+# its own format name, so an unfzoo from before ensembles refuses such a folder in one line instead of misreading it
+ENSEMBLE_FORMAT = "unfzoo.ensemble/1"
 CONFIG_FILE, STATE_FILE = "predictor.json", "model.safetensors"
 
 
@@ -145,27 +149,133 @@ def resolve_predictor_dir(directory: str | os.PathLike[str]) -> Path:
     raise PredictorError(f"{directory} holds no {CONFIG_FILE}; is it the --out folder of `unfzoo train`?")
 
 
-def load_predictor(directory: str | os.PathLike[str], device: str | torch.device = "auto") -> Predictor:
-    """Load a predictor saved by `save_predictor` / `unfzoo train` (safetensors + JSON; nothing unpickled)."""
+class EnsemblePredictor:
+    """A seed ensemble: `predict` is the mean of its members' predictions (each in target units and already clipped,
+    so the mean stays in the target's range). The same interface as `Predictor` for scoring: `spec`, `config` (the
+    ensemble's JSON dict), `target`, `kind` (the members' kind), `width_agnostic`, `device`, `to()`, `predict()`;
+    `members` holds the member `Predictor`s."""
+
+    def __init__(self, config: dict[str, Any], members: Sequence[Predictor]) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.config = config
+        self.members = list(members)
+        self.spec = self.members[0].spec
+        self.device = self.members[0].device
+
+    @property
+    def kind(self) -> str:
+        return self.members[0].kind
+
+    @property
+    def target(self) -> str:
+        return self.members[0].target
+
+    @property
+    def width_agnostic(self) -> bool:
+        return self.members[0].width_agnostic
+
+    def __repr__(self) -> str:
+        return (f"EnsemblePredictor(kind={self.kind!r}, model={self.config.get('model')!r}, target={self.target!r}, "
+                f"members={len(self.members)}, device={str(self.device)!r})")
+
+    def to(self, device: torch.device | str) -> EnsemblePredictor:
+        self.device = torch.device(device)
+        for m in self.members:
+            m.to(self.device)
+        return self
+
+    def predict(self, weights: Mapping[str, torch.Tensor | np.ndarray], batch_size: int | None = None) -> np.ndarray:
+        """The mean over members of `Predictor.predict` (raises as that does when the weights do not fit)."""
+        return np.mean([m.predict(weights, batch_size) for m in self.members], axis=0)
+
+
+def save_ensemble(directory: str | os.PathLike[str], members: Sequence[str],
+                  extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the `predictor.json` of a seed ensemble into `directory`, naming `members`: sub-folders of `directory`
+    (plain names such as "seed0") that already hold saved predictors of one kind, target and spec. `extra` is added
+    to the JSON (e.g. validation taus). Any single predictor's `model.safetensors` left in `directory` is removed
+    afterwards; returns the directory."""
+    directory = Path(directory)
+    configs = [_read_config(directory / _member_name(directory, m)) for m in members]
+    if not configs:
+        raise ValueError("an ensemble needs at least one member")
+    first = configs[0]
+    for m, c in zip(members, configs):
+        if c.get("kind") == "ensemble" or any(c.get(k) != first.get(k) for k in ("kind", "target", "spec")):
+            raise PredictorError(f"{directory / m} is not a predictor of the same kind, target and spec as "
+                                 f"{directory / members[0]}; an ensemble's members must be seeds of one model")
+    shared = {k: first[k] for k in ("model", "target", "loss", "output", "spec", "zoo", "eval_batch_size",
+                                     "package_version") if k in first}
+    seeds = [c.get("training", {}).get("seed") for c in configs]
+    config = {"format": ENSEMBLE_FORMAT, "kind": "ensemble", "member_kind": first["kind"], **shared,
+              "members": list(members), "combine": "mean", "seeds": seeds, **(extra or {})}
+    _atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2))
+    (directory / STATE_FILE).unlink(missing_ok=True)  # a single predictor's state, no longer what this folder holds
+    return directory
+
+
+def _member_name(folder: Path, name: Any) -> str:
+    """`name` when it is a plain sub-folder name (the ensemble folder stays self-contained and movable)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise PredictorError(f"{folder / CONFIG_FILE}: member {name!r} is not a sub-folder name such as 'seed0'")
+    return name
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise PredictorError(f"{path} is missing; the predictor folder {folder} is incomplete (copy it whole or "
+                             "retrain it)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PredictorError(f"{path} is not readable JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise PredictorError(f"{path} is not a predictor description (a JSON object)")
+    return config
+
+
+def load_predictor(directory: str | os.PathLike[str], device: str | torch.device = "auto"
+                   ) -> Predictor | EnsemblePredictor:
+    """Load a predictor saved by `save_predictor` / `unfzoo train` (safetensors + JSON; nothing unpickled); a seed
+    ensemble folder (`save_ensemble`) loads as an `EnsemblePredictor` of its members."""
+    from pipeline.device import resolve_device
+
+    folder = resolve_predictor_dir(directory)
+    config = _read_config(folder)
+    dev = resolve_device(device if isinstance(device, str) else str(device))
+    if config.get("format") == ENSEMBLE_FORMAT:
+        if config.get("kind") != "ensemble" or not isinstance(config.get("members"), list) or not config["members"]:
+            raise PredictorError(f"{folder / CONFIG_FILE} is an ensemble without a list of members; retrain it")
+        config.pop("format")
+        paths = [folder / _member_name(folder, name) for name in config["members"]]
+        for member in paths:  # every member is checked before any is loaded
+            if not member.is_dir():
+                raise PredictorError(f"{member} (a member of the seed ensemble {folder}) is missing; copy the "
+                                     "ensemble folder whole or retrain it")
+        members = [_load_single(member, _read_config(member), dev) for member in paths]
+        for name, m in zip(config["members"], members):
+            if (m.kind, m.target, m.spec) != (members[0].kind, members[0].target, members[0].spec):
+                raise PredictorError(f"{folder / name} is not a predictor of the same kind, target and spec as "
+                                     f"{folder / config['members'][0]}; retrain the ensemble")
+        return EnsemblePredictor(config, members)
+    return _load_single(folder, config, dev)
+
+
+def _load_single(folder: Path, config: dict[str, Any], dev: torch.device) -> Predictor:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file as load_numpy
     from safetensors.torch import load_file as load_torch
 
-    from pipeline.device import resolve_device
     from unf_models import WeightSpec
 
-    folder = resolve_predictor_dir(directory)
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise PredictorError(f"{folder / CONFIG_FILE} is not readable JSON: {err}") from err
     if config.get("format") != FORMAT:
         raise PredictorError(f"{folder / CONFIG_FILE} has format {config.get('format')!r}, expected {FORMAT!r}")
     config.pop("format")
     state_path = folder / STATE_FILE
     if not state_path.is_file():
         raise PredictorError(f"{state_path} is missing; the predictor folder is incomplete (retrain it)")
-    dev = resolve_device(device if isinstance(device, str) else str(device))
     spec = WeightSpec.from_dict(config["spec"])
     try:
         if config["kind"] == "statnn":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
     from pipeline.predict.data import PredictData
     from pipeline.predict.train import RunResult, TrainResult
 
-__all__ = ["summarize", "statistics_table", "selected_unf_form", "unf_form_val_taus", "SELECTED_UNF", "comparison_markdown", "write_report", "plot_test_scatter",
+__all__ = ["summarize", "statistics_table", "selected_unf_form", "unf_form_val_taus", "seed_or_ensemble",
+           "model_choice", "SELECTED_UNF", "comparison_markdown", "write_report", "plot_test_scatter",
            "plot_val_tau", "clean_json", "model_predictions"]
 
 _STATS = ("tau", "spearman", "tau_above", "r2", "mae", "bias", "auc")
@@ -55,10 +57,38 @@ def selected_unf_form(runs: list[RunResult]) -> str | None:
     return max(taus, key=taus.__getitem__) if len(taus) >= 2 else None
 
 
+def seed_or_ensemble(seed_preds: Mapping[int, np.ndarray], true: np.ndarray) -> dict[str, Any]:
+    """The validation-only choice of a model's saved predictor from its seeds' validation predictions
+    ({seed: (n_val,)}) and targets: "ensemble" (the mean prediction over seeds) when there are 2+ seeds and its
+    Kendall tau is at least the best seed's, else "seed" (the best seed). Returns what was chosen and every tau."""
+    from pipeline.predict.train import kendall_tau
+
+    taus = {int(s): kendall_tau(np.asarray(p, dtype=np.float64), true) for s, p in seed_preds.items()}
+    best = max(taus, key=taus.__getitem__)
+    ens = kendall_tau(np.mean(list(seed_preds.values()), axis=0), true) if len(taus) >= 2 else None
+    return {"predictor": "ensemble" if ens is not None and ens >= taus[best] else "seed", "seed": best,
+            "seeds": list(taus), "best_seed_val_tau": taus[best], "ensemble_val_tau": ens, "seed_val_tau": taus}
+
+
+def model_choice(runs: list[RunResult], model: str) -> dict[str, Any]:
+    """`seed_or_ensemble` of `model`'s runs on the validation rows: what `<out>/<model>/` holds."""
+    mine = runs_of(runs, model)
+    val = (mine[0].predictions["split"] == "val").to_numpy()
+    true = mine[0].predictions["target"].to_numpy(dtype=np.float64)[val]
+    return seed_or_ensemble({r.seed: r.predictions["prediction"].to_numpy(dtype=np.float64)[val] for r in mine}, true)
+
+
+def _selected_unf(runs: list[RunResult]) -> tuple[str | None, bool]:
+    """(the UNF form "unf-val" stands for or None, whether its saved predictor is the seed ensemble)."""
+    chosen = selected_unf_form(runs)
+    return chosen, chosen is not None and model_choice(runs, chosen)["predictor"] == "ensemble"
+
+
 def model_predictions(runs: list[RunResult], ensemble: bool = False) -> dict[str, list[np.ndarray]]:
     """{model: [(R,) predictions of each seed]} in data row order; with `ensemble`, also "<model>-ens": the mean
-    prediction over seeds (models with 2+ seeds); with two or more UNF forms, also "unf-val": the seeds of the form with the
-    better validation tau (`selected_unf_form`)."""
+    prediction over seeds (models with 2+ seeds); with two or more UNF forms, also "unf-val": what `<out>/unf-val/`
+    holds, the form with the better validation tau (`selected_unf_form`): its seeds, or its mean prediction over
+    seeds (one entry) when its saved predictor is the seed ensemble (`model_choice`)."""
     preds: dict[str, list[np.ndarray]] = {}
     for r in runs:
         preds.setdefault(r.model, []).append(r.predictions["prediction"].to_numpy(dtype=np.float64))
@@ -66,9 +96,9 @@ def model_predictions(runs: list[RunResult], ensemble: bool = False) -> dict[str
         for model in list(preds):
             if len(preds[model]) > 1:
                 preds[f"{model}-ens"] = [np.mean(preds[model], axis=0)]
-    chosen = selected_unf_form(runs)
+    chosen, as_ensemble = _selected_unf(runs)
     if chosen is not None:
-        preds[SELECTED_UNF] = list(preds[chosen])
+        preds[SELECTED_UNF] = [np.mean(preds[chosen], axis=0)] if as_ensemble else list(preds[chosen])
     return preds
 
 
@@ -78,19 +108,21 @@ def summarize(runs: list[RunResult], data: PredictData | None = None, ensemble: 
     split, and "<model>-ens" rows when `ensemble`."""
     rows = []
     preds = model_predictions(runs, ensemble) if data is not None else {}
+    chosen, as_ensemble = _selected_unf(runs)
     for model in dict.fromkeys([*(r.model for r in runs), *preds]):
-        mine = runs_of(runs, selected_unf_form(runs) if model == SELECTED_UNF else model)
+        base = chosen if model == SELECTED_UNF else model[:-4] if model.endswith("-ens") else model
+        mine = [] if model.endswith("-ens") or (model == SELECTED_UNF and as_ensemble) else runs_of(runs, base)
         if mine:
             metrics = [r.metrics for r in mine]
             best_seed, seconds = int(mine[int(np.argmax([r.val_tau for r in mine]))].seed), sum(r.seconds for r in mine)
             seconds = 0.0 if model == SELECTED_UNF else seconds  # its runs are counted under their own name
-        else:  # an ensemble: statistics of the mean prediction
+        else:  # a seed ensemble: statistics of the mean prediction
             assert data is not None
             metrics = [{s: split_statistics(preds[model][0][idx][np.isfinite(preds[model][0][idx])],
                                             data.y[idx][np.isfinite(preds[model][0][idx])], data.threshold)
                         for s, idx in data.rows.items()}]
             best_seed, seconds = -1, 0.0
-        row: dict[str, Any] = {"model": model, "seeds": len(mine) or len(runs_of(runs, model[:-4]))}
+        row: dict[str, Any] = {"model": model, "seeds": len(mine) or len(runs_of(runs, base))}
         for split in ("test", "val"):
             for stat in ("tau",):
                 vals = [m[split][stat] for m in metrics]
@@ -166,10 +198,11 @@ def bias_by_width(preds: dict[str, list[np.ndarray]], data: PredictData) -> list
     return out
 
 
-def pair_table(preds: dict[str, list[np.ndarray]], data: PredictData, n_resamples: int = 1000
-               ) -> list[dict[str, Any]]:
+def pair_table(preds: dict[str, list[np.ndarray]], data: PredictData, n_resamples: int = 1000,
+               selected: str | None = None) -> list[dict[str, Any]]:
     """Paired bootstrap interval of tau(a) - tau(b) for every pair of models, on test and on every eval split,
-    over the members both models predict."""
+    over the members both models predict. `selected`: the row "unf-val" repeats (a UNF form, or "<form>-ens" for
+    a seed ensemble); its pairs that are 0 or already listed under that row are left out."""
     out = []
     for split, idx in data.rows.items():
         if split in ("train", "val"):
@@ -178,10 +211,15 @@ def pair_table(preds: dict[str, list[np.ndarray]], data: PredictData, n_resample
         true = data.y[idx]
         for pair in pairwise_differences({m: [p[idx] for p in s] for m, s in usable.items()}, true,
                                          n_resamples=n_resamples):
-            if SELECTED_UNF in (pair["a"], pair["b"]) and {pair["a"], pair["b"]} & set(UNF_FORMS):
-                continue  # unf-val is one of the UNF forms: its difference to them is 0 or already listed
+            other = pair["b"] if pair["a"] == SELECTED_UNF else pair["a"] if pair["b"] == SELECTED_UNF else None
+            if other is not None and (other == selected or (selected in usable and _is_unf_row(other))):
+                continue  # unf-val repeats `selected`: its difference to it is 0, to the other UNF rows listed
             out.append({"split": split, **pair})
     return out
+
+
+def _is_unf_row(model: str) -> bool:
+    return model in UNF_FORMS or (model.endswith("-ens") and model[:-4] in UNF_FORMS)
 
 
 def _f(x: Any, digits: int = 3) -> str:
@@ -190,10 +228,12 @@ def _f(x: Any, digits: int = 3) -> str:
 
 def comparison_markdown(summary: pd.DataFrame, stats: list[dict[str, Any]] | None = None,
                         widths: list[dict[str, Any]] | None = None, pairs: list[dict[str, Any]] | None = None,
-                        threshold: float | None = None, selected: str | None = None) -> str:
+                        threshold: float | None = None, selected: str | None = None,
+                        choice: dict[str, Any] | None = None) -> str:
     """The comparison as Markdown: per split, tau with its 90% bootstrap interval over members (and the spread over
     seeds when there are 2+), the other statistics; bias per width; paired differences of tau. `selected`: the UNF
-    form the "unf-val" row stands for (`selected_unf_form`), named in a line."""
+    form the "unf-val" row stands for (`selected_unf_form`), named in a line; `choice`: that form's `model_choice`
+    (the line then says whether unf-val is its seed ensemble or its best seed)."""
     if stats is None:  # summary only (old callers)
         lines = ["| model | test tau | val tau | test R^2 | test MAE | seeds |", "|---|---|---|---|---|---|"]
         for r in summary.itertuples():
@@ -228,8 +268,15 @@ def comparison_markdown(summary: pd.DataFrame, stats: list[dict[str, Any]] | Non
     if selected is not None:
         val = summary.set_index("model")["val_tau_mean"]
         forms = [m for m in UNF_FORMS if m in val.index]
-        lines.append(f"{SELECTED_UNF} = {selected}: of the UNF forms trained, the one with the better validation tau "
-                     f"({' vs '.join(f'{m} {_f(val.get(m))}' for m in forms)}); chosen on validation only.")
+        ens = choice is not None and choice["predictor"] == "ensemble"
+        how = ""
+        if choice is not None and choice["ensemble_val_tau"] is not None:
+            saved = "seed ensemble" if ens else f"best seed (seed {choice['seed']})"
+            how = (f" Saved as its {saved}: validation tau of the mean over seeds {_f(choice['ensemble_val_tau'])} "
+                   f"vs best seed {_f(choice['best_seed_val_tau'])}.")
+        lines.append(f"{SELECTED_UNF} = {selected}{' (seed ensemble)' if ens else ''}: of the UNF forms trained, the "
+                     f"one with the better validation tau ({' vs '.join(f'{m} {_f(val.get(m))}' for m in forms)}); "
+                     f"chosen on validation only.{how}")
     lines.append("")
     if widths:
         lines += ["### Mean error (prediction - target) per width", "", "| split | width | model | n | bias | MAE |",
@@ -323,11 +370,12 @@ def write_report(result: TrainResult, data: PredictData | None = None) -> tuple[
     out = result.out_dir
     n_boot = int(result.config.bootstrap)
     stats = widths = pairs = None
+    chosen, as_ensemble = _selected_unf(result.runs) if data is not None else (None, False)
     if data is not None:
         preds = model_predictions(result.runs, result.config.ensemble)
         stats = statistics_table(preds, data, n_boot)
         widths = bias_by_width(preds, data)
-        pairs = pair_table(preds, data, n_boot)
+        pairs = pair_table(preds, data, n_boot, f"{chosen}-ens" if as_ensemble else chosen)
     metrics = {
         "config": result.config.to_dict(),
         "data": result.data_info,
@@ -346,8 +394,8 @@ def write_report(result: TrainResult, data: PredictData | None = None) -> tuple[
         _atomic(out / "pairs.csv", lambda p: pd.DataFrame(pairs).to_csv(p, index=False))
     threshold = data.threshold if data is not None else None
     _atomic(out / "comparison.md", lambda p: p.write_text(
-        comparison_markdown(result.summary, stats, widths, pairs, threshold,
-                            selected_unf_form(result.runs) if data is not None else None)))
+        comparison_markdown(result.summary, stats, widths, pairs, threshold, chosen,
+                            model_choice(result.runs, chosen) if chosen is not None else None)))
     _atomic(out / "test_scatter.png", lambda p: plot_test_scatter(result.runs, p, result.data_info["target"]))
     _atomic(out / "val_tau.png", lambda p: plot_val_tau(result.runs, p))
     return stats, widths, pairs

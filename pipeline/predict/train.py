@@ -18,7 +18,7 @@ import torch
 from scipy.stats import kendalltau
 
 from pipeline.errors import ConfigError
-from pipeline.predict.artifacts import CONFIG_FILE, STATE_FILE, Predictor, save_predictor
+from pipeline.predict.artifacts import CONFIG_FILE, STATE_FILE, Predictor, save_ensemble, save_predictor
 from pipeline.predict.config import ALL_MODELS, MODEL_KINDS, PROBE_MODELS, TrainConfig
 from pipeline.predict.data import PredictData, build_data, normalization_stats, zoo_width
 from pipeline.predict.features import statnn_features
@@ -31,6 +31,9 @@ __all__ = ["RunResult", "TrainResult", "train_predictor", "fit_run", "split_metr
 # progress(model, seed, epoch, total_epochs, info) is called after every epoch (once for STATNN).
 ProgressFn = Callable[[str, int, int, int, dict[str, Any]], None]
 RESULT_FILE, RESUME_FILE, PRED_FILE, HISTORY_FILE = "result.json", "resume.pt", "predictions.csv", "history.csv"
+SELECTION_FILE = "selection.json"
+ENSEMBLE_RULE = ("with 2+ seeds, the seed ensemble (mean prediction over seeds) when its validation tau is at least "
+                 "the best seed's, else the best-validation seed (never test or an eval zoo)")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -551,29 +554,76 @@ def training_probe_setup(zoos: list[Any], config: TrainConfig) -> dict[str, Any]
 
 
 def _copy_predictor(source: Path, dest: Path) -> None:
-    """Copy a saved predictor (config + state) into `dest`, each file atomically."""
+    """Copy a saved single predictor (state, then config) into `dest`, each file atomically."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_FILE, STATE_FILE):
+    for name in (STATE_FILE, CONFIG_FILE):
         tmp = dest / (name + ".tmp")
         shutil.copyfile(source / name, tmp)
         os.replace(tmp, dest / name)
 
 
+def _copy_saved(source: Path, dest: Path) -> None:
+    """Copy what `source` holds (a single predictor, or a seed ensemble with its member folders: config and state
+    only) into the new folder `dest`."""
+    config = json.loads((source / CONFIG_FILE).read_text())
+    for member in config.get("members", []) if config.get("kind") == "ensemble" else []:
+        _copy_predictor(source / member, dest / member)
+    if config.get("kind") != "ensemble":
+        _copy_predictor(source, dest)
+    shutil.copyfile(source / CONFIG_FILE, dest / CONFIG_FILE)
+
+
+def _replace_folder(built: Path, dest: Path) -> None:
+    """Put the folder `built` at `dest`, replacing an older one (renamed aside first, removed last)."""
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(built, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_model_predictor(dest: Path, runs: list[RunResult]) -> dict[str, Any]:
+    """Make `dest` (`<out>/<model>/`, holding the runs' `seed<k>/` folders) the model's default predictor: the seed
+    ensemble of every run when it is at least as good as the best seed on validation (`model_choice`), else the best
+    seed; with 2+ seeds, `selection.json` says which and both validation taus. Returns the choice."""
+    from pipeline.predict.report import clean_json, model_choice
+
+    choice = model_choice(runs, runs[0].model)
+    best = next(r for r in runs if r.seed == choice["seed"])
+    if choice["predictor"] == "ensemble":
+        save_ensemble(dest, [r.directory.relative_to(dest).as_posix() for r in runs],
+                      {"val_tau": choice["ensemble_val_tau"], "best_seed_val_tau": choice["best_seed_val_tau"]})
+    else:
+        _copy_predictor(best.directory, dest)
+    if len(runs) >= 2:
+        atomic_write_text(dest / SELECTION_FILE, json.dumps(clean_json({
+            "model": runs[0].model, **choice, "rule": ENSEMBLE_RULE}), indent=2))
+    else:
+        (dest / SELECTION_FILE).unlink(missing_ok=True)
+    return choice
+
+
 def _write_selected_unf(out_dir: Path, runs: list[RunResult]) -> None:
-    """With two or more UNF forms trained, save the validation-selected one as `<out>/unf-val/` (the predictor of the report's
-    "unf-val" row: the better form's best-validation seed) with a `selection.json` saying what was chosen and why."""
-    from pipeline.predict.report import SELECTED_UNF, selected_unf_form, unf_form_val_taus
+    """With two or more UNF forms trained, save the validation-selected one as `<out>/unf-val/` (the predictor of the
+    report's "unf-val" row: a copy of what `<out>/<form>/` holds, the better form's seed ensemble or best seed, member
+    folders included) with a `selection.json` saying what was chosen and why."""
+    from pipeline.predict.report import SELECTED_UNF, clean_json, model_choice, selected_unf_form, unf_form_val_taus
 
     chosen = selected_unf_form(runs)
     if chosen is None:
         return
     dest = out_dir / SELECTED_UNF
-    _copy_predictor(out_dir / chosen, dest)
-    atomic_write_text(dest / "selection.json", json.dumps({
-        "form": chosen, "mean_val_tau": unf_form_val_taus(runs),
-        "rule": "of the UNF forms trained, the one with the higher mean validation tau over seeds (never test or an eval "
-                "zoo); its best-validation seed",
-    }, indent=2))
+    built = out_dir / (SELECTED_UNF + ".tmp")
+    shutil.rmtree(built, ignore_errors=True)
+    built.mkdir()
+    _copy_saved(out_dir / chosen, built)
+    atomic_write_text(built / SELECTION_FILE, json.dumps(clean_json({
+        "form": chosen, "mean_val_tau": unf_form_val_taus(runs), **model_choice(runs, chosen),
+        "rule": "of the UNF forms trained, the one with the higher mean validation tau over seeds (never test or an "
+                "eval zoo); then what <out>/<form>/ holds: " + ENSEMBLE_RULE,
+    }), indent=2))
+    _replace_folder(built, dest)
 
 
 def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[str],
@@ -582,9 +632,10 @@ def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[st
     """Train `config.models` x `config.seeds` predictors on `zoo` (a `Zoo`, a store path, or a list of them: one
     architecture family, any widths, each split on its own) and write `out_dir`:
 
-    `<model>/seed<k>/` (predictor, result.json, history.csv, predictions of each run), `<model>/` (the seed with the
-    best validation tau, loadable with `load_predictor`), `unf-val/` (with two or more UNF forms: the one with the better
-    validation tau), `metrics.json`, `predictions.csv`, `comparison.csv/.md`,
+    `<model>/seed<k>/` (predictor, result.json, history.csv, predictions of each run), `<model>/` (loadable with
+    `load_predictor`: with 2+ seeds the seed ensemble when its validation tau is at least the best seed's, else the
+    best-validation seed; `selection.json` says which), `unf-val/` (with two or more UNF forms: a copy of the one
+    with the better validation tau), `metrics.json`, `predictions.csv`, `comparison.csv/.md`,
     `pairs.csv` and PNG plots. `eval_zoos` are predicted and reported as their own splits ("eval:<name>"), never
     used for selection. Passing `data` (from `build_data`) skips loading the zoos' weights again.
     """
@@ -631,9 +682,8 @@ def train_predictor(zoo: Any, config: TrainConfig, out_dir: str | os.PathLike[st
         for seed in range(config.seeds):
             runs.append(fit_run(model, data, config, spec, seed, out_dir / model / f"seed{seed}", zoo_info, device,
                                 progress, features))
-        # the model's default predictor: the seed with the best validation tau (never test)
-        best = max((r for r in runs if r.model == model), key=lambda r: r.val_tau)
-        _copy_predictor(best.directory, out_dir / model)
+        # the model's default predictor, chosen on validation only: its seed ensemble or its best seed
+        _save_model_predictor(out_dir / model, [r for r in runs if r.model == model])
     _write_selected_unf(out_dir, runs)
     data_info = {"target": data.target, "loss": data.loss, "excluded": data.excluded, "counts": data.counts(),
                  "checkpoint_epochs": data.info["checkpoint_epochs"],
