@@ -327,3 +327,35 @@ def test_size_feature_tells_widths_apart_and_keeps_invariance(predict_zoo, tmp_p
     perm = predict_zoo.spec.random_permutation(torch.Generator().manual_seed(1))
     np.testing.assert_allclose(predictor.predict(predict_zoo.spec.permute(weights, perm)), predictor.predict(weights),
                                atol=1e-5)
+
+
+def test_bias_by_reports_the_mean_error_per_hyperparameter_value(predict_zoo, predict_zoo_wide, tmp_path: Path) -> None:
+    """`--bias-by optimizer,activation`: one mean-error row per model, split and value (an eval zoo whose recipe fixes a
+    hyperparameter reads "-"), equal to the mean of prediction - target over those rows; in metrics.json and
+    comparison.md."""
+    out = tmp_path / "out"
+    result = train_predictor(predict_zoo, _config(models=("statnn",), bias_by=("optimizer", "activation")), out,
+                             eval_zoos=[predict_zoo_wide])
+    groups = json.loads((out / "metrics.json").read_text())["bias_by_hparam"]
+    test = [g for g in groups if g["split"] == "test" and g["hparam"] == "optimizer"]
+    assert {g["value"] for g in test} == {"adam", "sgd"}
+    preds = result.runs[0].predictions
+    rows = preds[preds["split"] == "test"]
+    optimizer = np.asarray(predict_zoo.hparam("optimizer"), dtype=object)[rows["member"].to_numpy()]
+    assert sum(g["n"] for g in test) == len(rows)
+    for g in test:
+        sel = (optimizer == g["value"])
+        err = rows["prediction"].to_numpy()[sel] - rows["target"].to_numpy()[sel]
+        assert g["bias"] == pytest.approx(err.mean(), abs=1e-9) and g["mae"] == pytest.approx(np.abs(err).mean())
+    wide = [g for g in groups if g["split"].startswith("eval:") and g["hparam"] == "optimizer"]
+    assert [g["value"] for g in wide] == ["adam"]
+    assert "### Mean error (prediction - target) per hyperparameter value" in (out / "comparison.md").read_text()
+
+
+def test_bias_by_an_unknown_hyperparameter_is_refused(predict_zoo, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", str(predict_zoo.url), "--model", "statnn", "--bias-by", "colour",
+                                 "--out", str(out)])
+    assert result.exit_code == 2
+    assert "--bias-by 'colour' is not a categorical hyperparameter" in result.output and "optimizer" in result.output
+    assert not out.exists()

@@ -95,6 +95,9 @@ def train(
                                    metavar="LABEL[,LABEL...]"),
     probes: int = typer.Option(64, help="Learned probe inputs of probe and unf-probe (each member is run on them)."),
     ensemble: bool = typer.Option(False, help="Also report <model>-ens: the mean prediction over seeds."),
+    bias_by: str = typer.Option("", help="Categorical hyperparameters whose values get their own mean-error rows "
+                                "in comparison.md (test and eval splits), e.g. shift,optimizer.",
+                                metavar="HPARAM[,HPARAM...]"),
     chance_margin: float = typer.Option(0.05, help="Trained = accuracy above 1/classes + this (tau above chance, "
                                         "AUC)."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples of the intervals."),
@@ -134,7 +137,7 @@ def train(
                              unf_pos_embed=pos_embed,
                              unf_keep_fixed=tuple(t.strip() for t in keep_fixed.split(",") if t.strip()),
                              probes=probes, ensemble=ensemble, chance_margin=chance_margin, bootstrap=bootstrap,
-                             features=features,
+                             features=features, bias_by=tuple(t.strip() for t in bias_by.split(",") if t.strip()),
                              loss=loss, include_diverged=include_diverged, max_members=max_members, device=device)
         for path, store in zip((*zoos, *(eval_zoo or ())), (*stores, *evals)):
             targets = available_targets(store)

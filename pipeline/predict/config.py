@@ -134,6 +134,9 @@ class TrainConfig:
     eval_batch_size: int = 256
     device: str = "auto"
     max_members: int | None = None  # use only the first N members (quick runs); None = all
+    # categorical hyperparameters whose values get their own mean-error rows in the report (test and eval splits),
+    # e.g. ("shift", "optimizer"): where a predictor over- or under-predicts a training recipe
+    bias_by: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the config
 
     def __post_init__(self) -> None:
@@ -145,7 +148,7 @@ class TrainConfig:
 
         object.__setattr__(self, "split", str(parse_split(self.split)))
         for name in ("fractions", "unf_hidden", "unf_head", "deepsets_head", "flat_hidden", "statnn_candidates",
-                     "unf_keep_fixed", "probe_head"):
+                     "unf_keep_fixed", "probe_head", "bias_by"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.normalize not in NORMALIZE:
             raise ConfigError(f"--normalize {self.normalize!r} is unknown; use {' or '.join(NORMALIZE)}")

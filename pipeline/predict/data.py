@@ -138,6 +138,7 @@ class PredictData:
     info: dict[str, Any] = field(default_factory=dict)
     zoos: list[dict[str, Any]] = field(default_factory=list)  # per block: name, url, role, width, n_classes, ...
     threshold: float | None = None  # chance threshold of the target (accuracy > threshold = trained), recorded
+    groups: dict[str, np.ndarray] = field(default_factory=dict)  # `--bias-by` hparam -> (R,) value of each row, as text
 
     @classmethod
     def single(cls, weights: dict[str, torch.Tensor], **kwargs: Any) -> PredictData:
@@ -266,6 +267,14 @@ def _categorical_values(zoo: Any, keep: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.asarray(zoo.hparam(name), dtype=object)[: len(keep)][keep] for name in zoo.layout.categorical}
 
 
+def _hparam_text(zoo: Any, name: str) -> np.ndarray:
+    """(M,) a categorical hyperparameter of every member as text; "-" for a zoo without it (e.g. an eval zoo whose
+    recipe fixes it)."""
+    if name not in getattr(zoo, "layout").categorical:
+        return np.full(zoo.n_members, "-", dtype=object)
+    return np.asarray([str(v) for v in zoo.hparam(name)], dtype=object)
+
+
 def _group_held_out(zoos: Sequence[Any], keeps: Sequence[np.ndarray], group: GroupSplit, seed: int) -> tuple[str, ...]:
     """Validate a group split against the training zoos; return the held-out values (as text)."""
     values = []
@@ -325,6 +334,12 @@ def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) ->
     held = (_group_held_out(train_zoos, [u[0] for u in usable[: len(train_zoos)]], split, config.split_seed)
             if isinstance(split, GroupSplit) else None)
 
+    for name in config.bias_by:
+        cats = _categorical_values(train_zoos[0], usable[0][0])
+        if name not in cats:
+            raise ConfigError(f"--bias-by {name!r} is not a categorical hyperparameter of {train_zoos[0].url}; "
+                              f"valid (usable members per value): {group_sizes(cats)}")
+
     seen: dict[tuple[str, str], int] = {}
     blocks, parts, zoo_info = [], [], []
     split_names = list(SPLITS)
@@ -376,12 +391,14 @@ def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) ->
                 raw[k][m_rows[sel], c_rows[sel]][(slice(None), *(slice(0, n) for n in dict(shapes)[k]))]))
                 for k in names})
             parts.append({"member": members[m_rows[sel]], "epoch": epochs_c[c_rows[sel]],
-                          "y": y[m_rows[sel], c_rows[sel]], "side": side[members[m_rows[sel]]]})
+                          "y": y[m_rows[sel], c_rows[sel]], "side": side[members[m_rows[sel]]],
+                          "groups": {g: _hparam_text(zoo, g)[members[m_rows[sel]]] for g in config.bias_by}})
             zoo_info.append({**info, "width": zoo_width(spec, dict(shapes)) if spec is not None else ""})
         if not len(m_rows):
             zoo_info.append({**info, "width": zoo_width(spec, zoo.weight_shapes) if spec is not None else ""})
             blocks.append({k: torch.zeros((0, *zoo.weight_shapes[k])) for k in names})
-            parts.append({"member": members[:0], "epoch": epochs_c[:0], "y": np.zeros(0), "side": side[:0]})
+            parts.append({"member": members[:0], "epoch": epochs_c[:0], "y": np.zeros(0), "side": side[:0],
+                          "groups": {g: np.zeros(0, dtype=object) for g in config.bias_by}})
 
     block = np.concatenate([np.full(len(p["y"]), i, dtype=np.int64) for i, p in enumerate(parts)])
     pos = np.concatenate([np.arange(len(p["y"])) for p in parts])
@@ -416,7 +433,7 @@ def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) ->
     data = PredictData(
         blocks=blocks, block=block, pos=pos, y=y_rows, member=member, epoch=epoch, rows=rows, target=config.target,
         loss=loss, y_mean=y_mean, y_std=y_std, names=names, excluded=excluded_total, zoos=zoo_info,
-        threshold=threshold,
+        threshold=threshold, groups={g: np.concatenate([p["groups"][g] for p in parts]) for g in config.bias_by},
         info={"members_total": int(sum(z.n_members for z in train_zoos)),
               "checkpoint_epochs": zoo_info[0]["checkpoint_epochs"],
               "train_checkpoint_epochs": zoo_info[0]["train_checkpoint_epochs"],

@@ -229,9 +229,10 @@ def _f(x: Any, digits: int = 3) -> str:
 def comparison_markdown(summary: pd.DataFrame, stats: list[dict[str, Any]] | None = None,
                         widths: list[dict[str, Any]] | None = None, pairs: list[dict[str, Any]] | None = None,
                         threshold: float | None = None, selected: str | None = None,
-                        choice: dict[str, Any] | None = None) -> str:
+                        choice: dict[str, Any] | None = None, groups: list[dict[str, Any]] | None = None) -> str:
     """The comparison as Markdown: per split, tau with its 90% bootstrap interval over members (and the spread over
-    seeds when there are 2+), the other statistics; bias per width; paired differences of tau. `selected`: the UNF
+    seeds when there are 2+), the other statistics; bias per width (and per `--bias-by` value: `groups`); paired
+    differences of tau. `selected`: the UNF
     form the "unf-val" row stands for (`selected_unf_form`), named in a line; `choice`: that form's `model_choice`
     (the line then says whether unf-val is its seed ensemble or its best seed)."""
     if stats is None:  # summary only (old callers)
@@ -283,6 +284,12 @@ def comparison_markdown(summary: pd.DataFrame, stats: list[dict[str, Any]] | Non
                   "|---|---|---|---|---|---|"]
         lines += [f"| {w['split']} | {w['width']} | {w['model']} | {w['n']} | {_f(w['bias'], 4)} | {_f(w['mae'], 4)} |"
                   for w in widths]
+        lines.append("")
+    if groups:
+        lines += ["### Mean error (prediction - target) per hyperparameter value", "",
+                  "| split | hyperparameter | value | model | n | bias | MAE |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {g['split']} | {g['hparam']} | {g['value']} | {g['model']} | {g['n']} | {_f(g['bias'], 4)} | "
+                  f"{_f(g['mae'], 4)} |" for g in groups]
         lines.append("")
     if pairs:
         lines += [f"### Paired differences of tau (a - b), {pct}% paired bootstrap over the same members", "",
@@ -364,17 +371,38 @@ def _atomic(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
+def bias_by_hparam(preds: dict[str, list[np.ndarray]], data: PredictData) -> list[dict[str, Any]]:
+    """Mean error and MAE per model, split (test and eval), `--bias-by` hyperparameter and value, averaged over
+    seeds: where a predictor misreads a training recipe."""
+    out = []
+    for name, values in data.groups.items():
+        for split, idx in data.rows.items():
+            if split in ("train", "val"):
+                continue
+            for value in sorted(set(values[idx].tolist())):
+                sel = idx[values[idx] == value]
+                for model, seeds in preds.items():
+                    errs = [p[sel] - data.y[sel] for p in seeds]
+                    if not np.isfinite(errs[0]).any():
+                        continue
+                    out.append({"model": model, "split": split, "hparam": name, "value": value, "n": int(len(sel)),
+                                "bias": _mean([float(np.nanmean(e)) for e in errs]),
+                                "mae": _mean([float(np.nanmean(np.abs(e))) for e in errs])})
+    return out
+
+
 def write_report(result: TrainResult, data: PredictData | None = None) -> tuple[Any, Any, Any]:
     """Write metrics.json, predictions.csv, comparison.csv/.md, pairs.csv, test_scatter.png and val_tau.png into the
     out dir, each atomically (temporary file, then rename); return (statistics, bias by width, pairs)."""
     out = result.out_dir
     n_boot = int(result.config.bootstrap)
-    stats = widths = pairs = None
+    stats = widths = pairs = groups = None
     chosen, as_ensemble = _selected_unf(result.runs) if data is not None else (None, False)
     if data is not None:
         preds = model_predictions(result.runs, result.config.ensemble)
         stats = statistics_table(preds, data, n_boot)
         widths = bias_by_width(preds, data)
+        groups = bias_by_hparam(preds, data)
         pairs = pair_table(preds, data, n_boot, f"{chosen}-ens" if as_ensemble else chosen)
     metrics = {
         "config": result.config.to_dict(),
@@ -382,6 +410,7 @@ def write_report(result: TrainResult, data: PredictData | None = None) -> tuple[
         "summary": result.summary.to_dict(orient="records"),
         "statistics": stats,
         "bias_by_width": widths,
+        "bias_by_hparam": groups,
         "pairs": pairs,
         "bootstrap": {"resamples": n_boot, "confidence": CONFIDENCE, "method": "percentile, paired over members"},
         "runs": [r.to_json() for r in result.runs],
@@ -395,7 +424,7 @@ def write_report(result: TrainResult, data: PredictData | None = None) -> tuple[
     threshold = data.threshold if data is not None else None
     _atomic(out / "comparison.md", lambda p: p.write_text(
         comparison_markdown(result.summary, stats, widths, pairs, threshold, chosen,
-                            model_choice(result.runs, chosen) if chosen is not None else None)))
+                            model_choice(result.runs, chosen) if chosen is not None else None, groups)))
     _atomic(out / "test_scatter.png", lambda p: plot_test_scatter(result.runs, p, result.data_info["target"]))
     _atomic(out / "val_tau.png", lambda p: plot_val_tau(result.runs, p))
     return stats, widths, pairs
