@@ -357,5 +357,8 @@ def test_bias_by_an_unknown_hyperparameter_is_refused(predict_zoo, tmp_path: Pat
     result = runner.invoke(app, ["train", str(predict_zoo.url), "--model", "statnn", "--bias-by", "colour",
                                  "--out", str(out)])
     assert result.exit_code == 2
-    assert "--bias-by 'colour' is not a categorical hyperparameter" in result.output and "optimizer" in result.output
+    assert "--bias-by 'colour' is not a hyperparameter" in result.output and "optimizer (2)" in result.output
+    assert not out.exists()
+    result = runner.invoke(app, ["train", str(predict_zoo.url), "--model", "statnn", "--bias-by", "lr", "--out", str(out)])
+    assert result.exit_code == 2 and "'lr' has" in result.output and "distinct values (at most 20)" in result.output
     assert not out.exists()

@@ -95,8 +95,8 @@ def train(
                                    metavar="LABEL[,LABEL...]"),
     probes: int = typer.Option(64, help="Learned probe inputs of probe and unf-probe (each member is run on them)."),
     ensemble: bool = typer.Option(False, help="Also report <model>-ens: the mean prediction over seeds."),
-    bias_by: str = typer.Option("", help="Categorical hyperparameters whose values get their own mean-error rows "
-                                "in comparison.md (test and eval splits), e.g. shift,optimizer.",
+    bias_by: str = typer.Option("", help="Hyperparameters (at most 20 distinct values each) whose values get their "
+                                "own mean-error rows in comparison.md (test and eval splits), e.g. shift,optimizer.",
                                 metavar="HPARAM[,HPARAM...]"),
     chance_margin: float = typer.Option(0.05, help="Trained = accuracy above 1/classes + this (tau above chance, "
                                         "AUC)."),

@@ -134,8 +134,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     device: str = "auto"
     max_members: int | None = None  # use only the first N members (quick runs); None = all
-    # categorical hyperparameters whose values get their own mean-error rows in the report (test and eval splits),
-    # e.g. ("shift", "optimizer"): where a predictor over- or under-predicts a training recipe
+    # hyperparameters (at most 20 distinct values) whose values get their own mean-error rows in the report (test and
+    # eval splits), e.g. ("shift", "optimizer"): where a predictor over- or under-predicts a training recipe
     bias_by: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the config
 

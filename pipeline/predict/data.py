@@ -267,12 +267,33 @@ def _categorical_values(zoo: Any, keep: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.asarray(zoo.hparam(name), dtype=object)[: len(keep)][keep] for name in zoo.layout.categorical}
 
 
+BIAS_BY_MAX_VALUES = 20  # a --bias-by hyperparameter with more distinct values (a learning rate) is refused
+
+
+def _hparam_names(zoo: Any) -> tuple[str, ...]:
+    layout = zoo.layout
+    return (*layout.categorical, *layout.continuous)
+
+
 def _hparam_text(zoo: Any, name: str) -> np.ndarray:
-    """(M,) a categorical hyperparameter of every member as text; "-" for a zoo without it (e.g. an eval zoo whose
-    recipe fixes it)."""
-    if name not in getattr(zoo, "layout").categorical:
+    """(M,) a hyperparameter of every member as text (numbers as %g); "-" for a zoo without it (e.g. an eval zoo
+    whose recipe fixes it)."""
+    if name not in _hparam_names(zoo):
         return np.full(zoo.n_members, "-", dtype=object)
-    return np.asarray([str(v) for v in zoo.hparam(name)], dtype=object)
+    return np.asarray([f"{v:g}" if isinstance(v, (float, np.floating)) else str(v) for v in zoo.hparam(name)],
+                      dtype=object)
+
+
+def _check_bias_by(zoo: Any, name: str) -> None:
+    """ConfigError unless `name` is a hyperparameter of `zoo` with at most BIAS_BY_MAX_VALUES distinct values."""
+    names = _hparam_names(zoo)
+    counts = {n: len(set(_hparam_text(zoo, n).tolist())) for n in names}
+    few = [f"{n} ({c})" for n, c in counts.items() if c <= BIAS_BY_MAX_VALUES]
+    if name not in names or counts[name] > BIAS_BY_MAX_VALUES:
+        what = (f"has {counts[name]} distinct values (at most {BIAS_BY_MAX_VALUES})" if name in names
+                else "is not a hyperparameter")
+        raise ConfigError(f"--bias-by {name!r} {what} of {zoo.url}; use one of (distinct values): "
+                          f"{', '.join(few) or 'none'}")
 
 
 def _group_held_out(zoos: Sequence[Any], keeps: Sequence[np.ndarray], group: GroupSplit, seed: int) -> tuple[str, ...]:
@@ -335,10 +356,7 @@ def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) ->
             if isinstance(split, GroupSplit) else None)
 
     for name in config.bias_by:
-        cats = _categorical_values(train_zoos[0], usable[0][0])
-        if name not in cats:
-            raise ConfigError(f"--bias-by {name!r} is not a categorical hyperparameter of {train_zoos[0].url}; "
-                              f"valid (usable members per value): {group_sizes(cats)}")
+        _check_bias_by(train_zoos[0], name)
 
     seen: dict[tuple[str, str], int] = {}
     blocks, parts, zoo_info = [], [], []
