@@ -179,23 +179,30 @@ def _noise_ceiling(data: PredictData, idx: np.ndarray) -> tuple[float, str | Non
     return noise_ceiling_tau(data.y[idx], np.asarray(rows_n)), ",".join(map(str, sorted(set(rows_n))))
 
 
-def bias_by_width(preds: dict[str, list[np.ndarray]], data: PredictData) -> list[dict[str, Any]]:
-    """Mean error (prediction - target) and MAE per model, split (test and eval) and width, averaged over seeds."""
+def _mean_errors(preds: dict[str, list[np.ndarray]], data: PredictData, labels: np.ndarray,
+                 key: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mean error (prediction - target) and MAE per model, split (test and eval) and value of the per-row `labels`,
+    averaged over seeds; each row also carries `key` and the value under "value"."""
     out = []
-    width = data.width()
     for split, idx in data.rows.items():
         if split in ("train", "val"):
             continue
-        for w in sorted(set(width[idx].tolist())):
-            sel = idx[width[idx] == w]
+        for value in sorted(set(labels[idx].tolist())):
+            sel = idx[labels[idx] == value]
             for model, seeds in preds.items():
                 errs = [p[sel] - data.y[sel] for p in seeds]
                 if not np.isfinite(errs[0]).any():
                     continue
-                out.append({"model": model, "split": split, "width": w, "n": int(len(sel)),
+                out.append({"model": model, "split": split, **key, "value": value, "n": int(len(sel)),
                             "bias": _mean([float(np.nanmean(e)) for e in errs]),
                             "mae": _mean([float(np.nanmean(np.abs(e))) for e in errs])})
     return out
+
+
+def bias_by_width(preds: dict[str, list[np.ndarray]], data: PredictData) -> list[dict[str, Any]]:
+    """Mean error (prediction - target) and MAE per model, split (test and eval) and width, averaged over seeds."""
+    rows = _mean_errors(preds, data, data.width(), {})
+    return [{**{k: v for k, v in r.items() if k != "value"}, "width": r["value"]} for r in rows]
 
 
 def pair_table(preds: dict[str, list[np.ndarray]], data: PredictData, n_resamples: int = 1000,
@@ -374,21 +381,7 @@ def _atomic(path: Path, write: Any) -> None:
 def bias_by_hparam(preds: dict[str, list[np.ndarray]], data: PredictData) -> list[dict[str, Any]]:
     """Mean error and MAE per model, split (test and eval), `--bias-by` hyperparameter and value, averaged over
     seeds: where a predictor misreads a training recipe."""
-    out = []
-    for name, values in data.groups.items():
-        for split, idx in data.rows.items():
-            if split in ("train", "val"):
-                continue
-            for value in sorted(set(values[idx].tolist())):
-                sel = idx[values[idx] == value]
-                for model, seeds in preds.items():
-                    errs = [p[sel] - data.y[sel] for p in seeds]
-                    if not np.isfinite(errs[0]).any():
-                        continue
-                    out.append({"model": model, "split": split, "hparam": name, "value": value, "n": int(len(sel)),
-                                "bias": _mean([float(np.nanmean(e)) for e in errs]),
-                                "mae": _mean([float(np.nanmean(np.abs(e))) for e in errs])})
-    return out
+    return [row for name, values in data.groups.items() for row in _mean_errors(preds, data, values, {"hparam": name})]
 
 
 def write_report(result: TrainResult, data: PredictData | None = None) -> tuple[Any, Any, Any]:
