@@ -1,4 +1,4 @@
-"""Predictor training throughput (members/s) of UNF vs the STATNN, Deep Sets and flat baselines.
+"""Predictor training throughput (members/s) of UNF vs the STATNN, Deep Sets, flat and probe models.
 
 Same synthetic zoo for all, on the weight space of a zoo's members (`--zoo cnn`: the cnn-digits member, 3 conv 3x3
 16 ch stride 2 + GAP + dense 10; `--zoo gru`: the gru-arith member, GRU encoder-decoder embed 16, hidden 32), the real
@@ -38,7 +38,8 @@ from pipeline.predict.data import PredictData  # noqa: E402
 from pipeline.predict.train import fit_run  # noqa: E402
 from unf_models import WeightSpec  # noqa: E402
 
-MODELS = ("unf", "unf-perm", "unf-hybrid", "statnn", "deepsets", "flat")
+MODELS = ("unf", "unf-perm", "unf-hybrid", "unf-probe", "probe", "statnn", "deepsets", "flat")
+PROBE_MODELS = ("unf-probe", "probe")  # cnn only: they run the member network (the gru-arith member has no probe forward)
 GOAL_UNF_CPU = 100.0  # members/s: keeps `make train` (~800 training members x <=40 epochs x 3 seeds) in minutes
 GOAL_UNF_GPU = 500.0
 GOAL_RATIO = 0.05  # UNF training may cost up to 20x a flat MLP per member
@@ -78,6 +79,11 @@ def run_zoo(zoo: str, models: tuple[str, ...], args: argparse.Namespace, device:
     """Median training members/s per model on one zoo's weight space."""
     spec = SPECS[zoo]()
     data = synthetic_data(spec, args.members)
+    if zoo == "cnn":  # what `unfzoo train` records for a digits CNN zoo (pipeline.predict.probe.probe_setup)
+        data.info["probe_setup"] = {"arch": {"name": "cnn", "stride": 2, "padding": 1, "num_classes": 10},
+                                    "input_shape": [1, 8, 8], "activations": ["relu", "tanh"], "n_probes": 64}
+    else:
+        models = tuple(m for m in models if m not in PROBE_MODELS)
     n_train = len(data.rows["train"])
     config = TrainConfig(models=models, epochs=args.epochs, patience=args.epochs, device=str(device))
     print(f"zoo {zoo}: {args.members} members ({n_train} train), "
@@ -153,6 +159,8 @@ def main() -> None:
                 _line(f"predict_unf_vs_deepsets_{zoo}_{tag}", "throughput_ratio", med["unf"] / med["deepsets"], 1.0)
             if "unf-perm" in med:
                 _line(f"predict_unf_exact_vs_perm_{suffix}", "throughput_ratio", med["unf"] / med["unf-perm"], 0.5)
+        if "unf-probe" in med and "unf" in med:  # the probe readout's extra cost: every member run on 64 inputs x 2
+            _line(f"predict_unf_probe_vs_unf_{suffix}", "throughput_ratio", med["unf-probe"] / med["unf"], 0.5)
         if "unf-hybrid" in med and "unf" in med:  # the hybrid's extra cost: STATNN statistics per batch
             _line(f"predict_hybrid_vs_unf_{suffix}", "throughput_ratio", med["unf-hybrid"] / med["unf"], 0.5)
 
