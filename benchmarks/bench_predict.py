@@ -39,7 +39,8 @@ from pipeline.predict.train import fit_run  # noqa: E402
 from unf_models import WeightSpec  # noqa: E402
 
 MODELS = ("unf", "unf-perm", "unf-hybrid", "unf-probe", "probe", "statnn", "deepsets", "flat")
-PROBE_MODELS = ("unf-probe", "probe")  # cnn only: they run the member network (the gru-arith member has no probe forward)
+# cnn only: they run the member network (the gru-arith member has no probe forward)
+PROBE_MODELS = ("unf-probe", "probe")
 GOAL_UNF_CPU = 100.0  # members/s: keeps `make train` (~800 training members x <=40 epochs x 3 seeds) in minutes
 GOAL_UNF_GPU = 500.0
 GOAL_RATIO = 0.05  # UNF training may cost up to 20x a flat MLP per member

@@ -10,7 +10,8 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 
-__all__ = ["MODEL_NAMES", "MODEL_KINDS", "ALL_MODELS", "PROBE_MODELS", "FEATURES", "NORMALIZE", "TrainConfig", "parse_models", "parse_checkpoints"]
+__all__ = ["MODEL_NAMES", "MODEL_KINDS", "ALL_MODELS", "PROBE_MODELS", "FEATURES", "NORMALIZE", "TrainConfig",
+           "parse_models", "parse_checkpoints"]
 
 # `--features` choices of the torch models -> input channels per weight (see `models.pointwise_features`)
 # "raw+log+size" adds log10 of the tensor's entries per member, a constant per tensor that tells the model the width

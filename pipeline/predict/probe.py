@@ -48,7 +48,8 @@ def probe_setup(zoo: Any, n_probes: int) -> dict[str, Any]:
     activations = [str(a) for a in categories] if categories else [str(arch.get("activation", "relu"))]
     unknown = [a for a in activations if a not in _ACTIVATIONS]
     if unknown:
-        raise ConfigError(f"{zoo.url}: activation {unknown[0]!r} has no probe forward; known: {', '.join(_ACTIVATIONS)}")
+        raise ConfigError(f"{zoo.url}: activation {unknown[0]!r} has no probe forward; known: "
+                          f"{', '.join(_ACTIVATIONS)}")
     keep = ("name", "stride", "padding", "num_classes")
     return {"arch": {k: arch[k] for k in keep if k in arch}, "input_shape": input_shape,
             "activations": activations, "n_probes": int(n_probes)}
