@@ -179,3 +179,15 @@ def test_model_all_leaves_the_probe_models_out_where_they_cannot_read(score_zoo)
     assert "left out unf-probe, probe" in note and "input_shape" in note
     with pytest.raises(ConfigError, match="input_shape"):
         plan_probe_models([score_zoo], TrainConfig(models=("unf", "probe")))
+
+
+def test_scoring_with_a_probe_predictor_names_the_activations_it_assumes(probe_run, predict_zoo_wide,
+                                                                        tmp_path: Path) -> None:
+    from pipeline.cli import app
+
+    out = tmp_path / "scores.csv"
+    result = CliRunner().invoke(app, ["score", str(probe_run.out_dir / "unf-probe"), str(predict_zoo_wide.url),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "under the activations of its training zoo (relu, tanh)" in result.output
+    assert out.is_file()

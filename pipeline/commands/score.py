@@ -90,6 +90,11 @@ def score(
             members = getattr(predictor, "members", None)  # a seed ensemble (EnsemblePredictor)
             what = f"seed ensemble of {len(members)}" if members else "predictor"
             failed = _summarize(frame, f"{predictor.kind} {what} of {predictor.target}", out)
+            probe = ((members[0] if members else predictor).config.get("hyperparameters") or {}).get("probe")
+            if probe:  # the one assumption a probe predictor makes that the weights cannot show
+                console.print(escape(f"note: this predictor runs each network under the activations of its training "
+                                     f"zoo ({', '.join(probe['activations'])}); a network trained with another "
+                                     "activation is misread"), soft_wrap=True)
         if failed:
             raise typer.Exit(code=1)
 
