@@ -37,8 +37,8 @@ Several zoos: one architecture family, any widths (flat needs one width); each z
 sorted values' index split-seed mod count); the rest is split by run into train and val (ratio of --fractions).
 The output folder holds <model>/ (load it with pipeline.predict.load_predictor or score with it: with --seeds 2+
 the seed ensemble when its validation tau is at least the best seed's, else the best-validation seed; its
-selection.json says which), <model>/seed<k>/ (history.csv per epoch), unf-val/ (with both UNF forms: a copy of
-the one with the better validation tau), metrics.json, predictions.csv, comparison.md/.csv, pairs.csv,
+selection.json says which), <model>/seed<k>/ (history.csv per epoch), unf-val/ (with two or more UNF forms: a copy
+of the one with the better validation tau), metrics.json, predictions.csv, comparison.md/.csv, pairs.csv,
 test_scatter.png and val_tau.png. Rerunning the same command resumes interrupted runs and skips finished ones.
 """
 

@@ -287,10 +287,11 @@ def _hparam_text(zoo: Any, name: str) -> np.ndarray:
 def _check_bias_by(zoo: Any, name: str) -> None:
     """ConfigError unless `name` is a hyperparameter of `zoo` with at most BIAS_BY_MAX_VALUES distinct values."""
     names = _hparam_names(zoo)
-    counts = {n: len(set(_hparam_text(zoo, n).tolist())) for n in names}
-    few = [f"{n} ({c})" for n, c in counts.items() if c <= BIAS_BY_MAX_VALUES]
-    if name not in names or counts[name] > BIAS_BY_MAX_VALUES:
-        what = (f"has {counts[name]} distinct values (at most {BIAS_BY_MAX_VALUES})" if name in names
+    count = len(set(_hparam_text(zoo, name).tolist())) if name in names else None
+    if count is None or count > BIAS_BY_MAX_VALUES:
+        counts = {n: len(set(_hparam_text(zoo, n).tolist())) for n in names}
+        few = [f"{n} ({c})" for n, c in counts.items() if c <= BIAS_BY_MAX_VALUES]
+        what = (f"has {count} distinct values (at most {BIAS_BY_MAX_VALUES})" if count is not None
                 else "is not a hyperparameter")
         raise ConfigError(f"--bias-by {name!r} {what} of {zoo.url}; use one of (distinct values): "
                           f"{', '.join(few) or 'none'}")
@@ -403,6 +404,7 @@ def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) ->
         # one block per member width: narrower members of a zoo with a `width` hyperparameter are stored zero-padded
         # to the widest; they are cropped back to their own shapes (the same function, without the padding)
         member_shapes = _member_shapes(zoo, spec, members[m_rows])
+        group_text = {g: _hparam_text(zoo, g) for g in config.bias_by}  # (M,) per --bias-by hyperparameter
         for shapes in dict.fromkeys(member_shapes):
             sel = np.flatnonzero(np.asarray([s == shapes for s in member_shapes], dtype=bool))
             blocks.append({k: torch.from_numpy(np.ascontiguousarray(
@@ -410,7 +412,7 @@ def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) ->
                 for k in names})
             parts.append({"member": members[m_rows[sel]], "epoch": epochs_c[c_rows[sel]],
                           "y": y[m_rows[sel], c_rows[sel]], "side": side[members[m_rows[sel]]],
-                          "groups": {g: _hparam_text(zoo, g)[members[m_rows[sel]]] for g in config.bias_by}})
+                          "groups": {g: text[members[m_rows[sel]]] for g, text in group_text.items()}})
             zoo_info.append({**info, "width": zoo_width(spec, dict(shapes)) if spec is not None else ""})
         if not len(m_rows):
             zoo_info.append({**info, "width": zoo_width(spec, zoo.weight_shapes) if spec is not None else ""})

@@ -142,6 +142,13 @@ class UNFNet(_Preparable):
     def prepare(self, weights: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         return self.unf.prepare(self._inputs(weights))
 
+    def _head_beside_pool(self, n_extra: int, head: Sequence[int]) -> nn.Sequential:
+        """For the hybrids: the UNF part returns its pooled features (B, n_pool) instead of a prediction, and the
+        returned MLP head reads them beside `n_extra` more features."""
+        n_pool = self.unf.pool.num_features
+        self.unf.head = nn.Identity()
+        return _mlp([n_pool + n_extra, *head, 1])
+
     def forward_prepared(self, prepared: list[torch.Tensor]) -> torch.Tensor:
         return self.unf.forward_prepared(prepared).reshape(-1)  # (B,)
 
@@ -154,12 +161,10 @@ class UNFHybridNet(UNFNet):
                  normalizer: TensorNormalizer | None = None, features: str = "raw", pos_embed: bool = False,
                  keep_fixed: Sequence[str] = ()):
         super().__init__(spec, hidden, (), fixed_axes, normalizer, features, pos_embed, keep_fixed)
-        n_pool = self.unf.pool.num_features
-        self.unf.head = nn.Identity()  # the UNF part returns its pooled features (B, n_pool)
         n_stats = 7 * len(spec.names)
         self.register_buffer("stat_mean", torch.zeros(n_stats))
         self.register_buffer("stat_std", torch.ones(n_stats))
-        self.head = _mlp([n_pool + n_stats, *head, 1])
+        self.head = self._head_beside_pool(n_stats, head)
         self.names = list(spec.names)
 
     preparable = False  # its head also reads statistics of the raw weights
@@ -203,10 +208,8 @@ class UNFProbeNet(UNFNet):
         super().__init__(spec, hidden, (), fixed_axes, normalizer, features, pos_embed, keep_fixed)
         from pipeline.predict.probe import ProbeFeatures
 
-        n_pool = self.unf.pool.num_features
-        self.unf.head = nn.Identity()  # the UNF part returns its pooled features (B, n_pool)
         self.probe = ProbeFeatures(setup)
-        self.head = _mlp([n_pool + self.probe.num_features, *head, 1])
+        self.head = self._head_beside_pool(self.probe.num_features, head)
         self.names = list(spec.names)
 
     def prepare(self, weights: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:

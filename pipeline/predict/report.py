@@ -179,10 +179,10 @@ def _noise_ceiling(data: PredictData, idx: np.ndarray) -> tuple[float, str | Non
     return noise_ceiling_tau(data.y[idx], np.asarray(rows_n)), ",".join(map(str, sorted(set(rows_n))))
 
 
-def _mean_errors(preds: dict[str, list[np.ndarray]], data: PredictData, labels: np.ndarray,
+def _mean_errors(preds: dict[str, list[np.ndarray]], data: PredictData, labels: np.ndarray, value_key: str,
                  key: dict[str, Any]) -> list[dict[str, Any]]:
     """Mean error (prediction - target) and MAE per model, split (test and eval) and value of the per-row `labels`,
-    averaged over seeds; each row also carries `key` and the value under "value"."""
+    averaged over seeds; each row also carries `key` and the value under `value_key`."""
     out = []
     for split, idx in data.rows.items():
         if split in ("train", "val"):
@@ -193,7 +193,7 @@ def _mean_errors(preds: dict[str, list[np.ndarray]], data: PredictData, labels: 
                 errs = [p[sel] - data.y[sel] for p in seeds]
                 if not np.isfinite(errs[0]).any():
                     continue
-                out.append({"model": model, "split": split, **key, "value": value, "n": int(len(sel)),
+                out.append({"model": model, "split": split, **key, value_key: value, "n": int(len(sel)),
                             "bias": _mean([float(np.nanmean(e)) for e in errs]),
                             "mae": _mean([float(np.nanmean(np.abs(e))) for e in errs])})
     return out
@@ -201,8 +201,7 @@ def _mean_errors(preds: dict[str, list[np.ndarray]], data: PredictData, labels: 
 
 def bias_by_width(preds: dict[str, list[np.ndarray]], data: PredictData) -> list[dict[str, Any]]:
     """Mean error (prediction - target) and MAE per model, split (test and eval) and width, averaged over seeds."""
-    rows = _mean_errors(preds, data, data.width(), {})
-    return [{**{k: v for k, v in r.items() if k != "value"}, "width": r["value"]} for r in rows]
+    return _mean_errors(preds, data, data.width(), "width", {})
 
 
 def pair_table(preds: dict[str, list[np.ndarray]], data: PredictData, n_resamples: int = 1000,
@@ -239,9 +238,8 @@ def comparison_markdown(summary: pd.DataFrame, stats: list[dict[str, Any]] | Non
                         choice: dict[str, Any] | None = None, groups: list[dict[str, Any]] | None = None) -> str:
     """The comparison as Markdown: per split, tau with its 90% bootstrap interval over members (and the spread over
     seeds when there are 2+), the other statistics; bias per width (and per `--bias-by` value: `groups`); paired
-    differences of tau. `selected`: the UNF
-    form the "unf-val" row stands for (`selected_unf_form`), named in a line; `choice`: that form's `model_choice`
-    (the line then says whether unf-val is its seed ensemble or its best seed)."""
+    differences of tau. `selected`: the UNF form the "unf-val" row stands for (`selected_unf_form`), named in a line;
+    `choice`: that form's `model_choice` (the line then says whether unf-val is its seed ensemble or its best seed)."""
     if stats is None:  # summary only (old callers)
         lines = ["| model | test tau | val tau | test R^2 | test MAE | seeds |", "|---|---|---|---|---|---|"]
         for r in summary.itertuples():
@@ -381,7 +379,8 @@ def _atomic(path: Path, write: Any) -> None:
 def bias_by_hparam(preds: dict[str, list[np.ndarray]], data: PredictData) -> list[dict[str, Any]]:
     """Mean error and MAE per model, split (test and eval), `--bias-by` hyperparameter and value, averaged over
     seeds: where a predictor misreads a training recipe."""
-    return [row for name, values in data.groups.items() for row in _mean_errors(preds, data, values, {"hparam": name})]
+    return [row for name, values in data.groups.items()
+            for row in _mean_errors(preds, data, values, "value", {"hparam": name})]
 
 
 def write_report(result: TrainResult, data: PredictData | None = None) -> tuple[Any, Any, Any]:

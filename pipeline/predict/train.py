@@ -566,10 +566,11 @@ def _copy_saved(source: Path, dest: Path) -> None:
     """Copy what `source` holds (a single predictor, or a seed ensemble with its member folders: config and state
     only) into the new folder `dest`."""
     config = json.loads((source / CONFIG_FILE).read_text())
-    for member in config.get("members", []) if config.get("kind") == "ensemble" else []:
-        _copy_predictor(source / member, dest / member)
     if config.get("kind") != "ensemble":
         _copy_predictor(source, dest)
+        return
+    for member in config["members"]:
+        _copy_predictor(source / member, dest / member)
     shutil.copyfile(source / CONFIG_FILE, dest / CONFIG_FILE)
 
 
