@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline.errors import ConfigError
 from pipeline.predict import TrainConfig, load_predictor, train_predictor
-from pipeline.predict.probe import ProbeFeatures, member_logits, probe_setup
+from pipeline.predict.probe import ProbeFeatures, member_logits, member_logits_under, probe_setup
 from pipeline.zoo.members import build_member, pad_to_shapes
 
 ARCHS = {
@@ -43,6 +43,20 @@ def test_member_logits_match_the_member_module(family: str, activation: str) -> 
     with torch.no_grad():
         want = torch.stack([m(x) for m in modules])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(ARCHS))
+def test_all_activations_in_one_pass_match_each_member_module(family: str) -> None:
+    """The shared-first-layer pass gives, for every activation, what the member module with that activation gives."""
+    arch, input_shape = ARCHS[family]
+    activations = ["relu", "tanh", "gelu"]
+    x = torch.rand(5, *input_shape)
+    got = member_logits_under(arch, _stacked(_members(arch, "relu", 3, seed=4)), x, activations)  # (A, 3, 5, K)
+    assert got.shape[:3] == (3, 3, 5)
+    for a, activation in enumerate(activations):
+        with torch.no_grad():  # same seed: the same weights under another activation
+            want = torch.stack([m(x) for m in _members(arch, activation, 3, seed=4)])
+        torch.testing.assert_close(got[a], want, rtol=1e-4, atol=1e-5)
 
 
 def _wider(name: str, shape: tuple[int, ...], extra: int = 3) -> tuple[int, ...]:

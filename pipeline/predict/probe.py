@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 
-__all__ = ["PROBE_ARCHS", "probe_setup", "member_logits", "ProbeFeatures", "check_probe_names"]
+__all__ = ["PROBE_ARCHS", "probe_setup", "member_logits", "member_logits_under", "ProbeFeatures", "check_probe_names"]
 
 PROBE_ARCHS: tuple[str, ...] = ("cnn", "mlp")
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid,
@@ -66,22 +66,40 @@ def member_logits(arch: Mapping[str, Any], weights: Mapping[str, torch.Tensor], 
                   activation: str) -> torch.Tensor:
     """Run a batch of member networks, given by their weights {name: (B, *shape)}, on shared inputs x (P, *input)
     -> logits (B, P, classes). Any width: the shapes are read from the weights (zero-padded units are inert)."""
-    act = _ACTIVATIONS[activation]
+    return member_logits_under(arch, weights, x, [activation])[0]
+
+
+def member_logits_under(arch: Mapping[str, Any], weights: Mapping[str, torch.Tensor], x: torch.Tensor,
+                        activations: Sequence[str]) -> torch.Tensor:
+    """`member_logits` under each of several activations at once -> (A, B, P, classes). The first layer's
+    pre-activation does not depend on the activation and is computed once; the later layers run all activations
+    as one batch of A * P inputs (one grouped convolution or einsum per layer, not one per activation)."""
+    acts = [_ACTIVATIONS[a] for a in activations]
+    n_act, n_probe = len(acts), x.shape[0]
+
+    def activate(pre: torch.Tensor) -> torch.Tensor:  # (A' * P, ...) -> (A * P, ...), activation a on slice a
+        if pre.shape[0] == n_probe:  # the first layer: one pre-activation shared by every activation
+            return torch.cat([act(pre) for act in acts]) if n_act > 1 else acts[0](pre)
+        return torch.cat([act(part) for act, part in zip(acts, pre.split(n_probe))]) if n_act > 1 else acts[0](pre)
+
     head_w, head_b = weights["head.weight"], weights["head.bias"]  # (B, K, C), (B, K)
     b = head_w.shape[0]
     if arch["name"] == "cnn":
         h = x.repeat(1, b, 1, 1)  # (P, B * C_in, H, W): members side by side as groups of one convolution
         for layer in _layer_names(weights, "convs"):
             k, bias = weights[f"{layer}.weight"], weights[f"{layer}.bias"]  # (B, C_out, C_in, kh, kw), (B, C_out)
-            h = act(F.conv2d(h, k.reshape(-1, *k.shape[2:]), bias.reshape(-1), stride=arch.get("stride", 1),
-                             padding=arch.get("padding", 0), groups=b))  # (P, B * C_out, H', W')
-        pooled = h.mean(dim=(-2, -1)).reshape(x.shape[0], b, -1)  # (P, B, C)
+            h = activate(F.conv2d(h, k.reshape(-1, *k.shape[2:]), bias.reshape(-1), stride=arch.get("stride", 1),
+                                  padding=arch.get("padding", 0), groups=b))  # (A * P, B * C_out, H', W')
+        pooled = h.mean(dim=(-2, -1)).reshape(h.shape[0], b, -1)  # (A * P, B, C)
     else:  # mlp
-        pooled = x.reshape(x.shape[0], -1).unsqueeze(1).expand(-1, b, -1)  # (P, B, D)
+        pooled = x.reshape(n_probe, -1).unsqueeze(1).expand(-1, b, -1)  # (P, B, D)
         for layer in _layer_names(weights, "layers"):
             w, bias = weights[f"{layer}.weight"], weights[f"{layer}.bias"]  # (B, O, I), (B, O)
-            pooled = act(torch.einsum("pbi,boi->pbo", pooled, w) + bias)  # (P, B, O)
-    return torch.einsum("pbc,bkc->bpk", pooled, head_w) + head_b[:, None, :]  # (B, P, K)
+            pooled = activate(torch.einsum("pbi,boi->pbo", pooled, w) + bias)  # (A * P, B, O)
+    if pooled.shape[0] == n_probe and n_act > 1:  # no hidden layer: every activation gives the same logits
+        pooled = pooled.repeat(n_act, 1, 1)
+    logits = torch.einsum("pbc,bkc->bpk", pooled, head_w) + head_b[:, None, :]  # (B, A * P, K)
+    return logits.unflatten(1, (n_act, n_probe)).transpose(0, 1)  # (A, B, P, K)
 
 
 class ProbeFeatures(nn.Module):
@@ -102,11 +120,9 @@ class ProbeFeatures(nn.Module):
         return len(self.activations) * self.probes.shape[0] * (self.n_classes + 1)
 
     def forward(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        feats = []
-        for activation in self.activations:
-            z = member_logits(self.arch, weights, self.probes, activation).float()  # (B, P, K)
-            feats += [torch.log_softmax(z, dim=-1).flatten(1), torch.logsumexp(z, dim=-1) / self.n_classes]
-        out = torch.cat(feats, dim=1)  # (B, num_features)
+        z = member_logits_under(self.arch, weights, self.probes, self.activations).float()  # (A, B, P, K)
+        feats = [torch.log_softmax(z, dim=-1).flatten(2), torch.logsumexp(z, dim=-1) / self.n_classes]  # (A, B, .)
+        out = torch.cat(feats, dim=2).transpose(0, 1).flatten(1)  # (B, num_features), activation-major
         return torch.nan_to_num(out, nan=0.0, posinf=_CLAMP, neginf=-_CLAMP).clamp(-_CLAMP, _CLAMP)
 
 
