@@ -140,6 +140,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     args = parser.parse_args()
+    from pipeline.allocator import tune_allocator  # as the unfzoo commands run (UNFZOO_MALLOC=default: glibc's)
+
+    print(f"allocator: {'tuned (pipeline/allocator.py)' if tune_allocator() else 'glibc defaults'}")
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = 1 if args.quick else args.reps

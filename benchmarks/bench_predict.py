@@ -133,6 +133,9 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time epochs in wall seconds (default) or in this process's CPU seconds (cpu device)")
     args = parser.parse_args()
+    from pipeline.allocator import tune_allocator  # as the unfzoo commands run (UNFZOO_MALLOC=default: glibc's)
+
+    print(f"allocator: {'tuned (pipeline/allocator.py)' if tune_allocator() else 'glibc defaults'}")
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if args.clock == "cpu":

@@ -27,6 +27,9 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
 ) -> None:
     """unfzoo: build zoos of trained networks, learn from their weights, score checkpoints, meta-learn optimizers."""
+    from pipeline.allocator import tune_allocator
+
+    tune_allocator()  # reuse freed tensor memory instead of page-faulting it in every step (pipeline/allocator.py)
 
 
 # Sub-commands are registered below, one line each; their modules import torch only when run.

@@ -266,9 +266,11 @@ def train_chunk(task: ChunkTask) -> ChunkOutcome:
     """Train one chunk and write it (data, then status). Runs in a Dask worker or in process."""
     import torch
 
+    from pipeline.allocator import tune_allocator
     from pipeline.zoo.members import pad_to_shapes, with_width
     from pipeline.zoo.population import ChunkJob, member_seed, train_population
 
+    tune_allocator()  # once per worker process, as the CLI does for its own
     t0 = time.perf_counter()
     if task.threads:
         torch.set_num_threads(task.threads)
