@@ -510,6 +510,7 @@ class _FoldPart:
     inputs: tuple[int, ...]  # the group's contributions from this piece
     weight: str  # buffer of the weight's parameter indices, (terms, len(inputs) * K_in, K_out)
     drop: int  # entries per sum: the product of the other folded sizes
+    kept: int  # kept positions: the product of the kept folded sizes
 
 
 @dataclass(frozen=True)
@@ -526,14 +527,58 @@ class _FoldOutput:
 
 @dataclass(frozen=True)
 class _FoldGroup:
-    """A group of the folded basis computed by its structure (see ``_Folded``)."""
+    """A group of the folded basis: computed by its structure (see ``_Folded``), or, where ``dense`` names its
+    assembled weight, as one dense matmul like an unfolded group."""
 
+    dense: str | None  # the dense weight's name
+    dense_shape: tuple[int, int]  # its (rows, columns) in units of channels: the summed folds of inputs, outputs
+    members: tuple[tuple[str, int, int], ...]  # the original groups whose terms it holds: (key, n_c, n_o)
+    weights: tuple[str, ...]  # structured: the weights gathered for it
     nt: tuple[tuple[int, ...], ...]  # per contribution: its piece's non-trivial folded sizes
     folds: tuple[int, ...]  # per contribution: their product
     sums: tuple[tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...], ...]  # per contribution: (S, parent, dim)
     common: str  # buffer: indices of the all-mean weight (terms, sum K_in, sum K_out)
     bias: str | None  # buffer: indices of the bias rows (sum K_out), the constant group only
     outputs: tuple[_FoldOutput | None, ...]  # None: an output piece without folded axes
+
+
+# Cost model of a folded group (1-thread CPU, calibrated on the CNN layers of benchmarks/bench_unf.py at 16, 32 and 64
+# channels): in multiply-add equivalents, an element read or written costs _PASS_COST, one op (forward + backward,
+# with autograd) _OP_COST, and groups are costed at _BATCH columns per signature entry.
+_PASS_COST, _OP_COST, _BATCH = 14, 1_000_000, 16
+
+
+def _dense_cost(rows: int, cols: int, columns: int, assembly: int) -> int:
+    """Estimated cost of a dense folded group: its matmul, input and output, and its weight's assembly (``assembly``
+    multiply-adds, then a reordering copy)."""
+    return columns * (rows * cols + _PASS_COST * (rows + cols)) + assembly + _PASS_COST * rows * cols + 3 * _OP_COST
+
+
+def _structured_cost(cin: int, cout: int, nts: list[tuple[int, ...]], pin: list[int], sums: tuple,
+                     outs: list[_FoldOutput | None], n_out: int, columns: int) -> int:
+    """The same computed by structure: its matmuls' multiply-adds, every element its sums, matmuls and broadcast
+    additions read or write (see ``_fold_output``), and its ops."""
+    macs = len(pin) * cin * n_out * cout  # the all-mean matmul
+    moved = len(pin) * cin + n_out * cout
+    ops = 1
+    for p, steps in zip(pin, sums):
+        ops += len(steps)
+        nt = nts[p]
+        for kept, parent, _ in steps:
+            moved += cin * (math.prod(nt[a] for a in parent) + math.prod(nt[a] for a in kept))
+    for fo in outs:
+        if fo is None:
+            continue
+        sizes = [1] + [part.kept for part in fo.parts]
+        for part, n in zip(fo.parts, sizes[1:]):
+            macs += len(part.inputs) * cin * cout * n
+            moved += (len(part.inputs) * cin + cout) * n
+            ops += 5  # weight gather and scale, matmul, addition, view
+        for i, j in enumerate(fo.parent):
+            moved += cout * (2 * sizes[j] + sizes[i]) if j >= 0 else 0
+        if not fo.parts:
+            moved += 2 * cout * fo.fold
+    return columns * (macs + _PASS_COST * moved) + ops * _OP_COST
 
 
 def _sum_plan(nt: tuple[int, ...], need: set[tuple[int, ...]]
@@ -570,7 +615,8 @@ class _Folded:
     are the parameters' own blocks, gathered by constant indices (no fold matrices)."""
 
     def __init__(self, spec: WeightSpec, pieces: list[_Piece], read_list: list[tuple[int, Read]],
-                 groups: list[_Group], labels: frozenset[str], in_channels: int, out_channels: int) -> None:
+                 groups: list[_Group], labels: frozenset[str], in_channels: int, out_channels: int,
+                 structured_always: bool | None = None) -> None:
         self.folded: list[tuple[int, ...]] = []  # per piece: label indices folded
         self.rest: list[tuple[int, ...]] = []  # per piece: label indices kept as dims
         self.fsizes: list[tuple[int, ...]] = []
@@ -597,6 +643,8 @@ class _Folded:
         # parameter offsets of every term's (cin, cout) block in the flat concatenation of ``mix`` (in its order)
         common: list[dict[tuple[int, int], list[tuple[int, int]]]] = [{} for _ in self.groups]  # (c, o) -> term offsets
         parts: list[dict[tuple[int, tuple[int, ...]], dict[int, list[tuple[int, int]]]]] = [{} for _ in self.groups]
+        dense: list[list[tuple[int, int, tuple[int, int], Tensor]]] = [[] for _ in self.groups]  # (c, o, term, M)
+        members: list[list[tuple[str, int, int]]] = [[] for _ in self.groups]  # original groups: (key, n_c, n_o)
         bias_at: dict[int, int] = {}  # const group output -> first bias column
         base, const_col = 0, 0
         self.keys: list[str] = []
@@ -614,6 +662,7 @@ class _Folded:
                     if eo != e:
                         raise SpecError("internal: a folded term maps across groups")
                     offset = (base + ci * cin * cols + oi * cout, cols)
+                    dense[e].append((ec, oe, offset, self._fold_matrix(pi, r, o.piece, o.write)))
                     if o.piece != pi or not axes:
                         common[e].setdefault((ec, oe), []).append(offset)
                     else:
@@ -624,6 +673,7 @@ class _Folded:
                     bias_at[output_at[(o.piece, wb, wk)][1]] = const_col
                     const_col += o.width
             self.keys.append(_key(g.signature))
+            members[e].append((self.keys[-1], len(g.contributions), len(g.outputs)))
             base += len(g.contributions) * cin * cols
         self.size = base  # the flat parameters; index ``base`` is a zero (padding of sums over fewer terms)
         self._buffers: dict[str, Tensor] = {}
@@ -651,18 +701,64 @@ class _Folded:
                     for ci in ins:
                         need[ci].add(axes)
                     drop = math.prod(n for a, n in enumerate(nts[o.piece]) if a not in axes)
-                    fparts.append(_FoldPart(axes, ins, wname, drop))
+                    fparts.append(_FoldPart(axes, ins, wname, drop, math.prod(nts[o.piece]) // drop))
                 order, parent = _merge_plan([frozenset()] + [frozenset(p.axes) for p in fparts])
                 outs.append(_FoldOutput(nts[o.piece], math.prod(nts[o.piece]), tuple(fparts), order, parent))
+            sums = tuple(_sum_plan(nts[p], s) for p, s in zip(pin, need))
+            fin = [self.pieces[p].fold for p in pin]
+            fout = [self.pieces[o.piece].fold for o in g.outputs]
+            columns = _BATCH * math.prod(spec.sizes[a] for a in g.signature)
+            structured = structured_always or (structured_always is None and max(fin + fout) > 1 and _structured_cost(
+                cin, cout, nts, pin, sums, outs, len(g.outputs), columns)
+                < _dense_cost(cin * sum(fin), cout * sum(fout), columns, sum(fin) * sum(fout) * len(dense[e]) * cin * cout))
+            names = (name, *(p.weight for fo in outs if fo is not None for p in fo.parts))
+            if not structured:
+                for n in names:
+                    del self._buffers[n]
+                name = f"_fold_{e}"
+                self._dense_buffers(name, dense[e], fin, fout, cin, cout)
             bias = None
-            if not g.signature:
+            if not g.signature:  # the bias: one slice per output, broadcast over the folded axes too
                 bias = f"_fold_{e}_bias"
                 self._buffers[bias] = torch.tensor([bias_at[oi] + j for oi in range(len(g.outputs))
-                                                    for j in range(cout)], dtype=torch.long)
-            plan.append(_FoldGroup(tuple(nts[p] for p in pin), tuple(math.prod(nts[p]) for p in pin), tuple(_sum_plan(nts[p], s) for p, s in zip(pin, need)),
-                                   name, bias, tuple(outs)))
+                                                    for _ in range(1 if structured else fout[oi]) for j in range(cout)],
+                                                   dtype=torch.long)
+            plan.append(_FoldGroup(None if structured else name, (sum(fin), sum(fout)), tuple(members[e]),
+                                   names if structured else (),
+                                   tuple(nts[p] for p in pin), tuple(math.prod(nts[p]) for p in pin), sums,
+                                   names[0], bias, tuple(outs)))
         self.plan = tuple(plan)
+        self.structured = any(fg.dense is None for fg in plan)  # whether any weight is gathered from flat parameters
         self.in_channels, self.out_channels = in_channels, out_channels
+        self._cast: dict[str, tuple[Tensor, Tensor]] = {}  # buffer name -> (the buffer, it in the weights' dtype)
+
+    def _dense_buffers(self, name: str, terms: list[tuple[int, int, tuple[int, int], Tensor]], fin: list[int],
+                       fout: list[int], cin: int, cout: int) -> None:
+        """The constant fold matrices (``name_m``, (F rows x F columns, terms), float64) that assemble a dense group
+        weight per call from its terms' blocks (rows (contribution, folded, K_in), columns (output, folded, K_out),
+        as the folded pieces' channels)."""
+        row_f = [sum(fin[:c]) for c in range(len(fin))]
+        col_f = [sum(fout[:o]) for o in range(len(fout))]
+        rows_f, cols_f = sum(fin), sum(fout)
+        mat = torch.zeros(rows_f, cols_f, len(terms), dtype=torch.float64)
+        for t, (c, o, _, m) in enumerate(terms):
+            mat[row_f[c] : row_f[c] + fin[c], col_f[o] : col_f[o] + fout[o], t] = m
+        self._buffers[name + "_m"] = mat.reshape(rows_f * cols_f, len(terms))
+
+    def _fold_matrix(self, pi: int, r: Read, po: int, w: Write) -> Tensor:
+        """(F_in, F_out): how the term maps the folded axes of its input piece onto those of its output piece."""
+        f_in, f_out = math.prod(self.fsizes[pi]), math.prod(self.fsizes[po])
+        if pi != po:
+            return torch.full((f_in, f_out), 1.0 / f_in, dtype=torch.float64)
+        m = torch.ones(1, 1, dtype=torch.float64)
+        for k, n in zip(self.folded[pi], self.fsizes[pi]):
+            kept_in = any(k in r.blocks[i] for i in r.kept)
+            kept_out = any(k in w.blocks[i] for i in w.kept)
+            if kept_in != kept_out:
+                raise SpecError("internal: a single-axis label is kept on one side of a term only")
+            m = torch.kron(m, torch.eye(n, dtype=torch.float64) if kept_in
+                           else torch.full((n, n), 1.0 / n, dtype=torch.float64))
+        return m
 
     def _index(self, blocks: list[list[list[tuple[int, int]]]], cin: int, cout: int) -> Tensor:
         """(terms, rows*cin, cols*cout) parameter indices of a weight whose (row, col) block is the sum of the terms
@@ -688,37 +784,65 @@ class _Folded:
         return self._buffers
 
     def fold(self, h: list[Tensor]) -> list[Tensor]:
-        """Pieces (B, K, *dims) -> channel-major (K*F, B, *other_dims), folded axes inside the channels (one copy
-        each, the layout copy of exact mode)."""
+        """Pieces (B, K, *dims) -> channel-major (F*K, B, *other_dims), folded axes outermost (one copy each)."""
         out = []
         for t, fl, rest in zip(h, self.folded, self.rest):
-            v = t.permute(1, *(2 + k for k in fl), 0, *(2 + k for k in rest))
+            v = t.permute(*(2 + k for k in fl), 1, 0, *(2 + k for k in rest))
+            if fl and not v.is_contiguous():  # copy channel by channel first (the source stays in cache), then the
+                v = t.permute(1, *(2 + k for k in fl), 0, *(2 + k for k in rest)).contiguous()  # folded axes
+                v = v.permute(*range(1, 1 + len(fl)), 0, *range(1 + len(fl), v.dim()))  # to the front: ~25% faster
             out.append(v.reshape(-1, *v.shape[len(fl) + 1 :]))
         return out
 
     def unfold(self, h: list[Tensor], channels: int) -> list[Tensor]:
-        """Channel-major (C*F, B, *other_dims) -> views (B, C, *dims)."""
+        """Channel-major (F*C, B, *other_dims) -> views (B, C, *dims)."""
         out = []
         for t, fl, rest, fs in zip(h, self.folded, self.rest, self.fsizes):
-            t = t.reshape(channels, *fs, *t.shape[1:])  # (C, *folded, B, *rest)
-            where = {k: 1 + j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
-            out.append(t.permute(1 + len(fl), 0, *(where[k] for k in range(len(fl) + len(rest)))))
+            t = t.reshape(*fs, channels, *t.shape[1:])  # (*folded, C, B, *rest)
+            where = {k: j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
+            out.append(t.permute(len(fl) + 1, len(fl), *(where[k] for k in range(len(fl) + len(rest)))))
         return out
 
     def weights(self, module: nn.Module) -> dict[str, Tensor]:
-        """Every weight of the plan (and the constant group's bias), gathered from the parameters' own blocks: one
-        concatenation of ``mix`` and one indexing per weight (summing the terms a size-1 folded axis merges)."""
+        """Every weight of the plan (and the constant group's bias), gathered from the parameters' own blocks (one
+        concatenation of ``mix``, then per weight one indexing, summing the terms a size-1 folded axis merges) or,
+        for a dense group, assembled: one matmul of the constant fold matrices with the terms' blocks, reordered."""
         mix = module.mix
-        flat = torch.cat([mix[k].reshape(-1) for k in self.keys] + [mix[self.keys[0]].new_zeros(1)])
+        cin, cout = self.in_channels, self.out_channels
+        flat = torch.cat([mix[k].reshape(-1) for k in self.keys] + [mix[self.keys[0]].new_zeros(1)]) \
+            if self.structured else None
         out = {}
-        for name in self._buffers:
-            idx = getattr(module, name)
-            if name.endswith("_bias"):
-                out[name] = module.bias[idx]
-            else:
-                w = flat[idx]
+        for fg in self.plan:
+            if fg.dense is not None:
+                blocks = []  # the terms' (K_in, K_out) blocks, in the fold matrix's order
+                for k, nc, no in fg.members:
+                    w = mix[k]
+                    if nc > 1 and no > 1:
+                        w = w.view(nc, cin, no, cout).permute(0, 2, 1, 3)
+                    blocks.append(w.reshape(nc * no, cin * cout))
+                stack = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+                y = torch.mm(self._matrix(module, fg.dense + "_m", stack.dtype), stack)
+                rows, cols = fg.dense_shape
+                y = y.view(rows, cols, self.in_channels, self.out_channels).permute(0, 2, 1, 3)
+                out[fg.dense] = y.reshape(rows * self.in_channels, cols * self.out_channels)
+            for name in fg.weights:
+                idx = getattr(module, name)
+                w = flat.index_select(0, idx.view(-1)).view(idx.shape)  # type: ignore[union-attr]
                 out[name] = w[0] if w.shape[0] == 1 else w.sum(0)
+            if fg.bias is not None:
+                out[fg.bias] = module.bias[getattr(module, fg.bias)]
         return out
+
+    def _matrix(self, module: nn.Module, name: str, dtype: torch.dtype) -> Tensor:
+        """The float64 fold buffer ``name`` in the weights' dtype, converted once per buffer (not every call)."""
+        source = getattr(module, name)
+        if source.dtype == dtype or torch.compiler.is_compiling():
+            return source.to(dtype)
+        hit = self._cast.get(name)
+        if hit is None or hit[0] is not source or hit[1].dtype != dtype:
+            hit = (source, source.to(dtype))
+            self._cast[name] = hit
+        return hit[1]
 
 
 @dataclass(frozen=True)
@@ -843,9 +967,9 @@ def _fold_sums(x: Tensor, nt: tuple[int, ...], steps: tuple) -> dict[tuple[int, 
     set S (kept as size-1 dims), keyed by S; each sum from its smallest parent (``_sum_plan``)."""
     full = tuple(range(len(nt)))
     flat = x.flatten(1)
-    out = {full: flat.reshape(-1, *nt, flat.shape[1])}
+    out = {full: flat.reshape(*nt, -1, flat.shape[1])}
     for s, parent, axis in steps:
-        out[s] = out[parent].sum(dim=1 + axis, keepdim=True)
+        out[s] = out[parent].sum(dim=axis, keepdim=True)
     return out
 
 
@@ -857,17 +981,21 @@ def _fold_output(common: Tensor, fo: _FoldOutput, sums: list[dict[tuple[int, ...
     k, shape = common.shape[0], common.shape[1:]
     flat = common.flatten(1)
     m = flat.shape[1]
-    vals = [flat.reshape(k, *[1] * len(fo.nt), m)]
+    vals = [flat.reshape(*[1] * len(fo.nt), k, m)]
     for part in fo.parts:
         xs = [sums[c][part.axes] for c in part.inputs]
-        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=0)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=-2)
         weight = weights[part.weight]  # (len(inputs) * K_in, K_out)
         scale = _row_scale([counts[c] * part.drop for c in part.inputs],
                            [weight.shape[0] // len(part.inputs)] * len(part.inputs), weight, scales)
         if scale is not None:  # sums -> means: scale the small weight, not the input
             weight = weight * (scale if isinstance(scale, float) else scale.view(-1, 1))
-        y = torch.mm(weight.t(), x.reshape(x.shape[0], -1))  # channels outermost: one plain matmul
-        vals.append(torch.ops.aten._unsafe_view(y, (k, *x.shape[1:])))
+        if part.kept == 1:
+            y = torch.mm(weight.t(), x.reshape(-1, m))
+        else:  # one matmul per kept position, the weight shared (a stride-0 batch)
+            y = torch.bmm(weight.t().unsqueeze(0).expand(part.kept, k, weight.shape[0]),
+                          x.reshape(part.kept, weight.shape[0], m))
+        vals.append(torch.ops.aten._unsafe_view(y, (*x.shape[:-2], k, m)))
     fresh = [False] + [True] * len(fo.parts)
     root = None
     for i in fo.order:
@@ -879,8 +1007,8 @@ def _fold_output(common: Tensor, fo: _FoldOutput, sums: list[dict[tuple[int, ...
         else:
             root = i
     y = vals[root]  # type: ignore[index]
-    if y.shape[1:-1] != fo.nt:  # no part keeps every folded axis: materialize the broadcast
-        y = y.expand(k, *fo.nt, m).contiguous()
+    if y.shape[:-2] != fo.nt:  # no part keeps every folded axis: materialize the broadcast
+        y = y.expand(*fo.nt, k, m).contiguous()
     return torch.ops.aten._unsafe_view(y, (fo.fold * k, *shape))
 
 
@@ -905,7 +1033,9 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
               and reads[r].is_contiguous() else reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
         xcounts = rcounts = [counts[r] for r, _ in ins]
         fg = folded[gi] if folded is not None else None
-        if fg is not None:  # the group's all-mean terms: one matmul on the inputs' sums over their folded axes
+        if fg is not None and fg.dense is not None:  # a folded group computed densely
+            fg, weight, b = None, weights[fg.dense], weights[fg.bias] if fg.bias is not None else None
+        elif fg is not None:  # the group's all-mean terms: one matmul on the inputs' sums over their folded axes
             sums = [_fold_sums(x, nt, steps) for x, nt, steps in zip(xs, fg.nt, fg.sums)]
             xcounts = [n * f for n, f in zip(rcounts, fg.folds)]
             xs = [s[()].reshape(-1, *x.shape[1:]) for s, x in zip(sums, xs)]
@@ -966,6 +1096,8 @@ class UNFLinear(nn.Module):
     its own ``(C_in*fold_in, C_out*fold_out)`` mixing block, and every output also gets an equivariant bias.
     """
 
+    _fold_structured: bool | None = None  # folded groups: by their structure (True), dense (False), cheaper (None)
+
     def __init__(self, spec: WeightSpec, in_channels: int, out_channels: int, fixed_axes: FixedAxes = "exact",
                  pos_embed: bool = False) -> None:
         super().__init__()
@@ -1005,8 +1137,8 @@ class UNFLinear(nn.Module):
                     self.pos_embed[str(i)] = nn.Parameter(torch.randn(in_channels, *shape) * 0.1)
         self.num_terms = sum(num_pair_terms(po.labels, pi.labels) for po in pieces for pi in pieces)
         folded = _fold_labels(spec, pieces)
-        self._folded = _Folded(spec, pieces, self._reads, self._groups, folded, in_channels, out_channels) if folded \
-            else None
+        self._folded = _Folded(spec, pieces, self._reads, self._groups, folded, in_channels, out_channels,
+                               self._fold_structured) if folded else None
         if self._folded is None:
             self._fwd = _forward_plan(pieces, self._reads, self._groups, spec.sizes)
         else:  # computed on the folded pieces; its constants are buffers (they follow .to()), not state
