@@ -196,10 +196,15 @@ def test_predictor_accepts_channels_and_reports_terms() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_runs_on_cuda_like_on_cpu() -> None:
-    spec = HAND["gru"]
+@pytest.mark.parametrize("case", ["gru-exact", "cnn-permutable-structured"])
+def test_runs_on_cuda_like_on_cpu(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if case == "gru-exact":
+        spec, mode = HAND["gru"], "exact"
+    else:  # folded groups computed by structure: their index buffers and batched matmuls move to the device too
+        spec, mode = _derived("cnn"), "permutable"
+        monkeypatch.setattr(um.UNFLinear, "_fold_structured", True)
     torch.manual_seed(0)
-    layer = um.UNFLinear(spec, 2, 3).double()
+    layer = um.UNFLinear(spec, 2, 3, fixed_axes=mode).double()
     x = _features(spec, 2, 2)
     cpu = layer(x)
     gpu = layer.cuda()({k: v.cuda() for k, v in x.items()})

@@ -13,10 +13,11 @@ carry the same labels form one group: their reads are concatenated along channel
 output rows cover every (output piece, write) of the group; writes then broadcast, and each piece's terms are summed
 smallest first into the smallest term containing them (terms on the same diagonal blocks are summed compactly and
 added onto the diagonal once, in place). In permutable mode, fixed labels on a single axis (a conv's kernel axes) are folded
-into channels with weights assembled from their terms' blocks (``_Folded``): the same parameters and span, far fewer
-groups. Every plan is built at construction, so ``forward`` has no data-dependent Python and ``torch.compile`` traces
-it as one graph. Parameters never depend on permutable sizes, so one layer accepts other widths of the same
-architecture.
+into channels (``_Folded``): the same parameters and span, far fewer groups, each computed either as one dense matmul
+with a weight assembled from its terms' blocks or by its structure (per kept folded axes, matmuls on folded means),
+whichever a cost model at construction says is cheaper. Every plan is built at construction, so ``forward`` has no
+data-dependent Python and ``torch.compile`` traces it as one graph. Parameters never depend on permutable sizes, so
+one layer accepts other widths of the same architecture.
 """
 
 from __future__ import annotations
@@ -708,9 +709,10 @@ class _Folded:
             fin = [self.pieces[p].fold for p in pin]
             fout = [self.pieces[o.piece].fold for o in g.outputs]
             columns = _BATCH * math.prod(spec.sizes[a] for a in g.signature)
+            assembly = sum(fin) * sum(fout) * len(dense[e]) * cin * cout  # the dense weight's fold matmul
             structured = structured_always or (structured_always is None and max(fin + fout) > 1 and _structured_cost(
                 cin, cout, nts, pin, sums, outs, len(g.outputs), columns)
-                < _dense_cost(cin * sum(fin), cout * sum(fout), columns, sum(fin) * sum(fout) * len(dense[e]) * cin * cout))
+                < _dense_cost(cin * sum(fin), cout * sum(fout), columns, assembly))
             names = (name, *(p.weight for fo in outs if fo is not None for p in fo.parts))
             if not structured:
                 for n in names:
