@@ -7,10 +7,13 @@
    (to set against other implementations).
 3. `torch.compile` (inductor) of the layer: compile seconds and compiled speed-up over eager.
 4. Time vs number of basis terms (1-3 layer GRU seq2seq), grouped layer against a per-term loop over the same basis.
+5. `--fold-widths 16 32 64`: the permutable CNN layer's kernel-folded groups as dense matmuls vs by their structure vs
+   the layer's per-group choice, at those channel widths. Goal: the choice no slower than dense.
 
 Calls are interleaved (order alternates every repetition); medians; the load average is printed with each figure.
 
-Run: `.venv/bin/python benchmarks/bench_unf.py [--quick] [--compile SHAPE ...] [--vs-reference] [--skip-terms]`.
+Run: `.venv/bin/python benchmarks/bench_unf.py [--quick] [--compile SHAPE ...] [--vs-reference] [--skip-terms]
+[--fold-widths N ...]`.
 """
 
 from __future__ import annotations
@@ -148,6 +151,31 @@ def bench_absolute(reps: int) -> None:
               f"   ({_load()})", flush=True)
 
 
+def bench_fold_widths(widths: list[int], reps: int) -> None:
+    """The permutable CNN layer's folded (kernel-axes) groups as dense assembled-weight matmuls vs by their structure
+    vs the layer's per-group choice, at several channel widths (batch 128 / width: about the same work per call)."""
+    spec = SHAPES["cnn"]()
+    print("permutable CNN layer, folded groups dense vs structured vs chosen (forward+backward median):")
+    for c in widths:
+        batch = max(1, 128 * 4 // c)
+        g = torch.Generator().manual_seed(0)
+        x = {k: torch.randn(batch, c, *s, generator=g) for k, s in spec.shapes.items()}
+        layers = {}
+        for name, forced in (("dense", False), ("structured", True), ("chosen", None), ("exact", None)):
+            UNFLinear._fold_structured = forced
+            torch.manual_seed(0)
+            layers[name] = UNFLinear(spec, c, c, fixed_axes="exact" if name == "exact" else "permutable")
+            if name != "exact":
+                layers[name].load_state_dict(layers["dense"].state_dict())
+        UNFLinear._fold_structured = None
+        plan = "".join("S" if f.dense is None else "D" for f in layers["chosen"]._folded.plan)
+        t = _timeit({k: _ours_step(v, x) for k, v in layers.items()}, reps)
+        print(f"  {c:3d} channels, batch {batch:3d}: dense {t['dense'] * 1e3:7.2f} ms, structured "
+              f"{t['structured'] * 1e3:7.2f} ms, chosen ({plan}) {t['chosen'] * 1e3:7.2f} ms, exact "
+              f"{t['exact'] * 1e3:7.2f} ms ({_load()})", flush=True)
+        _bench(f"unf_cnn_perm_chosen_vs_dense_c{c}", t["chosen"] / t["dense"], "<=", 1.0)
+
+
 def bench_vs_reference(reps: int) -> None:
     """Current layer against the frozen pre-optimization layer (tests/_unf_layers_ref.py), same parameters."""
     import sys
@@ -249,6 +277,9 @@ def main() -> None:
     parser.add_argument("--compile", nargs="*", default=["mlp"], choices=list(SHAPES),
                         help="shapes to compile with inductor (default: mlp; the CNN and GRU take minutes)")
     parser.add_argument("--skip-terms", action="store_true", help="skip the time-vs-terms table")
+    parser.add_argument("--fold-widths", nargs="*", type=int, default=[],
+                        help="also time the permutable CNN layer's folded groups dense vs by structure at these "
+                             "channel widths (e.g. 16 32 64)")
     parser.add_argument("--vs-reference", action="store_true",
                         help="also time the frozen pre-optimization layer (tests/_unf_layers_ref.py) side by side")
     args = parser.parse_args()
@@ -264,6 +295,8 @@ def main() -> None:
         _bench(f"unf_exact_vs_hnplinear_{shape}", r["exact_vs_hnp"], "<=", 0.7)
     _bench("unf_cnn_perm_vs_exact", ratios["cnn"]["perm_vs_exact"], "<=", 1.0)
     bench_absolute(reps)
+    if args.fold_widths:
+        bench_fold_widths(args.fold_widths, reps)
     if args.vs_reference:
         print("against the layer before the speed work (same parameters, interleaved):")
         bench_vs_reference(reps)

@@ -39,9 +39,14 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("name,mode,backend", [("gru", "permutable", "aot_eager"), ("gru_seq2seq", "exact", "eager")])
-def test_linear_compiles_in_one_graph(name: str, mode: str, backend: str) -> None:
-    """Tied labels (diagonal reads and writes), parts split from one tensor, folded fixed axes: one graph."""
+@pytest.mark.parametrize("name,mode,backend,structured", [("gru", "permutable", "aot_eager", None),
+                                                           ("gru_seq2seq", "exact", "eager", None),
+                                                           ("cnn", "permutable", "aot_eager", True)])
+def test_linear_compiles_in_one_graph(name: str, mode: str, backend: str, structured: bool | None,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tied labels (diagonal reads and writes), parts split from one tensor, folded fixed axes (assembled dense
+    weights, or computed by their structure): one graph."""
+    monkeypatch.setattr(um.UNFLinear, "_fold_structured", structured)
     spec = _spec(name)
     torch.manual_seed(0)
     layer = um.UNFLinear(spec, 2, 3, fixed_axes=mode)

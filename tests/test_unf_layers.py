@@ -196,10 +196,15 @@ def test_predictor_accepts_channels_and_reports_terms() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_runs_on_cuda_like_on_cpu() -> None:
-    spec = HAND["gru"]
+@pytest.mark.parametrize("case", ["gru-exact", "cnn-permutable-structured"])
+def test_runs_on_cuda_like_on_cpu(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if case == "gru-exact":
+        spec, mode = HAND["gru"], "exact"
+    else:  # folded groups computed by structure: their index buffers and batched matmuls move to the device too
+        spec, mode = _derived("cnn"), "permutable"
+        monkeypatch.setattr(um.UNFLinear, "_fold_structured", True)
     torch.manual_seed(0)
-    layer = um.UNFLinear(spec, 2, 3).double()
+    layer = um.UNFLinear(spec, 2, 3, fixed_axes=mode).double()
     x = _features(spec, 2, 2)
     cpu = layer(x)
     gpu = layer.cuda()({k: v.cuda() for k, v in x.items()})
@@ -221,15 +226,18 @@ def _member_specs() -> dict[str, um.WeightSpec]:
     return {f"member_{n}": um.WeightSpec.from_module(build_member(a), x) for n, (a, x) in archs.items()}
 
 
-def test_matches_the_reference_layer() -> None:
+@pytest.mark.parametrize("structured", [None, True, False], ids=["chosen", "structured", "dense"])
+def test_matches_the_reference_layer(structured: bool | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The optimized layer (shared reductions, one matmul per group, merged writes) computes the same function as
-    the straightforward grouped layer it replaced, for the same parameters: outputs and input gradients."""
+    the straightforward grouped layer it replaced, for the same parameters: outputs and input gradients. Folded
+    groups (permutable mode) both ways: by their structure and as dense matmuls with assembled weights."""
     import _unf_layers_ref as ref
 
+    monkeypatch.setattr(um.UNFLinear, "_fold_structured", structured)
     specs = {**{n: s if isinstance(s, um.WeightSpec) else _derived(s) for n, s in SPECS.items()},
              **{f"arch_{n}": _derived(n) for n, _, _ in ARCHS}, **_member_specs()}
     for name, spec in specs.items():
-        for mode in ("exact", "permutable"):
+        for mode in ("exact", "permutable") if structured is None else ("permutable",):
             torch.manual_seed(0)
             new = um.UNFLinear(spec, 2, 3, fixed_axes=mode, pos_embed=mode == "permutable").double()
             old = ref.UNFLinear(spec, 2, 3, fixed_axes=mode, pos_embed=mode == "permutable").double()
@@ -257,6 +265,38 @@ def test_single_axis_fixed_labels_fold_into_channels() -> None:
     assert len(layer._fwd.groups) < len(layer._groups)
     assert set(layer.state_dict()) == {n for n, _ in layer.named_parameters()}  # constants are not saved
     assert um.UNFLinear(spec, 2, 3, fixed_axes="exact")._folded is None
+
+
+def test_wide_folded_groups_are_computed_by_their_structure() -> None:
+    """At wide channels the kernel-folded groups run by structure (per kept-axes matmuls on folded means, no dense
+    (9K)^2 weight); at narrow ones as dense matmuls. Either way the parameters are the same (state dicts load)."""
+    spec = _derived("cnn")
+    narrow = um.UNFLinear(spec, 2, 3, fixed_axes="permutable")
+    wide = um.UNFLinear(spec, 64, 64, fixed_axes="permutable")
+    assert all(g.dense is not None for g in narrow._folded.plan)
+    assert any(g.dense is None and any(o is not None and o.parts for o in g.outputs) for g in wide._folded.plan)
+    assert set(wide.state_dict()) == set(um.UNFLinear(spec, 64, 64, fixed_axes="permutable").state_dict())
+
+
+def test_structured_folded_layer_under_vmap_and_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The structured folded groups work under functorch transforms (the learned optimizers vmap the layer)."""
+    monkeypatch.setattr(um.UNFLinear, "_fold_structured", True)
+    spec = _derived("cnn")
+    torch.manual_seed(0)
+    layer = um.UNFLinear(spec, 2, 3, fixed_axes="permutable").double()
+    x = _features(spec, 3, 2)  # (3, 2, *shape): vmapped over the 3, each call a batch of one
+
+    def one(v: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum((y * y).sum() for y in layer({k: t.unsqueeze(0) for k, t in v.items()}).values())
+
+    mapped = torch.func.vmap(one)(x)
+    loop = torch.stack([one({k: t[i] for k, t in x.items()}) for i in range(3)])
+    assert float((mapped - loop).detach().abs().max()) < 1e-10
+    grads = torch.func.vmap(torch.func.grad(one))(x)
+    for i in range(3):
+        xi = {k: t[i].clone().requires_grad_(True) for k, t in x.items()}
+        g = torch.autograd.grad(one(xi), list(xi.values()))
+        assert max(float((grads[k][i] - gk).detach().abs().max()) for k, gk in zip(xi, g)) < 1e-10
 
 
 @pytest.mark.parametrize("mode", ["exact", "permutable"])

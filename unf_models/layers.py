@@ -13,10 +13,11 @@ carry the same labels form one group: their reads are concatenated along channel
 output rows cover every (output piece, write) of the group; writes then broadcast, and each piece's terms are summed
 smallest first into the smallest term containing them (terms on the same diagonal blocks are summed compactly and
 added onto the diagonal once, in place). In permutable mode, fixed labels on a single axis (a conv's kernel axes) are folded
-into channels with weights assembled from their terms' blocks (``_Folded``): the same parameters and span, far fewer
-groups. Every plan is built at construction, so ``forward`` has no data-dependent Python and ``torch.compile`` traces
-it as one graph. Parameters never depend on permutable sizes, so one layer accepts other widths of the same
-architecture.
+into channels (``_Folded``): the same parameters and span, far fewer groups, each computed either as one dense matmul
+with a weight assembled from its terms' blocks or by its structure (per kept folded axes, matmuls on folded means),
+whichever a cost model at construction says is cheaper. Every plan is built at construction, so ``forward`` has no
+data-dependent Python and ``torch.compile`` traces it as one graph. Parameters never depend on permutable sizes, so
+one layer accepts other widths of the same architecture.
 """
 
 from __future__ import annotations
@@ -501,16 +502,122 @@ def _restrict(blocks: tuple[tuple[int, ...], ...], kept: tuple[int, ...], rest: 
     return tuple(new_blocks), tuple(new_index[i] for i in kept if i in new_index)
 
 
+@dataclass(frozen=True)
+class _FoldPart:
+    """Terms of one folded piece onto itself that keep the non-trivial folded axes ``axes`` (on both sides) and
+    average the others: one (batched) matmul on the inputs' sums over the other folded axes."""
+
+    axes: tuple[int, ...]  # kept non-trivial folded axes (indices into the piece's ``nt``)
+    inputs: tuple[int, ...]  # the group's contributions from this piece
+    weight: str  # buffer of the weight's parameter indices, (terms, len(inputs) * K_in, K_out)
+    drop: int  # entries per sum: the product of the other folded sizes
+    kept: int  # kept positions: the product of the kept folded sizes
+
+
+@dataclass(frozen=True)
+class _FoldOutput:
+    """How one folded output of a group is summed: its common (all-mean) row block plus its parts, each added into
+    the smallest part that keeps all its axes (``_merge_plan``; index 0 is the common block)."""
+
+    nt: tuple[int, ...]  # the piece's non-trivial folded sizes
+    fold: int  # their product
+    parts: tuple[_FoldPart, ...]
+    order: tuple[int, ...]
+    parent: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _FoldGroup:
+    """A group of the folded basis: computed by its structure (see ``_Folded``), or, where ``dense`` names its
+    assembled weight, as one dense matmul like an unfolded group."""
+
+    dense: str | None  # the dense weight's name
+    dense_shape: tuple[int, int]  # its (rows, columns) in units of channels: the summed folds of inputs, outputs
+    members: tuple[tuple[str, int, int], ...]  # the original groups whose terms it holds: (key, n_c, n_o)
+    weights: tuple[str, ...]  # structured: the weights gathered for it
+    nt: tuple[tuple[int, ...], ...]  # per contribution: its piece's non-trivial folded sizes
+    folds: tuple[int, ...]  # per contribution: their product
+    sums: tuple[tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...], ...]  # per contribution: (S, parent, dim)
+    common: str  # buffer: indices of the all-mean weight (terms, sum K_in, sum K_out)
+    bias: str | None  # buffer: indices of the bias rows (sum K_out), the constant group only
+    outputs: tuple[_FoldOutput | None, ...]  # None: an output piece without folded axes
+
+
+# Cost model of a folded group (1-thread CPU, calibrated on the CNN layers of benchmarks/bench_unf.py at 16, 32 and 64
+# channels): in multiply-add equivalents, an element read or written costs _PASS_COST, one op (forward + backward,
+# with autograd) _OP_COST, and groups are costed at _BATCH columns per signature entry.
+_PASS_COST, _OP_COST, _BATCH = 14, 1_000_000, 16
+
+
+def _dense_cost(rows: int, cols: int, columns: int, assembly: int) -> int:
+    """Estimated cost of a dense folded group: its matmul, input and output, and its weight's assembly (``assembly``
+    multiply-adds, then a reordering copy)."""
+    return columns * (rows * cols + _PASS_COST * (rows + cols)) + assembly + _PASS_COST * rows * cols + 3 * _OP_COST
+
+
+def _structured_cost(cin: int, cout: int, nts: list[tuple[int, ...]], pin: list[int], sums: tuple,
+                     outs: list[_FoldOutput | None], n_out: int, columns: int) -> int:
+    """The same computed by structure: its matmuls' multiply-adds, every element its sums, matmuls and broadcast
+    additions read or write (see ``_fold_output``), and its ops."""
+    macs = len(pin) * cin * n_out * cout  # the all-mean matmul
+    moved = len(pin) * cin + n_out * cout
+    ops = 1
+    for p, steps in zip(pin, sums):
+        ops += len(steps)
+        nt = nts[p]
+        for kept, parent, _ in steps:
+            moved += cin * (math.prod(nt[a] for a in parent) + math.prod(nt[a] for a in kept))
+    for fo in outs:
+        if fo is None:
+            continue
+        sizes = [1] + [part.kept for part in fo.parts]
+        for part, n in zip(fo.parts, sizes[1:]):
+            macs += len(part.inputs) * cin * cout * n
+            moved += (len(part.inputs) * cin + cout) * n
+            ops += 5  # weight gather and scale, matmul, addition, view
+        for i, j in enumerate(fo.parent):
+            moved += cout * (2 * sizes[j] + sizes[i]) if j >= 0 else 0
+        if not fo.parts:
+            moved += 2 * cout * fo.fold
+    return columns * (macs + _PASS_COST * moved) + ops * _OP_COST
+
+
+def _sum_plan(nt: tuple[int, ...], need: set[tuple[int, ...]]
+              ) -> tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...]:
+    """Sums of a folded read over the folded axes not in each needed S, each from the smallest computed parent
+    (one more axis kept, the smallest one); (S, parent, summed dim) in computing order."""
+    full = tuple(range(len(nt)))
+    plan: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}
+    todo = set(need) - {full}
+    while todo:
+        s = max(todo, key=lambda t: (len(t), t))
+        todo.discard(s)
+        if s in plan:
+            continue
+        a = min((a for a in full if a not in s), key=lambda a: (nt[a], a))
+        parent = tuple(sorted((*s, a)))
+        plan[s] = (parent, a)
+        if parent != full and parent not in plan:
+            todo.add(parent)
+    ordered = sorted(plan, key=lambda t: (-len(t), t))
+    return tuple((s, plan[s][0], plan[s][1]) for s in ordered)
+
+
 class _Folded:
     """The layer's terms computed with its single-axis fixed labels (see ``_fold_labels``) folded into channels.
 
     Pieces become channel-major ``(F*K, B, *other_dims)`` (folded axes outermost); the basis over the remaining
-    labels is planned as usual, and each of its mixing blocks is assembled from the original terms' blocks: the
-    term's ``(K_in, K_out)`` block times a constant ``(F_in, F_out)`` matrix, identity or mean-then-broadcast per
-    folded axis of a piece onto itself, mean-then-broadcast between pieces. One matmul per group assembles them."""
+    labels is planned as usual. Each original term maps the folded axes by a constant ``(F_in, F_out)`` matrix:
+    between pieces mean-then-broadcast, from a piece onto itself identity or mean-then-broadcast per folded axis.
+    So a group is computed by its structure instead of one dense ``(F_in*K_in, F_out*K_out)`` matmul: one matmul on
+    the inputs' full means (every all-mean term of the group, with the summed blocks of its terms), and per folded
+    piece and set S of kept folded axes one matmul batched over the kept positions on the means over the others,
+    broadcast back over them; size-1 folded axes are dropped (the terms keeping them or not are summed). The weights
+    are the parameters' own blocks, gathered by constant indices (no fold matrices)."""
 
     def __init__(self, spec: WeightSpec, pieces: list[_Piece], read_list: list[tuple[int, Read]],
-                 groups: list[_Group], labels: frozenset[str], in_channels: int, out_channels: int) -> None:
+                 groups: list[_Group], labels: frozenset[str], in_channels: int, out_channels: int,
+                 structured_always: bool | None = None) -> None:
         self.folded: list[tuple[int, ...]] = []  # per piece: label indices folded
         self.rest: list[tuple[int, ...]] = []  # per piece: label indices kept as dims
         self.fsizes: list[tuple[int, ...]] = []
@@ -523,75 +630,122 @@ class _Folded:
             self.fsizes.append(tuple(spec.sizes[p.labels[k]] for k in fl))
             self.pieces.append(_Piece(p.name, p.part, p.axes, tuple(p.perm_pos[k] for k in rest),
                                       tuple(p.perm_pos[k] for k in fl), math.prod(self.fsizes[-1])))
+        nts = [tuple(n for n in fs if n > 1) for fs in self.fsizes]
         self.reads, self.groups, _ = _plan(self.pieces, in_channels, out_channels)
         read_index = {(pi, r.blocks, r.kept): i for i, (pi, r) in enumerate(self.reads)}
-        contrib_at: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}  # -> (group, row offset in F units)
-        output_at: dict[tuple[int, object], tuple[int, int, int]] = {}  # -> (group, col offset, output index)
-        sizes_rc = []
+        contrib_at: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}  # -> (group, contribution index)
+        output_at: dict[tuple[int, object, object], tuple[int, int]] = {}  # -> (group, output index)
         for e, g in enumerate(self.groups):
-            row = 0
-            for c in g.contributions:
-                contrib_at[(c.read, c.order)] = (e, row)
-                row += self.pieces[self.reads[c.read][0]].fold
-            col = 0
+            for ci, c in enumerate(g.contributions):
+                contrib_at[(c.read, c.order)] = (e, ci)
             for oi, o in enumerate(g.outputs):
-                output_at[(o.piece, o.write.blocks, o.write.kept)] = (e, col, oi)
-                col += self.pieces[o.piece].fold
-            sizes_rc.append((row, col))
-        members: list[list[tuple[str, int, int]]] = [[] for _ in self.groups]  # per exec group: (key, n_c, n_o)
-        entries: list[list[tuple[int, int, int, Tensor]]] = [[] for _ in self.groups]  # (row, col, term, M)
-        bias_src: dict[int, int] = {}  # exec const output index -> original bias column
-        const_col = 0
+                output_at[(o.piece, o.write.blocks, o.write.kept)] = (e, oi)
+        cin, cout = in_channels, out_channels
+        # parameter offsets of every term's (cin, cout) block in the flat concatenation of ``mix`` (in its order)
+        common: list[dict[tuple[int, int], list[tuple[int, int]]]] = [{} for _ in self.groups]  # (c, o) -> term offsets
+        parts: list[dict[tuple[int, tuple[int, ...]], dict[int, list[tuple[int, int]]]]] = [{} for _ in self.groups]
+        dense: list[list[tuple[int, int, tuple[int, int], Tensor]]] = [[] for _ in self.groups]  # (c, o, term, M)
+        members: list[list[tuple[str, int, int]]] = [[] for _ in self.groups]  # original groups: (key, n_c, n_o)
+        bias_at: dict[int, int] = {}  # const group output -> first bias column
+        base, const_col = 0, 0
+        self.keys: list[str] = []
         for g in groups:
-            e_of = None
-            term0 = None
+            cols = len(g.outputs) * cout
             for ci, c in enumerate(g.contributions):
                 pi, r = read_list[c.read]
-                ec, er = self._exec_contribution(pi, r, c.order, read_index, contrib_at)
+                e, ec = self._exec_contribution(pi, r, c.order, read_index, contrib_at)
+                kept = tuple(sorted(j for j, k in enumerate(self.folded[pi]) if self.fsizes[pi][j] > 1
+                                    and any(k in r.blocks[i] for i in r.kept)))
+                axes = tuple(sum(1 for q in range(j) if self.fsizes[pi][q] > 1) for j in kept)  # indices in nt
                 for oi, o in enumerate(g.outputs):
                     wb, wk = _restrict(o.write.blocks, o.write.kept, self.rest[o.piece])
-                    eo, col, _ = output_at[(o.piece, wb, wk)]
-                    if ec != eo or (e_of is not None and e_of != ec):
+                    eo, oe = output_at[(o.piece, wb, wk)]
+                    if eo != e:
                         raise SpecError("internal: a folded term maps across groups")
-                    e_of = ec
-                    if term0 is None:
-                        term0 = sum(nc * no for _, nc, no in members[ec])
-                    m = self._fold_matrix(pi, r, o.piece, o.write)
-                    entries[ec].append((er, col, term0 + ci * len(g.outputs) + oi, m))
-            members[e_of].append((_key(g.signature), len(g.contributions), len(g.outputs)))  # type: ignore[index]
+                    offset = (base + ci * cin * cols + oi * cout, cols)
+                    dense[e].append((ec, oe, offset, self._fold_matrix(pi, r, o.piece, o.write)))
+                    if o.piece != pi or not axes:
+                        common[e].setdefault((ec, oe), []).append(offset)
+                    else:
+                        parts[e].setdefault((oe, axes), {}).setdefault(ec, []).append(offset)
             if not g.signature:  # the bias: one slice per output, broadcast over the folded axes too
                 for o in g.outputs:
                     wb, wk = _restrict(o.write.blocks, o.write.kept, self.rest[o.piece])
-                    bias_src[output_at[(o.piece, wb, wk)][2]] = const_col
+                    bias_at[output_at[(o.piece, wb, wk)][1]] = const_col
                     const_col += o.width
+            self.keys.append(_key(g.signature))
+            members[e].append((self.keys[-1], len(g.contributions), len(g.outputs)))
+            base += len(g.contributions) * cin * cols
+        self.size = base  # the flat parameters; index ``base`` is a zero (padding of sums over fewer terms)
         self._buffers: dict[str, Tensor] = {}
         plan = []
         for e, g in enumerate(self.groups):
-            rows, cols = sizes_rc[e]
-            terms = sum(nc * no for _, nc, no in members[e])
-            mat = torch.zeros(rows, cols, terms, dtype=torch.float64)
-            for r0, c0, t, m in entries[e]:
-                mat[r0 : r0 + m.shape[0], c0 : c0 + m.shape[1], t] += m
+            pin = [self.reads[c.read][0] for c in g.contributions]
             name = f"_fold_{e}"
-            self._buffers[name] = mat.reshape(rows * cols, terms)  # float64: cast to the weights' dtype when used
-            plan.append((_key(g.signature), name, tuple(members[e]), rows, cols))
+            self._buffers[name] = self._index([[common[e].get((ci, oi), []) for oi in range(len(g.outputs))]
+                                               for ci in range(len(pin))], cin, cout)
+            need: list[set[tuple[int, ...]]] = [{()} for _ in pin]
+            outs: list[_FoldOutput | None] = []
+            for oi, o in enumerate(g.outputs):
+                if self.pieces[o.piece].fold == 1:
+                    outs.append(None)
+                    continue
+                fparts = []
+                for (oe, axes), blocks in sorted(parts[e].items()):
+                    if oe != oi:
+                        continue
+                    ins = tuple(sorted(blocks))
+                    if ins != tuple(ci for ci, p in enumerate(pin) if p == o.piece):
+                        raise SpecError("internal: a folded piece's term is missing")
+                    wname = f"_fold_{e}_{oi}_{'_'.join(map(str, axes))}"
+                    self._buffers[wname] = self._index([[blocks[ci]] for ci in ins], cin, cout)
+                    for ci in ins:
+                        need[ci].add(axes)
+                    drop = math.prod(n for a, n in enumerate(nts[o.piece]) if a not in axes)
+                    fparts.append(_FoldPart(axes, ins, wname, drop, math.prod(nts[o.piece]) // drop))
+                order, parent = _merge_plan([frozenset()] + [frozenset(p.axes) for p in fparts])
+                outs.append(_FoldOutput(nts[o.piece], math.prod(nts[o.piece]), tuple(fparts), order, parent))
+            sums = tuple(_sum_plan(nts[p], s) for p, s in zip(pin, need))
+            fin = [self.pieces[p].fold for p in pin]
+            fout = [self.pieces[o.piece].fold for o in g.outputs]
+            columns = _BATCH * math.prod(spec.sizes[a] for a in g.signature)
+            assembly = sum(fin) * sum(fout) * len(dense[e]) * cin * cout  # the dense weight's fold matmul
+            structured = structured_always or (structured_always is None and max(fin + fout) > 1 and _structured_cost(
+                cin, cout, nts, pin, sums, outs, len(g.outputs), columns)
+                < _dense_cost(cin * sum(fin), cout * sum(fout), columns, assembly))
+            names = (name, *(p.weight for fo in outs if fo is not None for p in fo.parts))
+            if not structured:
+                for n in names:
+                    del self._buffers[n]
+                name = f"_fold_{e}"
+                self._dense_buffers(name, dense[e], fin, fout, cin, cout)
+            bias = None
+            if not g.signature:  # the bias: one slice per output, broadcast over the folded axes too
+                bias = f"_fold_{e}_bias"
+                self._buffers[bias] = torch.tensor([bias_at[oi] + j for oi in range(len(g.outputs))
+                                                    for _ in range(1 if structured else fout[oi]) for j in range(cout)],
+                                                   dtype=torch.long)
+            plan.append(_FoldGroup(None if structured else name, (sum(fin), sum(fout)), tuple(members[e]),
+                                   names if structured else (),
+                                   tuple(nts[p] for p in pin), tuple(math.prod(nts[p]) for p in pin), sums,
+                                   names[0], bias, tuple(outs)))
         self.plan = tuple(plan)
-        index: list[int] = []
-        const = [g for g in self.groups if not g.signature]
-        for oi, o in enumerate(const[0].outputs if const else ()):
-            for _ in range(self.pieces[o.piece].fold):
-                index.extend(range(bias_src[oi], bias_src[oi] + out_channels))
-        self._buffers["_fold_bias"] = torch.tensor(index, dtype=torch.long)
+        self.structured = any(fg.dense is None for fg in plan)  # whether any weight is gathered from flat parameters
         self.in_channels, self.out_channels = in_channels, out_channels
         self._cast: dict[str, tuple[Tensor, Tensor]] = {}  # buffer name -> (the buffer, it in the weights' dtype)
 
-    def _exec_contribution(self, pi: int, r: Read, order: tuple[int, ...], read_index: Mapping, contrib_at: Mapping
-                           ) -> tuple[int, int]:
-        blocks, kept = _restrict(r.blocks, r.kept, self.rest[pi])
-        keep_folded = [r.blocks[i][0] not in self.rest[pi] for i in r.kept]  # per kept dim of r: folded?
-        new_dim = [sum(1 for q in range(k) if not keep_folded[q]) for k in range(len(r.kept))]
-        new_order = tuple(new_dim[k] for k in order if not keep_folded[k])
-        return contrib_at[(read_index[(pi, blocks, kept)], new_order)]
+    def _dense_buffers(self, name: str, terms: list[tuple[int, int, tuple[int, int], Tensor]], fin: list[int],
+                       fout: list[int], cin: int, cout: int) -> None:
+        """The constant fold matrices (``name_m``, (F rows x F columns, terms), float64) that assemble a dense group
+        weight per call from its terms' blocks (rows (contribution, folded, K_in), columns (output, folded, K_out),
+        as the folded pieces' channels)."""
+        row_f = [sum(fin[:c]) for c in range(len(fin))]
+        col_f = [sum(fout[:o]) for o in range(len(fout))]
+        rows_f, cols_f = sum(fin), sum(fout)
+        mat = torch.zeros(rows_f, cols_f, len(terms), dtype=torch.float64)
+        for t, (c, o, _, m) in enumerate(terms):
+            mat[row_f[c] : row_f[c] + fin[c], col_f[o] : col_f[o] + fout[o], t] = m
+        self._buffers[name + "_m"] = mat.reshape(rows_f * cols_f, len(terms))
 
     def _fold_matrix(self, pi: int, r: Read, po: int, w: Write) -> Tensor:
         """(F_in, F_out): how the term maps the folded axes of its input piece onto those of its output piece."""
@@ -607,6 +761,26 @@ class _Folded:
             m = torch.kron(m, torch.eye(n, dtype=torch.float64) if kept_in
                            else torch.full((n, n), 1.0 / n, dtype=torch.float64))
         return m
+
+    def _index(self, blocks: list[list[list[tuple[int, int]]]], cin: int, cout: int) -> Tensor:
+        """(terms, rows*cin, cols*cout) parameter indices of a weight whose (row, col) block is the sum of the terms
+        at ``blocks[row][col]`` ((offset, row stride) each; missing terms point at the zero after the parameters)."""
+        depth = max(1, max(len(b) for row in blocks for b in row))
+        rows, cols = len(blocks), len(blocks[0])
+        idx = torch.full((depth, rows, cin, cols, cout), self.size, dtype=torch.long)
+        for r, row in enumerate(blocks):
+            for c, terms in enumerate(row):
+                for d, (offset, stride) in enumerate(terms):
+                    idx[d, r, :, c, :] = offset + stride * torch.arange(cin).view(cin, 1) + torch.arange(cout)
+        return idx.view(depth, rows * cin, cols * cout)
+
+    def _exec_contribution(self, pi: int, r: Read, order: tuple[int, ...], read_index: Mapping, contrib_at: Mapping
+                           ) -> tuple[int, int]:
+        blocks, kept = _restrict(r.blocks, r.kept, self.rest[pi])
+        keep_folded = [r.blocks[i][0] not in self.rest[pi] for i in r.kept]  # per kept dim of r: folded?
+        new_dim = [sum(1 for q in range(k) if not keep_folded[q]) for k in range(len(r.kept))]
+        new_order = tuple(new_dim[k] for k in order if not keep_folded[k])
+        return contrib_at[(read_index[(pi, blocks, kept)], new_order)]
 
     def buffers(self) -> dict[str, Tensor]:
         return self._buffers
@@ -631,20 +805,34 @@ class _Folded:
             out.append(t.permute(len(fl) + 1, len(fl), *(where[k] for k in range(len(fl) + len(rest)))))
         return out
 
-    def weights(self, module: nn.Module, mix: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Each group's mixing weight assembled from the original terms' blocks (one matmul per group)."""
-        out = {}
+    def weights(self, module: nn.Module) -> dict[str, Tensor]:
+        """Every weight of the plan (and the constant group's bias), gathered from the parameters' own blocks (one
+        concatenation of ``mix``, then per weight one indexing, summing the terms a size-1 folded axis merges) or,
+        for a dense group, assembled: one matmul of the constant fold matrices with the terms' blocks, reordered."""
+        mix = module.mix
         cin, cout = self.in_channels, self.out_channels
-        for key, name, members, rows, cols in self.plan:
-            blocks = []
-            for k, nc, no in members:
-                w = mix[k]
-                if nc > 1 and no > 1:
-                    w = w.view(nc, cin, no, cout).permute(0, 2, 1, 3)
-                blocks.append(w.reshape(nc * no, cin * cout))
-            stack = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-            y = torch.mm(self._matrix(module, name, stack.dtype), stack).view(rows, cols, cin, cout)
-            out[key] = y.permute(0, 2, 1, 3).reshape(rows * cin, cols * cout)
+        flat = torch.cat([mix[k].reshape(-1) for k in self.keys] + [mix[self.keys[0]].new_zeros(1)]) \
+            if self.structured else None
+        out = {}
+        for fg in self.plan:
+            if fg.dense is not None:
+                blocks = []  # the terms' (K_in, K_out) blocks, in the fold matrix's order
+                for k, nc, no in fg.members:
+                    w = mix[k]
+                    if nc > 1 and no > 1:
+                        w = w.view(nc, cin, no, cout).permute(0, 2, 1, 3)
+                    blocks.append(w.reshape(nc * no, cin * cout))
+                stack = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+                y = torch.mm(self._matrix(module, fg.dense + "_m", stack.dtype), stack)
+                rows, cols = fg.dense_shape
+                y = y.view(rows, cols, self.in_channels, self.out_channels).permute(0, 2, 1, 3)
+                out[fg.dense] = y.reshape(rows * self.in_channels, cols * self.out_channels)
+            for name in fg.weights:
+                idx = getattr(module, name)
+                w = flat.index_select(0, idx.view(-1)).view(idx.shape)  # type: ignore[union-attr]
+                out[name] = w[0] if w.shape[0] == 1 else w.sum(0)
+            if fg.bias is not None:
+                out[fg.bias] = module.bias[getattr(module, fg.bias)]
         return out
 
     def _matrix(self, module: nn.Module, name: str, dtype: torch.dtype) -> Tensor:
@@ -776,31 +964,95 @@ class _Split(torch.autograd.Function):
         return torch.cat(grads), None  # type: ignore[arg-type]
 
 
-def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bias: Tensor,
+def _fold_sums(x: Tensor, nt: tuple[int, ...], steps: tuple) -> dict[tuple[int, ...], Tensor]:
+    """A folded group input (F*K, B, *sig) as ``(*nt, K, M)`` and its sums over the folded axes not in each needed
+    set S (kept as size-1 dims), keyed by S; each sum from its smallest parent (``_sum_plan``)."""
+    full = tuple(range(len(nt)))
+    flat = x.flatten(1)
+    out = {full: flat.reshape(*nt, -1, flat.shape[1])}
+    for s, parent, axis in steps:
+        out[s] = out[parent].sum(dim=axis, keepdim=True)
+    return out
+
+
+def _fold_output(common: Tensor, fo: _FoldOutput, sums: list[dict[tuple[int, ...], Tensor]], counts: list[int],
+                 weights: Mapping[str, Tensor], scales: dict | None) -> Tensor:
+    """One folded output (F*K_out, B, *sig): its all-mean block ``common`` (K_out, B, *sig) broadcast over its folded
+    axes plus, per part, one matmul (batched over the kept positions) on its inputs' sums, broadcast over the rest;
+    each part added in place into the smallest part that keeps all its axes."""
+    k, shape = common.shape[0], common.shape[1:]
+    flat = common.flatten(1)
+    m = flat.shape[1]
+    vals = [flat.reshape(*[1] * len(fo.nt), k, m)]
+    for part in fo.parts:
+        xs = [sums[c][part.axes] for c in part.inputs]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=-2)
+        weight = weights[part.weight]  # (len(inputs) * K_in, K_out)
+        scale = _row_scale([counts[c] * part.drop for c in part.inputs],
+                           [weight.shape[0] // len(part.inputs)] * len(part.inputs), weight, scales)
+        if scale is not None:  # sums -> means: scale the small weight, not the input
+            weight = weight * (scale if isinstance(scale, float) else scale.view(-1, 1))
+        if part.kept == 1:
+            y = torch.mm(weight.t(), x.reshape(-1, m))
+        else:  # one matmul per kept position, the weight shared (a stride-0 batch)
+            y = torch.bmm(weight.t().unsqueeze(0).expand(part.kept, k, weight.shape[0]),
+                          x.reshape(part.kept, weight.shape[0], m))
+        vals.append(torch.ops.aten._unsafe_view(y, (*x.shape[:-2], k, m)))
+    fresh = [False] + [True] * len(fo.parts)
+    root = None
+    for i in fo.order:
+        j = fo.parent[i]
+        if j >= 0 and fresh[j]:
+            vals[j].add_(vals[i])
+        elif j >= 0:
+            vals[j], fresh[j] = vals[j] + vals[i], True
+        else:
+            root = i
+    y = vals[root]  # type: ignore[index]
+    if y.shape[:-2] != fo.nt:  # no part keeps every folded axis: materialize the broadcast
+        y = y.expand(*fo.nt, k, m).contiguous()
+    return torch.ops.aten._unsafe_view(y, (fo.fold * k, *shape))
+
+
+def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bias: Tensor | None,
          act: Callable[[Tensor], Tensor] | None = None, act_: Callable[[Tensor], Tensor] | None = None,
-         scales: dict | None = None) -> list[Tensor]:
+         scales: dict | None = None, folded: tuple[_FoldGroup, ...] | None = None) -> list[Tensor]:
     """One layer application on channel-major pieces ``h`` (K, B, *dims), with mixing ``weights`` per group key.
 
     Channels outermost throughout: every read of a contiguous piece is contiguous, so a group's input is a view (or
     one concatenation) of shape (sum K_in, B*N) for its one matmul, and its output (sum K_out, B, *sig) splits into
-    contiguous row blocks per output."""
+    contiguous row blocks per output. With ``folded`` (one plan per group, ``_Folded``), each group is computed by
+    its folded structure instead, with the weights and bias named there."""
     reads, counts = _compute_reads(h, plan.steps, plan.read_order)
     # the two custom autograd Functions below serve eager autograd; traced (torch.compile) or functorch-transformed
     # (vmap, grad: the learned optimizers) calls take the plain ops, as before them
     eager = not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
     terms: list[Tensor | None] = [None] * plan.num_outputs  # the terms, then each piece's placed diagonal sums
     owned = [False] * plan.num_outputs  # made here, referenced nowhere else: may be added into in place
-    for key, ins, outs, widths in plan.groups:
+    for gi, (key, ins, outs, widths) in enumerate(plan.groups):
         # permuted inputs (a tied matrix transposed) are copied first: cat's strided path is ~2x slower than both
         xs = [_PermutedCopy.apply(reads[r], perm) if eager and perm != tuple(range(len(perm)))
               and reads[r].is_contiguous() else reads[r].permute(perm) for r, perm in ins]  # type: ignore[union-attr]
+        xcounts = rcounts = [counts[r] for r, _ in ins]
+        fg = folded[gi] if folded is not None else None
+        if fg is not None and fg.dense is not None:  # a folded group computed densely
+            fg, weight, b = None, weights[fg.dense], weights[fg.bias] if fg.bias is not None else None
+        elif fg is not None:  # the group's all-mean terms: one matmul on the inputs' sums over their folded axes
+            sums = [_fold_sums(x, nt, steps) for x, nt, steps in zip(xs, fg.nt, fg.sums)]
+            xcounts = [n * f for n, f in zip(rcounts, fg.folds)]
+            xs = [s[()].reshape(-1, *x.shape[1:]) for s, x in zip(sums, xs)]
+            weight, b = weights[fg.common], weights[fg.bias] if fg.bias is not None else None
+            widths = tuple(weight.shape[1] // len(widths) for _ in widths)
+        else:
+            weight, b = weights[key], bias  # (sum K_in, sum K_out)
         cat = xs[0] if len(xs) == 1 else torch.cat([x.contiguous() for x in xs], dim=0)
-        scale = _row_scale([counts[r] for r, _ in ins], [x.shape[0] for x in xs], cat, scales)  # sums -> means
+        scale = _row_scale(xcounts, [x.shape[0] for x in xs], cat, scales)  # sums -> means
         if scale is not None:
             cat = cat * (scale if isinstance(scale, float) else scale.view(-1, *[1] * (cat.dim() - 1)))
-        weight = weights[key]  # (sum K_in, sum K_out)
-        if cat.dim() == 2:
-            z = torch.addmm(bias.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
+        if cat.dim() == 2 and b is not None:
+            z = torch.addmm(b.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
+        elif cat.dim() == 2:
+            z = torch.mm(weight.t(), cat)
         else:
             z = torch.mm(weight.t(), cat.reshape(cat.shape[0], -1))
             # the product is a temporary of ours: reshaped as a tensor of its own (not an autograd view), a term
@@ -812,9 +1064,14 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
         plain = [w for w, (_, _, wp) in zip(widths, outs) if not wp.perm and not wp.index]  # parts kept as they are
         own = len(widths) == 1 or eager and bool(plain) and max(plain) * (z.numel() // z.shape[0]) >= 1 << 16
         chunks = (z,) if len(widths) == 1 else _Split.apply(z, tuple(widths)) if own else z.split(widths)
-        for (t, piece, wplan), chunk in zip(outs, chunks):
+        for oi, ((t, piece, wplan), chunk) in enumerate(zip(outs, chunks)):
+            mine = own
+            fo = fg.outputs[oi] if fg is not None else None
+            if fo is not None:  # a folded output: its common block broadcast, plus its parts (a fresh tensor)
+                chunk = _fold_output(chunk, fo, sums, rcounts, weights, scales)  # type: ignore[union-attr]
+                mine = True
             terms[t] = _place(chunk, wplan)  # diagonal blocks are placed per pattern, after summing
-            owned[t] = own and not wplan.perm and not wplan.index
+            owned[t] = mine and not wplan.perm and not wplan.index
     out = []
     for pi, (diag, (ids, order, parent)) in enumerate(plan.merges):
         y, own = _sum_tree([terms[t] for t in ids], [owned[t] for t in ids], order, parent) if ids else (None, False)
@@ -840,6 +1097,8 @@ class UNFLinear(nn.Module):
     ``num_terms`` counts the basis terms between tensor pairs (prod of Bell numbers per pair and part); each term has
     its own ``(C_in*fold_in, C_out*fold_out)`` mixing block, and every output also gets an equivariant bias.
     """
+
+    _fold_structured: bool | None = None  # folded groups: by their structure (True), dense (False), cheaper (None)
 
     def __init__(self, spec: WeightSpec, in_channels: int, out_channels: int, fixed_axes: FixedAxes = "exact",
                  pos_embed: bool = False) -> None:
@@ -880,8 +1139,8 @@ class UNFLinear(nn.Module):
                     self.pos_embed[str(i)] = nn.Parameter(torch.randn(in_channels, *shape) * 0.1)
         self.num_terms = sum(num_pair_terms(po.labels, pi.labels) for po in pieces for pi in pieces)
         folded = _fold_labels(spec, pieces)
-        self._folded = _Folded(spec, pieces, self._reads, self._groups, folded, in_channels, out_channels) if folded \
-            else None
+        self._folded = _Folded(spec, pieces, self._reads, self._groups, folded, in_channels, out_channels,
+                               self._fold_structured) if folded else None
         if self._folded is None:
             self._fwd = _forward_plan(pieces, self._reads, self._groups, spec.sizes)
         else:  # computed on the folded pieces; its constants are buffers (they follow .to()), not state
@@ -946,7 +1205,7 @@ class UNFLinear(nn.Module):
             out = _run(self._fwd, h, self.mix, self.bias, act, act_, self._scales)
             return [t.contiguous() for t in out] if channel_major else [t.transpose(0, 1) for t in out]
         f = self._folded
-        out = _run(self._fwd, h, f.weights(self, self.mix), self.bias[self._fold_bias], act, act_, self._scales)
+        out = _run(self._fwd, h, f.weights(self), None, act, act_, self._scales, f.plan)
         return f.unfold(out, self.out_channels)
 
 
