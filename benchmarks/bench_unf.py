@@ -2,7 +2,9 @@
 
 1. Against the `nfn` package on the same weight spaces and inputs: fixed_axes="permutable" vs `NPLinear` and
    fixed_axes="exact" vs `HNPLinear`, on an MLP 64-64-64-10 and a CNN 1-16-16-16 (3x3 kernels) + linear head to 10.
-   Goals: permutable <= 0.5x NPLinear, exact <= 0.7x HNPLinear, permutable CNN no slower than exact CNN.
+   Goals: permutable <= 0.5x NPLinear, exact <= 0.7x HNPLinear, permutable CNN no slower than exact CNN. The
+   backward starts from sum(outputs) by default; `--grad dense` starts it from fixed random output gradients instead
+   (as a training step's are; UNF compares worse there).
 2. Absolute milliseconds for MLP 64-64-64-10, GRU seq2seq (vocab 14, embed 8, hidden 16) and the CNN, both modes
    (to set against other implementations).
 3. `torch.compile` (inductor) of the layer: compile seconds and compiled speed-up over eager.
@@ -13,7 +15,7 @@
 Calls are interleaved (order alternates every repetition); medians; the load average is printed with each figure.
 
 Run: `.venv/bin/python benchmarks/bench_unf.py [--quick] [--compile SHAPE ...] [--vs-reference] [--skip-terms]
-[--fold-widths N ...]`.
+[--fold-widths N ...] [--grad sum|dense]`.
 """
 
 from __future__ import annotations
@@ -106,8 +108,18 @@ def _ours_step(layer: nn.Module, x: dict[str, torch.Tensor]) -> Callable[[], Non
     return run
 
 
-def bench_vs_nfn(shape: str, reps: int) -> dict[str, float]:
-    """ours/nfn time ratios for one shape (weights then biases of each layer, as nfn wants them)."""
+def _backward(outputs: list[torch.Tensor], grads: list[torch.Tensor] | None) -> None:
+    """Backward from sum(outputs) (every output gradient an expanded stride-0 tensor), or from dense `grads`."""
+    if grads is None:
+        sum(v.sum() for v in outputs).backward()
+    else:
+        torch.autograd.backward(outputs, grads)
+
+
+def bench_vs_nfn(shape: str, reps: int, grad: str = "sum") -> dict[str, float]:
+    """ours/nfn time ratios for one shape (weights then biases of each layer, as nfn wants them). `grad`: the
+    backward starts from the sum of the outputs ("sum") or from fixed random output gradients ("dense", as a
+    training step's are)."""
     from nfn.common import WeightSpaceFeatures, network_spec_from_wsfeat
     from nfn.layers import HNPLinear, NPLinear
 
@@ -121,16 +133,25 @@ def bench_vs_nfn(shape: str, reps: int) -> dict[str, float]:
               "exact": UNFLinear(spec, CHANNELS, CHANNELS, fixed_axes="exact"),
               "NPLinear": NPLinear(nfn_spec, CHANNELS, CHANNELS), "HNPLinear": HNPLinear(nfn_spec, CHANNELS, CHANNELS)}
 
-    def run_nfn(layer: nn.Module) -> Callable[[], None]:
+    def outputs(layer: nn.Module) -> list[torch.Tensor]:
+        if isinstance(layer, UNFLinear):
+            return list(layer(x).values())
+        y = layer(wsfeat)
+        return [*y.weights, *y.biases]
+
+    g = torch.Generator().manual_seed(1)
+    grads = {k: [torch.randn(o.shape, generator=g) for o in outputs(v)] if grad == "dense" else None
+             for k, v in layers.items()}
+
+    def step(name: str) -> Callable[[], None]:
         def run() -> None:
-            y = layer(wsfeat)
-            (sum(w.sum() for w in y.weights) + sum(b.sum() for b in y.biases)).backward()
+            _backward(outputs(layers[name]), grads[name])
         return run
 
-    fns = {k: (_ours_step(v, x) if isinstance(v, UNFLinear) else run_nfn(v)) for k, v in layers.items()}
-    t = _timeit(fns, reps)
+    t = _timeit({k: step(k) for k in layers}, reps)
     params = {k: sum(p.numel() for p in v.parameters()) for k, v in layers.items()}
-    print(f"{LABELS[shape]} (batch {BATCH}, {CHANNELS}->{CHANNELS}, forward+backward median, {_load()}):")
+    print(f"{LABELS[shape]} (batch {BATCH}, {CHANNELS}->{CHANNELS}, forward+backward from {grad} output gradients, "
+          f"median, {_load()}):")
     for k in layers:
         print(f"  {k:10s} {t[k] * 1e3:8.2f} ms  {params[k]:9d} parameters")
     return {"perm_vs_np": t["permutable"] / t["NPLinear"], "exact_vs_hnp": t["exact"] / t["HNPLinear"],
@@ -280,6 +301,9 @@ def main() -> None:
     parser.add_argument("--fold-widths", nargs="*", type=int, default=[],
                         help="also time the permutable CNN layer's folded groups dense vs by structure at these "
                              "channel widths (e.g. 16 32 64)")
+    parser.add_argument("--grad", choices=("sum", "dense"), default="sum",
+                        help="nfn comparison: backward from sum(outputs) (default; stride-0 output gradients, as in "
+                             "every earlier figure) or from fixed random dense output gradients (as in training)")
     parser.add_argument("--vs-reference", action="store_true",
                         help="also time the frozen pre-optimization layer (tests/_unf_layers_ref.py) side by side")
     args = parser.parse_args()
@@ -289,7 +313,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     reps = 5 if args.quick else 15
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {_load()}")
-    ratios = {shape: bench_vs_nfn(shape, reps) for shape in ("mlp", "cnn")}
+    ratios = {shape: bench_vs_nfn(shape, reps, args.grad) for shape in ("mlp", "cnn")}
     for shape, r in ratios.items():
         _bench(f"unf_perm_vs_nplinear_{shape}", r["perm_vs_np"], "<=", 0.5)
         _bench(f"unf_exact_vs_hnplinear_{shape}", r["exact_vs_hnp"], "<=", 0.7)
