@@ -9,6 +9,7 @@ it once on a GPU). Goal: UNF trains at least as many members/s as Deep Sets on b
 
     python benchmarks/bench_predict.py [--zoo cnn gru] [--models unf deepsets] [--device auto|cpu|cuda]
                                        [--members 500] [--reps 3] [--threads 1] [--clock wall|cpu]
+    python benchmarks/bench_predict.py --compile-step --zoo cnn --models unf deepsets   # eager vs torch.compile
 
 `--clock cpu` times the epochs in CPU seconds of this process (`time.process_time`) instead of wall seconds: on a
 shared machine the wall clock also counts the time other jobs hold the core, which moved single ratios by +-0.15;
@@ -120,6 +121,61 @@ def _line(name: str, metric: str, value: float, goal: float) -> None:
     print(f"BENCH {name} {metric}={value:.3f} goal=>={goal:g} {'PASS' if value >= goal else 'MISS'}")
 
 
+def compile_step(zoo: str, models: tuple[str, ...], members: int, reps: int = 7) -> None:
+    """One training step (batch 10 of prepared inputs, forward, BCE, backward, fused Adam), eager against
+    `torch.compile` (inductor) of the model's forward: seconds of the first two steps (the compile) and thread CPU ms
+    per step, interleaved, median of `reps` x 10 steps."""
+    from pipeline.predict.config import MODEL_KINDS
+    from pipeline.predict.data import normalization_stats
+    from pipeline.predict.models import TensorNormalizer, build_net
+    from pipeline.predict.train import _hyperparameters
+
+    spec = SPECS[zoo]()
+    data = synthetic_data(spec, members)
+    parts = data.take(data.rows["train"])
+    norm = normalization_stats([w for _, _, w in parts], data.names)
+    weights, y = parts[0][2], torch.rand(len(data.rows["train"]))
+    config = TrainConfig(models=models, device="cpu")
+
+    def stepper(model: str, compiled: bool):
+        torch.manual_seed(0)
+        net = build_net(MODEL_KINDS[model], spec, _hyperparameters(model, config), TensorNormalizer(data.names, *norm))
+        prepared = net.prepare(weights)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+        forward = torch.compile(net.forward_prepared) if compiled else net.forward_prepared
+        gen, loss_fn = torch.Generator().manual_seed(0), torch.nn.BCEWithLogitsLoss()
+
+        def step() -> None:
+            idx = torch.randint(0, len(y), (10,), generator=gen)
+            loss = loss_fn(forward(net.select(prepared, idx)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    steps = {}
+    for model in models:
+        for compiled in (False, True):
+            step = stepper(model, compiled)
+            t0 = time.perf_counter()
+            step()
+            step()
+            what = "compiled" if compiled else "eager"
+            print(f"  {zoo} {model} {what}: first two steps {time.perf_counter() - t0:.1f} s", flush=True)
+            steps[(model, compiled)] = step
+    times: dict[tuple[str, bool], list[float]] = {k: [] for k in steps}
+    for _ in range(reps):
+        for key, step in steps.items():
+            t0 = time.thread_time()
+            for _ in range(10):
+                step()
+            times[key].append((time.thread_time() - t0) / 10)
+    for model in models:
+        eager, compiled = (statistics.median(times[(model, c)]) for c in (False, True))
+        print(f"{zoo} {model}: training step eager {eager * 1e3:.1f} ms, compiled {compiled * 1e3:.1f} ms "
+              f"(speed-up {eager / compiled:.2f}, thread CPU time, {_load()})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", nargs="+", default=["cnn", "gru"], choices=list(SPECS))
@@ -132,6 +188,8 @@ def main() -> None:
                         help="torch CPU threads (1 by default: on a shared 2-core machine more threads oversubscribe)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time epochs in wall seconds (default) or in this process's CPU seconds (cpu device)")
+    parser.add_argument("--compile-step", action="store_true",
+                        help="instead: time one training step eager vs torch.compile'd (inductor; minutes to compile)")
     args = parser.parse_args()
     from pipeline.allocator import tune_allocator  # as the unfzoo commands run (UNFZOO_MALLOC=default: glibc's)
 
@@ -146,6 +204,11 @@ def main() -> None:
         train.time = types.SimpleNamespace(perf_counter=time.process_time)  # type: ignore[attr-defined]
         global CLOCK
         CLOCK = time.process_time
+    if args.compile_step:
+        for zoo in args.zoo:
+            compile_step(zoo, tuple(m for m in args.models if m in ("unf", "unf-perm", "deepsets", "flat")),
+                         args.members)
+        return
     tag = "gpu" if device.type == "cuda" else "cpu"
     models = tuple(args.models)
     print(f"device {device}, torch threads {torch.get_num_threads()}, clock {args.clock}")
