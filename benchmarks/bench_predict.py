@@ -124,7 +124,7 @@ def _line(name: str, metric: str, value: float, goal: float) -> None:
 def compile_step(zoo: str, models: tuple[str, ...], members: int, reps: int = 7) -> None:
     """One training step (batch 10 of prepared inputs, forward, BCE, backward, fused Adam), eager against
     `torch.compile` (inductor) of the model's forward: seconds of the first two steps (the compile) and thread CPU ms
-    per step, interleaved, median of `reps` x 10 steps."""
+    per step, interleaved, median of `reps` x 10 steps; then the eager step's top ops (torch.profiler)."""
     from pipeline.predict.config import MODEL_KINDS
     from pipeline.predict.data import normalization_stats
     from pipeline.predict.models import TensorNormalizer, build_net
@@ -174,6 +174,14 @@ def compile_step(zoo: str, models: tuple[str, ...], members: int, reps: int = 7)
         eager, compiled = (statistics.median(times[(model, c)]) for c in (False, True))
         print(f"{zoo} {model}: training step eager {eager * 1e3:.1f} ms, compiled {compiled * 1e3:.1f} ms "
               f"(speed-up {eager / compiled:.2f}, thread CPU time, {_load()})")
+    for model in models:  # where an eager step goes: torch.profiler, self CPU time per op and input shapes
+        with torch.profiler.profile(record_shapes=True) as prof:
+            for _ in range(10):
+                steps[(model, False)]()
+        ops = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+        print(f"{zoo} {model}: eager step profile, top ops (ms per step, calls per step, input shapes)")
+        for e in ops[:12]:
+            print(f"  {e.key:28s} {e.self_cpu_time_total / 10 / 1e3:6.2f} ms {e.count / 10:5.1f}  {e.input_shapes}")
 
 
 def main() -> None:
@@ -189,7 +197,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time epochs in wall seconds (default) or in this process's CPU seconds (cpu device)")
     parser.add_argument("--compile-step", action="store_true",
-                        help="instead: time one training step eager vs torch.compile'd (inductor; minutes to compile)")
+                        help="instead: one training step eager vs torch.compile'd (inductor; minutes to compile) "
+                             "and the eager step's profile")
     args = parser.parse_args()
     from pipeline.allocator import tune_allocator  # as the unfzoo commands run (UNFZOO_MALLOC=default: glibc's)
 
