@@ -53,7 +53,7 @@ if {what!r} == "layer":
             step()
             ms.append((time.thread_time() - t0) * 1e3)
             flt.append(faults() - f0)
-        out[f"{{shape}}_{{mode}}"] = {{"ms": statistics.median(ms), "faults": statistics.median(flt)}}
+        out[f"{{shape}}_{{mode}}"] = {{"ms": round(statistics.median(ms), 2), "faults": statistics.median(flt)}}
 else:
     import numpy as np
     from pipeline.zoo.population import ChunkJob, member_seed, train_population
@@ -71,7 +71,7 @@ else:
         cpu.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
         sys_s.append(r1.ru_stime - r0.ru_stime)
         flt.append(r1.ru_minflt - r0.ru_minflt)
-    out["engine"] = {{"cpu_s": statistics.median(cpu), "sys_s": statistics.median(sys_s),
+    out["engine"] = {{"cpu_s": round(statistics.median(cpu), 3), "sys_s": round(statistics.median(sys_s), 3),
                       "faults": statistics.median(flt)}}
 print("RESULT " + json.dumps(out))
 """
