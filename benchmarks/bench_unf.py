@@ -103,8 +103,7 @@ def _inputs(spec: um.WeightSpec) -> dict[str, torch.Tensor]:
 
 def _ours_step(layer: nn.Module, x: dict[str, torch.Tensor]) -> Callable[[], None]:
     def run() -> None:
-        y = layer(x)
-        sum(v.sum() for v in y.values()).backward()
+        _backward(list(layer(x).values()), None)
     return run
 
 
@@ -174,7 +173,7 @@ def bench_absolute(reps: int) -> None:
 
 def bench_fold_widths(widths: list[int], reps: int) -> None:
     """The permutable CNN layer's folded (kernel-axes) groups as dense assembled-weight matmuls vs by their structure
-    vs the layer's per-group choice, at several channel widths (batch 128 / width: about the same work per call)."""
+    vs the layer's per-group choice, at several channel widths (batch 512 / width: about the same work per call)."""
     spec = SHAPES["cnn"]()
     print("permutable CNN layer, folded groups dense vs structured vs chosen (forward+backward median):")
     for c in widths:

@@ -717,7 +717,6 @@ class _Folded:
             if not structured:
                 for n in names:
                     del self._buffers[n]
-                name = f"_fold_{e}"
                 self._dense_buffers(name, dense[e], fin, fout, cin, cout)
             bias = None
             if not g.signature:  # the bias: one slice per output, broadcast over the folded axes too
@@ -825,8 +824,8 @@ class _Folded:
                 stack = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
                 y = torch.mm(self._matrix(module, fg.dense + "_m", stack.dtype), stack)
                 rows, cols = fg.dense_shape
-                y = y.view(rows, cols, self.in_channels, self.out_channels).permute(0, 2, 1, 3)
-                out[fg.dense] = y.reshape(rows * self.in_channels, cols * self.out_channels)
+                y = y.view(rows, cols, cin, cout).permute(0, 2, 1, 3)
+                out[fg.dense] = y.reshape(rows * cin, cols * cout)
             for name in fg.weights:
                 idx = getattr(module, name)
                 w = flat.index_select(0, idx.view(-1)).view(idx.shape)  # type: ignore[union-attr]

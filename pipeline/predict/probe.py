@@ -78,9 +78,10 @@ def member_logits_under(arch: Mapping[str, Any], weights: Mapping[str, torch.Ten
     n_act, n_probe = len(acts), x.shape[0]
 
     def activate(pre: torch.Tensor) -> torch.Tensor:  # (A' * P, ...) -> (A * P, ...), activation a on slice a
-        if pre.shape[0] == n_probe:  # the first layer: one pre-activation shared by every activation
-            return torch.cat([act(pre) for act in acts]) if n_act > 1 else acts[0](pre)
-        return torch.cat([act(part) for act, part in zip(acts, pre.split(n_probe))]) if n_act > 1 else acts[0](pre)
+        # the first layer's pre-activation (P rows) is shared by every activation; later layers hold A slices
+        parts = [pre] * n_act if pre.shape[0] == n_probe else pre.split(n_probe)
+        out = [act(part) for act, part in zip(acts, parts)]
+        return out[0] if n_act == 1 else torch.cat(out)
 
     head_w, head_b = weights["head.weight"], weights["head.bias"]  # (B, K, C), (B, K)
     b = head_w.shape[0]
