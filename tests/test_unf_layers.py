@@ -226,13 +226,19 @@ def _member_specs() -> dict[str, um.WeightSpec]:
     return {f"member_{n}": um.WeightSpec.from_module(build_member(a), x) for n, (a, x) in archs.items()}
 
 
-@pytest.mark.parametrize("structured", [None, True, False], ids=["chosen", "structured", "dense"])
-def test_matches_the_reference_layer(structured: bool | None, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("structured", [None, True, False, "batch-major"],
+                         ids=["chosen", "structured", "dense", "batch-major"])
+def test_matches_the_reference_layer(structured: bool | str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The optimized layer (shared reductions, one matmul per group, merged writes) computes the same function as
-    the straightforward grouped layer it replaced, for the same parameters: outputs and input gradients. Folded
-    groups (permutable mode) both ways: by their structure and as dense matmuls with assembled weights."""
+    the straightforward grouped layer it replaced, for the same parameters: outputs, input and parameter gradients.
+    Folded groups (permutable mode) both ways: by their structure and as dense matmuls with assembled weights; and
+    every contiguous input piece computed batch-major (as large ones are), not copied channel-major."""
     import _unf_layers_ref as ref
+    import unf_models.layers as layers
 
+    if structured == "batch-major":
+        monkeypatch.setattr(layers, "_BATCH_MAJOR_MIN", 0)
+        structured = None
     monkeypatch.setattr(um.UNFLinear, "_fold_structured", structured)
     specs = {**{n: s if isinstance(s, um.WeightSpec) else _derived(s) for n, s in SPECS.items()},
              **{f"arch_{n}": _derived(n) for n, _, _ in ARCHS}, **_member_specs()}
@@ -247,8 +253,11 @@ def test_matches_the_reference_layer(structured: bool | None, monkeypatch: pytes
                 v.requires_grad_(True)
             a, b = new(x), old(x)
             assert _maxdiff(a, b) < 1e-12, (name, mode)
-            ga = torch.autograd.grad(sum((v * v).sum() for v in a.values()), list(x.values()))
-            gb = torch.autograd.grad(sum((v * v).sum() for v in b.values()), list(x.values()))
+            params = [n for n, p in new.named_parameters() if p.numel()]
+            ga = torch.autograd.grad(sum((v * v).sum() for v in a.values()),
+                                     [*x.values(), *(new.get_parameter(n) for n in params)])
+            gb = torch.autograd.grad(sum((v * v).sum() for v in b.values()),
+                                     [*x.values(), *(old.get_parameter(n) for n in params)])
             assert max(float((p - q).abs().max()) for p, q in zip(ga, gb)) < 1e-10, (name, mode)
 
 

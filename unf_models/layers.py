@@ -948,6 +948,45 @@ class _PermutedCopy(torch.autograd.Function):
         return grad.permute(ctx.inv).contiguous(), None
 
 
+_BATCH_MAJOR_MIN = 1 << 16  # elements from which a contiguous (B, K, ...) input piece is computed batch-major
+
+
+def _batch_major(t: Tensor) -> bool:
+    """A (K, B, *dims) piece whose memory is batch-major: the transposed view of a contiguous (B, K, *dims)."""
+    return t.dim() > 2 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous()
+
+
+class _BatchMajorMatmul(torch.autograd.Function):
+    """``weight.t() @ x`` on a batch-major piece ``x`` (K_in, B, *dims) seen channel-major (``_batch_major``): one
+    matmul per batch member with the weight shared, the product (K_out, B, *dims) batch-major in memory too. So the
+    dict API's contiguous (B, C, *shape) inputs need no layout copy and its outputs come back contiguous. The product
+    is a tensor of its own (permuted strides, not a view), so the piece's other terms go into it in place."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        bm = x.transpose(0, 1).reshape(x.shape[1], x.shape[0], -1)  # (B, K_in, N), a view
+        k_out, (b, n) = weight.shape[1], (bm.shape[0], bm.shape[2])
+        inner = x.shape[2:]
+        strides = (n, k_out * n, *torch.empty(inner, device="meta").stride())
+        out = torch.empty_strided((k_out, b, *inner), strides, dtype=x.dtype, device=x.device)
+        torch.bmm(weight.t().expand(b, k_out, bm.shape[1]), bm, out=out.transpose(0, 1).view(b, k_out, n))
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        b = x.shape[1]
+        g = grad.transpose(0, 1).reshape(b, grad.shape[0], -1)  # (B, K_out, N): a view when grad is batch-major
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.bmm(weight.expand(b, *weight.shape), g).view(b, x.shape[0], *x.shape[2:]).transpose(0, 1)
+        if ctx.needs_input_grad[1]:
+            bm = x.transpose(0, 1).reshape(b, x.shape[0], -1)
+            gw = torch.bmm(bm, g.transpose(1, 2)).sum(0)  # (K_in, K_out)
+        return gx, gw
+
+
 class _Split(torch.autograd.Function):
     """``z.split(widths)`` (dim 0) into tensors autograd treats as z's outputs rather than views of it, so each may
     take its piece's other terms and the activation in place (views of a multi-output split may not): no
@@ -1044,14 +1083,23 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
             widths = tuple(weight.shape[1] // len(widths) for _ in widths)
         else:
             weight, b = weights[key], bias  # (sum K_in, sum K_out)
-        cat = xs[0] if len(xs) == 1 else torch.cat([x.contiguous() for x in xs], dim=0)
+        if len(xs) == 1:
+            cat = xs[0]
+        elif eager and all(_batch_major(x) for x in xs):  # batch-major pieces are concatenated batch-major
+            cat = torch.cat([x.transpose(0, 1) for x in xs], dim=1).transpose(0, 1)
+        else:
+            cat = torch.cat([x.contiguous() for x in xs], dim=0)
         scale = _row_scale(xcounts, [x.shape[0] for x in xs], cat, scales)  # sums -> means
-        if scale is not None:
+        if scale is not None and weight.numel() < cat.numel():  # scale the smaller operand's rows
+            weight = weight * (scale if isinstance(scale, float) else scale.view(-1, 1))
+        elif scale is not None:
             cat = cat * (scale if isinstance(scale, float) else scale.view(-1, *[1] * (cat.dim() - 1)))
         if cat.dim() == 2 and b is not None:
             z = torch.addmm(b.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
         elif cat.dim() == 2:
             z = torch.mm(weight.t(), cat)
+        elif eager and _batch_major(cat):
+            z = _BatchMajorMatmul.apply(cat, weight)  # (sum K_out, B, *dims), batch-major in memory
         else:
             z = torch.mm(weight.t(), cat.reshape(cat.shape[0], -1))
             # the product is a temporary of ours: reshaped as a tensor of its own (not an autograd view), a term
@@ -1169,6 +1217,12 @@ class UNFLinear(nn.Module):
             h = list(h)
             for i, key in self._embedded:
                 h[i] = h[i] + self.pos_embed[key]
+        if self._folded is None and not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
+            # large contiguous (B, K, ...) pieces are computed batch-major as they are (no layout copy in or out);
+            # small ones are cheaper to copy than to run as a matmul per batch member
+            h = [t.transpose(0, 1) if t.is_contiguous() and t.numel() >= _BATCH_MAJOR_MIN
+                 else t.transpose(0, 1).contiguous() for t in h]
+            return self._forward_work(h, act, act_, channel_major)
         return self._forward_work(self._work_layout(h), act, act_, channel_major)
 
     @property
