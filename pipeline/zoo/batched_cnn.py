@@ -41,8 +41,8 @@ _BLOCK = 1 << 17  # elements per block of the dropout noise (2 int32 buffers of 
 class _DenseConv(torch.autograd.Function):
     """out (k, B, O*L) = bias + h (k, B, C*H*W) @ D(w), D the layer's dense matrix gathered from the flat kernels
     w (k, O*C*K) through `fwd` (w zero-padded by one slot). Backward: dh = dout @ D^T, dD = h^T @ dout (one bmm
-    each) and dw = the sum of dD over each kernel entry's copies, gathered through `copies` (O*C*K, L) (positions in
-    D; `inside` (O*C*K, L) is 0 where a copy falls on the padding), not scattered."""
+    each) and dw = the sum of dD over each kernel entry's copies, gathered through `copies` (L, O*C*K) (positions in
+    D; `inside` (L, O*C*K) is 0 where a copy falls on the padding), not scattered."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, plan: _ConvPlan) -> torch.Tensor:
@@ -59,10 +59,11 @@ class _DenseConv(torch.autograd.Function):
         plan = ctx.plan
         k = h.shape[0]
         grad_h = torch.bmm(grad, dense.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        grad_dense = torch.bmm(h.transpose(1, 2).contiguous(), grad).view(k, -1)  # (k, C*H*W*O*L)
-        copies = grad_dense.index_select(1, plan.copies.view(-1)).view(k, *plan.copies.shape)  # (k, O*C*K, L)
-        grad_w = (copies * plan.inside).sum(-1)
-        grad_b = grad.reshape(k, grad.shape[1], plan.c_out, -1).sum((1, 3))
+        grad_dense = torch.bmm(h.transpose(1, 2), grad).view(k, -1)  # (k, C*H*W*O*L); BLAS takes h^T as is
+        copies = grad_dense.index_select(1, plan.copies.view(-1)).view(k, *plan.copies.shape)  # (k, L, O*C*K)
+        grad_w = (copies * plan.inside).sum(1)  # over the output positions: a reduction over a short last dim is
+        # ~6x slower on a CPU than this one over a middle dim
+        grad_b = grad.sum(1).view(k, plan.c_out, -1).sum(-1)  # the batch first: a middle-dim reduction
         return grad_h, grad_w, grad_b, None
 
 
@@ -81,8 +82,8 @@ class _ConvPlan:
     wo: int
     dense: bool
     fwd: torch.Tensor | None = None  # dense: gather index into the padded flat kernel (C*H*W*O*L,)
-    copies: torch.Tensor | None = None  # dense: (O*C*K, L) positions in D of each kernel entry's copies
-    inside: torch.Tensor | None = None  # dense: (O*C*K, L) 1 where that copy exists, 0 where it falls on padding
+    copies: torch.Tensor | None = None  # dense: (L, O*C*K) positions in D of each kernel entry's copies
+    inside: torch.Tensor | None = None  # dense: (L, O*C*K) 1 where that copy exists, 0 where it falls on padding
 
 
 def _dense_indices(
@@ -110,8 +111,9 @@ def _dense_indices(
     # copies of kernel entry (o, c, tap): dense positions ((c * HW + pixel[tap, l]) * O + o) * L + l, l inside
     pos = ((c[None, :, None, None] * hw + pixel[None, None]) * c_out + o[:, None, None, None]) * big_l + lpos[None, None]
     valid = inside[None, None].expand(c_out, c_in, kk, big_l)
-    copies = torch.where(valid, pos, 0).reshape(n_kernel, big_l)
-    return fwd.to(device), copies.to(device), valid.reshape(n_kernel, big_l).to(device), ho, wo
+    copies = torch.where(valid, pos, 0).reshape(n_kernel, big_l).t().contiguous()  # (L, O*C*K)
+    inside = valid.reshape(n_kernel, big_l).t().contiguous()
+    return fwd.to(device), copies.to(device), inside.to(device), ho, wo
 
 
 _BITS: dict[tuple[int, str], torch.Tensor] = {}
@@ -146,7 +148,6 @@ def batched_counter_keep(
     rows = max(1, _BLOCK // numel) if keys.device.type == "cpu" else k  # cache blocks matter on CPUs only
     x = torch.empty(min(k, rows), numel, dtype=torch.int32, device=keys.device)
     t = torch.empty_like(x)
-    flag = torch.empty_like(x, dtype=torch.bool)
     for r0 in range(0, k, rows):
         r1 = min(k, r0 + rows)
         xb, tb = x[: r1 - r0], t[: r1 - r0]
@@ -159,10 +160,7 @@ def batched_counter_keep(
             if mult is not None:
                 xb *= mult
         xb ^= _SIGN  # unsigned order as signed int32
-        if dtype == torch.bool:
-            torch.ge(xb, threshold[r0:r1, None], out=out[r0:r1])
-        else:
-            out[r0:r1] = torch.ge(xb, threshold[r0:r1, None], out=flag[: r1 - r0])
+        torch.ge(xb, threshold[r0:r1, None], out=out[r0:r1])  # bool, or 0/1 written in `dtype` directly
     return out
 
 

@@ -1,9 +1,10 @@
 """Batched training of a chunk of zoo members that share an architecture, with per-member hyperparameters.
 
 All members of a chunk train at once: their parameters live in one flat (M, P) tensor, a loss-and-gradient function of
-one member is vmapped over members with `torch.func` (`functional_call` + `grad_and_value`; the `cnn` runs on the
-stacked parameters directly instead, with batched products and plain autograd: `pipeline.zoo.batched_cnn`, the same
-function and gradients up to float rounding), and the optimizer steps
+one member is vmapped over members with `torch.func` (`functional_call` + `grad_and_value`; the `cnn` and the
+`gru_seq2seq` run on the stacked parameters directly instead, with batched products and plain autograd:
+`pipeline.zoo.batched_cnn`, `pipeline.zoo.batched_seq2seq`, the same functions and gradients up to float rounding),
+and the optimizer steps
 (OPTIMIZERS: sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad, adamax, each as its torch.optim namesake) are
 vectorized tensor math on explicit state (`init` / `update` pairs). Categorical choices (optimizer, activation, batch
 size, init scheme, lr schedule; a width sets the arch) are fixed per chunk; continuous ones (lr, weight_decay,
@@ -764,7 +765,10 @@ def train_population(
             old_state = {n: t[rows] for n, t in state.items()}
             new_p, new_state = opt.update(old_p, g, old_state, hp_k)
             was_alive = alive[rows]
-            ok = was_alive & torch.isfinite(loss) & torch.isfinite(new_p).all(dim=1)  # (k,)
+            finite = torch.isfinite(new_p.sum(1))  # a finite sum has only finite terms: one pass, not four
+            if not bool(finite.all()):  # some row has a non-finite value, or its sum overflowed: check exactly
+                finite = torch.isfinite(new_p).all(dim=1)
+            ok = was_alive & torch.isfinite(loss) & finite  # (k,)
             if not bool(ok.all()):  # freeze dead members: keep their last finite weights and optimizer state
                 dead_epoch[rows] = torch.where(was_alive & ~ok, epoch, dead_epoch[rows])
                 alive[rows] = ok
