@@ -13,6 +13,8 @@ evaluated sample) as a fraction of the machine's measured float32 matmul rate.
     python benchmarks/bench_population.py              # a few minutes on 2 cores
     python benchmarks/bench_population.py --threads 1  # on a machine whose cores are shared with other jobs
     python benchmarks/bench_population.py --quick      # smaller chunks, one repetition (smoke run)
+    PYTHONPATH=<other checkout> python benchmarks/bench_population.py --quick --engine-only --reps 5
+        # that checkout's engine alone, to set against this one's (no loop, no BENCH lines)
 """
 
 from __future__ import annotations
@@ -134,11 +136,29 @@ def run_case(case: Case, reps: int, peak: float) -> float:
     return eng / base
 
 
+def time_engine_only(case: Case, reps: int) -> None:
+    """Median wall and process-CPU seconds of one engine chunk (after an untimed warm-up)."""
+    hp = _hparams(case.members, np.random.default_rng(0), (1e-3, 1e-2))
+    seeds = np.array([member_seed(1, i) for i in range(case.members)])
+    train_population(case.job, {k: v[:2] for k, v in hp.items()}, seeds[:2], device="cpu")  # warm-up
+    wall, cpu = [], []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        train_population(case.job, hp, seeds, device="cpu")
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    print(f"{case.name}: engine {case.members} members x {case.job.epochs} epochs: {statistics.median(wall):.2f} s wall, "
+          f"{statistics.median(cpu):.2f} s CPU (median of {reps}; {torch.get_num_threads()} threads)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small chunks, one repetition")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="time only the engine (wall and process CPU seconds per chunk, median of --reps), no loop "
+                        "and no BENCH lines: for comparing engine versions (the loop's own swings cancel out)")
     args = parser.parse_args()
     from pipeline.allocator import tune_allocator  # as the unfzoo commands run (UNFZOO_MALLOC=default: glibc's)
 
@@ -158,6 +178,10 @@ def main() -> None:
         Case("population_gru_arith", gru, 128 // scale, max(1, 2 // scale), _gru_macs(gru)),
         Case("population_cnn_digits_options", diverse, 256 // scale, max(1, 3 // scale), _cnn_macs(diverse)),
     ]
+    if args.engine_only:
+        for case in cases:
+            time_engine_only(case, args.reps)
+        return
     peak = _matmul_gflops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 matmul {peak:.1f} GFLOP/s")
     results = {}
