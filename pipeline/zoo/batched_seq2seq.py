@@ -53,11 +53,13 @@ class _Recurrence(torch.autograd.Function):
             h, g = states[:, t], gates[:, t]
             gh = torch.baddbmm(bias, h, w_hh_t)  # (k, B, 3H)
             torch.sigmoid(gi[:, t, :, : 2 * hidden] + gh[..., : 2 * hidden], out=g[..., : 2 * hidden])
-            r, z = g[..., :hidden], g[..., hidden : 2 * hidden]
+            r, z, n = g[..., :hidden], g[..., hidden : 2 * hidden], g[..., 2 * hidden :]
             hns[:, t] = gh[..., 2 * hidden :]
-            torch.tanh(gi[:, t, :, 2 * hidden :] + r * hns[:, t], out=g[..., 2 * hidden :])
-            h_new = (1 - z) * g[..., 2 * hidden :] + z * h
-            states[:, t + 1] = h_new if mask is None else torch.where(mask[:, t, :, None], h_new, h)
+            torch.tanh(torch.addcmul(gi[:, t, :, 2 * hidden :], r, hns[:, t]), out=n)
+            if mask is None:  # h' = (1 - z) n + z h, as one op
+                torch.lerp(n, h, z, out=states[:, t + 1])
+            else:
+                torch.where(mask[:, t, :, None], torch.lerp(n, h, z), h, out=states[:, t + 1])
         ctx.save_for_backward(states, gates, hns, w_hh, mask)
         return states[:, 1:]
 
