@@ -1083,6 +1083,11 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
             widths = tuple(weight.shape[1] // len(widths) for _ in widths)
         else:
             weight, b = weights[key], bias  # (sum K_in, sum K_out)
+        if len(xs) > 1 and any(c != 1 for c in xcounts):
+            rows = [x.shape[0] for x in xs]
+            if 4 * sum(r for r, c in zip(rows, xcounts) if c != 1) <= sum(rows):  # few rows to scale: scale those
+                xs = [x * (1.0 / c) if c != 1 else x for x, c in zip(xs, xcounts)]  # inputs, not a whole operand
+                xcounts = [1] * len(xs)
         if len(xs) == 1:
             cat = xs[0]
         elif eager and all(_batch_major(x) for x in xs):  # batch-major pieces are concatenated batch-major
