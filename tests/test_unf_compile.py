@@ -41,11 +41,18 @@ def _fresh_dynamo():
 
 @pytest.mark.parametrize("name,mode,backend,structured", [("gru", "permutable", "aot_eager", None),
                                                            ("gru_seq2seq", "exact", "eager", None),
-                                                           ("cnn", "permutable", "aot_eager", True)])
-def test_linear_compiles_in_one_graph(name: str, mode: str, backend: str, structured: bool | None,
+                                                           ("cnn", "permutable", "aot_eager", True),
+                                                           ("gru", "exact", "aot_eager", "batch-major")])
+def test_linear_compiles_in_one_graph(name: str, mode: str, backend: str, structured: bool | str | None,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Tied labels (diagonal reads and writes), parts split from one tensor, folded fixed axes (assembled dense
-    weights, or computed by their structure): one graph."""
+    weights, or computed by their structure), every contiguous piece mixed batch-major (as large ones are): one
+    graph, the eager values and gradients."""
+    if structured == "batch-major":
+        import unf_models.layers as layers
+
+        monkeypatch.setattr(layers, "_BATCH_MAJOR_MIN", 0)
+        structured = None
     monkeypatch.setattr(um.UNFLinear, "_fold_structured", structured)
     spec = _spec(name)
     torch.manual_seed(0)
@@ -55,8 +62,9 @@ def test_linear_compiles_in_one_graph(name: str, mode: str, backend: str, struct
     eager, got = layer(x), compiled(x)
     assert set(got) == set(spec.names)
     assert max(float((eager[n] - got[n]).detach().abs().max()) for n in eager) < 1e-5
-    g_eager = torch.autograd.grad(sum(v.square().sum() for v in eager.values()), list(x.values()))
-    g_got = torch.autograd.grad(sum(v.square().sum() for v in got.values()), list(x.values()))
+    wrt = [*x.values(), *(p for p in layer.parameters() if p.numel())]
+    g_eager = torch.autograd.grad(sum(v.square().sum() for v in eager.values()), wrt)
+    g_got = torch.autograd.grad(sum(v.square().sum() for v in got.values()), wrt)
     assert max(float((a - b).abs().max()) for a, b in zip(g_eager, g_got)) < 1e-4
 
 

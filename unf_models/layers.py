@@ -967,7 +967,9 @@ class _BatchMajorMatmul(torch.autograd.Function):
         bm = x.transpose(0, 1).reshape(x.shape[1], x.shape[0], -1)  # (B, K_in, N), a view
         k_out, (b, n) = weight.shape[1], (bm.shape[0], bm.shape[2])
         inner = x.shape[2:]
-        strides = (n, k_out * n, *torch.empty(inner, device="meta").stride())
+        strides = [n, k_out * n]
+        for i in range(len(inner)):  # the contiguous strides of the inner dims
+            strides.append(math.prod(inner[i + 1 :]))
         out = torch.empty_strided((k_out, b, *inner), strides, dtype=x.dtype, device=x.device)
         torch.bmm(weight.t().expand(b, k_out, bm.shape[1]), bm, out=out.transpose(0, 1).view(b, k_out, n))
         ctx.save_for_backward(x, weight)
@@ -1090,7 +1092,7 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
                 xcounts = [1] * len(xs)
         if len(xs) == 1:
             cat = xs[0]
-        elif eager and all(_batch_major(x) for x in xs):  # batch-major pieces are concatenated batch-major
+        elif all(_batch_major(x) for x in xs):  # batch-major pieces are concatenated batch-major
             cat = torch.cat([x.transpose(0, 1) for x in xs], dim=1).transpose(0, 1)
         else:
             cat = torch.cat([x.contiguous() for x in xs], dim=0)
@@ -1103,7 +1105,7 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
             z = torch.addmm(b.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
         elif cat.dim() == 2:
             z = torch.mm(weight.t(), cat)
-        elif eager and _batch_major(cat):
+        elif _batch_major(cat) and not torch._C._are_functorch_transforms_active():
             z = _BatchMajorMatmul.apply(cat, weight)  # (sum K_out, B, *dims), batch-major in memory
         else:
             z = torch.mm(weight.t(), cat.reshape(cat.shape[0], -1))
@@ -1222,7 +1224,7 @@ class UNFLinear(nn.Module):
             h = list(h)
             for i, key in self._embedded:
                 h[i] = h[i] + self.pos_embed[key]
-        if self._folded is None and not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
+        if self._folded is None and not torch._C._are_functorch_transforms_active():
             # large contiguous (B, K, ...) pieces are computed batch-major as they are (no layout copy in or out);
             # small ones are cheaper to copy than to run as a matmul per batch member
             h = [t.transpose(0, 1) if t.is_contiguous() and t.numel() >= _BATCH_MAJOR_MIN
