@@ -1061,7 +1061,8 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
 
     Channels outermost throughout: every read of a contiguous piece is contiguous, so a group's input is a view (or
     one concatenation) of shape (sum K_in, B*N) for its one matmul, and its output (sum K_out, B, *sig) splits into
-    contiguous row blocks per output. With ``folded`` (one plan per group, ``_Folded``), each group is computed by
+    contiguous row blocks per output. A piece may instead be batch-major in memory (``_batch_major``: the public
+    dict's large pieces, not copied); its group's product is then batch-major too (``_BatchMajorMatmul``). With ``folded`` (one plan per group, ``_Folded``), each group is computed by
     its folded structure instead, with the weights and bias named there."""
     reads, counts = _compute_reads(h, plan.steps, plan.read_order)
     # the two custom autograd Functions below serve eager autograd; traced (torch.compile) or functorch-transformed
