@@ -1038,17 +1038,7 @@ def _fold_output(common: Tensor, fo: _FoldOutput, sums: list[dict[tuple[int, ...
             y = torch.bmm(weight.t().unsqueeze(0).expand(part.kept, k, weight.shape[0]),
                           x.reshape(part.kept, weight.shape[0], m))
         vals.append(torch.ops.aten._unsafe_view(y, (*x.shape[:-2], k, m)))
-    fresh = [False] + [True] * len(fo.parts)
-    root = None
-    for i in fo.order:
-        j = fo.parent[i]
-        if j >= 0 and fresh[j]:
-            vals[j].add_(vals[i])
-        elif j >= 0:
-            vals[j], fresh[j] = vals[j] + vals[i], True
-        else:
-            root = i
-    y = vals[root]  # type: ignore[index]
+    y, _ = _sum_tree(vals, [False] + [True] * len(fo.parts), fo.order, fo.parent)  # the parts are ours; common not
     if y.shape[:-2] != fo.nt:  # no part keeps every folded axis: materialize the broadcast
         y = y.expand(*fo.nt, k, m).contiguous()
     return torch.ops.aten._unsafe_view(y, (fo.fold * k, *shape))
@@ -1062,12 +1052,15 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
     Channels outermost throughout: every read of a contiguous piece is contiguous, so a group's input is a view (or
     one concatenation) of shape (sum K_in, B*N) for its one matmul, and its output (sum K_out, B, *sig) splits into
     contiguous row blocks per output. A piece may instead be batch-major in memory (``_batch_major``: the public
-    dict's large pieces, not copied); its group's product is then batch-major too (``_BatchMajorMatmul``). With ``folded`` (one plan per group, ``_Folded``), each group is computed by
-    its folded structure instead, with the weights and bias named there."""
+    dict's large pieces, not copied); its group's product is then batch-major too (``_BatchMajorMatmul``). With
+    ``folded`` (one plan per group, ``_Folded``), each group is computed by its folded structure instead, with the
+    weights and bias named there."""
     reads, counts = _compute_reads(h, plan.steps, plan.read_order)
-    # the two custom autograd Functions below serve eager autograd; traced (torch.compile) or functorch-transformed
-    # (vmap, grad: the learned optimizers) calls take the plain ops, as before them
-    eager = not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+    # _PermutedCopy, _Split and _AddToDiagonals serve eager autograd; traced (torch.compile) or functorch-transformed
+    # (vmap, grad: the learned optimizers) calls take the plain ops, as before them. _BatchMajorMatmul is traced too;
+    # functorch-transformed calls never see batch-major pieces (UNFLinear.forward_internal copies them there)
+    transformed = torch._C._are_functorch_transforms_active()
+    eager = not (torch.compiler.is_compiling() or transformed)
     terms: list[Tensor | None] = [None] * plan.num_outputs  # the terms, then each piece's placed diagonal sums
     owned = [False] * plan.num_outputs  # made here, referenced nowhere else: may be added into in place
     for gi, (key, ins, outs, widths) in enumerate(plan.groups):
@@ -1106,7 +1099,7 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
             z = torch.addmm(b.unsqueeze(1), weight.t(), cat)  # (sum K_out, B)
         elif cat.dim() == 2:
             z = torch.mm(weight.t(), cat)
-        elif _batch_major(cat) and not torch._C._are_functorch_transforms_active():
+        elif _batch_major(cat) and not transformed:
             z = _BatchMajorMatmul.apply(cat, weight)  # (sum K_out, B, *dims), batch-major in memory
         else:
             z = torch.mm(weight.t(), cat.reshape(cat.shape[0], -1))
