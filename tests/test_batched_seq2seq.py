@@ -70,7 +70,7 @@ def test_engine_trains_gru_chunks_as_the_vmapped_module(monkeypatch) -> None:
     hp = {"lr": np.array([3e-3, 1e-2, 5e-3]), "dropout": np.array([0.0, 0.2, 0.4]), "train_fraction": np.array([1.0, 0.5, 1.0])}
     seeds = np.array([member_seed(3, i) for i in range(3)])
     fast = train_population(job, hp, seeds, device="cpu", dtype=torch.float64)
-    monkeypatch.setattr(population, "BatchedSeq2Seq", None)  # the vmapped module instead
+    monkeypatch.setattr(population, "BatchedSeq2Seq", lambda arch: None)  # the vmapped module instead
     slow = train_population(job, hp, seeds, device="cpu", dtype=torch.float64)
     for n in fast.weights:
         np.testing.assert_allclose(fast.weights[n], slow.weights[n], rtol=1e-9, atol=1e-11, err_msg=n)

@@ -635,30 +635,24 @@ def train_population(
         return (stats[:, 0] * wb).sum() / (stats[:, 1] * wb).sum()
 
     step_fn = vmap(grad_and_value(member_loss), randomness="error")
-    # The CNN runs on the stacked parameters directly (batched products, no vmap): the same function, faster.
+    # The CNN and the GRU seq2seq run on the stacked parameters directly (batched products, no vmap): the same
+    # functions, faster (under vmap the GRU's time loop is mostly the batching layer's per-op cost).
     cnn = BatchedCNN(job.arch, tuple(task.info["input_shape"]), dev) if job.arch["name"] == "cnn" else None
+    seq2seq = BatchedSeq2Seq(job.arch) if job.arch["name"] == "gru_seq2seq" else None
 
-    def cnn_step(p: torch.Tensor, rate: torch.Tensor, key: torch.Tensor, xb, yb, wb) -> tuple[torch.Tensor, torch.Tensor]:
-        """(grads (k, P), losses (k,)) of the members with flat params `p` (k, P), as step_fn's vmapped loss."""
+    def batched_step(p: torch.Tensor, rate: torch.Tensor, key: torch.Tensor, xb, yb, wb) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grads (k, P), losses (k,)) of the members with flat params `p` (k, P), as step_fn's vmapped loss, on the
+        batched CNN or GRU seq2seq."""
         leaves = {n: t.detach().clone().requires_grad_() for n, t in views(p).items()}  # one leaf per tensor
+        noise = (rate, key) if use_noise else ()
         with torch.enable_grad():
-            logits = cnn(leaves, xb, rate, key) if use_noise else cnn(leaves, xb)  # (k, B, classes)
-            per = _nll(logits, yb)  # (k, B) cross-entropy
-            loss = (per * wb).sum(1) / wb.sum(1)
-            grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
-        return torch.cat([g.reshape(len(p), -1) for g in grads], dim=1), loss.detach()
-
-    # The GRU seq2seq likewise (its time loop under vmap is mostly the batching layer's per-op cost).
-    seq2seq = BatchedSeq2Seq(job.arch) if BatchedSeq2Seq is not None and job.arch["name"] == "gru_seq2seq" else None
-
-    def seq_step(p: torch.Tensor, rate: torch.Tensor, key: torch.Tensor, xb, yb, wb) -> tuple[torch.Tensor, torch.Tensor]:
-        """As cnn_step, for the GRU seq2seq: member loss = masked token loss sum / token count (member_loss's)."""
-        leaves = {n: t.detach().clone().requires_grad_() for n, t in views(p).items()}
-        with torch.enable_grad():
-            logits = seq2seq(leaves, xb, yb, rate, key) if use_noise else seq2seq(leaves, xb, yb)  # (k, B, T, vocab)
-            mask = (yb != pad_id).to(logits.dtype)  # (k, B, T)
-            tok = _nll(logits, yb)  # (k, B, T)
-            loss = ((tok * mask).sum(2) * wb).sum(1) / (mask.sum(2) * wb).sum(1)
+            if cnn is not None:
+                per = _nll(cnn(leaves, xb, *noise), yb)  # (k, B) cross-entropy
+                loss = (per * wb).sum(1) / wb.sum(1)
+            else:  # masked token loss sum / token count, as member_loss
+                tok = _nll(seq2seq(leaves, xb, yb, *noise), yb)  # (k, B, T)
+                mask = (yb != pad_id).to(tok.dtype)
+                loss = ((tok * mask).sum(2) * wb).sum(1) / (mask.sum(2) * wb).sum(1)
             grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
         return torch.cat([g.reshape(len(p), -1) for g in grads], dim=1), loss.detach()
 
@@ -748,10 +742,8 @@ def train_population(
             else:
                 xb = x_train[bidx]
             yb = y_train[bidx] if y_member is None else y_member[rows].gather(1, bidx)
-            if cnn is not None:
-                g, loss = cnn_step(flat[rows], rates[rows], keys, xb, yb, valid_t[rows, cols])
-            elif seq2seq is not None:
-                g, loss = seq_step(flat[rows], rates[rows], keys, xb, yb, valid_t[rows, cols])
+            if cnn is not None or seq2seq is not None:
+                g, loss = batched_step(flat[rows], rates[rows], keys, xb, yb, valid_t[rows, cols])
             else:
                 grads, loss = step_fn(views(flat[rows]), rates[rows], keys, xb, yb, valid_t[rows, cols])
                 g = torch.cat([grads[n].reshape(k, -1) for n in names], dim=1)  # (k, P)
