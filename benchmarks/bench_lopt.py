@@ -90,9 +90,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
-    from pipeline.allocator import tune_allocator  # as the unfzoo commands run (UNFZOO_MALLOC=default: glibc's)
+    from pipeline.allocator import allocator_report
 
-    print(f"allocator: {'tuned (pipeline/allocator.py)' if tune_allocator() else 'glibc defaults'}")
+    print(allocator_report())
     lines = es_step_costs(args.reps)
     problem = digits_problem()
     from unf_models import WeightSpec

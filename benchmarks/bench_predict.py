@@ -200,9 +200,9 @@ def main() -> None:
                         help="instead: one training step eager vs torch.compile'd (inductor; minutes to compile) "
                              "and the eager step's profile")
     args = parser.parse_args()
-    from pipeline.allocator import tune_allocator  # as the unfzoo commands run (UNFZOO_MALLOC=default: glibc's)
+    from pipeline.allocator import allocator_report
 
-    print(f"allocator: {'tuned (pipeline/allocator.py)' if tune_allocator() else 'glibc defaults'}")
+    print(allocator_report())
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if args.clock == "cpu":

@@ -99,9 +99,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--unf-files", type=int, default=500, help="files scored by the UNF predictor (CPU-bound)")
     args = parser.parse_args()
-    from pipeline.allocator import tune_allocator  # as the unfzoo commands run (UNFZOO_MALLOC=default: glibc's)
+    from pipeline.allocator import allocator_report
 
-    print(f"allocator: {'tuned (pipeline/allocator.py)' if tune_allocator() else 'glibc defaults'}")
+    print(allocator_report())
 
     sys.path.insert(0, str(ROOT))
     from pipeline.predict import TrainConfig, load_predictor, train_predictor

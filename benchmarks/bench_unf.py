@@ -306,9 +306,9 @@ def main() -> None:
     parser.add_argument("--vs-reference", action="store_true",
                         help="also time the frozen pre-optimization layer (tests/_unf_layers_ref.py) side by side")
     args = parser.parse_args()
-    from pipeline.allocator import tune_allocator  # as the unfzoo commands run (UNFZOO_MALLOC=default: glibc's)
+    from pipeline.allocator import allocator_report
 
-    print(f"allocator: {'tuned (pipeline/allocator.py)' if tune_allocator() else 'glibc defaults'}")
+    print(allocator_report())
     torch.set_num_threads(args.threads)
     reps = 5 if args.quick else 15
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {_load()}")

@@ -21,7 +21,7 @@ import ctypes
 import os
 import platform
 
-__all__ = ["tune_allocator", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["tune_allocator", "allocator_report", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
 MMAP_THRESHOLD = 32 << 20  # bytes: glibc's largest allowed value on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
 TRIM_THRESHOLD = 1 << 30  # bytes of free memory the heap top may keep
@@ -48,3 +48,9 @@ def tune_allocator() -> bool:
     # mallopt returns 1 on success; the mmap threshold first, as setting it also turns off the adaptive one
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
+
+
+def allocator_report() -> str:
+    """Tune the allocator as the `unfzoo` commands do and say which settings are in effect (a benchmark's first
+    line: `UNFZOO_MALLOC=default` runs give glibc's)."""
+    return f"allocator: {'tuned (pipeline/allocator.py)' if tune_allocator() else 'glibc defaults'}"

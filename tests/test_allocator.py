@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="glibc malloc only")
 
-_PROBE = "from pipeline.allocator import tune_allocator as t; print(t(), t())"
+_PROBE = "from pipeline.allocator import allocator_report as r, tune_allocator as t; print(t(), t(), r())"
 
 
 def _run(**env: str) -> str:
@@ -24,10 +24,10 @@ def _run(**env: str) -> str:
 
 
 def test_tunes_glibc_once_per_process() -> None:
-    assert _run() == "True True"
+    assert _run() == "True True allocator: tuned (pipeline/allocator.py)"
 
 
 @pytest.mark.parametrize("env", [{"UNFZOO_MALLOC": "default"}, {"MALLOC_TRIM_THRESHOLD_": "131072"},
                                  {"MALLOC_MMAP_THRESHOLD_": "65536"}])
 def test_the_users_own_malloc_settings_win(env: dict[str, str]) -> None:
-    assert _run(**env) == "False False"
+    assert _run(**env) == "False False allocator: glibc defaults"
