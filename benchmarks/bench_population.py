@@ -102,14 +102,19 @@ def _time_loop(case: Case, hp: dict[str, np.ndarray], seeds: np.ndarray) -> floa
     return (time.perf_counter() - t0) / case.loop_members
 
 
-def run_case(case: Case, reps: int, peak: float) -> float:
+def _case_inputs(case: Case) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The case's per-member hyperparameters and seeds (the same draws every run)."""
     rng = np.random.default_rng(0)
     lr = (1e-3, 1e-2) if case.job.optimizer in ("adam", "adamw") else (1e-2, 1e-1)
     hp = _hparams(case.members, rng, lr)
     if case.name.endswith("_options"):
         hp["label_noise"] = rng.choice([0.0, 0.1, 0.2], case.members)
         hp["shift"] = rng.choice([0.0, 1.0], case.members)
-    seeds = np.array([member_seed(1, i) for i in range(case.members)])
+    return hp, np.array([member_seed(1, i) for i in range(case.members)])
+
+
+def run_case(case: Case, reps: int, peak: float) -> float:
+    hp, seeds = _case_inputs(case)
     engine, loop = [], []
     train_population(case.job, {k: v[:2] for k, v in hp.items()}, seeds[:2], device="cpu")  # warm-up
     # The loop's warm-up too: its first torch.optim step pays one-time imports and kernel set-up (~1 s), which the
@@ -137,9 +142,9 @@ def run_case(case: Case, reps: int, peak: float) -> float:
 
 
 def time_engine_only(case: Case, reps: int) -> None:
-    """Median wall and process-CPU seconds of one engine chunk (after an untimed warm-up)."""
-    hp = _hparams(case.members, np.random.default_rng(0), (1e-3, 1e-2))
-    seeds = np.array([member_seed(1, i) for i in range(case.members)])
+    """Median wall and process-CPU seconds of one engine chunk (after an untimed warm-up), the members `run_case`
+    trains."""
+    hp, seeds = _case_inputs(case)
     train_population(case.job, {k: v[:2] for k, v in hp.items()}, seeds[:2], device="cpu")  # warm-up
     wall, cpu = [], []
     for _ in range(reps):
@@ -160,9 +165,9 @@ def main() -> None:
                         help="time only the engine (wall and process CPU seconds per chunk, median of --reps), no loop "
                         "and no BENCH lines: for comparing engine versions (the loop's own swings cancel out)")
     args = parser.parse_args()
-    from pipeline.allocator import tune_allocator  # as the unfzoo commands run (UNFZOO_MALLOC=default: glibc's)
+    from pipeline.allocator import allocator_report
 
-    print(f"allocator: {'tuned (pipeline/allocator.py)' if tune_allocator() else 'glibc defaults'}")
+    print(allocator_report())
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = 1 if args.quick else args.reps
