@@ -533,6 +533,7 @@ class _FoldGroup:
 
     dense: str | None  # the dense weight's name
     dense_shape: tuple[int, int]  # its (rows, columns) in units of channels: the summed folds of inputs, outputs
+    reorder: tuple[str | None, str | None]  # buffers: the dense weight's row and column orders (None: as assembled)
     members: tuple[tuple[str, int, int], ...]  # the original groups whose terms it holds: (key, n_c, n_o)
     weights: tuple[str, ...]  # structured: the weights gathered for it
     nt: tuple[tuple[int, ...], ...]  # per contribution: its piece's non-trivial folded sizes
@@ -606,14 +607,15 @@ def _sum_plan(nt: tuple[int, ...], need: set[tuple[int, ...]]
 class _Folded:
     """The layer's terms computed with its single-axis fixed labels (see ``_fold_labels``) folded into channels.
 
-    Pieces become channel-major ``(F*K, B, *other_dims)`` (folded axes outermost); the basis over the remaining
-    labels is planned as usual. Each original term maps the folded axes by a constant ``(F_in, F_out)`` matrix:
-    between pieces mean-then-broadcast, from a piece onto itself identity or mean-then-broadcast per folded axis.
-    So a group is computed by its structure instead of one dense ``(F_in*K_in, F_out*K_out)`` matmul: one matmul on
-    the inputs' full means (every all-mean term of the group, with the summed blocks of its terms), and per folded
-    piece and set S of kept folded axes one matmul batched over the kept positions on the means over the others,
-    broadcast back over them; size-1 folded axes are dropped (the terms keeping them or not are summed). The weights
-    are the parameters' own blocks, gathered by constant indices (no fold matrices)."""
+    Pieces become channel-major ``(K*F, B, *other_dims)`` (the folded axes inside the channels, as exact mode folds
+    fixed axes: one copy from the public layout); the basis over the remaining labels is planned as usual. Each
+    original term maps the folded axes by a constant ``(F_in, F_out)`` matrix: between pieces mean-then-broadcast,
+    from a piece onto itself identity or mean-then-broadcast per folded axis. So a group is computed by its structure
+    instead of one dense ``(K_in*F_in, K_out*F_out)`` matmul: one matmul on the inputs' full means (every all-mean
+    term of the group, with the summed blocks of its terms), and per folded piece and set S of kept folded axes one
+    matmul over all kept positions (the weight shared) on the means over the others, broadcast back over them;
+    size-1 folded axes are dropped (the terms keeping them or not are summed). The weights are the parameters' own
+    blocks, gathered by constant indices (no fold matrices)."""
 
     def __init__(self, spec: WeightSpec, pieces: list[_Piece], read_list: list[tuple[int, Read]],
                  groups: list[_Group], labels: frozenset[str], in_channels: int, out_channels: int,
@@ -721,10 +723,11 @@ class _Folded:
             bias = None
             if not g.signature:  # the bias: one slice per output, broadcast over the folded axes too
                 bias = f"_fold_{e}_bias"
-                self._buffers[bias] = torch.tensor([bias_at[oi] + j for oi in range(len(g.outputs))
-                                                    for _ in range(1 if structured else fout[oi]) for j in range(cout)],
-                                                   dtype=torch.long)
-            plan.append(_FoldGroup(None if structured else name, (sum(fin), sum(fout)), tuple(members[e]),
+                self._buffers[bias] = torch.tensor([bias_at[oi] + j for oi in range(len(g.outputs)) for j in range(cout)
+                                                    for _ in range(1 if structured else fout[oi])], dtype=torch.long)
+            reorder = (None if structured or max(fin) == 1 else name + "_r",
+                       None if structured or max(fout) == 1 else name + "_c")
+            plan.append(_FoldGroup(None if structured else name, (sum(fin), sum(fout)), reorder, tuple(members[e]),
                                    names if structured else (),
                                    tuple(nts[p] for p in pin), tuple(math.prod(nts[p]) for p in pin), sums,
                                    names[0], bias, tuple(outs)))
@@ -736,8 +739,9 @@ class _Folded:
     def _dense_buffers(self, name: str, terms: list[tuple[int, int, tuple[int, int], Tensor]], fin: list[int],
                        fout: list[int], cin: int, cout: int) -> None:
         """The constant fold matrices (``name_m``, (F rows x F columns, terms), float64) that assemble a dense group
-        weight per call from its terms' blocks (rows (contribution, folded, K_in), columns (output, folded, K_out),
-        as the folded pieces' channels)."""
+        weight per call from its terms' blocks (rows (contribution, folded, K_in), columns (output, folded, K_out)),
+        and where a fold is not 1, the row and column orders (``name_r``, ``name_c``) that take it to the folded
+        pieces' channels ((contribution, K_in, folded), (output, K_out, folded))."""
         row_f = [sum(fin[:c]) for c in range(len(fin))]
         col_f = [sum(fout[:o]) for o in range(len(fout))]
         rows_f, cols_f = sum(fin), sum(fout)
@@ -745,6 +749,11 @@ class _Folded:
         for t, (c, o, _, m) in enumerate(terms):
             mat[row_f[c] : row_f[c] + fin[c], col_f[o] : col_f[o] + fout[o], t] = m
         self._buffers[name + "_m"] = mat.reshape(rows_f * cols_f, len(terms))
+        for suffix, folds, k in (("_r", fin, cin), ("_c", fout, cout)):
+            if max(folds) > 1:
+                start = [sum(folds[:i]) for i in range(len(folds))]
+                self._buffers[name + suffix] = torch.tensor([(start[i] + f) * k + j for i, n in enumerate(folds)
+                                                             for j in range(k) for f in range(n)], dtype=torch.long)
 
     def _fold_matrix(self, pi: int, r: Read, po: int, w: Write) -> Tensor:
         """(F_in, F_out): how the term maps the folded axes of its input piece onto those of its output piece."""
@@ -785,23 +794,21 @@ class _Folded:
         return self._buffers
 
     def fold(self, h: list[Tensor]) -> list[Tensor]:
-        """Pieces (B, K, *dims) -> channel-major (F*K, B, *other_dims), folded axes outermost (one copy each)."""
+        """Pieces (B, K, *dims) -> channel-major (K*F, B, *other_dims), the folded axes inside the channels (one
+        copy each; none for a layer's own output)."""
         out = []
         for t, fl, rest in zip(h, self.folded, self.rest):
-            v = t.permute(*(2 + k for k in fl), 1, 0, *(2 + k for k in rest))
-            if fl and not v.is_contiguous():  # copy channel by channel first (the source stays in cache), then the
-                v = t.permute(1, *(2 + k for k in fl), 0, *(2 + k for k in rest)).contiguous()  # folded axes
-                v = v.permute(*range(1, 1 + len(fl)), 0, *range(1 + len(fl), v.dim()))  # to the front: ~25% faster
+            v = t.permute(1, *(2 + k for k in fl), 0, *(2 + k for k in rest))
             out.append(v.reshape(-1, *v.shape[len(fl) + 1 :]))
         return out
 
     def unfold(self, h: list[Tensor], channels: int) -> list[Tensor]:
-        """Channel-major (F*C, B, *other_dims) -> views (B, C, *dims)."""
+        """Channel-major (C*F, B, *other_dims) -> views (B, C, *dims)."""
         out = []
         for t, fl, rest, fs in zip(h, self.folded, self.rest, self.fsizes):
-            t = t.reshape(*fs, channels, *t.shape[1:])  # (*folded, C, B, *rest)
-            where = {k: j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
-            out.append(t.permute(len(fl) + 1, len(fl), *(where[k] for k in range(len(fl) + len(rest)))))
+            t = t.reshape(channels, *fs, *t.shape[1:])  # (C, *folded, B, *rest)
+            where = {k: 1 + j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
+            out.append(t.permute(1 + len(fl), 0, *(where[k] for k in range(len(fl) + len(rest)))))
         return out
 
     def weights(self, module: nn.Module) -> dict[str, Tensor]:
@@ -824,8 +831,11 @@ class _Folded:
                 stack = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
                 y = torch.mm(self._matrix(module, fg.dense + "_m", stack.dtype), stack)
                 rows, cols = fg.dense_shape
-                y = y.view(rows, cols, cin, cout).permute(0, 2, 1, 3)
-                out[fg.dense] = y.reshape(rows * cin, cols * cout)
+                y = y.view(rows, cols, cin, cout).permute(0, 2, 1, 3).reshape(rows * cin, cols * cout)
+                for dim, order in enumerate(fg.reorder):  # rows, columns (.., folded, K) -> (.., K, folded)
+                    if order is not None:
+                        y = y.index_select(dim, getattr(module, order))
+                out[fg.dense] = y
             for name in fg.weights:
                 idx = getattr(module, name)
                 w = flat.index_select(0, idx.view(-1)).view(idx.shape)  # type: ignore[union-attr]
@@ -1005,42 +1015,38 @@ class _Split(torch.autograd.Function):
 
 
 def _fold_sums(x: Tensor, nt: tuple[int, ...], steps: tuple) -> dict[tuple[int, ...], Tensor]:
-    """A folded group input (F*K, B, *sig) as ``(*nt, K, M)`` and its sums over the folded axes not in each needed
+    """A folded group input (K*F, B, *sig) as ``(K, *nt, M)`` and its sums over the folded axes not in each needed
     set S (kept as size-1 dims), keyed by S; each sum from its smallest parent (``_sum_plan``)."""
     full = tuple(range(len(nt)))
     flat = x.flatten(1)
-    out = {full: flat.reshape(*nt, -1, flat.shape[1])}
+    out = {full: flat.reshape(-1, *nt, flat.shape[1])}
     for s, parent, axis in steps:
-        out[s] = out[parent].sum(dim=axis, keepdim=True)
+        out[s] = out[parent].sum(dim=1 + axis, keepdim=True)
     return out
 
 
 def _fold_output(common: Tensor, fo: _FoldOutput, sums: list[dict[tuple[int, ...], Tensor]], counts: list[int],
                  weights: Mapping[str, Tensor], scales: dict | None) -> Tensor:
-    """One folded output (F*K_out, B, *sig): its all-mean block ``common`` (K_out, B, *sig) broadcast over its folded
-    axes plus, per part, one matmul (batched over the kept positions) on its inputs' sums, broadcast over the rest;
+    """One folded output (K_out*F, B, *sig): its all-mean block ``common`` (K_out, B, *sig) broadcast over its folded
+    axes plus, per part, one matmul (over all kept positions at once) on its inputs' sums, broadcast over the rest;
     each part added in place into the smallest part that keeps all its axes."""
     k, shape = common.shape[0], common.shape[1:]
     flat = common.flatten(1)
     m = flat.shape[1]
-    vals = [flat.reshape(*[1] * len(fo.nt), k, m)]
+    vals = [flat.reshape(k, *[1] * len(fo.nt), m)]
     for part in fo.parts:
-        xs = [sums[c][part.axes] for c in part.inputs]
-        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=-2)
+        xs = [sums[c][part.axes] for c in part.inputs]  # (K_in, *kept or 1, M) each
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
         weight = weights[part.weight]  # (len(inputs) * K_in, K_out)
         scale = _row_scale([counts[c] * part.drop for c in part.inputs],
                            [weight.shape[0] // len(part.inputs)] * len(part.inputs), weight, scales)
         if scale is not None:  # sums -> means: scale the small weight, not the input
             weight = weight * (scale if isinstance(scale, float) else scale.view(-1, 1))
-        if part.kept == 1:
-            y = torch.mm(weight.t(), x.reshape(-1, m))
-        else:  # one matmul per kept position, the weight shared (a stride-0 batch)
-            y = torch.bmm(weight.t().unsqueeze(0).expand(part.kept, k, weight.shape[0]),
-                          x.reshape(part.kept, weight.shape[0], m))
-        vals.append(torch.ops.aten._unsafe_view(y, (*x.shape[:-2], k, m)))
+        y = torch.mm(weight.t(), x.reshape(weight.shape[0], -1))  # the weight is shared by the kept positions
+        vals.append(torch.ops.aten._unsafe_view(y, (k, *x.shape[1:])))
     y, _ = _sum_tree(vals, [False] + [True] * len(fo.parts), fo.order, fo.parent)  # the parts are ours; common not
-    if y.shape[:-2] != fo.nt:  # no part keeps every folded axis: materialize the broadcast
-        y = y.expand(*fo.nt, k, m).contiguous()
+    if y.shape[1:-1] != fo.nt:  # no part keeps every folded axis: materialize the broadcast
+        y = y.expand(k, *fo.nt, m).contiguous()
     return torch.ops.aten._unsafe_view(y, (fo.fold * k, *shape))
 
 
