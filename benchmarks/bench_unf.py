@@ -16,7 +16,7 @@
 Calls are interleaved (order alternates every repetition); medians; the load average is printed with each figure.
 
 Run: `.venv/bin/python benchmarks/bench_unf.py [--quick] [--compile SHAPE ...] [--vs-reference] [--skip-terms]
-[--fold-widths N ...] [--grad sum|dense]`.
+[--fold-widths N ...] [--grad sum|dense]` (`--compile` with no shape skips compiling).
 """
 
 from __future__ import annotations
@@ -309,8 +309,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes (a smoke run)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one pinned core)")
-    parser.add_argument("--compile", nargs="*", default=["mlp"], choices=list(SHAPES),
-                        help="shapes to compile with inductor (default: mlp; the CNN and GRU take minutes)")
+    parser.add_argument("--compile", nargs="*", default=list(SHAPES), choices=list(SHAPES),
+                        help="shapes to compile with inductor (default: all three; ~1 minute with a cold cache)")
     parser.add_argument("--skip-terms", action="store_true", help="skip the time-vs-terms table")
     parser.add_argument("--fold-widths", nargs="*", type=int, default=[],
                         help="also time the permutable CNN layer's folded groups dense vs by structure at these "
