@@ -533,7 +533,7 @@ class _FoldGroup:
 
     dense: str | None  # the dense weight's name
     dense_shape: tuple[int, int]  # its (rows, columns) in units of channels: the summed folds of inputs, outputs
-    reorder: tuple[str | None, str | None]  # buffers: the dense weight's row and column orders (None: as assembled)
+    reorder: str | None  # buffer: where each entry of the dense weight is in the assembly's product (None: no fold)
     members: tuple[tuple[str, int, int], ...]  # the original groups whose terms it holds: (key, n_c, n_o)
     weights: tuple[str, ...]  # structured: the weights gathered for it
     nt: tuple[tuple[int, ...], ...]  # per contribution: its piece's non-trivial folded sizes
@@ -725,8 +725,7 @@ class _Folded:
                 bias = f"_fold_{e}_bias"
                 self._buffers[bias] = torch.tensor([bias_at[oi] + j for oi in range(len(g.outputs)) for j in range(cout)
                                                     for _ in range(1 if structured else fout[oi])], dtype=torch.long)
-            reorder = (None if structured or max(fin) == 1 else name + "_r",
-                       None if structured or max(fout) == 1 else name + "_c")
+            reorder = None if structured or max(fin + fout) == 1 else name + "_g"
             plan.append(_FoldGroup(None if structured else name, (sum(fin), sum(fout)), reorder, tuple(members[e]),
                                    names if structured else (),
                                    tuple(nts[p] for p in pin), tuple(math.prod(nts[p]) for p in pin), sums,
@@ -740,8 +739,10 @@ class _Folded:
                        fout: list[int], cin: int, cout: int) -> None:
         """The constant fold matrices (``name_m``, (F rows x F columns, terms), float64) that assemble a dense group
         weight per call from its terms' blocks (rows (contribution, folded, K_in), columns (output, folded, K_out)),
-        and where a fold is not 1, the row and column orders (``name_r``, ``name_c``) that take it to the folded
-        pieces' channels ((contribution, K_in, folded), (output, K_out, folded))."""
+        and where a fold is not 1, the gather index (``name_g``, (rows, columns), int32) that takes the assembly's
+        product (rows (contribution, folded), columns (output, folded), each entry a (K_in, K_out) block) to the
+        weight in the folded pieces' channel order: rows (contribution, K_in, folded), columns (output, K_out,
+        folded). One gather, instead of a reordering copy and a row and a column selection."""
         row_f = [sum(fin[:c]) for c in range(len(fin))]
         col_f = [sum(fout[:o]) for o in range(len(fout))]
         rows_f, cols_f = sum(fin), sum(fout)
@@ -749,11 +750,15 @@ class _Folded:
         for t, (c, o, _, m) in enumerate(terms):
             mat[row_f[c] : row_f[c] + fin[c], col_f[o] : col_f[o] + fout[o], t] = m
         self._buffers[name + "_m"] = mat.reshape(rows_f * cols_f, len(terms))
-        for suffix, folds, k in (("_r", fin, cin), ("_c", fout, cout)):
-            if max(folds) > 1:
+        if max(fin + fout) > 1:
+            def order(folds: list[int], k: int) -> tuple[Tensor, Tensor]:  # per weight row: (fold unit, channel)
                 start = [sum(folds[:i]) for i in range(len(folds))]
-                self._buffers[name + suffix] = torch.tensor([(start[i] + f) * k + j for i, n in enumerate(folds)
-                                                             for j in range(k) for f in range(n)], dtype=torch.long)
+                pairs = [(start[i] + f, j) for i, n in enumerate(folds) for j in range(k) for f in range(n)]
+                return torch.tensor([u for u, _ in pairs]), torch.tensor([j for _, j in pairs])
+            (ru, rk), (cu, ck) = order(fin, cin), order(fout, cout)
+            index = (ru[:, None] * cols_f + cu[None, :]) * (cin * cout) + rk[:, None] * cout + ck[None, :]
+            self._buffers[name + "_g"] = index.to(torch.int32)
+            self._buffers[name + "_gi"] = torch.argsort(index.view(-1)).to(torch.int32)  # its inverse permutation
 
     def _fold_matrix(self, pi: int, r: Read, po: int, w: Write) -> Tensor:
         """(F_in, F_out): how the term maps the folded axes of its input piece onto those of its output piece."""
@@ -793,19 +798,30 @@ class _Folded:
     def buffers(self) -> dict[str, Tensor]:
         return self._buffers
 
-    def fold(self, h: list[Tensor]) -> list[Tensor]:
+    def fold(self, h: list[Tensor], batch_major_min: int | None = None) -> list[Tensor]:
         """Pieces (B, K, *dims) -> channel-major (K*F, B, *other_dims), the folded axes inside the channels (one
-        copy each; none for a layer's own output)."""
+        copy each; none for a layer's own output). With ``batch_major_min``, pieces of at least that many elements
+        are laid out batch-major in memory instead (the transposed view of a contiguous (B, K*F, *other_dims), see
+        ``_batch_major``): the same one copy, none for a layer's own batch-major output."""
         out = []
         for t, fl, rest in zip(h, self.folded, self.rest):
+            if batch_major_min is not None and t.dim() > 2 and t.numel() >= batch_major_min:
+                v = t.permute(0, 1, *(2 + k for k in fl), *(2 + k for k in rest))
+                out.append(v.reshape(v.shape[0], -1, *v.shape[2 + len(fl) :]).transpose(0, 1))
+                continue
             v = t.permute(1, *(2 + k for k in fl), 0, *(2 + k for k in rest))
             out.append(v.reshape(-1, *v.shape[len(fl) + 1 :]))
         return out
 
     def unfold(self, h: list[Tensor], channels: int) -> list[Tensor]:
-        """Channel-major (C*F, B, *other_dims) -> views (B, C, *dims)."""
+        """Channel-major (C*F, B, *other_dims), in either memory layout -> views (B, C, *dims)."""
         out = []
         for t, fl, rest, fs in zip(h, self.folded, self.rest, self.fsizes):
+            if _batch_major(t):
+                t = t.transpose(0, 1).reshape(t.shape[1], channels, *fs, *t.shape[2:])  # (B, C, *folded, *rest)
+                where = {k: 2 + j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
+                out.append(t.permute(0, 1, *(where[k] for k in range(len(fl) + len(rest)))))
+                continue
             t = t.reshape(channels, *fs, *t.shape[1:])  # (C, *folded, B, *rest)
             where = {k: 1 + j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
             out.append(t.permute(1 + len(fl), 0, *(where[k] for k in range(len(fl) + len(rest)))))
@@ -829,13 +845,17 @@ class _Folded:
                         w = w.view(nc, cin, no, cout).permute(0, 2, 1, 3)
                     blocks.append(w.reshape(nc * no, cin * cout))
                 stack = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-                y = torch.mm(self._matrix(module, fg.dense + "_m", stack.dtype), stack)
+                y = torch.mm(self._matrix(module, fg.dense + "_m", stack.dtype), stack)  # (R*C units, K_in*K_out)
                 rows, cols = fg.dense_shape
-                y = y.view(rows, cols, cin, cout).permute(0, 2, 1, 3).reshape(rows * cin, cols * cout)
-                for dim, order in enumerate(fg.reorder):  # rows, columns (.., folded, K) -> (.., K, folded)
-                    if order is not None:
-                        y = y.index_select(dim, getattr(module, order))
-                out[fg.dense] = y
+                if fg.reorder is not None:  # (contribution, K_in, folded) x (output, K_out, folded)
+                    index = getattr(module, fg.reorder)
+                    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+                        y = y.view(-1).index_select(0, index.view(-1))
+                    else:  # its gradient gathered back through the inverse permutation: no zero fill, no index_add
+                        y = _Permutation.apply(y.view(-1), index.view(-1), getattr(module, fg.reorder + "i"))
+                    out[fg.dense] = y.view(index.shape)
+                else:
+                    out[fg.dense] = y.view(rows, cols, cin, cout).permute(0, 2, 1, 3).reshape(rows * cin, cols * cout)
             for name in fg.weights:
                 idx = getattr(module, name)
                 w = flat.index_select(0, idx.view(-1)).view(idx.shape)  # type: ignore[union-attr]
@@ -941,6 +961,21 @@ def _sum_tree(vals: list[Tensor | None], fresh: list[bool], order: tuple[int, ..
         else:
             acc, own = acc + vals[i], True
     return acc, own  # type: ignore[return-value]
+
+
+class _Permutation(torch.autograd.Function):
+    """``x.index_select(0, index)`` for a permutation ``index`` of x's (1-D) entries, whose gradient is the same
+    gather through the ``inverse`` permutation (not a zero fill and an index_add)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 class _PermutedCopy(torch.autograd.Function):
@@ -1224,13 +1259,18 @@ class UNFLinear(nn.Module):
             h = list(h)
             for i, key in self._embedded:
                 h[i] = h[i] + self.pos_embed[key]
-        if self._folded is None and not torch._C._are_functorch_transforms_active():
+        if torch._C._are_functorch_transforms_active():
+            return self._forward_work(self._work_layout(h), act, act_, channel_major)
+        if self._folded is None:
             # large contiguous (B, K, ...) pieces are computed batch-major as they are (no layout copy in or out);
             # small ones are cheaper to copy than to run as a matmul per batch member
             h = [t.transpose(0, 1) if t.is_contiguous() and t.numel() >= _BATCH_MAJOR_MIN
                  else t.transpose(0, 1).contiguous() for t in h]
             return self._forward_work(h, act, act_, channel_major)
-        return self._forward_work(self._work_layout(h), act, act_, channel_major)
+        # folded: large pieces batch-major too (folding is a copy either way) unless a group is computed by its
+        # structure, whose sums and matmuls over the folded axes take channel-major pieces
+        return self._forward_work(self._folded.fold(h, None if self._folded.structured else _BATCH_MAJOR_MIN),
+                                  act, act_, channel_major)
 
     @property
     def channel_major(self) -> bool:
