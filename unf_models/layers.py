@@ -533,7 +533,6 @@ class _FoldGroup:
 
     dense: str | None  # the dense weight's name
     dense_shape: tuple[int, int]  # its (rows, columns) in units of channels: the summed folds of inputs, outputs
-    reorder: str | None  # buffer: where each entry of the dense weight is in the assembly's product (None: no fold)
     members: tuple[tuple[str, int, int], ...]  # the original groups whose terms it holds: (key, n_c, n_o)
     weights: tuple[str, ...]  # structured: the weights gathered for it
     nt: tuple[tuple[int, ...], ...]  # per contribution: its piece's non-trivial folded sizes
@@ -607,15 +606,14 @@ def _sum_plan(nt: tuple[int, ...], need: set[tuple[int, ...]]
 class _Folded:
     """The layer's terms computed with its single-axis fixed labels (see ``_fold_labels``) folded into channels.
 
-    Pieces become channel-major ``(K*F, B, *other_dims)`` (the folded axes inside the channels, as exact mode folds
-    fixed axes: one copy from the public layout); the basis over the remaining labels is planned as usual. Each
-    original term maps the folded axes by a constant ``(F_in, F_out)`` matrix: between pieces mean-then-broadcast,
-    from a piece onto itself identity or mean-then-broadcast per folded axis. So a group is computed by its structure
-    instead of one dense ``(K_in*F_in, K_out*F_out)`` matmul: one matmul on the inputs' full means (every all-mean
-    term of the group, with the summed blocks of its terms), and per folded piece and set S of kept folded axes one
-    matmul over all kept positions (the weight shared) on the means over the others, broadcast back over them;
-    size-1 folded axes are dropped (the terms keeping them or not are summed). The weights are the parameters' own
-    blocks, gathered by constant indices (no fold matrices)."""
+    Pieces become channel-major ``(F*K, B, *other_dims)`` (folded axes outermost); the basis over the remaining
+    labels is planned as usual. Each original term maps the folded axes by a constant ``(F_in, F_out)`` matrix:
+    between pieces mean-then-broadcast, from a piece onto itself identity or mean-then-broadcast per folded axis.
+    So a group is computed by its structure instead of one dense ``(F_in*K_in, F_out*K_out)`` matmul: one matmul on
+    the inputs' full means (every all-mean term of the group, with the summed blocks of its terms), and per folded
+    piece and set S of kept folded axes one matmul batched over the kept positions on the means over the others,
+    broadcast back over them; size-1 folded axes are dropped (the terms keeping them or not are summed). The weights
+    are the parameters' own blocks, gathered by constant indices (no fold matrices)."""
 
     def __init__(self, spec: WeightSpec, pieces: list[_Piece], read_list: list[tuple[int, Read]],
                  groups: list[_Group], labels: frozenset[str], in_channels: int, out_channels: int,
@@ -723,10 +721,10 @@ class _Folded:
             bias = None
             if not g.signature:  # the bias: one slice per output, broadcast over the folded axes too
                 bias = f"_fold_{e}_bias"
-                self._buffers[bias] = torch.tensor([bias_at[oi] + j for oi in range(len(g.outputs)) for j in range(cout)
-                                                    for _ in range(1 if structured else fout[oi])], dtype=torch.long)
-            reorder = None if structured or max(fin + fout) == 1 else name + "_g"
-            plan.append(_FoldGroup(None if structured else name, (sum(fin), sum(fout)), reorder, tuple(members[e]),
+                self._buffers[bias] = torch.tensor([bias_at[oi] + j for oi in range(len(g.outputs))
+                                                    for _ in range(1 if structured else fout[oi]) for j in range(cout)],
+                                                   dtype=torch.long)
+            plan.append(_FoldGroup(None if structured else name, (sum(fin), sum(fout)), tuple(members[e]),
                                    names if structured else (),
                                    tuple(nts[p] for p in pin), tuple(math.prod(nts[p]) for p in pin), sums,
                                    names[0], bias, tuple(outs)))
@@ -738,11 +736,8 @@ class _Folded:
     def _dense_buffers(self, name: str, terms: list[tuple[int, int, tuple[int, int], Tensor]], fin: list[int],
                        fout: list[int], cin: int, cout: int) -> None:
         """The constant fold matrices (``name_m``, (F rows x F columns, terms), float64) that assemble a dense group
-        weight per call from its terms' blocks (rows (contribution, folded, K_in), columns (output, folded, K_out)),
-        and where a fold is not 1, the gather index (``name_g``, (rows, columns), int32) that takes the assembly's
-        product (rows (contribution, folded), columns (output, folded), each entry a (K_in, K_out) block) to the
-        weight in the folded pieces' channel order: rows (contribution, K_in, folded), columns (output, K_out,
-        folded). One gather, instead of a reordering copy and a row and a column selection."""
+        weight per call from its terms' blocks (rows (contribution, folded, K_in), columns (output, folded, K_out),
+        as the folded pieces' channels)."""
         row_f = [sum(fin[:c]) for c in range(len(fin))]
         col_f = [sum(fout[:o]) for o in range(len(fout))]
         rows_f, cols_f = sum(fin), sum(fout)
@@ -750,15 +745,6 @@ class _Folded:
         for t, (c, o, _, m) in enumerate(terms):
             mat[row_f[c] : row_f[c] + fin[c], col_f[o] : col_f[o] + fout[o], t] = m
         self._buffers[name + "_m"] = mat.reshape(rows_f * cols_f, len(terms))
-        if max(fin + fout) > 1:
-            def order(folds: list[int], k: int) -> tuple[Tensor, Tensor]:  # per weight row: (fold unit, channel)
-                start = [sum(folds[:i]) for i in range(len(folds))]
-                pairs = [(start[i] + f, j) for i, n in enumerate(folds) for j in range(k) for f in range(n)]
-                return torch.tensor([u for u, _ in pairs]), torch.tensor([j for _, j in pairs])
-            (ru, rk), (cu, ck) = order(fin, cin), order(fout, cout)
-            index = (ru[:, None] * cols_f + cu[None, :]) * (cin * cout) + rk[:, None] * cout + ck[None, :]
-            self._buffers[name + "_g"] = index.to(torch.int32)
-            self._buffers[name + "_gi"] = torch.argsort(index.view(-1)).to(torch.int32)  # its inverse permutation
 
     def _fold_matrix(self, pi: int, r: Read, po: int, w: Write) -> Tensor:
         """(F_in, F_out): how the term maps the folded axes of its input piece onto those of its output piece."""
@@ -799,32 +785,35 @@ class _Folded:
         return self._buffers
 
     def fold(self, h: list[Tensor], batch_major_min: int | None = None) -> list[Tensor]:
-        """Pieces (B, K, *dims) -> channel-major (K*F, B, *other_dims), the folded axes inside the channels (one
-        copy each; none for a layer's own output). With ``batch_major_min``, pieces of at least that many elements
-        are laid out batch-major in memory instead (the transposed view of a contiguous (B, K*F, *other_dims), see
-        ``_batch_major``): the same one copy, none for a layer's own batch-major output."""
+        """Pieces (B, K, *dims) -> channel-major (F*K, B, *other_dims), folded axes outermost (one copy each; none
+        for a layer's own output). With ``batch_major_min``, pieces of at least that many elements that are not
+        already laid out so are folded batch-major in memory instead: the transposed view of a contiguous
+        (B, F*K, *other_dims) (``_batch_major``), one copy too, none for a layer's own batch-major output."""
         out = []
         for t, fl, rest in zip(h, self.folded, self.rest):
-            if batch_major_min is not None and t.dim() > 2 and t.numel() >= batch_major_min:
-                v = t.permute(0, 1, *(2 + k for k in fl), *(2 + k for k in rest))
+            v = t.permute(*(2 + k for k in fl), 1, 0, *(2 + k for k in rest))
+            if batch_major_min is not None and t.dim() > 2 and t.numel() >= batch_major_min and not v.is_contiguous():
+                v = t.permute(0, *(2 + k for k in fl), 1, *(2 + k for k in rest))
                 out.append(v.reshape(v.shape[0], -1, *v.shape[2 + len(fl) :]).transpose(0, 1))
                 continue
-            v = t.permute(1, *(2 + k for k in fl), 0, *(2 + k for k in rest))
+            if fl and not v.is_contiguous():  # copy channel by channel first (the source stays in cache), then the
+                v = t.permute(1, *(2 + k for k in fl), 0, *(2 + k for k in rest)).contiguous()  # folded axes
+                v = v.permute(*range(1, 1 + len(fl)), 0, *range(1 + len(fl), v.dim()))  # to the front: ~25% faster
             out.append(v.reshape(-1, *v.shape[len(fl) + 1 :]))
         return out
 
     def unfold(self, h: list[Tensor], channels: int) -> list[Tensor]:
-        """Channel-major (C*F, B, *other_dims), in either memory layout -> views (B, C, *dims)."""
+        """Channel-major (F*C, B, *other_dims), in either memory layout -> views (B, C, *dims)."""
         out = []
         for t, fl, rest, fs in zip(h, self.folded, self.rest, self.fsizes):
             if _batch_major(t):
-                t = t.transpose(0, 1).reshape(t.shape[1], channels, *fs, *t.shape[2:])  # (B, C, *folded, *rest)
-                where = {k: 2 + j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
-                out.append(t.permute(0, 1, *(where[k] for k in range(len(fl) + len(rest)))))
+                t = t.transpose(0, 1).reshape(t.shape[1], *fs, channels, *t.shape[2:])  # (B, *folded, C, *rest)
+                where = {k: 1 + j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
+                out.append(t.permute(0, 1 + len(fl), *(where[k] for k in range(len(fl) + len(rest)))))
                 continue
-            t = t.reshape(channels, *fs, *t.shape[1:])  # (C, *folded, B, *rest)
-            where = {k: 1 + j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
-            out.append(t.permute(1 + len(fl), 0, *(where[k] for k in range(len(fl) + len(rest)))))
+            t = t.reshape(*fs, channels, *t.shape[1:])  # (*folded, C, B, *rest)
+            where = {k: j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
+            out.append(t.permute(len(fl) + 1, len(fl), *(where[k] for k in range(len(fl) + len(rest)))))
         return out
 
     def weights(self, module: nn.Module) -> dict[str, Tensor]:
@@ -845,17 +834,10 @@ class _Folded:
                         w = w.view(nc, cin, no, cout).permute(0, 2, 1, 3)
                     blocks.append(w.reshape(nc * no, cin * cout))
                 stack = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-                y = torch.mm(self._matrix(module, fg.dense + "_m", stack.dtype), stack)  # (R*C units, K_in*K_out)
+                y = torch.mm(self._matrix(module, fg.dense + "_m", stack.dtype), stack)
                 rows, cols = fg.dense_shape
-                if fg.reorder is not None:  # (contribution, K_in, folded) x (output, K_out, folded)
-                    index = getattr(module, fg.reorder)
-                    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-                        y = y.view(-1).index_select(0, index.view(-1))
-                    else:  # its gradient gathered back through the inverse permutation: no zero fill, no index_add
-                        y = _Permutation.apply(y.view(-1), index.view(-1), getattr(module, fg.reorder + "i"))
-                    out[fg.dense] = y.view(index.shape)
-                else:
-                    out[fg.dense] = y.view(rows, cols, cin, cout).permute(0, 2, 1, 3).reshape(rows * cin, cols * cout)
+                y = y.view(rows, cols, cin, cout).permute(0, 2, 1, 3)
+                out[fg.dense] = y.reshape(rows * cin, cols * cout)
             for name in fg.weights:
                 idx = getattr(module, name)
                 w = flat.index_select(0, idx.view(-1)).view(idx.shape)  # type: ignore[union-attr]
@@ -963,21 +945,6 @@ def _sum_tree(vals: list[Tensor | None], fresh: list[bool], order: tuple[int, ..
     return acc, own  # type: ignore[return-value]
 
 
-class _Permutation(torch.autograd.Function):
-    """``x.index_select(0, index)`` for a permutation ``index`` of x's (1-D) entries, whose gradient is the same
-    gather through the ``inverse`` permutation (not a zero fill and an index_add)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
 class _PermutedCopy(torch.autograd.Function):
     """``x.permute(perm).contiguous()`` whose gradient is contiguous too. Plain autograd hands back the permuted view
     of the output's gradient; once summed with ``x``'s other gradients the sum keeps that transposed layout, and every
@@ -1050,38 +1017,42 @@ class _Split(torch.autograd.Function):
 
 
 def _fold_sums(x: Tensor, nt: tuple[int, ...], steps: tuple) -> dict[tuple[int, ...], Tensor]:
-    """A folded group input (K*F, B, *sig) as ``(K, *nt, M)`` and its sums over the folded axes not in each needed
+    """A folded group input (F*K, B, *sig) as ``(*nt, K, M)`` and its sums over the folded axes not in each needed
     set S (kept as size-1 dims), keyed by S; each sum from its smallest parent (``_sum_plan``)."""
     full = tuple(range(len(nt)))
     flat = x.flatten(1)
-    out = {full: flat.reshape(-1, *nt, flat.shape[1])}
+    out = {full: flat.reshape(*nt, -1, flat.shape[1])}
     for s, parent, axis in steps:
-        out[s] = out[parent].sum(dim=1 + axis, keepdim=True)
+        out[s] = out[parent].sum(dim=axis, keepdim=True)
     return out
 
 
 def _fold_output(common: Tensor, fo: _FoldOutput, sums: list[dict[tuple[int, ...], Tensor]], counts: list[int],
                  weights: Mapping[str, Tensor], scales: dict | None) -> Tensor:
-    """One folded output (K_out*F, B, *sig): its all-mean block ``common`` (K_out, B, *sig) broadcast over its folded
-    axes plus, per part, one matmul (over all kept positions at once) on its inputs' sums, broadcast over the rest;
+    """One folded output (F*K_out, B, *sig): its all-mean block ``common`` (K_out, B, *sig) broadcast over its folded
+    axes plus, per part, one matmul (batched over the kept positions) on its inputs' sums, broadcast over the rest;
     each part added in place into the smallest part that keeps all its axes."""
     k, shape = common.shape[0], common.shape[1:]
     flat = common.flatten(1)
     m = flat.shape[1]
-    vals = [flat.reshape(k, *[1] * len(fo.nt), m)]
+    vals = [flat.reshape(*[1] * len(fo.nt), k, m)]
     for part in fo.parts:
-        xs = [sums[c][part.axes] for c in part.inputs]  # (K_in, *kept or 1, M) each
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        xs = [sums[c][part.axes] for c in part.inputs]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=-2)
         weight = weights[part.weight]  # (len(inputs) * K_in, K_out)
         scale = _row_scale([counts[c] * part.drop for c in part.inputs],
                            [weight.shape[0] // len(part.inputs)] * len(part.inputs), weight, scales)
         if scale is not None:  # sums -> means: scale the small weight, not the input
             weight = weight * (scale if isinstance(scale, float) else scale.view(-1, 1))
-        y = torch.mm(weight.t(), x.reshape(weight.shape[0], -1))  # the weight is shared by the kept positions
-        vals.append(torch.ops.aten._unsafe_view(y, (k, *x.shape[1:])))
+        if part.kept == 1:
+            y = torch.mm(weight.t(), x.reshape(-1, m))
+        else:  # one matmul per kept position, the weight shared (a stride-0 batch)
+            y = torch.bmm(weight.t().unsqueeze(0).expand(part.kept, k, weight.shape[0]),
+                          x.reshape(part.kept, weight.shape[0], m))
+        vals.append(torch.ops.aten._unsafe_view(y, (*x.shape[:-2], k, m)))
     y, _ = _sum_tree(vals, [False] + [True] * len(fo.parts), fo.order, fo.parent)  # the parts are ours; common not
-    if y.shape[1:-1] != fo.nt:  # no part keeps every folded axis: materialize the broadcast
-        y = y.expand(k, *fo.nt, m).contiguous()
+    if y.shape[:-2] != fo.nt:  # no part keeps every folded axis: materialize the broadcast
+        y = y.expand(*fo.nt, k, m).contiguous()
     return torch.ops.aten._unsafe_view(y, (fo.fold * k, *shape))
 
 
