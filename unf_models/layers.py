@@ -606,8 +606,9 @@ def _sum_plan(nt: tuple[int, ...], need: set[tuple[int, ...]]
 class _Folded:
     """The layer's terms computed with its single-axis fixed labels (see ``_fold_labels``) folded into channels.
 
-    Pieces become channel-major ``(F*K, B, *other_dims)`` (folded axes outermost); the basis over the remaining
-    labels is planned as usual. Each original term maps the folded axes by a constant ``(F_in, F_out)`` matrix:
+    Pieces become channel-major ``(F*K, B, *other_dims)`` (folded axes outermost; in memory batch-major for large
+    pieces of a plan without structured groups, see ``fold``); the basis over the remaining labels is planned as
+    usual. Each original term maps the folded axes by a constant ``(F_in, F_out)`` matrix:
     between pieces mean-then-broadcast, from a piece onto itself identity or mean-then-broadcast per folded axis.
     So a group is computed by its structure instead of one dense ``(F_in*K_in, F_out*K_out)`` matmul: one matmul on
     the inputs' full means (every all-mean term of the group, with the summed blocks of its terms), and per folded
