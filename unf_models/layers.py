@@ -807,14 +807,12 @@ class _Folded:
         """Channel-major (F*C, B, *other_dims), in either memory layout -> views (B, C, *dims)."""
         out = []
         for t, fl, rest, fs in zip(h, self.folded, self.rest, self.fsizes):
-            if _batch_major(t):
-                t = t.transpose(0, 1).reshape(t.shape[1], *fs, channels, *t.shape[2:])  # (B, *folded, C, *rest)
-                where = {k: 1 + j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
-                out.append(t.permute(0, 1 + len(fl), *(where[k] for k in range(len(fl) + len(rest)))))
-                continue
-            t = t.reshape(*fs, channels, *t.shape[1:])  # (*folded, C, B, *rest)
-            where = {k: j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
-            out.append(t.permute(len(fl) + 1, len(fl), *(where[k] for k in range(len(fl) + len(rest)))))
+            if _batch_major(t):  # memory (B, *folded, C, *rest)
+                t, batch, first = t.transpose(0, 1).reshape(t.shape[1], *fs, channels, *t.shape[2:]), 0, 1
+            else:  # memory (*folded, C, B, *rest)
+                t, batch, first = t.reshape(*fs, channels, *t.shape[1:]), len(fl) + 1, 0
+            where = {k: first + j for j, k in enumerate(fl)} | {k: 2 + len(fl) + j for j, k in enumerate(rest)}
+            out.append(t.permute(batch, first + len(fl), *(where[k] for k in range(len(fl) + len(rest)))))
         return out
 
     def weights(self, module: nn.Module) -> dict[str, Tensor]:
