@@ -661,23 +661,18 @@ def train_population(
         model.eval()
         params = views(flat)
         y_dim = None if y_rows is None else 0
-        fwd = vmap(lambda p, xb, yb: _sample_stats(kind, _run_model(model, kind, p, xb, yb), yb, pad_id), in_dims=(0, None, y_dim))
-        if cnn is not None:
-            logits_of = cnn.evaluator(params)  # the batched CNN: same stats, no vmap, matrices built once
+        fast = cnn if cnn is not None else seq2seq
+        if fast is None:
+            fwd = vmap(lambda p, xb, yb: _sample_stats(kind, _run_model(model, kind, p, xb, yb), yb, pad_id),
+                       in_dims=(0, None, y_dim))
+        else:  # the batched CNN or GRU seq2seq: same stats, no vmap (the CNN's matrices built once)
+            outputs_of = fast.evaluator(params)
 
-            def fwd(p, xb, yb):  # noqa: F811
-                yb = yb.expand(n_mem, -1) if yb.dim() == 1 else yb
-                return _sample_stats(kind, logits_of(xb).flatten(0, 1), yb.flatten(), pad_id).view(*yb.shape, 4)
-
-        if seq2seq is not None:
-            outputs_of = seq2seq.evaluator(params)  # the batched GRU seq2seq: same stats, no vmap
-
-            def fwd(p, xb, yb):  # noqa: F811
-                logits = outputs_of(xb, yb)  # (M, b, T, vocab)
-                yb = yb.expand(n_mem, *yb.shape) if yb.dim() == 2 else yb
+            def fwd(p, xb, yb):
+                yb = yb.expand(n_mem, *yb.shape) if y_rows is None else yb  # (M, b[, T]) labels per member
+                logits = outputs_of(xb) if cnn is not None else outputs_of(xb, yb)  # (M, b[, T], outputs)
                 return _sample_stats(kind, logits.flatten(0, 1), yb.flatten(0, 1), pad_id).view(*yb.shape[:2], 4)
 
-        fast = cnn if cnn is not None else seq2seq
         rows = max(1, fast.eval_rows // n_mem) if fast is not None else max(_EVAL_MIN_ROWS, _EVAL_ROWS // n_mem)
         sums = torch.zeros(n_mem, 4, device=dev, dtype=dtype)
         with torch.no_grad():
