@@ -102,9 +102,11 @@ def _inputs(spec: um.WeightSpec) -> dict[str, torch.Tensor]:
     return {k: torch.randn(BATCH, CHANNELS, *s, generator=g) for k, s in spec.shapes.items()}
 
 
-def _ours_step(layer: nn.Module, x: dict[str, torch.Tensor]) -> Callable[[], None]:
+def _ours_step(layer: nn.Module, x: dict[str, torch.Tensor], grads: list[torch.Tensor] | None = None
+               ) -> Callable[[], None]:
+    """One forward + backward of ``layer`` on ``x``, from sum(outputs) or from the output gradients ``grads``."""
     def run() -> None:
-        _backward(list(layer(x).values()), None)
+        _backward(list(layer(x).values()), grads)
     return run
 
 
@@ -233,16 +235,11 @@ def bench_compile(shapes: list[str], reps: int) -> None:
             compiled = torch.compile(layer)
             g = torch.Generator().manual_seed(1)
             dense = [torch.randn(o.shape, generator=g) for o in layer(x).values()]
-
-            def step(module: nn.Module, grads: list[torch.Tensor] | None) -> Callable[[], None]:
-                def run() -> None:
-                    _backward(list(module(x).values()), grads)
-                return run
             t0 = time.perf_counter()
-            step(compiled, dense)()
+            _ours_step(compiled, x, dense)()
             seconds = time.perf_counter() - t0
-            t = _timeit({"eager": step(layer, dense), "compiled": step(compiled, dense),
-                         "eager sum": step(layer, None), "compiled sum": step(compiled, None)}, reps)
+            t = _timeit({"eager": _ours_step(layer, x, dense), "compiled": _ours_step(compiled, x, dense),
+                         "eager sum": _ours_step(layer, x), "compiled sum": _ours_step(compiled, x)}, reps)
             speedup = t["eager"] / t["compiled"]
             print(f"  compile {shape} {mode}: {seconds:.1f} s; dense output gradients: eager {t['eager'] * 1e3:.2f} "
                   f"ms, compiled {t['compiled'] * 1e3:.2f} ms; from sum(outputs): eager {t['eager sum'] * 1e3:.2f} "
