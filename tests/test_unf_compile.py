@@ -42,7 +42,8 @@ def _fresh_dynamo():
 @pytest.mark.parametrize("name,mode,backend,structured", [("gru", "permutable", "aot_eager", None),
                                                            ("gru_seq2seq", "exact", "eager", None),
                                                            ("cnn", "permutable", "aot_eager", True),
-                                                           ("gru", "exact", "aot_eager", "batch-major")])
+                                                           ("gru", "exact", "aot_eager", "batch-major"),
+                                                           ("cnn", "permutable", "aot_eager", "batch-major")])
 def test_linear_compiles_in_one_graph(name: str, mode: str, backend: str, structured: bool | str | None,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Tied labels (diagonal reads and writes), parts split from one tensor, folded fixed axes (assembled dense
