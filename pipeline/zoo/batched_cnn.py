@@ -5,7 +5,11 @@ vmapping the single-member module spends most of its time in layout copies and t
 the same network directly on stacked tensors (k members, each with its own batch of B samples) with batched matrix
 products; autograd of the summed member losses then gives every member its own gradient (members share nothing).
 
-Each convolution is one of two plain batched products:
+Each convolution is one of three plain batched products:
+- patches (the first layer, whose input is data and needs no gradient): the im2col patches of the inputs, gathered
+  with one precomputed index, times the (C*kh*kw, O) kernel: one bmm with no wasted multiply-adds and a backward
+  that is one small bmm. Its output is channels-last, (k, B, Ho*Wo*O), which the next layer reads as it is (its
+  dense matrix's rows are ordered to match; dropout hashes each element's index in the module's (O, Ho, Wo) order);
 - dense (small images, the zoo's 8x8 ones): the kernel is gathered into the layer's (C*H*W, O*Ho*Wo) matrix and
   x (k, B, C*H*W) @ that matrix is one bmm; the backward forms that matrix's gradient with one bmm and sums each
   kernel entry's copies with a gather (no scatter-add);
@@ -15,7 +19,7 @@ Activations, counter-based dropout (the same keep masks as `MemberDropout` compu
 average pooling and the linear head follow `CNNMember.forward`; results equal the vmapped module's up to float
 rounding. With relu, bias, dropout and activation run in place on the product's output (no new buffers: on a CPU,
 fresh multi-MiB tensors cost more than the arithmetic). `evaluator` serves eval mode on inputs shared by all members:
-the dense matrices are built once and the first layer is one product for all members.
+the dense matrices are built once and the first layer is one product of the shared patches with all members' kernels.
 """
 
 from __future__ import annotations
@@ -80,24 +84,46 @@ class _ConvPlan:
     w: int
     ho: int
     wo: int
-    dense: bool
+    kind: str  # "patches" (first layer, output channels-last), "dense" or "unfold"
+    in_last: bool = False  # the input is channels-last, (H*W, C) per sample: the patches layer's output
+    pixels: torch.Tensor | None = None  # patches: (L*C*K,) positions in the zero-padded flat input (C*H*W + 1)
     fwd: torch.Tensor | None = None  # dense: gather index into the padded flat kernel (C*H*W*O*L,)
     copies: torch.Tensor | None = None  # dense: (L, O*C*K) positions in D of each kernel entry's copies
     inside: torch.Tensor | None = None  # dense: (L, O*C*K) 1 where that copy exists, 0 where it falls on padding
 
 
-def _dense_indices(
-    c_in: int, c_out: int, h: int, w: int, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """Index maps between a kernel (O, C, kh, kw) and the layer's dense matrix D (C*H*W, O*L), D[(c, pix), (o, l)] =
-    kernel[o, c, i, j] where output position l reads pixel pix through tap (i, j), else 0."""
+def _taps(h: int, w: int, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int]
+          ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """For each kernel tap (i, j) and output position l: whether it reads inside the image, and which pixel
+    (K, L) each; and the output size."""
     (kh, kw), (sh, sw), (ph, pw) = k, s, p
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    kk, hw, big_l = kh * kw, h * w, ho * wo
     rows = torch.arange(ho)[None, None, :, None] * sh + torch.arange(kh)[:, None, None, None] - ph  # (kh, 1, Ho, 1)
     cols = torch.arange(wo)[None, None, None, :] * sw + torch.arange(kw)[None, :, None, None] - pw  # (1, kw, 1, Wo)
-    inside = ((rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)).reshape(kk, big_l)  # (K, L)
-    pixel = (rows * w + cols).reshape(kk, big_l)  # (K, L) where inside
+    inside = ((rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)).reshape(kh * kw, ho * wo)  # (K, L)
+    pixel = (rows * w + cols).reshape(kh * kw, ho * wo)  # (K, L) where inside
+    return inside, pixel, ho, wo
+
+
+def _patch_indices(c_in: int, h: int, w: int, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int],
+                   device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """im2col as one gather: (L*C*K,) positions in a flat (C*H*W) input zero-padded by one slot, entry (l, c, tap)
+    the pixel tap (i, j) of output position l reads in channel c (the padding slot where it falls outside)."""
+    inside, pixel, ho, wo = _taps(h, w, k, s, p)
+    c = torch.arange(c_in)[None, :, None]  # (1, C, 1)
+    pos = torch.where(inside.t()[:, None, :], c * (h * w) + pixel.t()[:, None, :], c_in * h * w)  # (L, C, K)
+    return pos.reshape(-1).to(device), ho, wo
+
+
+def _dense_indices(
+    c_in: int, c_out: int, h: int, w: int, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int],
+    device: torch.device, in_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """Index maps between a kernel (O, C, kh, kw) and the layer's dense matrix D (C*H*W, O*L), D[(c, pix), (o, l)] =
+    kernel[o, c, i, j] where output position l reads pixel pix through tap (i, j), else 0; rows (pix, c) instead
+    when `in_last` (a channels-last input)."""
+    inside, pixel, ho, wo = _taps(h, w, k, s, p)
+    kk, hw, big_l = k[0] * k[1], h * w, ho * wo
     n_kernel = c_out * c_in * kk
     # tap[pix, l]: the tap reading pixel pix at output l, or kk (none); stride >= 1 means at most one tap per pair
     tap = torch.full((hw, big_l), kk, dtype=torch.int64)
@@ -107,43 +133,52 @@ def _dense_indices(
     o, c = torch.arange(c_out), torch.arange(c_in)
     # padded flat kernel: entry (o, c, tap) at (o * C + c) * K + tap; "none" -> n_kernel (the zero slot)
     entry = (o[None, None, :, None] * c_in + c[:, None, None, None]) * kk + tap[None, :, None, :]  # (C, HW, O, L)
-    fwd = torch.where(tap[None, :, None, :] < kk, entry, n_kernel).reshape(-1)
-    # copies of kernel entry (o, c, tap): dense positions ((c * HW + pixel[tap, l]) * O + o) * L + l, l inside
-    pos = ((c[None, :, None, None] * hw + pixel[None, None]) * c_out + o[:, None, None, None]) * big_l + lpos[None, None]
+    fwd = torch.where(tap[None, :, None, :] < kk, entry, n_kernel)
+    fwd = (fwd.transpose(0, 1) if in_last else fwd).reshape(-1)  # rows (pix, c) or (c, pix)
+    # copies of kernel entry (o, c, tap): dense positions (row(c, pixel[tap, l]) * O + o) * L + l, l inside
+    c4, pix4 = c[None, :, None, None], pixel[None, None]
+    row = pix4 * c_in + c4 if in_last else c4 * hw + pix4
+    pos = (row * c_out + o[:, None, None, None]) * big_l + lpos[None, None]
     valid = inside[None, None].expand(c_out, c_in, kk, big_l)
     copies = torch.where(valid, pos, 0).reshape(n_kernel, big_l).t().contiguous()  # (L, O*C*K)
     inside = valid.reshape(n_kernel, big_l).t().contiguous()
     return fwd.to(device), copies.to(device), inside.to(device), ho, wo
 
 
-_BITS: dict[tuple[int, str], torch.Tensor] = {}
+_BITS: dict[tuple[int, str, tuple[int, int] | None], torch.Tensor] = {}
 
 
-def _index_hash(n: int, device: torch.device) -> torch.Tensor:
-    """The key-independent part of the counter noise, cached per size and device: i = arange(n) * golden (int32)
-    after the hash's first xor-shift, i ^ (i >>> 16). That step distributes over the xor with the key's base
-    (x >>> s = (i >>> s) ^ (base >>> s) for x = i ^ base), so it is done here once instead of every step."""
-    hit = _BITS.get((n, str(device)))
+def _index_hash(n: int, device: torch.device, channels_last: tuple[int, int] | None = None) -> torch.Tensor:
+    """The key-independent part of the counter noise, cached per size, device and layout: i = index * golden
+    (int32) after the hash's first xor-shift, i ^ (i >>> 16). That step distributes over the xor with the key's base
+    (x >>> s = (i >>> s) ^ (base >>> s) for x = i ^ base), so it is done here once instead of every step. The index
+    is arange(n), or with `channels_last` (C, L) each stored (l, c) element's index in (C, L) order."""
+    hit = _BITS.get((n, str(device), channels_last))
     if hit is None:
-        i = torch.arange(n, device=device, dtype=torch.int32) * _GOLDEN
+        i = torch.arange(n, device=device, dtype=torch.int32)
+        if channels_last is not None:
+            i = i.view(-1, *channels_last).transpose(1, 2).reshape(-1)
+        i = i * _GOLDEN
         hit = i ^ ((i >> 16) & 0xFFFF)
-        _BITS[(n, str(device))] = hit
+        _BITS[(n, str(device), channels_last)] = hit
     return hit
 
 
 def batched_counter_keep(
-    keys: torch.Tensor, salt: int, numel: int, rates: torch.Tensor, dtype: torch.dtype = torch.bool
+    keys: torch.Tensor, salt: int, numel: int, rates: torch.Tensor, dtype: torch.dtype = torch.bool,
+    channels_last: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Keep masks (k, numel) of `MemberDropout`'s counter noise for k members at once (bool, or 0/1 in a float
     `dtype`): member i keeps element j iff the 24 bits `_counter_bits(keys[i], salt, ...)` at j are
-    >= floor(rates[i] * 2^24). Same bits, computed in
+    >= floor(rates[i] * 2^24); with `channels_last` (C, L), elements are stored (..., L, C) and each gets the bits
+    of its index in the module's (..., C, L) order. Same bits, computed in
     place on blocks of members that fit in cache, and compared without the final shift (u >> 8 >= t  <=>  u >= t << 8
     on unsigned 32-bit u)."""
     k = len(keys)
     base = _mix32(keys ^ (salt * 0x2545F491 & _M31))  # (k,)
     base = base ^ ((base >> 16) & 0xFFFF)  # its part of the hash's first xor-shift (see _index_hash)
     threshold = ((rates * float(1 << 24)).to(torch.int32).to(torch.int64) * 256 + _SIGN).to(torch.int32)  # (k,)
-    index = _index_hash(numel, keys.device)[None, :]
+    index = _index_hash(numel, keys.device, channels_last)[None, :]
     out = torch.empty(k, numel, dtype=dtype, device=keys.device)
     rows = max(1, _BLOCK // numel) if keys.device.type == "cpu" else k  # cache blocks matter on CPUs only
     x = torch.empty(min(k, rows), numel, dtype=torch.int32, device=keys.device)
@@ -176,25 +211,38 @@ class BatchedCNN:
         self.act = make_activation(arch["activation"])
         self.relu = arch["activation"] == "relu"
         self.plans: list[_ConvPlan] = []
-        for c_out in arch["channels"]:
+        for i, c_out in enumerate(arch["channels"]):
             ho, wo = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
-            if h * w <= _DENSE_RATIO * k[0] * k[1] and c * h * w * c_out * ho * wo <= _DENSE_MAX:
-                fwd, copies, inside, ho, wo = _dense_indices(c, c_out, h, w, k, s, p, device)
-                self.plans.append(_ConvPlan(c, c_out, h, w, ho, wo, True, fwd, copies, inside))
+            in_last = i == 1  # the patches layer's output is channels-last
+            if i == 0:
+                pixels, ho, wo = _patch_indices(c, h, w, k, s, p, device)
+                self.plans.append(_ConvPlan(c, c_out, h, w, ho, wo, "patches", pixels=pixels))
+            elif h * w <= _DENSE_RATIO * k[0] * k[1] and c * h * w * c_out * ho * wo <= _DENSE_MAX:
+                fwd, copies, inside, ho, wo = _dense_indices(c, c_out, h, w, k, s, p, device, in_last)
+                self.plans.append(_ConvPlan(c, c_out, h, w, ho, wo, "dense", in_last, None, fwd, copies, inside))
             else:
-                self.plans.append(_ConvPlan(c, c_out, h, w, ho, wo, False))
+                self.plans.append(_ConvPlan(c, c_out, h, w, ho, wo, "unfold", in_last))
             c, h, w = c_out, ho, wo
         widest = max([input_shape[0] * input_shape[1] * input_shape[2]] + [q.c_out * q.ho * q.wo for q in self.plans])
         self.eval_rows = max(1, _EVAL_ELEMENTS // widest)  # members x samples per evaluation call
 
     def _unfold_product(self, h: torch.Tensor, weight: torch.Tensor, plan: _ConvPlan) -> torch.Tensor:
-        """im2col convolution without bias: h (k, B, C*H*W) and kernels `weight` (k, O, C, kh, kw) or flat ->
-        (k, O, B*L), one bmm of each member's kernel matrix with its im2col patches."""
+        """im2col convolution without bias: h (k, B, C*H*W), or (k, B, H*W*C) when `plan.in_last`, and kernels
+        `weight` (k, O, C, kh, kw) or flat -> (k, O, B*L), one bmm of each member's kernel matrix with its patches."""
         k, b = h.shape[:2]
         big_l = plan.ho * plan.wo
-        patches = F.unfold(h.reshape(k * b, plan.c_in, plan.h, plan.w), self.kernel, 1, self.padding, self.stride)
+        if plan.in_last:
+            images = h.reshape(k * b, plan.h, plan.w, plan.c_in).permute(0, 3, 1, 2)
+        else:
+            images = h.reshape(k * b, plan.c_in, plan.h, plan.w)
+        patches = F.unfold(images, self.kernel, 1, self.padding, self.stride)
         patches = patches.view(k, b, -1, big_l).transpose(1, 2).reshape(k, patches.shape[1], b * big_l)
         return torch.bmm(weight.reshape(k, plan.c_out, -1), patches)
+
+    @staticmethod
+    def _patches(x: torch.Tensor, plan: _ConvPlan) -> torch.Tensor:
+        """im2col patches (..., L*C*K) of flat inputs x (..., C*H*W): one gather from the zero-padded input."""
+        return F.pad(x, (0, 1)).index_select(-1, plan.pixels)
 
     def __call__(
         self,
@@ -210,55 +258,65 @@ class BatchedCNN:
         for i, plan in enumerate(self.plans):
             weight, bias = params[f"convs.{i}.weight"], params[f"convs.{i}.bias"]
             big_l = plan.ho * plan.wo
-            if plan.dense:  # (k, B, O*L), the Function's own output (not a view): in-place ops keep autograd cheap
-                out = _DenseConv.apply(h, weight.reshape(k, -1), bias, plan)
+            if plan.kind == "patches":  # (k, B*L, C*K) @ (k, C*K, O) -> (k, B, L*O), channels-last; a fresh tensor
+                patches = self._patches(h, plan).view(k, b * big_l, -1)
+                kernel = weight.reshape(k, plan.c_out, -1).transpose(1, 2)
+                out = torch.baddbmm(bias[:, None, :], patches, kernel)
+                out = torch.ops.aten._unsafe_view(out, (k, b, -1))  # not an autograd view: in-place ops stay cheap
+            elif plan.kind == "dense":  # (k, B, O*L), the Function's own output (not a view): in-place ops keep
+                out = _DenseConv.apply(h, weight.reshape(k, -1), bias, plan)  # autograd cheap
             else:
                 out = self._unfold_product(h, weight, plan)  # (k, O, B*L)
                 out += bias[:, :, None]  # in place: bmm's backward needs its inputs, not its output
                 out = out.view(k, plan.c_out, b, big_l).transpose(1, 2).reshape(k, b, -1)  # a fresh copy, no view
             keep = None
             if rates is not None and keys is not None:
-                keep = batched_counter_keep(keys, i, b * out.shape[-1], rates, out.dtype).view(k, b, -1)
+                layout = (plan.c_out, big_l) if plan.kind == "patches" else None
+                keep = batched_counter_keep(keys, i, b * out.shape[-1], rates, out.dtype, layout).view(k, b, -1)
                 scale = (1.0 - rates)[:, None, None]
             if self.relu:  # relu(x) * keep / s == relu(x * keep / s) exactly; in place, no new buffers
                 h = (out if keep is None else out.mul_(keep).div_(scale)).relu_()
             else:
                 h = self.act(out)
                 h = h if keep is None else h * keep / scale
-        pooled = h.view(k, b, self.plans[-1].c_out, -1).mean(-1)  # (k, B, C_last)
+        return self._head(params, h, k, b)
+
+    def _head(self, params: Mapping[str, torch.Tensor], h: torch.Tensor, k: int, b: int) -> torch.Tensor:
+        """Global average pooling of the last layer's output and the linear head: (k, B, classes)."""
+        last = self.plans[-1]
+        if last.kind == "patches":  # channels-last: (k, B, L, C)
+            pooled = h.reshape(k, b, -1, last.c_out).mean(2)
+        else:
+            pooled = h.reshape(k, b, last.c_out, -1).mean(-1)  # (k, B, C_last)
         return torch.baddbmm(params["head.bias"][:, None, :], pooled, params["head.weight"].transpose(1, 2))
 
     @torch.no_grad()
     def evaluator(self, params: Mapping[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         """Eval-mode logits of all k members on shared inputs: f(x (B, C, H, W)) -> (k, B, classes). The dense
-        matrices are built once; the first layer is one product of the inputs with all members' matrices."""
+        matrices are built once; the first layer is one product of the shared patches with all members' kernels."""
         k = params["head.bias"].shape[0]
+        first = self.plans[0]
+        kernels = params["convs.0.weight"].reshape(k, first.c_out, -1).permute(2, 0, 1).reshape(-1, k * first.c_out)
+        first_bias = params["convs.0.bias"][:, None, None, :]  # (k, 1, 1, O)
         layers = []
-        for i, plan in enumerate(self.plans):
+        for i, plan in enumerate(self.plans[1:], start=1):
             weight, bias = params[f"convs.{i}.weight"].reshape(k, -1), params[f"convs.{i}.bias"]
-            dense = _dense_matrix(weight, plan) if plan.dense else None
-            if i == 0 and dense is not None:
-                dense = dense.transpose(0, 1).reshape(dense.shape[1], -1)  # (C*H*W, k*O*L)
+            dense = _dense_matrix(weight, plan) if plan.kind == "dense" else None
             layers.append((plan, weight, bias, dense, bias.repeat_interleave(plan.ho * plan.wo, dim=1)[:, None, :]))
-        head_w, head_b = params["head.weight"].transpose(1, 2), params["head.bias"][:, None, :]
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            b = x.shape[0]
-            h = x.reshape(b, -1)
-            for i, (plan, weight, bias, dense, wide_bias) in enumerate(layers):
-                if i == 0 and dense is not None:
-                    out = (h @ dense).view(b, k, -1).transpose(0, 1) + wide_bias  # (k, B, O*L)
-                    h = self.act(out)
-                    continue
-                if h.dim() == 2:
-                    h = h.expand(k, *h.shape)
+            b, big_l = x.shape[0], first.ho * first.wo
+            patches = self._patches(x.reshape(b, -1), first).view(b * big_l, -1)  # (B*L, C*K)
+            out = torch.empty(k, b, big_l, first.c_out, dtype=x.dtype, device=x.device)  # channels-last
+            torch.add((patches @ kernels).view(b, big_l, k, first.c_out).permute(2, 0, 1, 3), first_bias, out=out)
+            h = self.act(out.view(k, b, -1))
+            for plan, weight, bias, dense, wide_bias in layers:
                 if dense is not None:
                     out = torch.baddbmm(wide_bias, h, dense)
                 else:
                     out = self._unfold_product(h, weight, plan).view(k, plan.c_out, b, plan.ho * plan.wo)
                     out = (out.transpose(1, 2) + bias[:, None, :, None]).reshape(k, b, -1)
                 h = self.act(out)
-            pooled = h.reshape(k, b, self.plans[-1].c_out, -1).mean(-1)
-            return torch.baddbmm(head_b, pooled, head_w)
+            return self._head(params, h, k, b)
 
         return forward
