@@ -12,7 +12,7 @@ evaluated sample) as a fraction of the machine's measured float32 matmul rate.
 
     python benchmarks/bench_population.py              # a few minutes on 2 cores
     python benchmarks/bench_population.py --threads 1  # on a machine whose cores are shared with other jobs
-    python benchmarks/bench_population.py --quick      # smaller chunks, one repetition (smoke run)
+    python benchmarks/bench_population.py --quick      # smaller chunks, one repetition (goal 10x instead of 20x)
     PYTHONPATH=<other checkout> python benchmarks/bench_population.py --quick --engine-only --reps 5
         # that checkout's engine alone, to set against this one's (no loop, no BENCH lines)
 """
@@ -31,7 +31,7 @@ import torch
 from pipeline.zoo.population import ChunkJob, member_seed, train_member_reference, train_population
 from pipeline.zoo.tasks import load_task
 
-GOAL = 20.0
+GOAL, QUICK_GOAL = 20.0, 10.0  # the issue's goals: 20x the plain loop in the full bench, 10x in the quick one
 
 
 @dataclass(frozen=True)
@@ -192,8 +192,9 @@ def main() -> None:
     results = {}
     for case in cases:
         results[case.name] = run_case(case, reps, peak)
+    goal = QUICK_GOAL if args.quick else GOAL
     for name, speedup in results.items():
-        print(f"BENCH {name} speedup={speedup:.1f} goal=>={GOAL:g} {'PASS' if speedup >= GOAL else 'MISS'}")
+        print(f"BENCH {name} speedup={speedup:.1f} goal=>={goal:g} {'PASS' if speedup >= goal else 'MISS'}")
 
 
 if __name__ == "__main__":
