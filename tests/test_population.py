@@ -156,6 +156,19 @@ def test_a_member_does_not_depend_on_its_chunk_mates(trained64) -> None:
         np.testing.assert_allclose(alone.weights[key][0], res.weights[key][1], rtol=1e-9, atol=1e-10, err_msg=key)
 
 
+def test_checkpoint_metrics_do_not_depend_on_the_evaluation_blocks(trained64, monkeypatch) -> None:
+    """The batched CNN evaluates a block of members at a time (sized by their dense matrices); one member per
+    block gives the same metrics as the whole chunk at once."""
+    import pipeline.zoo.batched_cnn as batched_cnn
+
+    job, hp, seeds = _job("cnn")
+    res = trained64("cnn")
+    monkeypatch.setattr(batched_cnn, "_EVAL_MATRICES", 1)  # blocks of one member, several samples per call
+    blocks = train_population(_short(job), hp, seeds, device="cpu", dtype=torch.float64)
+    for metric in METRIC_NAMES:
+        np.testing.assert_allclose(blocks.metrics[metric], res.metrics[metric], rtol=1e-9, atol=1e-12, err_msg=metric)
+
+
 def test_diverging_member_is_flagged_and_isolated() -> None:
     job = ChunkJob({"name": "mlp"}, load_task("digits"), "sgd", 64, 2, (1,))
     seeds = np.array([member_seed(5, i) for i in range(3)])

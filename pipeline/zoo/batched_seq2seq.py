@@ -108,6 +108,7 @@ class BatchedSeq2Seq:
         # members x sequences per evaluation call: one step's gates of them all stay in a core's L2 cache (measured:
         # 2,048 sequences of 3 x 32 gates ran evaluation ~15% faster than 8,192)
         self.eval_rows = max(1, _EVAL_GATES // (3 * int(arch["hidden_size"])))
+        self.eval_members: int | None = None  # all members in each evaluation call
 
     def __call__(
         self,

@@ -657,31 +657,37 @@ def train_population(
         return torch.cat([g.reshape(len(p), -1) for g in grads], dim=1), loss.detach()
 
     def evaluate(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, y_rows: torch.Tensor | None = None):
-        """Metrics per member on (x, y); `y_rows` (M, n) per-member labels replace y when given."""
+        """Metrics per member on (x, y); `y_rows` (M, n) per-member labels replace y when given. The batched CNN
+        runs a block of members at a time (`eval_members`: their dense matrices stay in cache over all samples)."""
         model.eval()
-        params = views(flat)
         y_dim = None if y_rows is None else 0
         fast = cnn if cnn is not None else seq2seq
-        if fast is None:
-            fwd = vmap(lambda p, xb, yb: _sample_stats(kind, _run_model(model, kind, p, xb, yb), yb, pad_id),
-                       in_dims=(0, None, y_dim))
-        else:  # the batched CNN or GRU seq2seq: same stats, no vmap (the CNN's matrices built once)
-            outputs_of = fast.evaluator(params)
-
-            def fwd(p, xb, yb):
-                yb = yb.expand(n_mem, *yb.shape) if y_rows is None else yb  # (M, b[, T]) labels per member
-                logits = outputs_of(xb) if cnn is not None else outputs_of(xb, yb)  # (M, b[, T], outputs)
-                return _sample_stats(kind, logits.flatten(0, 1), yb.flatten(0, 1), pad_id).view(*yb.shape[:2], 4)
-
-        rows = max(1, fast.eval_rows // n_mem) if fast is not None else max(_EVAL_MIN_ROWS, _EVAL_ROWS // n_mem)
+        block = min(n_mem, fast.eval_members or n_mem) if fast is not None else n_mem
         sums = torch.zeros(n_mem, 4, device=dev, dtype=dtype)
-        with torch.no_grad():
-            for start in range(0, len(y), rows):
-                yb = y[start : start + rows] if y_rows is None else y_rows[:, start : start + rows]
-                stats = fwd(params, x[start : start + rows], yb)  # (M, b, 4)
-                if mask is not None:
-                    stats = torch.where(mask[:, start : start + rows, None], stats, 0.0)
-                sums += stats.sum(1)
+        for m0 in range(0, n_mem, block):
+            members = slice(m0, min(n_mem, m0 + block))
+            km = members.stop - m0
+            params = views(flat[members])
+            if fast is None:
+                fwd = vmap(lambda p, xb, yb: _sample_stats(kind, _run_model(model, kind, p, xb, yb), yb, pad_id),
+                           in_dims=(0, None, y_dim))
+            else:  # the batched CNN or GRU seq2seq: same stats, no vmap (the CNN's matrices built once)
+                outputs_of = fast.evaluator(params)
+
+                def fwd(p, xb, yb, outputs_of=outputs_of, km=km):
+                    yb = yb.expand(km, *yb.shape) if y_rows is None else yb  # (k, b[, T]) labels per member
+                    logits = outputs_of(xb) if cnn is not None else outputs_of(xb, yb)  # (k, b[, T], outputs)
+                    return _sample_stats(kind, logits.flatten(0, 1), yb.flatten(0, 1), pad_id).view(*yb.shape[:2], 4)
+
+            rows = max(1, fast.eval_rows // km) if fast is not None else max(_EVAL_MIN_ROWS, _EVAL_ROWS // km)
+            with torch.no_grad():
+                for start in range(0, len(y), rows):
+                    samples = slice(start, start + rows)
+                    yb = y[samples] if y_rows is None else y_rows[members, samples]
+                    stats = fwd(params, x[samples], yb)  # (k, b, 4)
+                    if mask is not None:
+                        stats = torch.where(mask[members, samples, None], stats, 0.0)
+                    sums[members] += stats.sum(1)
         model.train()
         samples = mask.sum(1).to(sums.dtype) if mask is not None else torch.full((n_mem,), float(len(y)), device=dev)
         return _metrics_from_sums(sums, samples)
