@@ -767,9 +767,13 @@ def train_population(
                 alive[rows] = ok
                 new_p = torch.where(ok[:, None], new_p, old_p)
                 new_state = {n: torch.where(ok.view(-1, *[1] * (t.dim() - 1)), t, old_state[n]) for n, t in new_state.items()}
-            flat[rows] = new_p
-            for n, t in new_state.items():
-                state[n][rows] = t
+            if everyone and k == n_mem:  # every row updated: the new tensors replace the old (no copy back)
+                flat = new_p
+                state.update(new_state)
+            else:
+                flat[rows] = new_p
+                for n, t in new_state.items():
+                    state[n][rows] = t
         if epoch in ck_index:
             checkpoint(ck_index[epoch], epoch)
         if progress is not None:
