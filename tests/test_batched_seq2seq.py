@@ -57,6 +57,10 @@ def test_batched_seq2seq_equals_each_member_with_padding_dropout_and_gradients()
     model.eval()
     want_eval = vmap(lambda p: functional_call(model, p, (src[0], tgt[0])))(params)
     torch.testing.assert_close(seq.evaluator(params)(src[0], tgt[0]), want_eval, rtol=1e-12, atol=1e-12)
+    # without autograd (its own recurrence, no per-step gates kept) on each member's own inputs: the same values
+    with torch.no_grad():
+        no_grad = seq(params, src, tgt)
+    torch.testing.assert_close(no_grad, seq(leaves, src, tgt).detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_engine_trains_gru_chunks_as_the_vmapped_module(monkeypatch) -> None:

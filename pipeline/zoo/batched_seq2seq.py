@@ -88,15 +88,39 @@ class _Recurrence(torch.autograd.Function):
         return d_pre, dh, d_w, d_gh_k.sum(1), None
 
 
+def _recurrence_no_grad(gi: torch.Tensor, h: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor,
+                        mask: torch.Tensor | None, last_only: bool) -> torch.Tensor:
+    """`_Recurrence.forward`'s states without autograd (evaluation): the same ops (values equal up to rounding), but
+    one step's gates live in small reused buffers instead of being stored for every step; with `last_only`, only the
+    final state is kept, (k, 1, B, H)."""
+    k, t_len, b, _ = gi.shape
+    hidden = h.shape[-1]
+    w_hh_t, bias = w_hh.transpose(1, 2), b_hh[:, None, :]
+    states = None if last_only else gi.new_empty(k, t_len, b, hidden)
+    gh, rz, n = gi.new_empty(k, b, 3 * hidden), gi.new_empty(k, b, 2 * hidden), gi.new_empty(k, b, hidden)
+    for t in range(t_len):
+        torch.baddbmm(bias, h, w_hh_t, out=gh)
+        torch.sigmoid(gi[:, t, :, : 2 * hidden] + gh[..., : 2 * hidden], out=rz)
+        torch.tanh(torch.addcmul(gi[:, t, :, 2 * hidden :], rz[..., :hidden], gh[..., 2 * hidden :]), out=n)
+        new = torch.lerp(n, h, rz[..., hidden:])
+        h = new if mask is None else torch.where(mask[:, t, :, None], new, h)
+        if states is not None:
+            states[:, t] = h
+    return h[:, None] if states is None else states
+
+
 def _gru(params: Mapping[str, torch.Tensor], prefix: str, x: torch.Tensor, h: torch.Tensor,
-         mask: torch.Tensor | None = None) -> torch.Tensor:
+         mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
     """One-layer GRU of every member: inputs x (k, T, B, I), initial state h (k, B, H), `mask` (k, T, B) bool keeps
-    the state at False steps -> states (k, T, B, H) (the last step's is the final state)."""
+    the state at False steps -> states (k, T, B, H) (the last step's is the final state; without autograd and with
+    `last_only`, only that one: (k, 1, B, H))."""
     k, t_len, b, _ = x.shape
     w_ih, b_ih = params[f"{prefix}.weight_ih_l0"], params[f"{prefix}.bias_ih_l0"]  # (k, 3H, I), (k, 3H)
     gi = torch.baddbmm(b_ih[:, None, :], x.reshape(k, t_len * b, -1), w_ih.transpose(1, 2))  # (k, T*B, 3H)
-    return _Recurrence.apply(gi.view(k, t_len, b, -1), h, params[f"{prefix}.weight_hh_l0"],
-                             params[f"{prefix}.bias_hh_l0"], mask)
+    w_hh, b_hh = params[f"{prefix}.weight_hh_l0"], params[f"{prefix}.bias_hh_l0"]
+    if not torch.is_grad_enabled():
+        return _recurrence_no_grad(gi.view(k, t_len, b, -1), h, w_hh, b_hh, mask, last_only)
+    return _Recurrence.apply(gi.view(k, t_len, b, -1), h, w_hh, b_hh, mask)
 
 
 class BatchedSeq2Seq:
@@ -124,7 +148,7 @@ class BatchedSeq2Seq:
         k, b = src.shape[:2]
         hidden = params["encoder.weight_hh_l0"].shape[-1]
         src_t = src.transpose(1, 2)  # (k, S, B): each member time-major, no copy
-        h = _gru(params, "encoder", _embed(table, src_t), table.new_zeros(k, b, hidden), src_t != self.pad_id)
+        h = _gru(params, "encoder", _embed(table, src_t), table.new_zeros(k, b, hidden), src_t != self.pad_id, True)
         inputs = torch.cat([torch.full_like(tgt[..., :1], self.bos_id), tgt[..., :-1]], dim=-1)  # (k, B, T)
         out = _gru(params, "decoder", _embed(table, inputs.transpose(1, 2)), h[:, -1])  # (k, T, B, H)
         t_len = out.shape[1]
