@@ -76,10 +76,13 @@ def test_batched_cnn_equals_each_member_with_dropout_and_gradients(name: str) ->
 
 
 @pytest.mark.parametrize("numel", [7, 4092, 40_000])
-def test_batched_counter_keep_has_member_dropout_bits(numel: int) -> None:
+def test_batched_counter_keep_has_member_dropout_bits(numel: int, monkeypatch) -> None:
+    import pipeline.zoo.batched_cnn as batched_cnn
+
+    monkeypatch.setattr(batched_cnn, "_BLOCK", 1 << 14)  # blocks of several members, and of one (40_000)
     keys = torch.tensor([0, 1, -5, 2**31 - 1, -(2**31), 99], dtype=torch.int32)
     rates = torch.tensor([0.0, 0.1, 0.5, 0.9, 0.999, 0.25])
-    keep = batched_counter_keep(keys, 2, numel, rates)  # 40_000 x 6 members spans several cache blocks
+    keep = batched_counter_keep(keys, 2, numel, rates)
     as_float = batched_counter_keep(keys, 2, numel, rates, torch.float64)
     for m in range(len(keys)):
         bits = _counter_bits(keys[m], 2, (numel,))
