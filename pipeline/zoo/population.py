@@ -682,11 +682,11 @@ def train_population(
             rows = max(1, fast.eval_rows // km) if fast is not None else max(_EVAL_MIN_ROWS, _EVAL_ROWS // km)
             with torch.no_grad():
                 for start in range(0, len(y), rows):
-                    samples = slice(start, start + rows)
-                    yb = y[samples] if y_rows is None else y_rows[members, samples]
-                    stats = fwd(params, x[samples], yb)  # (k, b, 4)
+                    part = slice(start, start + rows)
+                    yb = y[part] if y_rows is None else y_rows[members, part]
+                    stats = fwd(params, x[part], yb)  # (k, b, 4)
                     if mask is not None:
-                        stats = torch.where(mask[members, samples, None], stats, 0.0)
+                        stats = torch.where(mask[members, part, None], stats, 0.0)
                     sums[members] += stats.sum(1)
         model.train()
         samples = mask.sum(1).to(sums.dtype) if mask is not None else torch.full((n_mem,), float(len(y)), device=dev)
