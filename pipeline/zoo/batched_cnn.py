@@ -222,7 +222,8 @@ class BatchedCNN:
                 self.plans.append(_ConvPlan(c, c_out, h, w, ho, wo, "patches", pixels=pixels))
             elif h * w <= _DENSE_RATIO * k[0] * k[1] and c * h * w * c_out * ho * wo <= _DENSE_MAX:
                 fwd, copies, inside, ho, wo = _dense_indices(c, c_out, h, w, k, s, p, device, in_last)
-                self.plans.append(_ConvPlan(c, c_out, h, w, ho, wo, "dense", in_last, None, fwd, copies, inside))
+                plan = _ConvPlan(c, c_out, h, w, ho, wo, "dense", in_last, fwd=fwd, copies=copies, inside=inside)
+                self.plans.append(plan)
             else:
                 self.plans.append(_ConvPlan(c, c_out, h, w, ho, wo, "unfold", in_last))
             c, h, w = c_out, ho, wo
