@@ -32,6 +32,22 @@ def _embed(table: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return table.gather(1, index).view(k, t, b, table.shape[-1])
 
 
+def _gru_step(gi_t: torch.Tensor, h: torch.Tensor, w_hh_t: torch.Tensor, bias: torch.Tensor, gates: torch.Tensor,
+              mask_t: torch.Tensor | None, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One GRU step of every member (`MemberGRU`'s equations, gates r, z, n): input gate pre-activations gi_t
+    (k, B, 3H) (bias included), state h (k, B, H), w_hh_t (k, H, 3H), bias (k, 1, 3H); writes r, z, n into `gates`
+    (k, B, 3H), and the new state into `out` when given; `mask_t` (k, B) bool keeps h where False. Returns the new
+    state and the recurrent products gh = h W_hh^T + b_hh (k, B, 3H)."""
+    hidden = h.shape[-1]
+    gh = torch.baddbmm(bias, h, w_hh_t)
+    torch.sigmoid(gi_t[..., : 2 * hidden] + gh[..., : 2 * hidden], out=gates[..., : 2 * hidden])
+    r, z, n = gates[..., :hidden], gates[..., hidden : 2 * hidden], gates[..., 2 * hidden :]
+    torch.tanh(torch.addcmul(gi_t[..., 2 * hidden :], r, gh[..., 2 * hidden :]), out=n)
+    if mask_t is None:  # h' = (1 - z) n + z h, as one op
+        return torch.lerp(n, h, z, out=out), gh
+    return torch.where(mask_t[..., None], torch.lerp(n, h, z), h, out=out), gh
+
+
 class _Recurrence(torch.autograd.Function):
     """The GRU time loop of every member, with its backward through time written out: the inputs' gate
     pre-activations gi (k, T, B, 3H) (bias included), initial state h0 (k, B, H), w_hh (k, 3H, H), b_hh (k, 3H),
@@ -50,16 +66,9 @@ class _Recurrence(torch.autograd.Function):
         hns = gi.new_empty(k, t_len, b, hidden)  # W_hn h + b_hn per step
         states[:, 0] = h0
         for t in range(t_len):
-            h, g = states[:, t], gates[:, t]
-            gh = torch.baddbmm(bias, h, w_hh_t)  # (k, B, 3H)
-            torch.sigmoid(gi[:, t, :, : 2 * hidden] + gh[..., : 2 * hidden], out=g[..., : 2 * hidden])
-            r, z, n = g[..., :hidden], g[..., hidden : 2 * hidden], g[..., 2 * hidden :]
+            mask_t = None if mask is None else mask[:, t]
+            _, gh = _gru_step(gi[:, t], states[:, t], w_hh_t, bias, gates[:, t], mask_t, states[:, t + 1])
             hns[:, t] = gh[..., 2 * hidden :]
-            torch.tanh(torch.addcmul(gi[:, t, :, 2 * hidden :], r, hns[:, t]), out=n)
-            if mask is None:  # h' = (1 - z) n + z h, as one op
-                torch.lerp(n, h, z, out=states[:, t + 1])
-            else:
-                torch.where(mask[:, t, :, None], torch.lerp(n, h, z), h, out=states[:, t + 1])
         ctx.save_for_backward(states, gates, hns, w_hh, mask)
         return states[:, 1:]
 
@@ -90,20 +99,15 @@ class _Recurrence(torch.autograd.Function):
 
 def _recurrence_no_grad(gi: torch.Tensor, h: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor,
                         mask: torch.Tensor | None, last_only: bool) -> torch.Tensor:
-    """`_Recurrence.forward`'s states without autograd (evaluation): the same ops (values equal up to rounding), but
-    one step's gates live in small reused buffers instead of being stored for every step; with `last_only`, only the
-    final state is kept, (k, 1, B, H)."""
+    """`_Recurrence.forward`'s states without autograd (evaluation): the same steps (values equal up to rounding), but
+    one step's gates live in a small reused buffer instead of being stored for every step; with `last_only`, only
+    the final state is kept, (k, 1, B, H)."""
     k, t_len, b, _ = gi.shape
-    hidden = h.shape[-1]
     w_hh_t, bias = w_hh.transpose(1, 2), b_hh[:, None, :]
-    states = None if last_only else gi.new_empty(k, t_len, b, hidden)
-    gh, rz, n = gi.new_empty(k, b, 3 * hidden), gi.new_empty(k, b, 2 * hidden), gi.new_empty(k, b, hidden)
+    states = None if last_only else gi.new_empty(k, t_len, b, h.shape[-1])
+    gates = gi.new_empty(k, b, gi.shape[-1])
     for t in range(t_len):
-        torch.baddbmm(bias, h, w_hh_t, out=gh)
-        torch.sigmoid(gi[:, t, :, : 2 * hidden] + gh[..., : 2 * hidden], out=rz)
-        torch.tanh(torch.addcmul(gi[:, t, :, 2 * hidden :], rz[..., :hidden], gh[..., 2 * hidden :]), out=n)
-        new = torch.lerp(n, h, rz[..., hidden:])
-        h = new if mask is None else torch.where(mask[:, t, :, None], new, h)
+        h, _ = _gru_step(gi[:, t], h, w_hh_t, bias, gates, None if mask is None else mask[:, t], None)
         if states is not None:
             states[:, t] = h
     return h[:, None] if states is None else states
