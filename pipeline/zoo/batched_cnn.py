@@ -107,19 +107,19 @@ def _taps(h: int, w: int, k: tuple[int, int], s: tuple[int, int], p: tuple[int, 
 
 
 def _patch_indices(c_in: int, h: int, w: int, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int],
-                   device: torch.device) -> tuple[torch.Tensor, int, int]:
+                   device: torch.device) -> torch.Tensor:
     """im2col as one gather: (L*C*K,) positions in a flat (C*H*W) input zero-padded by one slot, entry (l, c, tap)
     the pixel tap (i, j) of output position l reads in channel c (the padding slot where it falls outside)."""
-    inside, pixel, ho, wo = _taps(h, w, k, s, p)
+    inside, pixel, _, _ = _taps(h, w, k, s, p)
     c = torch.arange(c_in)[None, :, None]  # (1, C, 1)
     pos = torch.where(inside.t()[:, None, :], c * (h * w) + pixel.t()[:, None, :], c_in * h * w)  # (L, C, K)
-    return pos.reshape(-1).to(device), ho, wo
+    return pos.reshape(-1).to(device)
 
 
 def _dense_indices(
     c_in: int, c_out: int, h: int, w: int, k: tuple[int, int], s: tuple[int, int], p: tuple[int, int],
     device: torch.device, in_last: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Index maps between a kernel (O, C, kh, kw) and the layer's dense matrix D (C*H*W, O*L), D[(c, pix), (o, l)] =
     kernel[o, c, i, j] where output position l reads pixel pix through tap (i, j), else 0; rows (pix, c) instead
     when `in_last` (a channels-last input)."""
@@ -143,7 +143,7 @@ def _dense_indices(
     valid = inside[None, None].expand(c_out, c_in, kk, big_l)
     copies = torch.where(valid, pos, 0).reshape(n_kernel, big_l).t().contiguous()  # (L, O*C*K)
     inside = valid.reshape(n_kernel, big_l).t().contiguous()
-    return fwd.to(device), copies.to(device), inside.to(device), ho, wo
+    return fwd.to(device), copies.to(device), inside.to(device)
 
 
 _BITS: dict[tuple[int, str, tuple[int, int] | None], torch.Tensor] = {}
@@ -218,10 +218,10 @@ class BatchedCNN:
             ho, wo = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
             in_last = i == 1  # the patches layer's output is channels-last
             if i == 0:
-                pixels, ho, wo = _patch_indices(c, h, w, k, s, p, device)
+                pixels = _patch_indices(c, h, w, k, s, p, device)
                 self.plans.append(_ConvPlan(c, c_out, h, w, ho, wo, "patches", pixels=pixels))
             elif h * w <= _DENSE_RATIO * k[0] * k[1] and c * h * w * c_out * ho * wo <= _DENSE_MAX:
-                fwd, copies, inside, ho, wo = _dense_indices(c, c_out, h, w, k, s, p, device, in_last)
+                fwd, copies, inside = _dense_indices(c, c_out, h, w, k, s, p, device, in_last)
                 plan = _ConvPlan(c, c_out, h, w, ho, wo, "dense", in_last, fwd=fwd, copies=copies, inside=inside)
                 self.plans.append(plan)
             else:
