@@ -75,6 +75,28 @@ def test_batched_cnn_equals_each_member_with_dropout_and_gradients(name: str) ->
     torch.testing.assert_close(cnn.evaluator(params)(shared), want_eval, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["dense-relu", "unfold-relu"])
+def test_first_layer_patches_from_a_table_give_the_same_logits_and_gradients(name: str, monkeypatch) -> None:
+    """A step may pass rows of `first_patches` (the training images' patches, computed once) instead of images."""
+    import pipeline.zoo.batched_cnn as batched_cnn
+
+    arch, shape, _, params, x, y, rates, keys = _setup(name)
+    cnn = BatchedCNN(arch, shape, torch.device("cpu"))
+    table = cnn.first_patches(x.reshape(K * B, *shape))  # (N, L*C*K) for N = K*B images
+    assert table is not None and table.shape[0] == K * B
+    results = []
+    for inputs in (x, table.view(K, B, -1)):
+        leaves = {n: t.clone().requires_grad_() for n, t in params.items()}
+        logits = cnn(leaves, inputs, rates, keys)
+        per = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(K, B).mean(1)
+        results.append((logits, torch.autograd.grad(per.sum(), list(leaves.values()))))
+    (want, want_grads), (got, got_grads) = results
+    assert torch.equal(got, want)
+    assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+    monkeypatch.setattr(batched_cnn, "_PATCH_TABLE_MAX", table.numel() * table.element_size() - 1)
+    assert cnn.first_patches(x.reshape(K * B, *shape)) is None  # over the cap: the caller passes images
+
+
 @pytest.mark.parametrize("numel", [7, 4092, 40_000])
 def test_batched_counter_keep_has_member_dropout_bits(numel: int, monkeypatch) -> None:
     import pipeline.zoo.batched_cnn as batched_cnn

@@ -640,6 +640,10 @@ def train_population(
     cnn = BatchedCNN(job.arch, tuple(task.info["input_shape"]), dev) if job.arch["name"] == "cnn" else None
     seq2seq = BatchedSeq2Seq(job.arch) if job.arch["name"] == "gru_seq2seq" else None
 
+    # Fixed training images (no shifts): the CNN's first-layer patches of every image, computed once; a step gathers
+    # its rows (None: no CNN, shifts, or too large a table).
+    patch_table = cnn.first_patches(x_train) if cnn is not None and max_shift == 0 else None
+
     def batched_step(p: torch.Tensor, rate: torch.Tensor, key: torch.Tensor, xb, yb, wb) -> tuple[torch.Tensor, torch.Tensor]:
         """(grads (k, P), losses (k,)) of the members with flat params `p` (k, P), as step_fn's vmapped loss, on the
         batched CNN or GRU seq2seq."""
@@ -740,6 +744,8 @@ def train_population(
             if max_shift > 0:
                 moves = shift_offsets(dropout_noise_key(shift_base[rows], epoch, s), shifts[rows], bsz)
                 xb = _shifted(x_padded, bidx, moves, max_shift)
+            elif patch_table is not None:  # (k, B, L*C*K): the images' first-layer patches
+                xb = patch_table.index_select(0, bidx.reshape(-1)).view(*bidx.shape, -1)
             else:
                 xb = x_train[bidx]
             yb = y_train[bidx] if y_member is None else y_member[rows].gather(1, bidx)
