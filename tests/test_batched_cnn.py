@@ -111,6 +111,8 @@ def test_batched_counter_keep_has_member_dropout_bits(numel: int, monkeypatch) -
         want = bits >= (rates[m] * float(1 << 24)).to(torch.int32)  # MemberDropout's rule
         assert torch.equal(keep[m], want), m
         assert torch.equal(as_float[m], want.double()), m
+    scaled = batched_counter_keep(keys, 2, numel, rates, torch.float64, scaled=True)  # the dropout multiplier
+    assert torch.equal(scaled, as_float * (1.0 - rates.double()).reciprocal()[:, None])
     assert keep[0].all()
     if numel % 12 == 0:  # stored channels-last: each element keeps the bit of its index in (..., C, L) order
         last = batched_counter_keep(keys, 2, numel, rates, channels_last=(3, 4))

@@ -157,8 +157,8 @@ class BatchedSeq2Seq:
         out = _gru(params, "decoder", _embed(table, inputs.transpose(1, 2)), h[:, -1])  # (k, T, B, H)
         t_len = out.shape[1]
         if rates is not None and keys is not None:  # MemberDropout's masks index each member's (B, T, H) outputs
-            keep = batched_counter_keep(keys, 0, b * t_len * hidden, rates, out.dtype).view(k, b, t_len, hidden)
-            out = out * keep.transpose(1, 2) / (1.0 - rates)[:, None, None, None]
+            keep = batched_counter_keep(keys, 0, b * t_len * hidden, rates, out.dtype, scaled=True)
+            out = out * keep.view(k, b, t_len, hidden).transpose(1, 2)  # keep: 0 or 1 / (1 - rate)
         logits = torch.baddbmm(params["head.bias"][:, None, :], out.reshape(k, t_len * b, hidden),
                                params["head.weight"].transpose(1, 2))
         return logits.view(k, t_len, b, -1).transpose(1, 2)  # (k, B, T, vocab)
