@@ -169,6 +169,26 @@ def test_checkpoint_metrics_do_not_depend_on_the_evaluation_blocks(trained64, mo
         np.testing.assert_allclose(blocks.metrics[metric], res.metrics[metric], rtol=1e-9, atol=1e-12, err_msg=metric)
 
 
+@pytest.mark.parametrize("name", ["cnn", "gru_seq2seq"])
+def test_training_in_member_blocks_equals_one_block(name: str, monkeypatch) -> None:
+    """On a CPU a step trains its members in blocks (the batched model's `step_members`): blocks of two, with a
+    member whose run ends an epoch early and one with fewer steps per epoch, train what one block of all trains."""
+    from pipeline.zoo.batched_cnn import BatchedCNN
+    from pipeline.zoo.batched_seq2seq import BatchedSeq2Seq
+
+    job, hp, seeds = _job(name)
+    job = ChunkJob(job.arch, job.task, job.optimizer, job.batch_size, 2, (1, 2))
+    hp = {**hp, "epochs": np.array([2, 2, 1])}
+    whole = train_population(job, hp, seeds, device="cpu", dtype=torch.float64)
+    for cls in (BatchedCNN, BatchedSeq2Seq):
+        monkeypatch.setattr(cls, "step_members", lambda self, batch: 2)
+    blocks = train_population(job, hp, seeds, device="cpu", dtype=torch.float64)
+    for key in whole.weights:
+        np.testing.assert_allclose(blocks.weights[key], whole.weights[key], rtol=1e-12, atol=1e-14, err_msg=key)
+    for metric in METRIC_NAMES:
+        np.testing.assert_allclose(blocks.metrics[metric], whole.metrics[metric], rtol=1e-12, atol=1e-14, err_msg=metric)
+
+
 def test_diverging_member_is_flagged_and_isolated() -> None:
     job = ChunkJob({"name": "mlp"}, load_task("digits"), "sgd", 64, 2, (1,))
     seeds = np.array([member_seed(5, i) for i in range(3)])

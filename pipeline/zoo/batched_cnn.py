@@ -40,6 +40,7 @@ _DENSE_MAX = 1 << 20  # ... and has at most this many entries per member (4 MiB 
 _SIGN = -(1 << 31)
 _EVAL_ELEMENTS = 1 << 20  # activation elements per evaluation call (measured: 2^19-2^21 about even)
 _EVAL_MATRICES = 1 << 20  # dense-matrix entries of the members evaluated together (4 MiB in float32)
+_STEP_MATRICES = 1 << 21  # dense-matrix entries of the members trained together in one step (CPU)
 _PATCH_TABLE_MAX = 64 << 20  # bytes: a training set's first-layer patches kept for the whole run (digits: 0.8 MiB)
 _BLOCK = 1 << 17  # elements per thread per block of the dropout noise (2 int32 buffers of 512 KiB: a core's L2 cache)
 
@@ -243,6 +244,14 @@ class BatchedCNN:
         # members evaluated together: their dense matrices stay in cache while every sample passes through them
         dense = sum(q.c_in * q.h * q.w * q.c_out * q.ho * q.wo for q in self.plans if q.kind == "dense")
         self.eval_members: int | None = max(1, _EVAL_MATRICES // dense) if dense else None
+        # members trained together (CPU): their dense matrices and gradients, 8 MiB each for the zoo's CNN
+        # (measured on 256 members, 1 and 2 threads: blocks of 128 took 0.89x / 0.94x the time of one of 256, and
+        # 64 more than 128)
+        self._step_members = max(1, _STEP_MATRICES // dense) if dense else None
+
+    def step_members(self, batch: int) -> int | None:
+        """Members per training step on a CPU (None: all of them at once); `batch` samples per member."""
+        return self._step_members
 
     def _unfold_product(self, h: torch.Tensor, weight: torch.Tensor, plan: _ConvPlan) -> torch.Tensor:
         """im2col convolution without bias: h (k, B, C*H*W), or (k, B, H*W*C) when `plan.in_last`, and kernels

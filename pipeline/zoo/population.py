@@ -715,6 +715,58 @@ def train_population(
             for metric, values in res.items():
                 metrics_out[f"{split}_{metric}"][keep, c] = values.cpu().numpy()[back][keep]
 
+    def train_rows(flat: torch.Tensor, rows: slice | torch.Tensor, where: np.ndarray, epoch: int, s: int,
+                   cols: slice) -> torch.Tensor:
+        """Step `s` of `epoch` for the members at `rows` of `flat` (positions `where`): their gradients, optimizer
+        update and divergence check; returns `flat` with those rows updated (a new tensor when they are all)."""
+        k = len(where)
+        bidx = idx_t[rows, cols]  # (k, B)
+        keys = dropout_noise_key(noise_base[rows], epoch, s)
+        if max_shift > 0:
+            moves = shift_offsets(dropout_noise_key(shift_base[rows], epoch, s), shifts[rows], bsz)
+            xb = _shifted(x_padded, bidx, moves, max_shift)
+        elif patch_table is not None:  # (k, B, L*C*K): the images' first-layer patches
+            xb = patch_table.index_select(0, bidx.reshape(-1)).view(*bidx.shape, -1)
+        else:
+            xb = x_train[bidx]
+        yb = y_train[bidx] if y_member is None else y_member[rows].gather(1, bidx)
+        if cnn is not None or seq2seq is not None:
+            g, loss = batched_step(flat[rows], rates[rows], keys, xb, yb, valid_t[rows, cols])
+        else:
+            grads, loss = step_fn(views(flat[rows]), rates[rows], keys, xb, yb, valid_t[rows, cols])
+            g = torch.cat([grads[n].reshape(k, -1) for n in names], dim=1)  # (k, P)
+        hp_k = {"lr": hps["lr"][rows], "lr64": hps["lr64"][rows], "weight_decay": hps["weight_decay"][rows]}
+        if scheduled:
+            factor = torch.as_tensor(lr_factors(job.schedule, epoch, s, steps[where], run_epochs[where]), device=dev)
+            hp_k["lr64"] = hp_k["lr64"] * factor
+            hp_k["lr"] = hp_k["lr64"].to(dtype)[:, None]
+        old_p = flat[rows]
+        old_state = {n: t[rows] for n, t in state.items()}
+        new_p, new_state = opt.update(old_p, g, old_state, hp_k)
+        was_alive = alive[rows]
+        finite = torch.isfinite(new_p.sum(1))  # a finite sum has only finite terms: one pass, not four
+        if not bool(finite.all()):  # some row has a non-finite value, or its sum overflowed: check exactly
+            finite = torch.isfinite(new_p).all(dim=1)
+        ok = was_alive & torch.isfinite(loss) & finite  # (k,)
+        if not bool(ok.all()):  # freeze dead members: keep their last finite weights and optimizer state
+            dead_epoch[rows] = torch.where(was_alive & ~ok, epoch, dead_epoch[rows])
+            alive[rows] = ok
+            new_p = torch.where(ok[:, None], new_p, old_p)
+            new_state = {n: torch.where(ok.view(-1, *[1] * (t.dim() - 1)), t, old_state[n]) for n, t in new_state.items()}
+        if k == n_mem:  # every row updated: the new tensors replace the old (no copy back)
+            state.update(new_state)
+            return new_p
+        flat[rows] = new_p
+        for n, t in new_state.items():
+            state[n][rows] = t
+        return flat
+
+    # Members trained together in one batched step: on a CPU, blocks of the batched model's `step_members` (a
+    # whole 256-member CNN chunk per product ran slower than 128-member blocks), elsewhere all of them at once.
+    fast_model = cnn if cnn is not None else seq2seq
+    step_block = n_mem
+    if fast_model is not None and dev.type == "cpu":
+        step_block = max(1, min(n_mem, fast_model.step_members(bsz) or n_mem))
     ck_index = {e: c for c, e in enumerate(job.checkpoint_epochs)}
     checkpoint(ck_index[0], 0)
     for epoch in range(1, job.epochs + 1):
@@ -731,55 +783,17 @@ def train_population(
         for s in range(len(active)):
             if everyone:
                 k = active[s]
-                rows: slice | torch.Tensor = slice(0, k)
+                blocks = [(slice(b0, min(k, b0 + step_block)), np.arange(b0, min(k, b0 + step_block)))
+                          for b0 in range(0, k, step_block)]
             else:
                 live = running[steps[running] > s]  # still a prefix of `running` (steps are sorted)
-                k = len(live)
-                if k == 0:
+                if len(live) == 0:
                     break
-                rows = torch.from_numpy(live).to(dev)
+                blocks = [(torch.from_numpy(live[b0 : b0 + step_block]).to(dev), live[b0 : b0 + step_block])
+                          for b0 in range(0, len(live), step_block)]
             cols = slice(s * bsz, (s + 1) * bsz)
-            bidx = idx_t[rows, cols]  # (k, B)
-            keys = dropout_noise_key(noise_base[rows], epoch, s)
-            if max_shift > 0:
-                moves = shift_offsets(dropout_noise_key(shift_base[rows], epoch, s), shifts[rows], bsz)
-                xb = _shifted(x_padded, bidx, moves, max_shift)
-            elif patch_table is not None:  # (k, B, L*C*K): the images' first-layer patches
-                xb = patch_table.index_select(0, bidx.reshape(-1)).view(*bidx.shape, -1)
-            else:
-                xb = x_train[bidx]
-            yb = y_train[bidx] if y_member is None else y_member[rows].gather(1, bidx)
-            if cnn is not None or seq2seq is not None:
-                g, loss = batched_step(flat[rows], rates[rows], keys, xb, yb, valid_t[rows, cols])
-            else:
-                grads, loss = step_fn(views(flat[rows]), rates[rows], keys, xb, yb, valid_t[rows, cols])
-                g = torch.cat([grads[n].reshape(k, -1) for n in names], dim=1)  # (k, P)
-            hp_k = {"lr": hps["lr"][rows], "lr64": hps["lr64"][rows], "weight_decay": hps["weight_decay"][rows]}
-            if scheduled:
-                where = np.arange(n_mem)[rows] if everyone else live
-                factor = torch.as_tensor(lr_factors(job.schedule, epoch, s, steps[where], run_epochs[where]), device=dev)
-                hp_k["lr64"] = hp_k["lr64"] * factor
-                hp_k["lr"] = hp_k["lr64"].to(dtype)[:, None]
-            old_p = flat[rows]
-            old_state = {n: t[rows] for n, t in state.items()}
-            new_p, new_state = opt.update(old_p, g, old_state, hp_k)
-            was_alive = alive[rows]
-            finite = torch.isfinite(new_p.sum(1))  # a finite sum has only finite terms: one pass, not four
-            if not bool(finite.all()):  # some row has a non-finite value, or its sum overflowed: check exactly
-                finite = torch.isfinite(new_p).all(dim=1)
-            ok = was_alive & torch.isfinite(loss) & finite  # (k,)
-            if not bool(ok.all()):  # freeze dead members: keep their last finite weights and optimizer state
-                dead_epoch[rows] = torch.where(was_alive & ~ok, epoch, dead_epoch[rows])
-                alive[rows] = ok
-                new_p = torch.where(ok[:, None], new_p, old_p)
-                new_state = {n: torch.where(ok.view(-1, *[1] * (t.dim() - 1)), t, old_state[n]) for n, t in new_state.items()}
-            if everyone and k == n_mem:  # every row updated: the new tensors replace the old (no copy back)
-                flat = new_p
-                state.update(new_state)
-            else:
-                flat[rows] = new_p
-                for n, t in new_state.items():
-                    state[n][rows] = t
+            for rows, where in blocks:  # rows: a slice or an index tensor of flat's rows; where: them in numpy
+                flat = train_rows(flat, rows, where, epoch, s, cols)
         if epoch in ck_index:
             checkpoint(ck_index[epoch], epoch)
         if progress is not None:
