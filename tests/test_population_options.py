@@ -141,7 +141,14 @@ def test_label_noise_equals_reference_and_flips_the_drawn_share(digits) -> None:
     assert not torch.equal(noisy, noisy_labels(124, digits.y_train, subset, 0.25, 10))
 
 
-def test_random_shift_equals_reference_and_offsets_are_uniform(digits) -> None:
+@pytest.mark.parametrize("table", [True, False])
+def test_random_shift_equals_reference_and_offsets_are_uniform(table: bool, digits, monkeypatch) -> None:
+    """The batched CNN reads shifted images' patches from a table of every shifted copy (`table`), or, when that
+    would be too large, gathers them from the shifted images."""
+    import pipeline.zoo.batched_cnn as batched_cnn
+
+    if not table:
+        monkeypatch.setattr(batched_cnn, "_PATCH_TABLE_MAX", 0)
     job = ChunkJob({"name": "cnn", "channels": [8, 8]}, digits, "adam", 32, 1)
     hp = {"lr": np.full(3, 3e-3), "shift": np.array([0.0, 2.0, 1.0]), "dropout": np.array([0.0, 0.1, 0.0])}
     for member in (1, 2):

@@ -277,11 +277,15 @@ class BatchedCNN:
         """The first layer's im2col patches (N, L*C*K) of fixed images (N, C, H, W), to gather rows of per step
         (`__call__` takes them in place of the images: one row copy per sample instead of a gather per element), or
         None where they would take more than `_PATCH_TABLE_MAX` bytes."""
+        if not self.fits_patch_table(len(images), images.element_size()):
+            return None
+        return self._patches(images.reshape(len(images), -1), self.plans[0])
+
+    def fits_patch_table(self, images: int, element_size: int) -> bool:
+        """Whether `first_patches` of that many images (of `element_size` bytes per entry) stays within its cap."""
         plan = self.plans[0]
         per_image = plan.ho * plan.wo * plan.c_in * self.kernel[0] * self.kernel[1]
-        if len(images) * per_image * images.element_size() > _PATCH_TABLE_MAX:
-            return None
-        return self._patches(images.reshape(len(images), -1), plan)
+        return images * per_image * element_size <= _PATCH_TABLE_MAX
 
     def __call__(
         self,

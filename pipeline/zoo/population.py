@@ -640,9 +640,19 @@ def train_population(
     cnn = BatchedCNN(job.arch, tuple(task.info["input_shape"]), dev) if job.arch["name"] == "cnn" else None
     seq2seq = BatchedSeq2Seq(job.arch) if job.arch["name"] == "gru_seq2seq" else None
 
-    # Fixed training images (no shifts): the CNN's first-layer patches of every image, computed once; a step gathers
-    # its rows (None: no CNN, shifts, or too large a table).
-    patch_table = cnn.first_patches(x_train) if cnn is not None and max_shift == 0 else None
+    # The CNN's first-layer patches of every training image, computed once, and with random shifts of every shifted
+    # copy (offset (dy, dx) at rows ((dy + S) * (2S + 1) + dx + S) * n_train); a step gathers its rows. None: no
+    # CNN, or too large a table (a step then gathers its patches from its images).
+    patch_table = None
+    if cnn is not None:
+        span = 2 * max_shift + 1
+        if max_shift == 0:
+            patch_table = cnn.first_patches(x_train)
+        elif cnn.fits_patch_table(span * span * n_train, x_train.element_size()):
+            every = torch.arange(n_train, device=dev)[None, :]
+            copies = [_shifted(x_padded, every, torch.tensor([dy, dx], device=dev).expand(1, n_train, 2), max_shift)[0]
+                      for dy in range(-max_shift, max_shift + 1) for dx in range(-max_shift, max_shift + 1)]
+            patch_table = cnn.first_patches(torch.cat(copies))
 
     def batched_step(p: torch.Tensor, rate: torch.Tensor, key: torch.Tensor, xb, yb, wb) -> tuple[torch.Tensor, torch.Tensor]:
         """(grads (k, P), losses (k,)) of the members with flat params `p` (k, P), as step_fn's vmapped loss, on the
@@ -722,12 +732,17 @@ def train_population(
         k = len(where)
         bidx = idx_t[rows, cols]  # (k, B)
         keys = dropout_noise_key(noise_base[rows], epoch, s)
+        sample = bidx  # (k, B): rows of the patch table
         if max_shift > 0:
-            moves = shift_offsets(dropout_noise_key(shift_base[rows], epoch, s), shifts[rows], bsz)
-            xb = _shifted(x_padded, bidx, moves, max_shift)
-        elif patch_table is not None:  # (k, B, L*C*K): the images' first-layer patches
-            xb = patch_table.index_select(0, bidx.reshape(-1)).view(*bidx.shape, -1)
-        else:
+            moves = shift_offsets(dropout_noise_key(shift_base[rows], epoch, s), shifts[rows], bsz)  # (k, B, 2)
+            if patch_table is None:
+                xb = _shifted(x_padded, bidx, moves, max_shift)
+            else:  # the shifted copy's row
+                variant = (moves[..., 0] + max_shift) * (2 * max_shift + 1) + moves[..., 1] + max_shift
+                sample = variant * n_train + bidx
+        if patch_table is not None:  # (k, B, L*C*K): the (shifted) images' first-layer patches
+            xb = patch_table.index_select(0, sample.reshape(-1)).view(*bidx.shape, -1)
+        elif max_shift == 0:
             xb = x_train[bidx]
         yb = y_train[bidx] if y_member is None else y_member[rows].gather(1, bidx)
         if cnn is not None or seq2seq is not None:
