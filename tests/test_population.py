@@ -156,14 +156,17 @@ def test_a_member_does_not_depend_on_its_chunk_mates(trained64) -> None:
         np.testing.assert_allclose(alone.weights[key][0], res.weights[key][1], rtol=1e-9, atol=1e-10, err_msg=key)
 
 
-def test_checkpoint_metrics_do_not_depend_on_the_evaluation_blocks(trained64, monkeypatch) -> None:
-    """The batched CNN evaluates a block of members at a time (sized by their dense matrices); one member per
-    block gives the same metrics as the whole chunk at once."""
+@pytest.mark.parametrize("name", ["cnn", "gru_seq2seq"])
+def test_checkpoint_metrics_do_not_depend_on_the_evaluation_blocks(name: str, trained64, monkeypatch) -> None:
+    """The batched CNN and GRU evaluate a block of members at a time (sized by the CNN's dense matrices, by the
+    GRU's sequences per member); one member per block gives the same metrics as the whole chunk at once."""
     import pipeline.zoo.batched_cnn as batched_cnn
+    import pipeline.zoo.batched_seq2seq as batched_seq2seq
 
-    job, hp, seeds = _job("cnn")
-    res = trained64("cnn")
+    job, hp, seeds = _job(name)
+    res = trained64(name)
     monkeypatch.setattr(batched_cnn, "_EVAL_MATRICES", 1)  # blocks of one member, several samples per call
+    monkeypatch.setattr(batched_seq2seq, "_EVAL_SEQUENCES", 1 << 30)
     blocks = train_population(_short(job), hp, seeds, device="cpu", dtype=torch.float64)
     for metric in METRIC_NAMES:
         np.testing.assert_allclose(blocks.metrics[metric], res.metrics[metric], rtol=1e-9, atol=1e-12, err_msg=metric)

@@ -23,6 +23,7 @@ from pipeline.zoo.batched_cnn import batched_counter_keep
 __all__ = ["BatchedSeq2Seq"]
 
 _EVAL_GATES = 1 << 18  # gate activations per time step of an evaluation call (1 MiB in float32)
+_EVAL_SEQUENCES = 128  # sequences per member in an evaluation call, at least (longer products per member)
 _STEP_GATES = 1 << 17  # gate activations per time step of a training step's members (CPU)
 
 
@@ -137,7 +138,9 @@ class BatchedSeq2Seq:
         # members x sequences per evaluation call: one step's gates of them all stay in a core's L2 cache (measured:
         # 2,048 sequences of 3 x 32 gates ran evaluation ~15% faster than 8,192)
         self.eval_rows = max(1, _EVAL_GATES // (3 * int(arch["hidden_size"])))
-        self.eval_members: int | None = None  # all members in each evaluation call
+        # ... of blocks of members with at least _EVAL_SEQUENCES sequences each (measured, 128 members: blocks of 21
+        # took 0.95x the time of all of them at 21 sequences each, at 1 and 2 threads)
+        self.eval_members: int | None = max(1, self.eval_rows // _EVAL_SEQUENCES)
         self.hidden = int(arch["hidden_size"])
 
     def step_members(self, batch: int) -> int:
