@@ -24,7 +24,7 @@ __all__ = ["BatchedSeq2Seq"]
 
 _EVAL_GATES = 1 << 18  # gate activations per time step of an evaluation call (1 MiB in float32)
 _EVAL_SEQUENCES = 128  # sequences per member in an evaluation call, at least (longer products per member)
-_STEP_GATES = 1 << 17  # gate activations per time step of a training step's members (CPU)
+_STEP_GATES = 1 << 17  # gate activations per time step and thread of a training step's members (CPU)
 
 
 def _embed(table: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -145,8 +145,9 @@ class BatchedSeq2Seq:
 
     def step_members(self, batch: int) -> int:
         """Members per training step on a CPU, `batch` sequences each: one time step's gates of them all in about
-        half a MiB (measured, 128 members of batch 32: blocks of 32 or 64 took 0.94x the time of all 128 at once)."""
-        return max(1, _STEP_GATES // (batch * 3 * self.hidden))
+        half a MiB per thread (measured, 128 members of batch 32: at 1 thread blocks of 32-64 took 0.94x the time of
+        all 128 at once; at 2 threads blocks of 84 0.96x, of 42 1.0x)."""
+        return max(1, _STEP_GATES * torch.get_num_threads() // (batch * 3 * self.hidden))
 
     def __call__(
         self,
