@@ -189,7 +189,8 @@ def test_training_in_member_blocks_equals_one_block(name: str, monkeypatch) -> N
     for key in whole.weights:
         np.testing.assert_allclose(blocks.weights[key], whole.weights[key], rtol=1e-12, atol=1e-14, err_msg=key)
     for metric in METRIC_NAMES:
-        np.testing.assert_allclose(blocks.metrics[metric], whole.metrics[metric], rtol=1e-12, atol=1e-14, err_msg=metric)
+        np.testing.assert_allclose(blocks.metrics[metric], whole.metrics[metric], rtol=1e-12, atol=1e-14,
+                                   err_msg=metric)
 
 
 def test_diverging_member_is_flagged_and_isolated() -> None:

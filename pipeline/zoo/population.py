@@ -767,7 +767,8 @@ def train_population(
             dead_epoch[rows] = torch.where(was_alive & ~ok, epoch, dead_epoch[rows])
             alive[rows] = ok
             new_p = torch.where(ok[:, None], new_p, old_p)
-            new_state = {n: torch.where(ok.view(-1, *[1] * (t.dim() - 1)), t, old_state[n]) for n, t in new_state.items()}
+            new_state = {n: torch.where(ok.view(-1, *[1] * (t.dim() - 1)), t, old_state[n])
+                         for n, t in new_state.items()}
         if k == n_mem:  # every row updated: the new tensors replace the old (no copy back)
             state.update(new_state)
             return new_p
