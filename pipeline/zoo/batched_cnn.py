@@ -94,7 +94,7 @@ class _ConvPlan:
     in_last: bool = False  # the input is channels-last, (H*W, C) per sample: the patches layer's output
     pixels: torch.Tensor | None = None  # patches: (L*C*K,) positions in the zero-padded flat input (C*H*W + 1)
     fwd: torch.Tensor | None = None  # dense: gather index into the padded flat kernel (C*H*W*O*L,)
-    copies: torch.Tensor | None = None  # dense: (L, O*C*K) positions in D of each kernel entry's copies (its size
+    copies: torch.Tensor | None = None  # dense: (L, O*C*K) positions in D of each kernel entry's copies (D's size
     # where that copy falls on the padding)
 
 

@@ -135,13 +135,13 @@ class BatchedSeq2Seq:
 
     def __init__(self, arch: Mapping[str, Any]) -> None:
         self.pad_id, self.bos_id = int(arch["pad_id"]), int(arch["bos_id"])
+        self.hidden = int(arch["hidden_size"])
         # members x sequences per evaluation call: one step's gates of them all stay in a core's L2 cache (measured:
         # 2,048 sequences of 3 x 32 gates ran evaluation ~15% faster than 8,192)
-        self.eval_rows = max(1, _EVAL_GATES // (3 * int(arch["hidden_size"])))
+        self.eval_rows = max(1, _EVAL_GATES // (3 * self.hidden))
         # ... of blocks of members with at least _EVAL_SEQUENCES sequences each (measured, 128 members: blocks of 21
         # took 0.95x the time of all of them at 21 sequences each, at 1 and 2 threads)
         self.eval_members: int | None = max(1, self.eval_rows // _EVAL_SEQUENCES)
-        self.hidden = int(arch["hidden_size"])
 
     def step_members(self, batch: int) -> int:
         """Members per training step on a CPU, `batch` sequences each: one time step's gates of them all in about

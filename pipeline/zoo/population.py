@@ -671,8 +671,8 @@ def train_population(
         return torch.cat([g.reshape(len(p), -1) for g in grads], dim=1), loss.detach()
 
     def evaluate(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, y_rows: torch.Tensor | None = None):
-        """Metrics per member on (x, y); `y_rows` (M, n) per-member labels replace y when given. The batched CNN
-        runs a block of members at a time (`eval_members`: their dense matrices stay in cache over all samples)."""
+        """Metrics per member on (x, y); `y_rows` (M, n) per-member labels replace y when given. The batched CNN and
+        GRU run a block of members at a time (their `eval_members`)."""
         model.eval()
         y_dim = None if y_rows is None else 0
         fast = cnn if cnn is not None else seq2seq
@@ -732,17 +732,18 @@ def train_population(
         k = len(where)
         bidx = idx_t[rows, cols]  # (k, B)
         keys = dropout_noise_key(noise_base[rows], epoch, s)
-        sample = bidx  # (k, B): rows of the patch table
+        moves = None  # (k, B, 2) shift offsets (dy, dx)
         if max_shift > 0:
-            moves = shift_offsets(dropout_noise_key(shift_base[rows], epoch, s), shifts[rows], bsz)  # (k, B, 2)
-            if patch_table is None:
-                xb = _shifted(x_padded, bidx, moves, max_shift)
-            else:  # the shifted copy's row
+            moves = shift_offsets(dropout_noise_key(shift_base[rows], epoch, s), shifts[rows], bsz)
+        if patch_table is not None:  # (k, B, L*C*K): the (shifted) images' first-layer patches, rows of the table
+            sample = bidx
+            if moves is not None:  # the row of the shifted copy
                 variant = (moves[..., 0] + max_shift) * (2 * max_shift + 1) + moves[..., 1] + max_shift
                 sample = variant * n_train + bidx
-        if patch_table is not None:  # (k, B, L*C*K): the (shifted) images' first-layer patches
             xb = patch_table.index_select(0, sample.reshape(-1)).view(*bidx.shape, -1)
-        elif max_shift == 0:
+        elif moves is not None:
+            xb = _shifted(x_padded, bidx, moves, max_shift)
+        else:
             xb = x_train[bidx]
         yb = y_train[bidx] if y_member is None else y_member[rows].gather(1, bidx)
         if cnn is not None or seq2seq is not None:
