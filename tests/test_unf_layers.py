@@ -232,7 +232,8 @@ def test_matches_the_reference_layer(structured: bool | str | None, monkeypatch:
     """The optimized layer (shared reductions, one matmul per group, merged writes) computes the same function as
     the straightforward grouped layer it replaced, for the same parameters: outputs, input and parameter gradients.
     Folded groups (permutable mode) both ways: by their structure and as dense matmuls with assembled weights; and
-    every contiguous input piece computed batch-major (as large ones are), not copied channel-major."""
+    every contiguous input piece computed batch-major (as large ones are), not copied channel-major, and in exact
+    mode every piece whose fixed axes are innermost copied channels-last (as large ones are)."""
     import _unf_layers_ref as ref
     import unf_models.layers as layers
 

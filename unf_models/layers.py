@@ -71,7 +71,8 @@ def _pieces(spec: WeightSpec, fixed_axes: FixedAxes) -> list[_Piece]:
 
 class _Layout:
     """Converts public ``{name: (B, C, *natural)}`` to pieces ``(B, C*fold, *perm_dims)`` and back (views unless
-    fixed axes must move in front of permutable ones; such copies are channel-major in memory, as layers use them)."""
+    fixed axes must move in front of permutable ones; such copies are channel-major in memory, as layers use them,
+    or, for large pieces whose fixed axes are innermost, channels-last: ``_channels_last``)."""
 
     def __init__(self, spec: WeightSpec, fixed_axes: FixedAxes) -> None:
         self.spec = spec
@@ -104,9 +105,16 @@ class _Layout:
             v = views[p.name][p.part]  # (B, C, *view)
             if not channel_dim:
                 v = v.unsqueeze(1)
-            if p.fixed_pos:  # one copy, channel-major as the layer computes: (C, *fixed, B, *perm)
-                v = v.permute(1, *(2 + a for a in p.fixed_pos), 0, *(2 + a for a in p.perm_pos))
-                v = v.reshape(-1, *v.shape[1 + len(p.fixed_pos) :]).transpose(0, 1)  # (B, C*fold, *perm)
+            fixed, perm = [2 + a for a in p.fixed_pos], [2 + a for a in p.perm_pos]
+            innermost = fixed == list(range(v.dim() - len(fixed), v.dim()))
+            if fixed and perm and innermost and v.numel() >= _BATCH_MAJOR_MIN:
+                # fixed axes innermost (a Linear's inputs, a conv's kernel): one copy that keeps them innermost,
+                # (B, *perm, C, *fixed) in memory, ~4x faster than moving them outermost
+                v = v.permute(0, *perm, 1, *fixed).contiguous()
+                v = v.reshape(*v.shape[: 1 + len(perm)], -1).movedim(-1, 1)  # (B, C*fold, *perm), channels-last
+            elif fixed:  # one copy, channel-major as the layer computes: (C, *fixed, B, *perm)
+                v = v.permute(1, *fixed, 0, *perm)
+                v = v.reshape(-1, *v.shape[1 + len(fixed) :]).transpose(0, 1)  # (B, C*fold, *perm)
             out.append(v)
         return out
 
@@ -332,7 +340,10 @@ def _compute_reads(h: list[Tensor], steps: tuple[_ReadStep, ...], order: tuple[i
         s = steps[i]
         if s.parent >= 0:
             parent = out[s.parent]
-            out[i] = parent.sum(dim=s.dim)  # type: ignore[union-attr]  # its backward is an expand (a view)
+            if _channels_last(parent):  # summed as the (B, *kept, K) it is in memory: ~10x faster
+                out[i] = parent.movedim(0, -1).sum(dim=s.dim - 1).movedim(-1, 0)  # type: ignore[union-attr]
+            else:
+                out[i] = parent.sum(dim=s.dim)  # type: ignore[union-attr]  # its backward is an expand (a view)
             count[i] = count[s.parent] * parent.shape[s.dim]  # type: ignore[union-attr]
         else:
             out[i] = torch.einsum(s.equation, h[s.piece]) if s.equation else h[s.piece]
@@ -962,6 +973,12 @@ class _PermutedCopy(torch.autograd.Function):
 _BATCH_MAJOR_MIN = 1 << 16  # elements from which a contiguous (B, K, ...) input piece is computed batch-major
 
 
+def _channels_last(t: Tensor) -> bool:
+    """A (K, B, *dims) piece whose memory is (B, *dims, K): ``_Layout.to_internal``'s copy of a large piece with
+    innermost fixed axes. The layer takes it as it is: reduced, concatenated and multiplied in that layout."""
+    return t.dim() > 2 and t.shape[0] > 1 and not t.is_contiguous() and t.movedim(0, -1).is_contiguous()
+
+
 def _batch_major(t: Tensor) -> bool:
     """A (K, B, *dims) piece whose memory is batch-major: the transposed view of a contiguous (B, K, *dims)."""
     return t.dim() > 2 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous()
@@ -1099,6 +1116,9 @@ def _run(plan: _ForwardPlan, h: list[Tensor], weights: Mapping[str, Tensor], bia
             cat = xs[0]
         elif all(_batch_major(x) for x in xs):  # batch-major pieces are concatenated batch-major
             cat = torch.cat([x.transpose(0, 1) for x in xs], dim=1).transpose(0, 1)
+        elif 2 * sum(x.shape[0] for x in xs if _channels_last(x)) >= sum(x.shape[0] for x in xs):
+            # mostly channels-last pieces: concatenated channels-last (the small others copied into that layout)
+            cat = torch.cat([x.movedim(0, -1) for x in xs], dim=-1).movedim(-1, 0)
         else:
             cat = torch.cat([x.contiguous() for x in xs], dim=0)
         scale = _row_scale(xcounts, [x.shape[0] for x in xs], cat, scales)  # sums -> means
@@ -1234,8 +1254,9 @@ class UNFLinear(nn.Module):
         if self._folded is None:
             # large contiguous (B, K, ...) pieces are computed batch-major as they are (no layout copy in or out);
             # small ones are cheaper to copy than to run as a matmul per batch member
-            h = [t.transpose(0, 1) if t.is_contiguous() and t.numel() >= _BATCH_MAJOR_MIN
-                 else t.transpose(0, 1).contiguous() for t in h]
+            # (and channels-last ones, as to_internal makes them)
+            h = [t.transpose(0, 1) if t.numel() >= _BATCH_MAJOR_MIN and (t.is_contiguous()
+                 or _channels_last(t.transpose(0, 1))) else t.transpose(0, 1).contiguous() for t in h]
             return self._forward_work(h, act, act_, channel_major)
         # folded: large pieces batch-major too (folding is a copy either way) unless a group is computed by its
         # structure, whose sums and matmuls over the folded axes take channel-major pieces
