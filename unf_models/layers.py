@@ -95,8 +95,9 @@ class _Layout:
                 self._sizes_cache[key] = sizes
         return sizes
 
-    def to_internal(self, x: Mapping[str, Tensor], sizes: Mapping[str, int], channel_dim: bool = True
-                    ) -> list[Tensor]:
+    def to_internal(self, x: Mapping[str, Tensor], sizes: Mapping[str, int], channel_dim: bool = True,
+                    channels_last: bool = True) -> list[Tensor]:
+        """``channels_last=False``: every copy channel-major (for callers that want that layout anyway)."""
         out = []
         views: dict[str, list[Tensor]] = {}
         for p in self.pieces:
@@ -107,7 +108,7 @@ class _Layout:
                 v = v.unsqueeze(1)
             fixed, perm = [2 + a for a in p.fixed_pos], [2 + a for a in p.perm_pos]
             innermost = fixed == list(range(v.dim() - len(fixed), v.dim()))
-            if fixed and perm and innermost and v.numel() >= _BATCH_MAJOR_MIN:
+            if channels_last and fixed and perm and innermost and v.numel() >= _BATCH_MAJOR_MIN:
                 # fixed axes innermost (a Linear's inputs, a conv's kernel): one copy that keeps them innermost,
                 # (B, *perm, C, *fixed) in memory, ~4x faster than moving them outermost
                 v = v.permute(0, *perm, 1, *fixed).contiguous()

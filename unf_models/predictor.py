@@ -56,7 +56,8 @@ class UNFPredictor(nn.Module):
         layout = self.layers[0]._layout
         channel_dim = self.in_channels > 1
         sizes = layout.sizes(x, batch_dims=2 if channel_dim else 1)
-        h = layout.to_internal(x, sizes, channel_dim=channel_dim)  # pieces (B, C*fold, *perm_dims)
+        # pieces (B, C*fold, *perm_dims), copies channel-major: the layout `enter` makes
+        h = layout.to_internal(x, sizes, channel_dim=channel_dim, channels_last=False)
         return self.layers[0].enter(h)
 
     @staticmethod
