@@ -97,7 +97,9 @@ class _Layout:
 
     def to_internal(self, x: Mapping[str, Tensor], sizes: Mapping[str, int], channel_dim: bool = True,
                     channels_last: bool = True) -> list[Tensor]:
-        """``channels_last=False``: every copy channel-major (for callers that want that layout anyway)."""
+        """Public ``{name: (B, C, *natural)}`` -> pieces ``(B, C*fold, *perm_dims)``: views, or one copy where fixed
+        axes fold into channels (channels-last for large pieces whose fixed axes are innermost, else channel-major;
+        ``channels_last=False``: always channel-major, for callers that copy into that layout next anyway)."""
         out = []
         views: dict[str, list[Tensor]] = {}
         for p in self.pieces:
@@ -341,7 +343,7 @@ def _compute_reads(h: list[Tensor], steps: tuple[_ReadStep, ...], order: tuple[i
         s = steps[i]
         if s.parent >= 0:
             parent = out[s.parent]
-            if _channels_last(parent):  # summed as the (B, *kept, K) it is in memory: ~10x faster
+            if _channels_last(parent):  # summed as the (B, *kept, K) it is in memory (as (K, B, *kept): ~10x slower)
                 out[i] = parent.movedim(0, -1).sum(dim=s.dim - 1).movedim(-1, 0)  # type: ignore[union-attr]
             else:
                 out[i] = parent.sum(dim=s.dim)  # type: ignore[union-attr]  # its backward is an expand (a view)
