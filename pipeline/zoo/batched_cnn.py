@@ -182,14 +182,14 @@ def batched_counter_keep(
     the bits of its index in the module's (..., C, L) order. Same bits, computed in
     place on blocks of members that fit in cache, and compared without the final shift (u >> 8 >= t  <=>  u >= t << 8
     on unsigned 32-bit u)."""
+    if scaled and not dtype.is_floating_point:
+        raise ValueError(f"scaled keep masks need a float dtype, not {dtype}")
     k = len(keys)
     base = _mix32(keys ^ (salt * 0x2545F491 & _M31))  # (k,)
     base = base ^ ((base >> 16) & 0xFFFF)  # its part of the hash's first xor-shift (see _index_hash)
     threshold = ((rates * float(1 << 24)).to(torch.int32).to(torch.int64) * 256 + _SIGN).to(torch.int32)  # (k,)
     index = _index_hash(numel, keys.device, channels_last)[None, :]
     out = torch.empty(k, numel, dtype=dtype, device=keys.device)
-    if scaled and not dtype.is_floating_point:
-        raise ValueError(f"scaled keep masks need a float dtype, not {dtype}")
     scale = (1.0 - rates.to(dtype)).reciprocal()[:, None] if scaled else None  # (k, 1)
     # cache blocks matter on CPUs only; each thread takes its share of a block (measured, 2 threads: 0.77-0.95x the
     # time with blocks of one share; 1 thread: blocks of two shares took 1.15x)
