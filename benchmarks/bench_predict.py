@@ -10,6 +10,12 @@ it once on a GPU). Goal: UNF trains at least as many members/s as Deep Sets on b
     python benchmarks/bench_predict.py [--zoo cnn gru] [--models unf deepsets] [--device auto|cpu|cuda]
                                        [--members 500] [--reps 3] [--threads 1] [--clock wall|cpu]
     python benchmarks/bench_predict.py --compile-step --zoo cnn --models unf deepsets   # eager vs torch.compile
+    python benchmarks/bench_predict.py --models unf deepsets --matmul-precision medium
+
+`--matmul-precision` is `unfzoo train --matmul-precision`: the training steps' float32 matrix products at torch's
+"highest" (float32, the default), "high" (TF32 on NVIDIA GPUs) or "medium" (bfloat16 products). With no
+`--matmul-precision` on a CPU with native bfloat16 support (AVX512-BF16 / AMX) or on a GPU, UNF and Deep Sets also
+run a second pass at "medium", whose lines end in `_medium`: the same goal, with both models at that precision.
 
 `--clock cpu` times the epochs in CPU seconds of this process (`time.process_time`) instead of wall seconds: on a
 shared machine the wall clock also counts the time other jobs hold the core, which moved single ratios by +-0.15;
@@ -77,8 +83,9 @@ def synthetic_data(spec: WeightSpec, members: int, seed: int = 0) -> PredictData
                        info={"checkpoint_epochs": [0]})
 
 
-def run_zoo(zoo: str, models: tuple[str, ...], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Median training members/s per model on one zoo's weight space."""
+def run_zoo(zoo: str, models: tuple[str, ...], args: argparse.Namespace, device: torch.device,
+            precision: str = "highest") -> dict[str, float]:
+    """Median training members/s per model on one zoo's weight space, training steps at matmul `precision`."""
     spec = SPECS[zoo]()
     data = synthetic_data(spec, args.members)
     if zoo == "cnn":  # what `unfzoo train` records for a digits CNN zoo (pipeline.predict.probe.probe_setup)
@@ -87,13 +94,15 @@ def run_zoo(zoo: str, models: tuple[str, ...], args: argparse.Namespace, device:
     else:
         models = tuple(m for m in models if m not in PROBE_MODELS)
     n_train = len(data.rows["train"])
-    config = TrainConfig(models=models, epochs=args.epochs, patience=args.epochs, device=str(device))
+    config = TrainConfig(models=models, epochs=args.epochs, patience=args.epochs, device=str(device),
+                         matmul_precision=precision)
     print(f"zoo {zoo}: {args.members} members ({n_train} train), "
-          f"{sum(int(np.prod(s)) for s in spec.shapes.values())} params/member, {_load()}")
+          f"{sum(int(np.prod(s)) for s in spec.shapes.values())} params/member, matmul precision {precision}, "
+          f"{_load()}")
     # warm-up (imports, allocator, first Adam step) so the first timed model is not penalized
     with tempfile.TemporaryDirectory() as tmp:
-        fit_run(models[0], data, TrainConfig(models=models[:1], epochs=1, device=str(device)), spec, 0,
-                Path(tmp) / "warm", {}, device)
+        fit_run(models[0], data, TrainConfig(models=models[:1], epochs=1, device=str(device),
+                                             matmul_precision=precision), spec, 0, Path(tmp) / "warm", {}, device)
     rates: dict[str, list[float]] = {m: [] for m in models}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
@@ -196,6 +205,9 @@ def main() -> None:
                         help="torch CPU threads (1 by default: on a shared 2-core machine more threads oversubscribe)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time epochs in wall seconds (default) or in this process's CPU seconds (cpu device)")
+    parser.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default=None,
+                        help="float32 matmul precision of the training steps (default: highest, plus a 'medium' pass "
+                             "of unf and deepsets on bfloat16 hardware)")
     parser.add_argument("--compile-step", action="store_true",
                         help="instead: one training step eager vs torch.compile'd (inductor; minutes to compile) "
                              "and the eager step's profile")
@@ -220,25 +232,42 @@ def main() -> None:
         return
     tag = "gpu" if device.type == "cuda" else "cpu"
     models = tuple(args.models)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, clock {args.clock}")
-    for zoo in args.zoo:
-        med = run_zoo(zoo, models, args, device)
-        suffix = f"{tag}" if zoo == "cnn" else f"{zoo}_{tag}"
-        if "unf" in med and zoo == "cnn":
-            goal = GOAL_UNF_GPU if device.type == "cuda" else GOAL_UNF_CPU
-            _line(f"predict_unf_train_{tag}", "throughput", med["unf"], goal)
-        if "unf" in med:
-            for base in ("flat", "statnn"):
-                if base in med:
-                    _line(f"predict_unf_vs_{base}_{suffix}", "throughput_ratio", med["unf"] / med[base], GOAL_RATIO)
-            if "deepsets" in med:
-                _line(f"predict_unf_vs_deepsets_{zoo}_{tag}", "throughput_ratio", med["unf"] / med["deepsets"], 1.0)
-            if "unf-perm" in med:
-                _line(f"predict_unf_exact_vs_perm_{suffix}", "throughput_ratio", med["unf"] / med["unf-perm"], 0.5)
-        if "unf-probe" in med and "unf" in med:  # the probe readout's extra cost: every member run on 64 inputs x 2
-            _line(f"predict_unf_probe_vs_unf_{suffix}", "throughput_ratio", med["unf-probe"] / med["unf"], 0.5)
-        if "unf-hybrid" in med and "unf" in med:  # the hybrid's extra cost: STATNN statistics per batch
-            _line(f"predict_hybrid_vs_unf_{suffix}", "throughput_ratio", med["unf-hybrid"] / med["unf"], 0.5)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, clock {args.clock}, "
+          f"bfloat16 matmul hardware {_bf16_hardware(device)}")
+    passes = [(args.matmul_precision or "highest", models)]
+    if args.matmul_precision is None and _bf16_hardware(device) and {"unf", "deepsets"} <= set(models):
+        passes.append(("medium", ("unf", "deepsets")))
+    for precision, pass_models in passes:
+        for zoo in args.zoo:
+            med = run_zoo(zoo, pass_models, args, device, precision)
+            _report(zoo, med, tag + ("" if precision == "highest" else f"_{precision}"), device)
+
+
+def _bf16_hardware(device: torch.device) -> bool:
+    """Whether float32 matmuls can run as bfloat16 products natively: a GPU, or a CPU with AVX512-BF16 / AMX."""
+    if device.type == "cuda":
+        return True
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def _report(zoo: str, med: dict[str, float], tag: str, device: torch.device) -> None:
+    """The BENCH lines of one zoo's rates (tag: cpu / gpu, then _<precision> when not highest)."""
+    suffix = f"{tag}" if zoo == "cnn" else f"{zoo}_{tag}"
+    if "unf" in med and zoo == "cnn" and tag in ("cpu", "gpu"):
+        goal = GOAL_UNF_GPU if device.type == "cuda" else GOAL_UNF_CPU
+        _line(f"predict_unf_train_{tag}", "throughput", med["unf"], goal)
+    if "unf" in med:
+        for base in ("flat", "statnn"):
+            if base in med:
+                _line(f"predict_unf_vs_{base}_{suffix}", "throughput_ratio", med["unf"] / med[base], GOAL_RATIO)
+        if "deepsets" in med:
+            _line(f"predict_unf_vs_deepsets_{zoo}_{tag}", "throughput_ratio", med["unf"] / med["deepsets"], 1.0)
+        if "unf-perm" in med:
+            _line(f"predict_unf_exact_vs_perm_{suffix}", "throughput_ratio", med["unf"] / med["unf-perm"], 0.5)
+    if "unf-probe" in med and "unf" in med:  # the probe readout's extra cost: every member run on 64 inputs x 2
+        _line(f"predict_unf_probe_vs_unf_{suffix}", "throughput_ratio", med["unf-probe"] / med["unf"], 0.5)
+    if "unf-hybrid" in med and "unf" in med:  # the hybrid's extra cost: STATNN statistics per batch
+        _line(f"predict_hybrid_vs_unf_{suffix}", "throughput_ratio", med["unf-hybrid"] / med["unf"], 0.5)
 
 
 if __name__ == "__main__":

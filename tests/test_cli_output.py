@@ -43,11 +43,13 @@ def test_choices_mirror_the_library() -> None:
     """The CLI keeps its choice lists (so --help never imports torch); they must equal the library's."""
     from pipeline.commands import lopt as lopt_cmd
     from pipeline.commands import train as train_cmd
+    from pipeline.device import MATMUL_PRECISIONS
     from pipeline.lopt.optimizers import KINDS
     from pipeline.predict.config import FEATURES, MODEL_NAMES
 
     assert set(train_cmd.MODELS) == {*MODEL_NAMES, "all"}
     assert set(train_cmd.FEATURES) == set(FEATURES)
+    assert train_cmd.PRECISIONS == MATMUL_PRECISIONS
     assert set(lopt_cmd.OPTIMIZERS) == set(KINDS)
 
 

@@ -178,6 +178,35 @@ def test_unf_predictor_is_invariant_and_width_agnostic(trained_predictors, predi
         unf.predict({k: v for k, v in weights.items() if k != spec.names[0]})
 
 
+def test_matmul_precision_applies_to_training_steps_only(predict_zoo, tmp_path: Path, monkeypatch) -> None:
+    """--matmul-precision medium: optimizer steps run at "medium"; every prediction (validation, test, saved) at
+    "highest", and the process's setting is restored after the run; the run key records the choice."""
+    import pipeline.predict.train as train_mod
+
+    seen: dict[str, set[str]] = {"step": set(), "predict": set()}
+    adam_step, raw_outputs = torch.optim.Adam.step, train_mod._raw_outputs
+
+    def step(self, *args, **kwargs):
+        seen["step"].add(torch.get_float32_matmul_precision())
+        return adam_step(self, *args, **kwargs)
+
+    def predict(*args, **kwargs):
+        seen["predict"].add(torch.get_float32_matmul_precision())
+        return raw_outputs(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    monkeypatch.setattr(train_mod, "_raw_outputs", predict)
+    config = _config(epochs=2, matmul_precision="medium")
+    data = build_data(predict_zoo, config)
+    run = fit_run("flat", data, config, predict_zoo.spec, 0, tmp_path / "run", {}, CPU)
+    assert seen == {"step": {"medium"}, "predict": {"highest"}}
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert np.isfinite(run.metrics["test"]["tau"])
+    assert config.run_key("flat") != _config(epochs=2).run_key("flat")
+    with pytest.raises(ConfigError, match="--matmul-precision 'tf32' is unknown"):
+        _config(matmul_precision="tf32")
+
+
 def test_resume_after_interrupt_matches_uninterrupted_run(predict_zoo, tmp_path: Path) -> None:
     config = _config(epochs=4)
     data = build_data(predict_zoo, config)

@@ -49,6 +49,13 @@ def test_unknown_model_and_bad_checkpoints(predict_zoo, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--checkpoints" in result.output
 
 
+def test_unknown_matmul_precision(predict_zoo, tmp_path: Path) -> None:
+    result = _invoke(predict_zoo.url, "--matmul-precision", "bf16", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2
+    assert "--matmul-precision 'bf16' is unknown" in result.output and "highest, high, medium" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
 def test_short_run_writes_outputs_and_resumes(predict_zoo, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = (predict_zoo.url, "--model", "statnn,flat", "--epochs", "2", "--checkpoints", "all", "--fractions",

@@ -9,11 +9,13 @@ import typer
 
 from pipeline.commands._common import DEVICES, check_device, completer, console, escape, one_of, print_json, user_errors
 
-# Mirrors pipeline.predict.config (MODEL_NAMES, FEATURES); kept here so `--help` does not import torch (a test checks).
+# Mirrors pipeline.predict.config (MODEL_NAMES, FEATURES) and pipeline.device (MATMUL_PRECISIONS); kept here so
+# `--help` does not import torch (a test checks).
 MODELS = ("unf", "unf-perm", "unf-hybrid", "unf-probe", "probe", "statnn", "deepsets", "flat", "all")
 SPLITS = ("run", "config")
 FEATURES = ("raw+log+size", "raw+log", "raw")
 LOSSES = ("auto", "bce", "mse")
+PRECISIONS = ("highest", "high", "medium")
 
 _EPILOG = """
 [bold]Examples[/]
@@ -111,6 +113,11 @@ def train(
     max_members: int = typer.Option(None, help="Use only the first N members (quick runs).", show_default="all"),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N.", metavar=one_of(DEVICES),
                                autocompletion=completer(DEVICES)),
+    matmul_precision: str = typer.Option("highest", help="Float32 matrix products of the torch models' training "
+                                         "steps: highest (float32) | high (TF32 on NVIDIA GPUs) | medium (bfloat16 "
+                                         "products: GPUs, and CPUs with AMX). Predictions and metrics always use "
+                                         "float32 products.", metavar=one_of(PRECISIONS),
+                                         autocompletion=completer(PRECISIONS)),
     out: Path = typer.Option(None, help="Output folder.", show_default="runs/train/<zoo name>-<target>"),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics (per model and split) and the paired "
                                  "tau differences as one JSON document on stdout; progress lines go to stderr."),
@@ -138,7 +145,8 @@ def train(
                              unf_keep_fixed=tuple(t.strip() for t in keep_fixed.split(",") if t.strip()),
                              probes=probes, ensemble=ensemble, chance_margin=chance_margin, bootstrap=bootstrap,
                              features=features, bias_by=tuple(t.strip() for t in bias_by.split(",") if t.strip()),
-                             loss=loss, include_diverged=include_diverged, max_members=max_members, device=device)
+                             loss=loss, include_diverged=include_diverged, max_members=max_members, device=device,
+                             matmul_precision=matmul_precision)
         for path, store in zip((*zoos, *(eval_zoo or ())), (*stores, *evals)):
             targets = available_targets(store)
             if target not in targets:

@@ -134,6 +134,11 @@ class TrainConfig:
     statnn_candidates: tuple[str, ...] = ("gbr-d3", "gbr-d5", "mlp-a1e-3", "mlp-a1e-1")  # see STATNN_CANDIDATES
     eval_batch_size: int = 256
     device: str = "auto"
+    # float32 matmul precision of the torch models' training steps (pipeline.device.MATMUL_PRECISIONS): "highest"
+    # (float32) | "high" (TF32 on NVIDIA GPUs) | "medium" (bfloat16 products, also on CPUs with AMX). Validation,
+    # test and saved predictions run outside those steps, at torch's default "highest", so reported metrics are what
+    # `unfzoo score` computes
+    matmul_precision: str = "highest"
     max_members: int | None = None  # use only the first N members (quick runs); None = all
     # hyperparameters (at most 20 distinct values) whose values get their own mean-error rows in the report (test and
     # eval splits), e.g. ("shift", "optimizer"): where a predictor over- or under-predicts a training recipe
@@ -177,6 +182,11 @@ class TrainConfig:
         if self.unf_keep_fixed and self.unf_pos_embed:
             raise ConfigError("--keep-fixed and --pos-embed do not combine: a kept label needs no embedding; "
                               "use one of them")
+        from pipeline.device import MATMUL_PRECISIONS
+
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ConfigError(f"--matmul-precision {self.matmul_precision!r} is unknown; use "
+                              f"{', '.join(MATMUL_PRECISIONS)}")
         if self.max_members is not None and self.max_members < 3:
             raise ConfigError(f"--max-members must be at least 3 (train, val, test), got {self.max_members}")
 
@@ -216,5 +226,6 @@ class TrainConfig:
             fields += ["probes"] if kind == "unf-probe" else []
             fields += ["normalize"] if self.normalize != "tensor" else []  # old runs keep their keys
             fields += ["rank_weight"] if self.rank_weight else []
+            fields += ["matmul_precision"] if self.matmul_precision != "highest" else []
         payload = {"model": model, **{k: d[k] for k in fields}, **self.tied_form_options(model)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

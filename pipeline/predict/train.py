@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from scipy.stats import kendalltau
 
+from pipeline.device import matmul_precision
 from pipeline.errors import ConfigError
 from pipeline.predict.artifacts import CONFIG_FILE, STATE_FILE, Predictor, save_ensemble, save_predictor
 from pipeline.predict.config import ALL_MODELS, MODEL_KINDS, PROBE_MODELS, TrainConfig
@@ -324,23 +325,24 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
             batches = [batches[int(i)] for i in torch.randperm(len(batches), generator=gen)]
         net.train()
         total, count = torch.zeros((), device=device), 0
-        for p, idx in batches:
-            x_part, y_part, sizes = train_parts[p]
-            idx = idx.to(device)
-            if prepared is not None:
-                scores = net.forward_prepared(net.select(prepared[p], idx))  # (b,) raw outputs
-            else:
-                batch = {k: v.index_select(0, idx) for k, v in x_part.items()}  # {name: (b, *shape)}
-                if config.augment:
-                    batch = spec.permute(batch, spec.random_permutation(gen, sizes=sizes, device=device))
-                scores = net(batch)  # (b,) raw outputs
-            loss = loss_fn(scores, y_part[idx])
-            if config.rank_weight:
-                loss = loss + config.rank_weight * pairwise_rank_loss(scores, y_part[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, count = total + loss.detach() * len(idx), count + len(idx)  # no host sync per step
+        with matmul_precision(config.matmul_precision):  # the training steps only: every prediction is at "highest"
+            for p, idx in batches:
+                x_part, y_part, sizes = train_parts[p]
+                idx = idx.to(device)
+                if prepared is not None:
+                    scores = net.forward_prepared(net.select(prepared[p], idx))  # (b,) raw outputs
+                else:
+                    batch = {k: v.index_select(0, idx) for k, v in x_part.items()}  # {name: (b, *shape)}
+                    if config.augment:
+                        batch = spec.permute(batch, spec.random_permutation(gen, sizes=sizes, device=device))
+                    scores = net(batch)  # (b,) raw outputs
+                loss = loss_fn(scores, y_part[idx])
+                if config.rank_weight:
+                    loss = loss + config.rank_weight * pairwise_rank_loss(scores, y_part[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, count = total + loss.detach() * len(idx), count + len(idx)  # no host sync per step
         val_pred = _to_target(_raw_outputs(net, data, val_rows, config.eval_batch_size, device), data)
         val_tau = kendall_tau(val_pred, val_y)
         if val_tau > best_tau:
