@@ -10,12 +10,13 @@ it once on a GPU). Goal: UNF trains at least as many members/s as Deep Sets on b
     python benchmarks/bench_predict.py [--zoo cnn gru] [--models unf deepsets] [--device auto|cpu|cuda]
                                        [--members 500] [--reps 3] [--threads 1] [--clock wall|cpu]
     python benchmarks/bench_predict.py --compile-step --zoo cnn --models unf deepsets   # eager vs torch.compile
-    python benchmarks/bench_predict.py --models unf deepsets --matmul-precision medium
+    python benchmarks/bench_predict.py --models unf deepsets --matmul-precision highest medium
 
-`--matmul-precision` is `unfzoo train --matmul-precision`: the training steps' float32 matrix products at torch's
-"highest" (float32, the default), "high" (TF32 on NVIDIA GPUs) or "medium" (bfloat16 products). With no
-`--matmul-precision` on a CPU with native bfloat16 support (AVX512-BF16 / AMX) or on a GPU, UNF and Deep Sets also
-run a second pass at "medium", whose lines end in `_medium`: the same goal, with both models at that precision.
+`--matmul-precision P [P ...]` is `unfzoo train --matmul-precision`: the training steps' float32 matrix products at
+torch's "highest" (float32), "high" (TF32 on NVIDIA GPUs) or "medium" (bfloat16 products). Every model trains at the
+first; UNF and Deep Sets also at the others, interleaved with the rest, their lines ending in `_<precision>` (the same
+goal, both models at that precision), plus UNF's own speed-up over the first. Default: "highest", and "medium" too on
+a CPU with native bfloat16 support (AVX512-BF16 / AMX) or a GPU.
 
 `--clock cpu` times the epochs in CPU seconds of this process (`time.process_time`) instead of wall seconds: on a
 shared machine the wall clock also counts the time other jobs hold the core, which moved single ratios by +-0.15;
@@ -83,42 +84,45 @@ def synthetic_data(spec: WeightSpec, members: int, seed: int = 0) -> PredictData
                        info={"checkpoint_epochs": [0]})
 
 
-def run_zoo(zoo: str, models: tuple[str, ...], args: argparse.Namespace, device: torch.device,
-            precision: str = "highest") -> dict[str, float]:
-    """Median training members/s per model on one zoo's weight space, training steps at matmul `precision`."""
+def run_zoo(zoo: str, entries: tuple[tuple[str, str], ...], args: argparse.Namespace, device: torch.device
+            ) -> dict[tuple[str, str], float]:
+    """Median training members/s of each (model, matmul precision) entry on one zoo's weight space, all entries
+    interleaved."""
     spec = SPECS[zoo]()
     data = synthetic_data(spec, args.members)
     if zoo == "cnn":  # what `unfzoo train` records for a digits CNN zoo (pipeline.predict.probe.probe_setup)
         data.info["probe_setup"] = {"arch": {"name": "cnn", "stride": 2, "padding": 1, "num_classes": 10},
                                     "input_shape": [1, 8, 8], "activations": ["relu", "tanh"], "n_probes": 64}
     else:
-        models = tuple(m for m in models if m not in PROBE_MODELS)
+        entries = tuple(e for e in entries if e[0] not in PROBE_MODELS)
     n_train = len(data.rows["train"])
-    config = TrainConfig(models=models, epochs=args.epochs, patience=args.epochs, device=str(device),
-                         matmul_precision=precision)
+    configs = {p: TrainConfig(models=tuple(dict.fromkeys(m for m, q in entries if q == p)), epochs=args.epochs,
+                              patience=args.epochs, device=str(device), matmul_precision=p)
+               for p in dict.fromkeys(p for _, p in entries)}
     print(f"zoo {zoo}: {args.members} members ({n_train} train), "
-          f"{sum(int(np.prod(s)) for s in spec.shapes.values())} params/member, matmul precision {precision}, "
-          f"{_load()}")
+          f"{sum(int(np.prod(s)) for s in spec.shapes.values())} params/member, {_load()}")
     # warm-up (imports, allocator, first Adam step) so the first timed model is not penalized
     with tempfile.TemporaryDirectory() as tmp:
-        fit_run(models[0], data, TrainConfig(models=models[:1], epochs=1, device=str(device),
-                                             matmul_precision=precision), spec, 0, Path(tmp) / "warm", {}, device)
-    rates: dict[str, list[float]] = {m: [] for m in models}
+        model, precision = entries[0]
+        fit_run(model, data, TrainConfig(models=(model,), epochs=1, device=str(device), matmul_precision=precision),
+                spec, 0, Path(tmp) / "warm", {}, device)
+    rates: dict[tuple[str, str], list[float]] = {e: [] for e in entries}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
-            for model in models if rep % 2 == 0 else models[::-1]:  # interleaved, order alternating
+            for model, precision in entries if rep % 2 == 0 else entries[::-1]:  # interleaved, order alternating
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = CLOCK()
-                run = fit_run(model, data, config, spec, rep, Path(tmp) / f"{model}-{rep}", {}, device)
+                run = fit_run(model, data, configs[precision], spec, rep, Path(tmp) / f"{model}-{precision}-{rep}",
+                              {}, device)
                 if run.history:  # epoch seconds include the .item() syncs of the validation pass
-                    rates[model].append(n_train / statistics.median(h["seconds"] for h in run.history))
+                    rates[(model, precision)].append(n_train / statistics.median(h["seconds"] for h in run.history))
                 else:
-                    rates[model].append(n_train / (CLOCK() - t0))
-    med = {m: statistics.median(r) for m, r in rates.items()}
-    print(f"{'model':10s} {'members/s (median)':>20s}  all reps ({_load()})")
-    for m in models:
-        print(f"{m:10s} {med[m]:20.1f}  {', '.join(f'{r:.1f}' for r in rates[m])}")
+                    rates[(model, precision)].append(n_train / (CLOCK() - t0))
+    med = {e: statistics.median(r) for e, r in rates.items()}
+    print(f"{'model':10s} {'matmuls':8s} {'members/s (median)':>20s}  all reps ({_load()})")
+    for (m, p), r in rates.items():
+        print(f"{m:10s} {p:8s} {med[(m, p)]:20.1f}  {', '.join(f'{x:.1f}' for x in r)}")
     return med
 
 
@@ -205,9 +209,10 @@ def main() -> None:
                         help="torch CPU threads (1 by default: on a shared 2-core machine more threads oversubscribe)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time epochs in wall seconds (default) or in this process's CPU seconds (cpu device)")
-    parser.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default=None,
-                        help="float32 matmul precision of the training steps (default: highest, plus a 'medium' pass "
-                             "of unf and deepsets on bfloat16 hardware)")
+    parser.add_argument("--matmul-precision", nargs="+", choices=("highest", "high", "medium"), default=None,
+                        help="float32 matmul precision(s) of the training steps: every model at the first, unf and "
+                             "deepsets at the others, all interleaved (default: highest, plus medium on bfloat16 "
+                             "hardware)")
     parser.add_argument("--compile-step", action="store_true",
                         help="instead: one training step eager vs torch.compile'd (inductor; minutes to compile) "
                              "and the eager step's profile")
@@ -232,15 +237,21 @@ def main() -> None:
         return
     tag = "gpu" if device.type == "cuda" else "cpu"
     models = tuple(args.models)
+    precisions = list(dict.fromkeys(args.matmul_precision or
+                                    (["highest", "medium"] if _bf16_hardware(device) else ["highest"])))
     print(f"device {device}, torch threads {torch.get_num_threads()}, clock {args.clock}, "
-          f"bfloat16 matmul hardware {_bf16_hardware(device)}")
-    passes = [(args.matmul_precision or "highest", models)]
-    if args.matmul_precision is None and _bf16_hardware(device) and {"unf", "deepsets"} <= set(models):
-        passes.append(("medium", ("unf", "deepsets")))
-    for precision, pass_models in passes:
-        for zoo in args.zoo:
-            med = run_zoo(zoo, pass_models, args, device, precision)
-            _report(zoo, med, tag + ("" if precision == "highest" else f"_{precision}"), device)
+          f"bfloat16 matmul hardware {_bf16_hardware(device)}, matmul precisions {', '.join(precisions)}")
+    # every model at the first precision; at the others only UNF and Deep Sets (the goal's pair)
+    entries = tuple((m, p) for i, p in enumerate(precisions) for m in models if i == 0 or m in ("unf", "deepsets"))
+    for zoo in args.zoo:
+        med = run_zoo(zoo, entries, args, device)
+        for p in precisions:
+            _report(zoo, {m: r for (m, q), r in med.items() if q == p}, tag + ("" if p == "highest" else f"_{p}"),
+                    device)
+        for p in precisions[1:]:
+            if ("unf", p) in med and ("unf", precisions[0]) in med:  # UNF's own gain from the precision
+                _line(f"predict_unf_{p}_vs_{precisions[0]}_{zoo}_{tag}", "speedup",
+                      med[("unf", p)] / med[("unf", precisions[0])], 1.0)
 
 
 def _bf16_hardware(device: torch.device) -> bool:
