@@ -16,7 +16,7 @@ it once on a GPU). Goal: UNF trains at least as many members/s as Deep Sets on b
 torch's "highest" (float32), "high" (TF32 on NVIDIA GPUs) or "medium" (bfloat16 products). Every model trains at the
 first; UNF and Deep Sets also at the others, interleaved with the rest, their lines ending in `_<precision>` (the same
 goal, both models at that precision), plus UNF's own speed-up over the first. Default: "highest", and "medium" too on
-a CPU with native bfloat16 support (AVX512-BF16 / AMX) or a GPU.
+a CPU with native bfloat16 support (AVX512-BF16 / AMX); "highest", "high" and "medium" on a GPU.
 
 `--clock cpu` times the epochs in CPU seconds of this process (`time.process_time`) instead of wall seconds: on a
 shared machine the wall clock also counts the time other jobs hold the core, which moved single ratios by +-0.15;
@@ -211,8 +211,8 @@ def main() -> None:
                         help="time epochs in wall seconds (default) or in this process's CPU seconds (cpu device)")
     parser.add_argument("--matmul-precision", nargs="+", choices=("highest", "high", "medium"), default=None,
                         help="float32 matmul precision(s) of the training steps: every model at the first, unf and "
-                             "deepsets at the others, all interleaved (default: highest, plus medium on bfloat16 "
-                             "hardware)")
+                             "deepsets at the others, all interleaved (default: highest, plus medium on a bfloat16 "
+                             "CPU, plus high and medium on a GPU)")
     parser.add_argument("--compile-step", action="store_true",
                         help="instead: one training step eager vs torch.compile'd (inductor; minutes to compile) "
                              "and the eager step's profile")
@@ -237,8 +237,7 @@ def main() -> None:
         return
     tag = "gpu" if device.type == "cuda" else "cpu"
     models = tuple(args.models)
-    precisions = list(dict.fromkeys(args.matmul_precision or
-                                    (["highest", "medium"] if _bf16_hardware(device) else ["highest"])))
+    precisions = list(dict.fromkeys(args.matmul_precision or _default_precisions(device)))
     print(f"device {device}, torch threads {torch.get_num_threads()}, clock {args.clock}, "
           f"bfloat16 matmul hardware {_bf16_hardware(device)}, matmul precisions {', '.join(precisions)}")
     # every model at the first precision; at the others only UNF and Deep Sets (the goal's pair)
@@ -252,6 +251,13 @@ def main() -> None:
             if ("unf", p) in med and ("unf", precisions[0]) in med:  # UNF's own gain from the precision
                 _line(f"predict_unf_{p}_vs_{precisions[0]}_{zoo}_{tag}", "speedup",
                       med[("unf", p)] / med[("unf", precisions[0])], 1.0)
+
+
+def _default_precisions(device: torch.device) -> list[str]:
+    """highest, plus what the hardware accelerates: high (TF32) and medium on a GPU, medium on a bfloat16 CPU."""
+    if device.type == "cuda":
+        return ["highest", "high", "medium"]
+    return ["highest", "medium"] if _bf16_hardware(device) else ["highest"]
 
 
 def _bf16_hardware(device: torch.device) -> bool:
