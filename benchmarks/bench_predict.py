@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.device import resolve_device  # noqa: E402
+from pipeline.device import bf16_matmul_native, resolve_device  # noqa: E402
 from pipeline.zoo.members import build_member  # noqa: E402
 from pipeline.predict.config import TrainConfig  # noqa: E402
 from pipeline.predict.data import PredictData  # noqa: E402
@@ -239,7 +239,7 @@ def main() -> None:
     models = tuple(args.models)
     precisions = list(dict.fromkeys(args.matmul_precision or _default_precisions(device)))
     print(f"device {device}, torch threads {torch.get_num_threads()}, clock {args.clock}, "
-          f"bfloat16 matmul hardware {_bf16_hardware(device)}, matmul precisions {', '.join(precisions)}")
+          f"bfloat16 matmul hardware {bf16_matmul_native(device)}, matmul precisions {', '.join(precisions)}")
     # every model at the first precision; at the others only UNF and Deep Sets (the goal's pair)
     entries = tuple((m, p) for i, p in enumerate(precisions) for m in models if i == 0 or m in ("unf", "deepsets"))
     for zoo in args.zoo:
@@ -257,14 +257,7 @@ def _default_precisions(device: torch.device) -> list[str]:
     """highest, plus what the hardware accelerates: high (TF32) and medium on a GPU, medium on a bfloat16 CPU."""
     if device.type == "cuda":
         return ["highest", "high", "medium"]
-    return ["highest", "medium"] if _bf16_hardware(device) else ["highest"]
-
-
-def _bf16_hardware(device: torch.device) -> bool:
-    """Whether float32 matmuls can run as bfloat16 products natively: a GPU, or a CPU with AVX512-BF16 / AMX."""
-    if device.type == "cuda":
-        return True
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return ["highest", "medium"] if bf16_matmul_native(device) else ["highest"]
 
 
 def _report(zoo: str, med: dict[str, float], tag: str, device: torch.device) -> None:

@@ -27,6 +27,24 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     return device
 
 
+def bf16_matmul_native(device: torch.device) -> bool:
+    """Whether float32 products at "medium" run on bfloat16 hardware: a GPU, or a CPU with AVX512-BF16 / AMX (elsewhere
+    oneDNN may emulate bfloat16, which is slower than float32)."""
+    if device.type == "cuda":
+        return True
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def precision_note(level: str, device: torch.device) -> str | None:
+    """A line for the user when `level` cannot speed up training on `device`, else None."""
+    if level == "medium" and not bf16_matmul_native(device):
+        return ("--matmul-precision medium: this CPU has no bfloat16 matrix units (AVX512-BF16 / AMX), so the "
+                "products may run slower than at highest")
+    if level == "high" and device.type != "cuda":
+        return "--matmul-precision high: TF32 products are a GPU feature; on a CPU expect no speed-up"
+    return None
+
+
 @contextmanager
 def matmul_precision(level: str) -> Iterator[None]:
     """Run the block with float32 matrix products at torch's precision `level` (one of MATMUL_PRECISIONS), then

@@ -56,6 +56,20 @@ def test_unknown_matmul_precision(predict_zoo, tmp_path: Path) -> None:
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
 
 
+def test_matmul_precision_note_without_bfloat16_hardware(predict_zoo, tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    args = (predict_zoo.url, "--model", "flat", "--epochs", "1", "--checkpoints", "all", "--fractions", "0.6,0.2,0.2",
+            "--device", "cpu", "--matmul-precision", "medium")
+    for native, expect_note in ((False, True), (True, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native, raising=False)
+        result = _invoke(*args, "--out", str(tmp_path / f"o{native}"))
+        assert result.exit_code == 0, result.output
+        assert ("no bfloat16 matrix units" in result.output) is expect_note
+        config = json.loads((tmp_path / f"o{native}" / "train_config.json").read_text())
+        assert config["matmul_precision"] == "medium"
+
+
 def test_short_run_writes_outputs_and_resumes(predict_zoo, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = (predict_zoo.url, "--model", "statnn,flat", "--epochs", "2", "--checkpoints", "all", "--fractions",
