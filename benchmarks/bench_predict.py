@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.device import bf16_matmul_native, resolve_device  # noqa: E402
+from pipeline.device import MATMUL_PRECISIONS, bf16_matmul_native, resolve_device  # noqa: E402
 from pipeline.zoo.members import build_member  # noqa: E402
 from pipeline.predict.config import TrainConfig  # noqa: E402
 from pipeline.predict.data import PredictData  # noqa: E402
@@ -209,7 +209,7 @@ def main() -> None:
                         help="torch CPU threads (1 by default: on a shared 2-core machine more threads oversubscribe)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time epochs in wall seconds (default) or in this process's CPU seconds (cpu device)")
-    parser.add_argument("--matmul-precision", nargs="+", choices=("highest", "high", "medium"), default=None,
+    parser.add_argument("--matmul-precision", nargs="+", choices=MATMUL_PRECISIONS, default=None,
                         help="float32 matmul precision(s) of the training steps: every model at the first, unf and "
                              "deepsets at the others, all interleaved (default: highest, plus medium on a bfloat16 "
                              "CPU, plus high and medium on a GPU)")

@@ -45,12 +45,17 @@ def precision_note(level: str, device: torch.device) -> str | None:
     return None
 
 
+def check_matmul_precision(level: str) -> None:
+    """Raise ConfigError unless `level` is one of MATMUL_PRECISIONS."""
+    if level not in MATMUL_PRECISIONS:
+        raise ConfigError(f"--matmul-precision {level!r} is unknown; use {', '.join(MATMUL_PRECISIONS)}")
+
+
 @contextmanager
 def matmul_precision(level: str) -> Iterator[None]:
     """Run the block with float32 matrix products at torch's precision `level` (one of MATMUL_PRECISIONS), then
     restore the previous level, also when the block raises."""
-    if level not in MATMUL_PRECISIONS:
-        raise ConfigError(f"--matmul-precision {level!r} is unknown; use {', '.join(MATMUL_PRECISIONS)}")
+    check_matmul_precision(level)
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(level)
     try:

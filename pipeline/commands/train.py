@@ -158,14 +158,12 @@ def train(
         from pipeline.predict.train import plan_probe_models
 
         # refuses a zoo an asked-for probe model cannot read, before any loading; `all` leaves them out there
-        config, _, note = plan_probe_models(stores, config)
-        if note is not None:
-            print(f"note: {note}", file=sys.stderr if as_json else sys.stdout, flush=True)
+        config, _, probe_note = plan_probe_models(stores, config)
         from pipeline.device import precision_note, resolve_device
 
-        note = precision_note(config.matmul_precision, resolve_device(config.device))
-        if note is not None:
-            print(f"note: {note}", file=sys.stderr if as_json else sys.stdout, flush=True)
+        for note in (probe_note, precision_note(config.matmul_precision, resolve_device(config.device))):
+            if note is not None:
+                print(f"note: {note}", file=sys.stderr if as_json else sys.stdout, flush=True)
         if out is not None and out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is an existing file, not a folder; pass a folder path")
         out = out or Path("runs/train") / f"{'+'.join(Path(z.rstrip('/')).stem for z in zoos)}-{target}"

@@ -182,11 +182,9 @@ class TrainConfig:
         if self.unf_keep_fixed and self.unf_pos_embed:
             raise ConfigError("--keep-fixed and --pos-embed do not combine: a kept label needs no embedding; "
                               "use one of them")
-        from pipeline.device import MATMUL_PRECISIONS
+        from pipeline.device import check_matmul_precision
 
-        if self.matmul_precision not in MATMUL_PRECISIONS:
-            raise ConfigError(f"--matmul-precision {self.matmul_precision!r} is unknown; use "
-                              f"{', '.join(MATMUL_PRECISIONS)}")
+        check_matmul_precision(self.matmul_precision)
         if self.max_members is not None and self.max_members < 3:
             raise ConfigError(f"--max-members must be at least 3 (train, val, test), got {self.max_members}")
 
