@@ -11,12 +11,22 @@ it once on a GPU). Goal: UNF trains at least as many members/s as Deep Sets on b
                                        [--members 500] [--reps 3] [--threads 1] [--clock wall|cpu]
     python benchmarks/bench_predict.py --compile-step --zoo cnn --models unf deepsets   # eager vs torch.compile
     python benchmarks/bench_predict.py --models unf deepsets --matmul-precision highest medium
+    python benchmarks/bench_predict.py --models unf unf-perm deepsets --epochs 3 --matmul-precision highest
 
 `--matmul-precision P [P ...]` is `unfzoo train --matmul-precision`: the training steps' float32 matrix products at
 torch's "highest" (float32), "high" (TF32 on NVIDIA GPUs) or "medium" (bfloat16 products). Every model trains at the
 first; UNF and Deep Sets also at the others, interleaved with the rest, their lines ending in `_<precision>` (the same
 goal, both models at that precision), plus UNF's own speed-up over the first. Default: "highest", and "medium" too on
 a CPU with native bfloat16 support (AVX512-BF16 / AMX); "highest", "high" and "medium" on a GPU.
+
+Beside members/s the table gives each torch model's arithmetic, machine-independent: MFLOP per training member of
+an epoch (matrix products and convolutions of its training steps, forward and backward, and of the validation pass,
+counted by torch.utils.flop_counter), and the FLOP rate that implies; then how many times Deep Sets' FLOPs UNF does
+per member, which is the FLOP rate over Deep Sets' that training as many members/s takes.
+
+UNF, the tied UNF (`unf-perm`) and Deep Sets also train with compiled steps (`unfzoo train --compile`; off with
+`--no-compile`), interleaved with the rest at the first precision: rates from the epochs after the first (which
+compiles; `--epochs 3` times two), lines ending in `_compiled`, plus UNF's speed-up over eager steps.
 
 `--clock cpu` times the epochs in CPU seconds of this process (`time.process_time`) instead of wall seconds: on a
 shared machine the wall clock also counts the time other jobs hold the core, which moved single ratios by +-0.15;
@@ -41,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.device import MATMUL_PRECISIONS, bf16_matmul_native, resolve_device  # noqa: E402
 from pipeline.zoo.members import build_member  # noqa: E402
-from pipeline.predict.config import TrainConfig  # noqa: E402
+from pipeline.predict.config import MODEL_KINDS, TrainConfig  # noqa: E402
 from pipeline.predict.data import PredictData  # noqa: E402
 from pipeline.predict.train import fit_run  # noqa: E402
 from unf_models import WeightSpec  # noqa: E402
@@ -53,6 +63,7 @@ GOAL_UNF_CPU = 100.0  # members/s: keeps `make train` (~800 training members x <
 GOAL_UNF_GPU = 500.0
 GOAL_RATIO = 0.05  # UNF training may cost up to 20x a flat MLP per member
 CLOCK = time.perf_counter  # --clock cpu: time.process_time
+COMPILED = "compiled"  # the setting of compiled training steps (at the first matmul precision)
 
 
 def cnn_spec() -> WeightSpec:
@@ -84,10 +95,10 @@ def synthetic_data(spec: WeightSpec, members: int, seed: int = 0) -> PredictData
                        info={"checkpoint_epochs": [0]})
 
 
-def run_zoo(zoo: str, entries: tuple[tuple[str, str], ...], args: argparse.Namespace, device: torch.device
-            ) -> dict[tuple[str, str], float]:
-    """Median training members/s of each (model, matmul precision) entry on one zoo's weight space, all entries
-    interleaved."""
+def run_zoo(zoo: str, entries: tuple[tuple[str, str], ...], first: str, args: argparse.Namespace,
+            device: torch.device) -> dict[tuple[str, str], float]:
+    """Median training members/s of each (model, setting) entry on one zoo's weight space, all entries interleaved.
+    A setting is a matmul precision, or COMPILED: compiled steps at the `first` precision, timed after epoch 1."""
     spec = SPECS[zoo]()
     data = synthetic_data(spec, args.members)
     if zoo == "cnn":  # what `unfzoo train` records for a digits CNN zoo (pipeline.predict.probe.probe_setup)
@@ -97,33 +108,62 @@ def run_zoo(zoo: str, entries: tuple[tuple[str, str], ...], args: argparse.Names
         entries = tuple(e for e in entries if e[0] not in PROBE_MODELS)
     n_train = len(data.rows["train"])
     configs = {p: TrainConfig(models=tuple(dict.fromkeys(m for m, q in entries if q == p)), epochs=args.epochs,
-                              patience=args.epochs, device=str(device), matmul_precision=p)
+                              patience=args.epochs, device=str(device), matmul_precision=first if p == COMPILED else p,
+                              compile=p == COMPILED)
                for p in dict.fromkeys(p for _, p in entries)}
     print(f"zoo {zoo}: {args.members} members ({n_train} train), "
           f"{sum(int(np.prod(s)) for s in spec.shapes.values())} params/member, {_load()}")
     # warm-up (imports, allocator, first Adam step) so the first timed model is not penalized
     with tempfile.TemporaryDirectory() as tmp:
-        model, precision = entries[0]
-        fit_run(model, data, TrainConfig(models=(model,), epochs=1, device=str(device), matmul_precision=precision),
-                spec, 0, Path(tmp) / "warm", {}, device)
+        fit_run(entries[0][0], data, TrainConfig(models=entries[0][:1], epochs=1, device=str(device),
+                                                 matmul_precision=first), spec, 0, Path(tmp) / "warm", {}, device)
     rates: dict[tuple[str, str], list[float]] = {e: [] for e in entries}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
-            for model, precision in entries if rep % 2 == 0 else entries[::-1]:  # interleaved, order alternating
+            for model, setting in entries if rep % 2 == 0 else entries[::-1]:  # interleaved, order alternating
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = CLOCK()
-                run = fit_run(model, data, configs[precision], spec, rep, Path(tmp) / f"{model}-{precision}-{rep}",
+                run = fit_run(model, data, configs[setting], spec, rep, Path(tmp) / f"{model}-{setting}-{rep}",
                               {}, device)
                 if run.history:  # epoch seconds include the .item() syncs of the validation pass
-                    rates[(model, precision)].append(n_train / statistics.median(h["seconds"] for h in run.history))
+                    epochs = run.history[1:] if setting == COMPILED else run.history  # whose 1st epoch compiles
+                    rates[(model, setting)].append(n_train / statistics.median(h["seconds"] for h in epochs))
                 else:
-                    rates[(model, precision)].append(n_train / (CLOCK() - t0))
+                    rates[(model, setting)].append(n_train / (CLOCK() - t0))
     med = {e: statistics.median(r) for e, r in rates.items()}
-    print(f"{'model':10s} {'matmuls':8s} {'members/s (median)':>20s}  all reps ({_load()})")
+    flops = {m: epoch_flops(m, spec, data.info, device) for m in dict.fromkeys(m for m, _ in entries)}
+    print(f"{'model':10s} {'steps':8s} {'members/s (median)':>20s} {'MFLOP/member':>13s} {'GFLOP/s':>8s}  "
+          f"all reps ({_load()})")
     for (m, p), r in rates.items():
-        print(f"{m:10s} {p:8s} {med[(m, p)]:20.1f}  {', '.join(f'{x:.1f}' for x in r)}")
+        arithmetic = (f"{flops[m] / 1e6:13.1f} {flops[m] * med[(m, p)] / 1e9:8.1f}" if flops[m]
+                      else f"{'-':>13s} {'-':>8s}")
+        print(f"{m:10s} {p:8s} {med[(m, p)]:20.1f} {arithmetic}  {', '.join(f'{x:.1f}' for x in r)}")
+    if flops.get("unf") and flops.get("deepsets") and ("deepsets", first) in med:
+        need, rate = flops["unf"] / flops["deepsets"], med[("unf", first)] / med[("deepsets", first)]
+        print(f"arithmetic ({zoo}, {first}): UNF does {need:.2f}x Deep Sets' FLOPs per training member, so training "
+              f"as many members/s needs {need:.2f}x its FLOP rate; it ran at {need * rate:.2f}x")
     return med
+
+
+def epoch_flops(model: str, spec: WeightSpec, info: dict, device: torch.device, members: int = 100) -> float:
+    """Floating-point operations per training member of one epoch (training steps, forward and backward, plus the
+    validation pass), as `run_zoo` times it: torch.utils.flop_counter's count (matrix products and convolutions)
+    of a 2-epoch run minus a 1-epoch one on a small zoo of the same split fractions. 0 for STATNN (not torch)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if MODEL_KINDS[model] == "statnn":
+        return 0.0
+    data = synthetic_data(spec, members)
+    data.info.update(info)
+    counts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for epochs in (1, 2):
+            config = TrainConfig(models=(model,), epochs=epochs, patience=epochs, device=str(device))
+            with FlopCounterMode(display=False) as counter:
+                fit_run(model, data, config, spec, 0, Path(tmp) / f"e{epochs}", {}, device)
+            counts.append(counter.get_total_flops())
+    return (counts[1] - counts[0]) / len(data.rows["train"])
 
 
 def _load() -> str:
@@ -138,7 +178,6 @@ def compile_step(zoo: str, models: tuple[str, ...], members: int, reps: int = 7)
     """One training step (batch 10 of prepared inputs, forward, BCE, backward, fused Adam), eager against
     `torch.compile` (inductor) of the model's forward: seconds of the first two steps (the compile) and thread CPU ms
     per step, interleaved, median of `reps` x 10 steps; then the eager step's top ops (torch.profiler)."""
-    from pipeline.predict.config import MODEL_KINDS
     from pipeline.predict.data import normalization_stats
     from pipeline.predict.models import TensorNormalizer, build_net
     from pipeline.predict.train import _hyperparameters
@@ -213,6 +252,10 @@ def main() -> None:
                         help="float32 matmul precision(s) of the training steps: every model at the first, unf and "
                              "deepsets at the others, all interleaved (default: highest, plus medium on a bfloat16 "
                              "CPU, plus high and medium on a GPU)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train unf, unf-perm and deepsets with compiled steps (`unfzoo train --compile`), "
+                             "interleaved with the rest; rates from the epochs after the first (which compiles), "
+                             "lines ending in _compiled (default: on)")
     parser.add_argument("--compile-step", action="store_true",
                         help="instead: one training step eager vs torch.compile'd (inductor; minutes to compile) "
                              "and the eager step's profile")
@@ -235,22 +278,29 @@ def main() -> None:
             compile_step(zoo, tuple(m for m in args.models if m in ("unf", "unf-perm", "deepsets", "flat")),
                          args.members)
         return
+    if args.compile and args.epochs < 2:
+        parser.error("--compile needs --epochs 2 or more (the first epoch compiles and is not timed)")
     tag = "gpu" if device.type == "cuda" else "cpu"
     models = tuple(args.models)
     precisions = list(dict.fromkeys(args.matmul_precision or _default_precisions(device)))
+    settings = precisions + ([COMPILED] if args.compile else [])
     print(f"device {device}, torch threads {torch.get_num_threads()}, clock {args.clock}, "
-          f"bfloat16 matmul hardware {bf16_matmul_native(device)}, matmul precisions {', '.join(precisions)}")
-    # every model at the first precision; at the others only UNF and Deep Sets (the goal's pair)
-    entries = tuple((m, p) for i, p in enumerate(precisions) for m in models if i == 0 or m in ("unf", "deepsets"))
+          f"bfloat16 matmul hardware {bf16_matmul_native(device)}, matmul precisions {', '.join(precisions)}, "
+          f"compiled steps {'too' if args.compile else 'no'}")
+    # every model at the first precision; at the others only UNF and Deep Sets (the goal's pair); compiled: those
+    # and the tied UNF (which compiling gains most)
+    others = {COMPILED: ("unf", "unf-perm", "deepsets")}
+    entries = tuple((m, p) for i, p in enumerate(settings) for m in models
+                    if i == 0 or m in others.get(p, ("unf", "deepsets")))
     for zoo in args.zoo:
-        med = run_zoo(zoo, entries, args, device)
-        for p in precisions:
+        med = run_zoo(zoo, entries, precisions[0], args, device)
+        for p in settings:
             _report(zoo, {m: r for (m, q), r in med.items() if q == p}, tag + ("" if p == "highest" else f"_{p}"),
                     device)
-        for p in precisions[1:]:
-            if ("unf", p) in med and ("unf", precisions[0]) in med:  # UNF's own gain from the precision
-                _line(f"predict_unf_{p}_vs_{precisions[0]}_{zoo}_{tag}", "speedup",
-                      med[("unf", p)] / med[("unf", precisions[0])], 1.0)
+        for p in settings[1:]:
+            if ("unf", p) in med and ("unf", settings[0]) in med:  # UNF's own gain from the setting
+                _line(f"predict_unf_{p}_vs_{settings[0]}_{zoo}_{tag}", "speedup",
+                      med[("unf", p)] / med[("unf", settings[0])], 1.0)
 
 
 def _default_precisions(device: torch.device) -> list[str]:
@@ -261,9 +311,9 @@ def _default_precisions(device: torch.device) -> list[str]:
 
 
 def _report(zoo: str, med: dict[str, float], tag: str, device: torch.device) -> None:
-    """The BENCH lines of one zoo's rates (tag: cpu / gpu, then _<precision> when not highest)."""
+    """The BENCH lines of one zoo's rates (tag: cpu / gpu, then _<setting> when not highest)."""
     suffix = f"{tag}" if zoo == "cnn" else f"{zoo}_{tag}"
-    if "unf" in med and zoo == "cnn" and tag in ("cpu", "gpu"):
+    if "unf" in med and zoo == "cnn" and tag in ("cpu", "gpu", f"cpu_{COMPILED}", f"gpu_{COMPILED}"):
         goal = GOAL_UNF_GPU if device.type == "cuda" else GOAL_UNF_CPU
         _line(f"predict_unf_train_{tag}", "throughput", med["unf"], goal)
     if "unf" in med:
@@ -274,6 +324,8 @@ def _report(zoo: str, med: dict[str, float], tag: str, device: torch.device) -> 
             _line(f"predict_unf_vs_deepsets_{zoo}_{tag}", "throughput_ratio", med["unf"] / med["deepsets"], 1.0)
         if "unf-perm" in med:
             _line(f"predict_unf_exact_vs_perm_{suffix}", "throughput_ratio", med["unf"] / med["unf-perm"], 0.5)
+    if "unf-perm" in med and "deepsets" in med:  # the same goal for the tied form, which does fewer FLOPs on a GRU
+        _line(f"predict_unf_perm_vs_deepsets_{zoo}_{tag}", "throughput_ratio", med["unf-perm"] / med["deepsets"], 1.0)
     if "unf-probe" in med and "unf" in med:  # the probe readout's extra cost: every member run on 64 inputs x 2
         _line(f"predict_unf_probe_vs_unf_{suffix}", "throughput_ratio", med["unf-probe"] / med["unf"], 0.5)
     if "unf-hybrid" in med and "unf" in med:  # the hybrid's extra cost: STATNN statistics per batch

@@ -207,6 +207,38 @@ def test_matmul_precision_applies_to_training_steps_only(predict_zoo, tmp_path: 
         _config(matmul_precision="tf32")
 
 
+def test_compiled_training_steps_match_eager(predict_zoo, tmp_path: Path, monkeypatch) -> None:
+    """compile=True: every training step's forward runs compiled (here on aot_eager: inductor's tracing without its
+    code generation), validation and test predictions eager; the trained predictor matches eager training, and the
+    run key is eager's (the same computation)."""
+    import math
+
+    compile_calls, steps = [], []
+    real_compile = torch.compile
+
+    def compile_spy(fn, **kwargs):
+        compile_calls.append(kwargs)
+        compiled = real_compile(fn, backend="aot_eager", dynamic=kwargs.get("dynamic"))
+
+        def step(*args):
+            steps.append(len(args))
+            return compiled(*args)
+        return step
+
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    config = _config(epochs=2, compile=True)
+    data = build_data(predict_zoo, config)
+    torch._dynamo.reset()
+    got = fit_run("unf", data, config, predict_zoo.spec, 0, tmp_path / "compiled", {}, CPU)
+    assert compile_calls and all(kw["dynamic"] is False for kw in compile_calls)
+    assert len(steps) == 2 * math.ceil(len(data.rows["train"]) / config.batch_size)
+    monkeypatch.setattr(torch, "compile", real_compile)
+    want = fit_run("unf", data, _config(epochs=2), predict_zoo.spec, 0, tmp_path / "eager", {}, CPU)
+    np.testing.assert_allclose(got.predictions["prediction"], want.predictions["prediction"], atol=1e-4)
+    assert config.run_key("unf") == _config(epochs=2).run_key("unf")
+    torch._dynamo.reset()
+
+
 def test_resume_after_interrupt_matches_uninterrupted_run(predict_zoo, tmp_path: Path) -> None:
     config = _config(epochs=4)
     data = build_data(predict_zoo, config)

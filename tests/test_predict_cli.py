@@ -70,6 +70,24 @@ def test_matmul_precision_note_without_bfloat16_hardware(predict_zoo, tmp_path: 
         assert config["matmul_precision"] == "medium"
 
 
+def test_compile_flag_trains_compiled_and_is_recorded(predict_zoo, tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    real_compile, compiled = torch.compile, []
+
+    def aot_eager(fn, **kwargs):  # inductor's tracing without its code generation: seconds, not minutes, in CI
+        compiled.append(fn)
+        return real_compile(fn, backend="aot_eager", dynamic=kwargs.get("dynamic"))
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    result = _invoke(predict_zoo.url, "--model", "flat", "--epochs", "1", "--checkpoints", "all", "--fractions",
+                     "0.6,0.2,0.2", "--device", "cpu", "--compile", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    assert compiled and "test tau" in result.output
+    assert json.loads((tmp_path / "o" / "train_config.json").read_text())["compile"] is True
+    torch._dynamo.reset()
+
+
 def test_short_run_writes_outputs_and_resumes(predict_zoo, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = (predict_zoo.url, "--model", "statnn,flat", "--epochs", "2", "--checkpoints", "all", "--fractions",

@@ -8,6 +8,7 @@ Usable on its own (never imports ``pipeline``)::
     model = um.UNFPredictor(spec, hidden=(16, 16), head=(512,))
 """
 
+from unf_models.activation import ReLU
 from unf_models.basis import bell, num_pair_terms
 from unf_models.errors import SpecError, SpecMismatchError, SymmetryError, UNFError, UnsupportedModuleError
 from unf_models.layers import UNFLinear, UNFPool
@@ -23,6 +24,7 @@ __all__ = [
     "UNFPool",
     "UNFPredictor",
     "WeightStats",
+    "ReLU",
     "bell",
     "num_pair_terms",
     "UNFError",

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from unf_models.activation import ReLU
 from unf_models.errors import SpecError
 from unf_models.layers import FixedAxes, UNFLinear, UNFPool
 from unf_models.spec import WeightSpec
@@ -25,7 +26,7 @@ class UNFPredictor(nn.Module):
     def __init__(self, spec: WeightSpec, hidden: Sequence[int] = (16, 16), head: Sequence[int] = (512,),
                  out_features: int = 1, in_channels: int = 1, fixed_axes: FixedAxes = "exact",
                  pos_embed: bool = False, pool: Literal["maximal", "mean"] = "maximal",
-                 activation: type[nn.Module] = nn.ReLU) -> None:
+                 activation: type[nn.Module] = ReLU) -> None:
         super().__init__()
         if not hidden:
             raise SpecError("UNFPredictor needs at least one UNF layer: hidden=(16, ...)")
@@ -67,7 +68,8 @@ class UNFPredictor(nn.Module):
 
     def forward_prepared(self, h: list[Tensor]) -> Tensor:
         """``forward`` on ``prepare``-d inputs -> ``(B, out_features)``."""
-        act_ = torch.relu_ if type(self.act) is nn.ReLU else None  # in place on the layers' fresh outputs
+        # in place on the layers' fresh outputs; not while torch.compile traces (the module's own compiled form)
+        act_ = torch.relu_ if type(self.act) in (nn.ReLU, ReLU) and not torch.compiler.is_compiling() else None
         # pieces pass between layers (and into the pool) channel-major where both sides compute so: no transposes
         nxt = [layer.channel_major for layer in self.layers[1:]] + [True]
         h = self.layers[0].forward_entered(h, self.act, act_, channel_major=nxt[0])

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.predict.config import FEATURES, NORMALIZE
+from unf_models.activation import ReLU
 
 __all__ = ["TensorNormalizer", "UNFNet", "UNFHybridNet", "UNFProbeNet", "ProbeNet", "DeepSetsNet", "FlatNet",
            "build_net", "pointwise_features", "WIDTH_AGNOSTIC", "FEATURES"]
@@ -46,7 +47,7 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(ReLU())
     return nn.Sequential(*layers)
 
 
@@ -236,7 +237,7 @@ class DeepSetsNet(_Preparable):
         self.features = features
         self.inp = nn.Linear(n_channels(features, self.norm.mode), hidden)
         self.tensor_embedding = nn.Parameter(torch.zeros(len(names), hidden))  # (T, H)
-        self.phi = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        self.phi = nn.Sequential(ReLU(), nn.Linear(hidden, hidden), ReLU(), nn.Linear(hidden, hidden))
         self.rho = _mlp([len(names) * hidden, *head, 1])
 
     def prepare(self, weights: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ConfigError
+from unf_models.activation import relu
 
 __all__ = ["PROBE_ARCHS", "probe_setup", "member_logits", "member_logits_under", "ProbeFeatures", "check_probe_names"]
 
 PROBE_ARCHS: tuple[str, ...] = ("cnn", "mlp")
-_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid,
+_ACTIVATIONS = {"relu": relu, "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid,
                 "leaky_relu": F.leaky_relu}
 _CLAMP = 30.0  # features are clamped to +-this: a member with huge weights must not blow up the head
 

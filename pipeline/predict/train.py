@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,6 +298,13 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
     prepared = None if config.augment else _prepared_inputs(net, train_parts, config.eval_batch_size)
     val_rows = data.rows["val"]
     val_y = data.y[val_rows]
+    # the training steps' forwards: compiled (validation and test predictions stay eager), one graph per batch shape
+    forward_prepared, forward = getattr(net, "forward_prepared", None), net  # the former where `prepared` is set
+    if config.compile:
+        forward = torch.compile(net, dynamic=False)
+        forward_prepared = forward_prepared and torch.compile(forward_prepared, dynamic=False)
+        # inductor's own deprecation notice (torch 2.13), printed once per compile: nothing a user can act on
+        warnings.filterwarnings("ignore", message=r"`torch._prims_common.check` is deprecated", category=FutureWarning)
     loss_fn = torch.nn.BCEWithLogitsLoss() if data.loss == "bce" else torch.nn.MSELoss()
 
     history: list[dict[str, Any]] = []
@@ -330,12 +338,12 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
                 x_part, y_part, sizes = train_parts[p]
                 idx = idx.to(device)
                 if prepared is not None:
-                    scores = net.forward_prepared(net.select(prepared[p], idx))  # (b,) raw outputs
+                    scores = forward_prepared(net.select(prepared[p], idx))  # (b,) raw outputs
                 else:
                     batch = {k: v.index_select(0, idx) for k, v in x_part.items()}  # {name: (b, *shape)}
                     if config.augment:
                         batch = spec.permute(batch, spec.random_permutation(gen, sizes=sizes, device=device))
-                    scores = net(batch)  # (b,) raw outputs
+                    scores = forward(batch)  # (b,) raw outputs
                 loss = loss_fn(scores, y_part[idx])
                 if config.rank_weight:
                     loss = loss + config.rank_weight * pairwise_rank_loss(scores, y_part[idx])
