@@ -4,7 +4,8 @@
    fixed_axes="exact" vs `HNPLinear`, on an MLP 64-64-64-10 and a CNN 1-16-16-16 (3x3 kernels) + linear head to 10.
    Goals: permutable <= 0.5x NPLinear, exact <= 0.7x HNPLinear, permutable CNN no slower than exact CNN. The
    backward starts from sum(outputs) by default; `--grad dense` starts it from fixed random output gradients instead
-   (as a training step's are; UNF compares worse there).
+   (as a training step's are; UNF compares worse there). Each layer's arithmetic is printed beside its time: MFLOP
+   of one forward+backward (matrix products and convolutions, torch.utils.flop_counter) and the FLOP rate.
 2. Absolute milliseconds for MLP 64-64-64-10, GRU seq2seq (vocab 14, embed 8, hidden 16) and the CNN, both modes
    (to set against other implementations).
 3. `torch.compile` (inductor) of the layer: compile seconds and compiled speed-up over eager (a training step's
@@ -110,6 +111,15 @@ def _ours_step(layer: nn.Module, x: dict[str, torch.Tensor], grads: list[torch.T
     return run
 
 
+def _flops(run: Callable[[], None]) -> int:
+    """Floating-point operations of one call of `run` (torch.utils.flop_counter: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
+
+
 def _backward(outputs: list[torch.Tensor], grads: list[torch.Tensor] | None) -> None:
     """Backward from sum(outputs) (every output gradient an expanded stride-0 tensor), or from dense `grads`."""
     if grads is None:
@@ -152,10 +162,12 @@ def bench_vs_nfn(shape: str, reps: int, grad: str = "sum") -> dict[str, float]:
 
     t = _timeit({k: step(k) for k in layers}, reps)
     params = {k: sum(p.numel() for p in v.parameters()) for k, v in layers.items()}
+    flops = {k: _flops(step(k)) for k in layers}
     print(f"{LABELS[shape]} (batch {BATCH}, {CHANNELS}->{CHANNELS}, forward+backward from {grad} output gradients, "
-          f"median, {_load()}):")
+          f"median, {_load()}; MFLOP: matrix products and convolutions, torch.utils.flop_counter):")
     for k in layers:
-        print(f"  {k:10s} {t[k] * 1e3:8.2f} ms  {params[k]:9d} parameters")
+        print(f"  {k:10s} {t[k] * 1e3:8.2f} ms  {params[k]:9d} parameters  {flops[k] / 1e6:8.1f} MFLOP  "
+              f"{flops[k] / t[k] / 1e9:6.1f} GFLOP/s")
     return {"perm_vs_np": t["permutable"] / t["NPLinear"], "exact_vs_hnp": t["exact"] / t["HNPLinear"],
             "perm_vs_exact": t["permutable"] / t["exact"]}
 

@@ -207,6 +207,29 @@ def test_matmul_precision_applies_to_training_steps_only(predict_zoo, tmp_path: 
         _config(matmul_precision="tf32")
 
 
+def test_training_steps_flush_denormals(predict_zoo, tmp_path: Path, monkeypatch) -> None:
+    """Optimizer steps run with subnormals flushed to zero (decaying Adam moments would otherwise slow the CPU many
+    times over); the thread's previous mode is restored after training, and after a block that raises."""
+    from pipeline.device import flush_denormals, flushing_denormals
+
+    seen = set()
+    adam_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        seen.add(flushing_denormals())
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    config = _config(epochs=1)
+    assert not flushing_denormals()
+    fit_run("flat", build_data(predict_zoo, config), config, predict_zoo.spec, 0, tmp_path / "run", {}, CPU)
+    assert seen == {True} and not flushing_denormals()
+    with pytest.raises(RuntimeError), flush_denormals():
+        assert flushing_denormals() and float(torch.full((1,), 1e-39) * 3.0) == 0.0
+        raise RuntimeError
+    assert not flushing_denormals() and float(torch.full((1,), 1e-39) * 3.0) > 0.0
+
+
 def test_compiled_training_steps_match_eager(predict_zoo, tmp_path: Path, monkeypatch) -> None:
     """compile=True: every training step's forward runs compiled (here on aot_eager: inductor's tracing without its
     code generation), validation and test predictions eager; the trained predictor matches eager training, and the

@@ -125,7 +125,11 @@ def train(
                                  "tau differences as one JSON document on stdout; progress lines go to stderr."),
 ) -> None:
     """Train weight-space predictors (UNF and baselines) on a zoo; report Kendall tau on a held-out test split."""
-    with user_errors():
+    from pipeline.device import flush_denormals
+
+    # subnormals as zero from the start: torch's intra-op threads take this thread's mode when they start (the
+    # `flush_denormals` block inside training reaches only the thread it runs in)
+    with user_errors(), flush_denormals():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from pipeline.errors import ConfigError, StoreError

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from scipy.stats import kendalltau
 
-from pipeline.device import matmul_precision
+from pipeline.device import flush_denormals, matmul_precision
 from pipeline.errors import ConfigError
 from pipeline.predict.artifacts import CONFIG_FILE, STATE_FILE, Predictor, save_ensemble, save_predictor
 from pipeline.predict.config import ALL_MODELS, MODEL_KINDS, PROBE_MODELS, TrainConfig
@@ -333,7 +333,8 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
             batches = [batches[int(i)] for i in torch.randperm(len(batches), generator=gen)]
         net.train()
         total, count = torch.zeros((), device=device), 0
-        with matmul_precision(config.matmul_precision):  # the training steps only: every prediction is at "highest"
+        # the training steps only: every prediction is at "highest"; subnormals (decaying Adam moments) as zero
+        with matmul_precision(config.matmul_precision), flush_denormals():
             for p, idx in batches:
                 x_part, y_part, sizes = train_parts[p]
                 idx = idx.to(device)
