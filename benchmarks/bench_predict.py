@@ -12,6 +12,7 @@ it once on a GPU). Goal: UNF trains at least as many members/s as Deep Sets on b
     python benchmarks/bench_predict.py --compile-step --zoo cnn --models unf deepsets   # eager vs torch.compile
     python benchmarks/bench_predict.py --models unf deepsets --matmul-precision highest medium
     python benchmarks/bench_predict.py --models unf unf-perm deepsets --epochs 3 --matmul-precision highest
+        # eager and compiled steps only, two timed compiled epochs
 
 `--matmul-precision P [P ...]` is `unfzoo train --matmul-precision`: the training steps' float32 matrix products at
 torch's "highest" (float32), "high" (TF32 on NVIDIA GPUs) or "medium" (bfloat16 products). Every model trains at the

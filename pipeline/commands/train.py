@@ -118,8 +118,8 @@ def train(
                                          "products: GPUs, and CPUs with AMX). Predictions and metrics always use "
                                          "float32 products.", metavar=one_of(PRECISIONS),
                                          autocompletion=completer(PRECISIONS)),
-    compile_steps: bool = typer.Option(False, "--compile", help="torch.compile the torch models' training steps: faster "
-                                 "epochs after a compile of 10-40 s per model; pays on runs of minutes."),
+    compile_steps: bool = typer.Option(False, "--compile", help="torch.compile the torch models' training steps: "
+                                       "faster steps after a compile of up to a minute per model; for long runs."),
     out: Path = typer.Option(None, help="Output folder.", show_default="runs/train/<zoo name>-<target>"),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics (per model and split) and the paired "
                                  "tau differences as one JSON document on stdout; progress lines go to stderr."),
