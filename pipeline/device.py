@@ -76,7 +76,7 @@ def flush_denormals() -> Iterator[None]:
 
     Training drives values into the subnormal range (below 1.2e-38 in float32): Adam's moment estimates of a
     parameter whose gradient stays zero (a dead ReLU unit) decay by 0.9 per step into it after a few hundred steps,
-    and x86 CPUs compute on subnormals many times slower: predictor epochs on a cnn-digits zoo slowed by half from the
+    and x86 CPUs compute on subnormals many times slower: predictor epochs on a cnn-digits zoo took 1.3x as long from the
     fourth epoch on (docs/benchmarks.md). Values that small are zero for training's purposes."""
     previous = flushing_denormals()
     torch.set_flush_denormal(True)

@@ -139,9 +139,9 @@ class TrainConfig:
     # test and saved predictions run outside those steps, at torch's default "highest", so reported metrics are what
     # `unfzoo score` computes
     matmul_precision: str = "highest"
-    # torch.compile (inductor) the torch models' training forward passes: faster steps after a compile of about
-    # 10-40 s per model (and per batch shape), so it pays on runs of minutes. Same computation up to float rounding,
-    # so not part of the run key (like the device)
+    # torch.compile (inductor) the torch models' training forward passes: faster steps after a compile of tens of
+    # seconds to a minute per model (and per batch shape), so it pays on long runs. Same computation up to float
+    # rounding, so not part of the run key (like the device)
     compile: bool = False
     max_members: int | None = None  # use only the first N members (quick runs); None = all
     # hyperparameters (at most 20 distinct values) whose values get their own mean-error rows in the report (test and
