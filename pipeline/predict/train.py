@@ -302,7 +302,8 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
     forward_prepared, forward = getattr(net, "forward_prepared", None), net  # the former where `prepared` is set
     if config.compile:
         forward = torch.compile(net, dynamic=False)
-        forward_prepared = forward_prepared and torch.compile(forward_prepared, dynamic=False)
+        if forward_prepared is not None:
+            forward_prepared = torch.compile(forward_prepared, dynamic=False)
         # inductor's own deprecation notice (torch 2.13), printed once per compile: nothing a user can act on
         warnings.filterwarnings("ignore", message=r"`torch._prims_common.check` is deprecated", category=FutureWarning)
     loss_fn = torch.nn.BCEWithLogitsLoss() if data.loss == "bce" else torch.nn.MSELoss()
