@@ -177,8 +177,10 @@ def _line(name: str, metric: str, value: float, goal: float) -> None:
 
 def compile_step(zoo: str, models: tuple[str, ...], members: int, reps: int = 7) -> None:
     """One training step (batch 10 of prepared inputs, forward, BCE, backward, fused Adam), eager against
-    `torch.compile` (inductor) of the model's forward: seconds of the first two steps (the compile) and thread CPU ms
-    per step, interleaved, median of `reps` x 10 steps; then the eager step's top ops (torch.profiler)."""
+    `torch.compile` (inductor, as `unfzoo train --compile` runs it) of the model's forward: seconds of the first two
+    steps (the compile) and thread CPU ms per step, interleaved, median of `reps` x 10 steps; then the eager step's top
+    ops (torch.profiler)."""
+    from pipeline.compile import compile_step as compiled_forward
     from pipeline.predict.data import normalization_stats
     from pipeline.predict.models import TensorNormalizer, build_net
     from pipeline.predict.train import _hyperparameters
@@ -195,7 +197,7 @@ def compile_step(zoo: str, models: tuple[str, ...], members: int, reps: int = 7)
         net = build_net(MODEL_KINDS[model], spec, _hyperparameters(model, config), TensorNormalizer(data.names, *norm))
         prepared = net.prepare(weights)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
-        forward = torch.compile(net.forward_prepared) if compiled else net.forward_prepared
+        forward = compiled_forward(net.forward_prepared) if compiled else net.forward_prepared
         gen, loss_fn = torch.Generator().manual_seed(0), torch.nn.BCEWithLogitsLoss()
 
         def step() -> None:

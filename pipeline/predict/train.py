@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,11 +300,11 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
     # the training steps' forwards: compiled (validation and test predictions stay eager), one graph per batch shape
     forward_prepared, forward = getattr(net, "forward_prepared", None), net  # the former where `prepared` is set
     if config.compile:
-        forward = torch.compile(net, dynamic=False)
+        from pipeline.compile import compile_step
+
+        forward = compile_step(net)
         if forward_prepared is not None:
-            forward_prepared = torch.compile(forward_prepared, dynamic=False)
-        # inductor's own deprecation notice (torch 2.13), printed once per compile: nothing a user can act on
-        warnings.filterwarnings("ignore", message=r"`torch._prims_common.check` is deprecated", category=FutureWarning)
+            forward_prepared = compile_step(forward_prepared)
     loss_fn = torch.nn.BCEWithLogitsLoss() if data.loss == "bce" else torch.nn.MSELoss()
 
     history: list[dict[str, Any]] = []
