@@ -24,19 +24,14 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_predict import cnn_spec, gru_spec, synthetic_data  # noqa: E402
+from bench_predict import cnn_spec, gru_spec, training_stepper  # noqa: E402
 from pipeline.compile import compile_step, fix_inductor_parallel_depth  # noqa: E402
-from pipeline.predict.config import TrainConfig  # noqa: E402
-from pipeline.predict.data import normalization_stats  # noqa: E402
-from pipeline.predict.models import TensorNormalizer, build_net  # noqa: E402
-from pipeline.predict.train import _hyperparameters  # noqa: E402
 from pipeline.zoo.members import build_member, with_width  # noqa: E402
 from unf_models import WeightSpec  # noqa: E402
 
@@ -71,30 +66,10 @@ def shipped_heuristic():
 
 def stepper(spec: WeightSpec, variant: str, members: int = 300) -> Callable[[], None]:
     """One UNF training step on a synthetic zoo of `spec`, its forward eager or compiled per `variant`."""
-    data = synthetic_data(spec, members)
-    parts = data.take(data.rows["train"])
-    norm = normalization_stats([w for _, _, w in parts], data.names)
-    weights, y = parts[0][2], torch.rand(len(data.rows["train"]))
-    torch.manual_seed(0)
-    net = build_net("unf", spec, _hyperparameters("unf", TrainConfig(models=("unf",), device="cpu")),
-                    TensorNormalizer(data.names, *norm))
-    prepared = net.prepare(weights)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
-    if variant == "eager":
-        forward: Any = net.forward_prepared
-    elif variant == "shipped":  # plain torch.compile (its cache keys lack the correction's marker)
-        forward = torch.compile(net.forward_prepared, dynamic=False)
-    else:
-        forward = compile_step(net.forward_prepared)
-    gen, loss_fn = torch.Generator().manual_seed(0), torch.nn.BCEWithLogitsLoss()
-
-    def step() -> None:
-        idx = torch.randint(0, len(y), (10,), generator=gen)
-        loss = loss_fn(forward(net.select(prepared, idx)), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+    compile_fn = {"eager": None,
+                  "shipped": lambda fn: torch.compile(fn, dynamic=False),  # no marker in its cache keys
+                  "corrected": compile_step}[variant]
+    return training_stepper(spec, "unf", members, compile_fn)
 
 
 def main() -> None:

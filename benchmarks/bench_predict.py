@@ -43,7 +43,9 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -175,38 +177,45 @@ def _line(name: str, metric: str, value: float, goal: float) -> None:
     print(f"BENCH {name} {metric}={value:.3f} goal=>={goal:g} {'PASS' if value >= goal else 'MISS'}")
 
 
-def compile_step(zoo: str, models: tuple[str, ...], members: int, reps: int = 7) -> None:
-    """One training step (batch 10 of prepared inputs, forward, BCE, backward, fused Adam), eager against
-    `torch.compile` (inductor, as `unfzoo train --compile` runs it) of the model's forward: seconds of the first two
-    steps (the compile) and thread CPU ms per step, interleaved, median of `reps` x 10 steps; then the eager step's top
-    ops (torch.profiler)."""
-    from pipeline.compile import compile_step as compiled_forward
+def training_stepper(spec: WeightSpec, model: str, members: int,
+                     compile_fn: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None) -> Callable[[], None]:
+    """One training step of `model` on a synthetic zoo of `spec` (batch 10 of prepared inputs, forward, BCE,
+    backward, fused Adam), the forward passed through `compile_fn` when given."""
     from pipeline.predict.data import normalization_stats
     from pipeline.predict.models import TensorNormalizer, build_net
     from pipeline.predict.train import _hyperparameters
 
-    spec = SPECS[zoo]()
     data = synthetic_data(spec, members)
     parts = data.take(data.rows["train"])
     norm = normalization_stats([w for _, _, w in parts], data.names)
     weights, y = parts[0][2], torch.rand(len(data.rows["train"]))
-    config = TrainConfig(models=models, device="cpu")
+    torch.manual_seed(0)
+    config = TrainConfig(models=(model,), device="cpu")
+    net = build_net(MODEL_KINDS[model], spec, _hyperparameters(model, config), TensorNormalizer(data.names, *norm))
+    prepared = net.prepare(weights)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+    forward = net.forward_prepared if compile_fn is None else compile_fn(net.forward_prepared)
+    gen, loss_fn = torch.Generator().manual_seed(0), torch.nn.BCEWithLogitsLoss()
 
-    def stepper(model: str, compiled: bool):
-        torch.manual_seed(0)
-        net = build_net(MODEL_KINDS[model], spec, _hyperparameters(model, config), TensorNormalizer(data.names, *norm))
-        prepared = net.prepare(weights)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
-        forward = compiled_forward(net.forward_prepared) if compiled else net.forward_prepared
-        gen, loss_fn = torch.Generator().manual_seed(0), torch.nn.BCEWithLogitsLoss()
+    def step() -> None:
+        idx = torch.randint(0, len(y), (10,), generator=gen)
+        loss = loss_fn(forward(net.select(prepared, idx)), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
 
-        def step() -> None:
-            idx = torch.randint(0, len(y), (10,), generator=gen)
-            loss = loss_fn(forward(net.select(prepared, idx)), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return step
+
+def compile_step(zoo: str, models: tuple[str, ...], members: int, reps: int = 7) -> None:
+    """One training step (`training_stepper`), eager against `torch.compile` (inductor, as `unfzoo train --compile`
+    runs it) of the model's forward: seconds of the first two steps (the compile) and thread CPU ms per step,
+    interleaved, median of `reps` x 10 steps; then the eager step's top ops (torch.profiler)."""
+    from pipeline.compile import compile_step as compiled_forward
+
+    spec = SPECS[zoo]()
+
+    def stepper(model: str, compiled: bool) -> Callable[[], None]:
+        return training_stepper(spec, model, members, compiled_forward if compiled else None)
 
     steps = {}
     for model in models:
