@@ -14,6 +14,7 @@ regions, so nothing changes there.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -72,9 +73,11 @@ def fix_inductor_parallel_depth() -> bool:
     return True
 
 
+@functools.cache
 def _fix_marker() -> Any:
     """A no-op post-grad pass whose id enters inductor's cache keys, so graphs compiled without the correction (by an
-    earlier run, say) are not served from the on-disk cache to a compile that has it."""
+    earlier run, say) are not served from the on-disk cache to a compile that has it. One instance per process: dynamo
+    reuses a compiled graph only for an equal backend, and compiles with equal options are equal."""
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class ParallelDepthFixed(CustomGraphPass):

@@ -97,12 +97,35 @@ def test_compile_step_marks_its_cache_keys(monkeypatch: pytest.MonkeyPatch) -> N
     uncorrected compile left in the on-disk cache are not reused."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
-    seen = {}
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.update(kwargs) or fn)
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
     fn = compile_mod.compile_step(torch.nn.Identity())
-    assert isinstance(fn, torch.nn.Identity) and seen["dynamic"] is False
-    marker = seen["options"]["post_grad_custom_post_pass"]
+    assert isinstance(fn, torch.nn.Identity) and seen[0]["dynamic"] is False
+    compile_mod.compile_step(torch.nn.Identity())
+    assert seen[1] == seen[0]  # equal options, so dynamo takes the compiles for one backend (next test)
+    marker = seen[0]["options"]["post_grad_custom_post_pass"]
     assert isinstance(marker, CustomGraphPass)
     assert marker.uuid().startswith("unfzoo-parallel-depth-")
     graph = torch.fx.Graph()
     assert marker(graph) is None and len(graph.nodes) == 0  # changes nothing
+
+
+@pytest.mark.skipif(not _cxx_available(), reason="inductor finds no C++ compiler here")
+def test_compile_steps_of_new_models_reuse_the_compiled_graph() -> None:
+    """Each model seed compiles its forward anew with compile_step; the graph of the first serves the later ones (no
+    recompile for a 'different backend'), so a run of many seeds stays within dynamo's recompile limit instead of
+    falling back to eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        x = torch.randn(4, 8)
+        for seed in range(3):
+            model = torch.nn.Linear(8, 2)
+            torch.nn.init.constant_(model.weight, float(seed))
+            out = compile_mod.compile_step(model)(x)
+            torch.testing.assert_close(out, model(x))
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
