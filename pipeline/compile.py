@@ -60,9 +60,8 @@ def fix_inductor_parallel_depth() -> bool:
             if steps is None:
                 return depth
             outer *= steps
-        inner = self.loops[depth.start_depth]
-        inner_steps = _ceil_steps(inner)
-        if inner_steps is None or outer * _INNER_OVER_OUTER < int(inner.size) // int(inner.steps):
+        inner = self.loops[depth.start_depth]  # inductor's own (floor) count of it, as in its test
+        if _ceil_steps(inner) is None or outer * _INNER_OVER_OUTER < int(inner.size) // int(inner.steps):
             return depth  # the inner loop really dwarfs the outer ones: inductor's choice stands
         # the outer loops (all of one kind: the heuristic moved past exactly those) carry the parallel region
         return parallel_depth(parallel_depth=depth.start_depth, start_depth=0)
