@@ -5,7 +5,7 @@ loops against the first inner one (`LoopNest.max_parallel_depth`). It counts eac
 size // vector step, so a vectorized loop narrower than one SIMD vector (8 floats against AVX-512's 16) counts as
 zero, the whole outer product becomes zero, and the region moves inside the serial outer loops: a reduction over
 the middle axis of a `(1440, 8, 8)` tensor forks the thread team 1,440 times per call. The UNF predictor's reads
-of members of width 8 are such reductions; with two threads a compiled training step took twice the eager one
+of members of width 8 are such reductions; with two threads a compiled training step took ~1.6x the eager one
 (pytorch/pytorch#190757, fixed upstream by counting such a loop as one iteration). `fix_inductor_parallel_depth`
 makes the same correction to the installed torch: where the corrected count keeps the outer loops busy enough, the
 region stays outside them; every other decision is inductor's own. With one thread inductor emits no parallel
