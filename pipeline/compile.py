@@ -14,6 +14,7 @@ regions, so nothing changes there.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable
@@ -22,10 +23,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["compile_step", "fix_inductor_parallel_depth"]
+__all__ = ["RECOMPILE_LIMIT", "compile_step", "fix_inductor_parallel_depth", "recompile_room"]
 
 # inductor's heuristic: parallelize an inner loop only when it has this many times the outer loops' iterations
 _INNER_OVER_OUTER = 300
+# graphs dynamo may compile for one function (its default: 8). A training run compiles the same forward for every
+# model, member width and batch size (the last batch is smaller): `--model unf,unf-perm` on a zoo of three widths
+# needs twelve, and past the limit dynamo runs the rest eagerly, with one warning in the log
+RECOMPILE_LIMIT = 64
 
 
 def _ceil_steps(loop: Any) -> int | None:
@@ -95,3 +100,9 @@ def compile_step(fn: Callable[..., Any]) -> Callable[..., Any]:
     # inductor's own deprecation notice (torch 2.13), printed once per compile: nothing a user can act on
     warnings.filterwarnings("ignore", message=r"`torch._prims_common.check` is deprecated", category=FutureWarning)
     return torch.compile(fn, dynamic=False, options=options)
+
+
+def recompile_room() -> contextlib.AbstractContextManager[Any]:
+    """Dynamo's per-function recompile limit at least RECOMPILE_LIMIT for the block (never lowered), then restored."""
+    limit = max(int(torch._dynamo.config.recompile_limit), RECOMPILE_LIMIT)
+    return torch._dynamo.config.patch(recompile_limit=limit)

@@ -236,6 +236,8 @@ def test_compiled_training_steps_match_eager(predict_zoo, tmp_path: Path, monkey
     run key is eager's (the same computation)."""
     import math
 
+    from pipeline.compile import RECOMPILE_LIMIT
+
     compile_calls, steps = [], []
     real_compile = torch.compile
 
@@ -244,7 +246,7 @@ def test_compiled_training_steps_match_eager(predict_zoo, tmp_path: Path, monkey
         compiled = real_compile(fn, backend="aot_eager", dynamic=kwargs.get("dynamic"))
 
         def step(*args):
-            steps.append(len(args))
+            steps.append(torch._dynamo.config.recompile_limit)
             return compiled(*args)
         return step
 
@@ -252,9 +254,12 @@ def test_compiled_training_steps_match_eager(predict_zoo, tmp_path: Path, monkey
     config = _config(epochs=2, compile=True)
     data = build_data(predict_zoo, config)
     torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit
     got = fit_run("unf", data, config, predict_zoo.spec, 0, tmp_path / "compiled", {}, CPU)
     assert compile_calls and all(kw["dynamic"] is False for kw in compile_calls)
     assert len(steps) == 2 * math.ceil(len(data.rows["train"]) / config.batch_size)
+    # room for a graph per model, width and batch size while training (dynamo's default 8 ran out), restored after
+    assert min(steps) >= RECOMPILE_LIMIT > limit == torch._dynamo.config.recompile_limit
     monkeypatch.setattr(torch, "compile", real_compile)
     want = fit_run("unf", data, _config(epochs=2), predict_zoo.spec, 0, tmp_path / "eager", {}, CPU)
     np.testing.assert_allclose(got.predictions["prediction"], want.predictions["prediction"], atol=1e-4)

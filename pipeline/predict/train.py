@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pandas as pd
 import torch
 from scipy.stats import kendalltau
 
+from pipeline.compile import compile_step, recompile_room
 from pipeline.device import flush_denormals, matmul_precision
 from pipeline.errors import ConfigError
 from pipeline.predict.artifacts import CONFIG_FILE, STATE_FILE, Predictor, save_ensemble, save_predictor
@@ -300,8 +302,6 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
     # the training steps' forwards: compiled (validation and test predictions stay eager), one graph per batch shape
     forward_prepared, forward = getattr(net, "forward_prepared", None), net  # the former where `prepared` is set
     if config.compile:
-        from pipeline.compile import compile_step
-
         forward = compile_step(net)
         if forward_prepared is not None:
             forward_prepared = compile_step(forward_prepared)
@@ -333,8 +333,10 @@ def _fit_torch(model: str, data: PredictData, config: TrainConfig, spec: Any, se
             batches = [batches[int(i)] for i in torch.randperm(len(batches), generator=gen)]
         net.train()
         total, count = torch.zeros((), device=device), 0
-        # the training steps only: every prediction is at "highest"; subnormals (decaying Adam moments) as zero
-        with matmul_precision(config.matmul_precision), flush_denormals():
+        # the training steps only: every prediction is at "highest"; subnormals (decaying Adam moments) as zero; room
+        # for a compiled graph per model, width and batch size
+        with matmul_precision(config.matmul_precision), flush_denormals(), \
+                recompile_room() if config.compile else nullcontext():
             for p, idx in batches:
                 x_part, y_part, sizes = train_parts[p]
                 idx = idx.to(device)
