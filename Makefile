@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 # pip's configured find-links folder holds the local CPU torch wheel on our machines; uv must be told about it,
 # or it resolves torch==2.13.0 to the multi-GB CUDA build.
 FIND_LINKS := $(strip $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
@@ -88,7 +89,16 @@ lopt: $(STAMP)
 			--init-from $$init --out $(LOPT_DIR)/$$name $(LOPT_ARGS); done
 	$(BIN)/unfzoo lopt eval $(LOPT_DIR) --zoo $(LOPT_ZOO) $(LOPT_EVAL_ARGS)
 
-bench: $(STAMP)
+# the bench extra (JAX, for bench_reference.py) on top of the dev install
+$(BENCH_STAMP): $(STAMP)
+	@if [ -x $(BIN)/uv ]; then \
+		$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python $(UV_FIND_LINKS) "$(TORCH_PIN)" -e ".[dev,bench]"; \
+	else \
+		$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -e ".[dev,bench]"; \
+	fi
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
 
 clean:
