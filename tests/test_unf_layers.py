@@ -266,14 +266,18 @@ def test_matches_the_reference_layer(structured: bool | str | None, monkeypatch:
 
 def test_single_axis_fixed_labels_fold_into_channels() -> None:
     """Permutable mode folds a conv's kernel axes (fixed labels on one axis of one tensor) into channels: fewer
-    matmuls than basis groups, the same parameters and span (test_matches_the_reference_layer checks the values)."""
+    matmuls than basis groups, the same parameters and span (test_matches_the_reference_layer checks the values).
+    A piece folds all such labels or none: the first conv (2 input channels x 3 x 3 = 18 > 9) stays unfolded."""
     spec = _derived("cnn")
     torch.manual_seed(0)
     layer = um.UNFLinear(spec, 2, 3, fixed_axes="permutable")
     assert layer._folded is not None
-    convs = [p for p in layer._folded.pieces if len(p.axes) == 4]
-    assert convs and all(p.labels == p.axes[:2] and p.fold == math.prod(spec.sizes[a] for a in p.axes[2:])
-                         for p in convs)  # (out, in) stay dims, the kernel axes are folded
+    convs = {p.name: p for p in layer._folded.pieces if len(p.axes) == 4}
+    assert set(convs) == {"c1.weight", "c2.weight"}
+    c2 = convs["c2.weight"]  # (out, in) stay dims, the kernel axes are folded
+    assert c2.labels == c2.axes[:2] and c2.fold == math.prod(spec.sizes[a] for a in c2.axes[2:]) == 9
+    c1 = convs["c1.weight"]  # input channel and kernel axes: 18 > 9, none folded
+    assert c1.labels == c1.axes and c1.fold == 1
     assert len(layer._fwd.groups) < len(layer._groups)
     assert set(layer.state_dict()) == {n for n, _ in layer.named_parameters()}  # constants are not saved
     assert um.UNFLinear(spec, 2, 3, fixed_axes="exact")._folded is None
