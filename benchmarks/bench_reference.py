@@ -277,6 +277,9 @@ def main() -> None:
         return
     import torch
 
+    from pipeline.allocator import allocator_report
+
+    print(allocator_report())  # as the unfzoo commands run (bench_unf.py too)
     torch.set_num_threads(1)
     spaces = _spaces()
     chosen = args.spaces or list(spaces)
