@@ -213,8 +213,9 @@ def check_same_maps(space: str, layer, x: dict, ref: ReferenceFormLayer) -> floa
     return err
 
 
-def bench_space(space: str, label: str, spec_fn: Callable, reps: int) -> float:
-    """Times ours (permutable, exact) and the reference form on one weight space; returns ours / reference."""
+def bench_space(space: str, label: str, spec_fn: Callable, reps: int, compile_ours: bool = True) -> dict[str, float]:
+    """Times ours (permutable eager and, with ``compile_ours``, compiled by inductor; exact eager) and the reference
+    form on one weight space; returns ours / reference per variant ("eager", "compiled")."""
     import bench_unf
     import jax
     import jax.numpy as jnp
@@ -254,21 +255,34 @@ def bench_space(space: str, label: str, spec_fn: Callable, reps: int) -> float:
     def reference() -> None:
         jax.block_until_ready(step(params, xs, cotangents))
 
-    t, wall = cpu_and_wall({"permutable": bench_unf._ours_step(ours["permutable"], x, dense),
-                            "exact": bench_unf._ours_step(ours["exact"], x, dense), "reference": reference}, reps)
+    fns = {"permutable": bench_unf._ours_step(ours["permutable"], x, dense),
+           "exact": bench_unf._ours_step(ours["exact"], x, dense), "reference": reference}
+    compiled_note = ""
+    if compile_ours:  # as `unfzoo train --compile` compiles (pipeline.compile), in a fresh dynamo state
+        from pipeline.compile import compile_step
+
+        torch._dynamo.reset()
+        fns["compiled"] = bench_unf._ours_step(compile_step(layer), x, dense)
+        t0 = time.perf_counter()
+        fns["compiled"]()
+        compiled_note = f"; inductor {time.perf_counter() - t0:.1f} s"
+    t, wall = cpu_and_wall(fns, reps)
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params))
     print(f"{label} ({ref.num_terms} terms, {n_params} parameters both; same maps: max relative difference "
-          f"{err:.1e}; jit {compile_s:.1f} s), CPU ms (wall ms): UNF permutable {t['permutable'] * 1e3:.2f} "
-          f"({wall['permutable'] * 1e3:.2f}), UNF exact {t['exact'] * 1e3:.2f} ({wall['exact'] * 1e3:.2f}), "
-          f"reference form (JAX) {t['reference'] * 1e3:.2f} ({wall['reference'] * 1e3:.2f}) ({bench_unf._load()})",
-          flush=True)
-    return t["permutable"] / t["reference"]
+          f"{err:.1e}; jit {compile_s:.1f} s{compiled_note}), CPU ms (wall ms): UNF permutable "
+          f"{t['permutable'] * 1e3:.2f} ({wall['permutable'] * 1e3:.2f})"
+          + (f", compiled {t['compiled'] * 1e3:.2f} ({wall['compiled'] * 1e3:.2f})" if compile_ours else "")
+          + f", UNF exact {t['exact'] * 1e3:.2f} ({wall['exact'] * 1e3:.2f}), reference form (JAX) "
+          f"{t['reference'] * 1e3:.2f} ({wall['reference'] * 1e3:.2f}) ({bench_unf._load()})", flush=True)
+    return {k: t[name] / t["reference"] for k, name in (("eager", "permutable"), ("compiled", "compiled")) if name in t}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     parser.add_argument("--spaces", nargs="*", default=None, help="weight spaces to time (default: all)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip our inductor-compiled layer (~1.5 minutes of compiling with a cold cache)")
     args = parser.parse_args()
     try:
         import jax
@@ -289,10 +303,12 @@ def main() -> None:
     reps = 5 if args.quick else 15
     print(f"torch {torch.__version__}, jax {jax.__version__}, one core ({sorted(os.sched_getaffinity(0))}), "
           f"batch 32, 16 -> 16 channels, forward + backward from dense output gradients, medians of {reps}")
-    ratios = {space: bench_space(space, *spaces[space], reps) for space in chosen}
-    for space, ratio in ratios.items():
-        ok = ratio <= GOAL
-        print(f"BENCH unf_vs_reference_jax_{space} ratio={ratio:.2f} goal=<={GOAL:g} {'PASS' if ok else 'MISS'}")
+    ratios = {space: bench_space(space, *spaces[space], reps, not args.no_compile) for space in chosen}
+    for variant, prefix in (("eager", "unf_vs_reference_jax"), ("compiled", "unf_compiled_vs_reference_jax")):
+        for space, r in ratios.items():
+            if variant in r:
+                ok = r[variant] <= GOAL
+                print(f"BENCH {prefix}_{space} ratio={r[variant]:.2f} goal=<={GOAL:g} {'PASS' if ok else 'MISS'}")
 
 
 if __name__ == "__main__":
