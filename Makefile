@@ -10,6 +10,7 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 FIND_LINKS := $(strip $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 UV_FIND_LINKS := $(foreach dir,$(FIND_LINKS),--find-links $(dir))
 TORCH_PIN := torch==2.13.0
+comma := ,
 ZOO_DIR := datasets/zoos
 
 .PHONY: help setup test wheel-check zoo bench train score lopt clean
@@ -25,14 +26,17 @@ help:
 
 setup: $(STAMP)
 
+# $(call install,EXTRAS): the pinned CPU torch and this package in editable mode with EXTRAS, by uv when it is there
+install = if [ -x $(BIN)/uv ]; then \
+		$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python $(UV_FIND_LINKS) "$(TORCH_PIN)" -e ".[$(1)]"; \
+	else \
+		$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -e ".[$(1)]"; \
+	fi
+
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check uv 2>/dev/null || true
-	@if [ -x $(BIN)/uv ]; then \
-		$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python $(UV_FIND_LINKS) "$(TORCH_PIN)" -e ".[dev]"; \
-	else \
-		$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -e ".[dev]"; \
-	fi
+	@$(call install,dev)
 	@touch $(STAMP)
 
 test: $(STAMP)
@@ -91,11 +95,7 @@ lopt: $(STAMP)
 
 # the bench extra (JAX, for bench_reference.py) on top of the dev install
 $(BENCH_STAMP): $(STAMP)
-	@if [ -x $(BIN)/uv ]; then \
-		$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python $(UV_FIND_LINKS) "$(TORCH_PIN)" -e ".[dev,bench]"; \
-	else \
-		$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -e ".[dev,bench]"; \
-	fi
+	@$(call install,dev$(comma)bench)
 	@touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
