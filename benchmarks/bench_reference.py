@@ -18,15 +18,17 @@ medians of CPU time (all threads; other jobs on the core do not count), wall tim
 `UNFLinear(fixed_axes="permutable")`, the mode with the reference's symmetry group (every axis permuted); exact mode
 is printed beside it. Weight spaces: the MLP 64-64-64-10, GRU seq2seq (vocab 14, embed 8, hidden 16) and CNN
 1-16-16-16 3x3 + linear head of `bench_unf.py` (the CNN is also the cnn-digits member's weight space), and the
-shipped gru-arith, mlp-digits and transformer-modadd members.
+shipped gru-arith, mlp-digits and transformer-modadd members; on request (`--spaces`) that CNN with 3 input channels
+(`cnn_rgb`) or 5x5 kernels (`cnn_5x5`). Our layer compiled (`pipeline.compile.compile_step`, as `unfzoo train
+--compile`) is timed too unless `--no-compile`.
 
 Goal: UNF at or below half the reference's time on every weight space: `unf_vs_reference_jax_<space>` ratio
-(ours / reference, CPU time) <= 0.5.
+(ours / reference, CPU time) <= 0.5; `unf_compiled_vs_reference_jax_<space>` holds the compiled layer to it.
 
 Needs JAX: `make bench` installs it (the `bench` extra, `pip install -e ".[bench]"`); without it this script says
 so and exits 0.
 
-    python benchmarks/bench_reference.py [--quick] [--spaces mlp gru cnn ...]
+    python benchmarks/bench_reference.py [--quick] [--no-compile] [--spaces mlp gru cnn ...]
 """
 
 from __future__ import annotations
@@ -141,8 +143,12 @@ def _term(x, term, out_shape: tuple[int, ...]):
     return jnp.expand_dims(x, missing) if missing else x
 
 
+DEFAULT_SPACES = ("mlp", "gru", "cnn", "gru_arith", "mlp_digits", "transformer_modadd")
+
+
 def _spaces() -> dict[str, tuple[str, Callable]]:
-    """Weight spaces by name: (description, spec builder)."""
+    """Weight spaces by name: (description, spec builder). The default ones, then two CNNs whose conv tensors have
+    more single-axis fixed labels than a permutable layer folds (see unf.md): 3 input channels, 5x5 kernels."""
     import bench_predict
     import bench_unf
 
@@ -153,7 +159,22 @@ def _spaces() -> dict[str, tuple[str, Callable]]:
         "gru_arith": ("gru-arith member", bench_predict.gru_spec),
         "mlp_digits": ("mlp-digits member", lambda: _recipe_spec("mlp-digits")),
         "transformer_modadd": ("transformer-modadd member", lambda: _recipe_spec("transformer-modadd")),
+        "cnn_rgb": ("CNN 3-16-16-16 3x3 + linear head to 10", lambda: _cnn_spec(3, 3)),
+        "cnn_5x5": ("CNN 1-16-16-16 5x5 + linear head to 10", lambda: _cnn_spec(1, 5)),
     }
+
+
+def _cnn_spec(in_channels: int, kernel: int):
+    """bench_unf's CNN with other input channels or kernel size (8x8 inputs, same padding)."""
+    import torch
+    from torch import nn
+
+    from unf_models import WeightSpec
+
+    conv = dict(kernel_size=kernel, padding=kernel // 2)
+    net = nn.Sequential(nn.Conv2d(in_channels, 16, **conv), nn.ReLU(), nn.Conv2d(16, 16, **conv), nn.ReLU(),
+                        nn.Conv2d(16, 16, **conv), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    return WeightSpec.from_module(net, torch.zeros(1, in_channels, 8, 8))
 
 
 def _recipe_spec(name: str):
@@ -280,7 +301,8 @@ def bench_space(space: str, label: str, spec_fn: Callable, reps: int, compile_ou
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
-    parser.add_argument("--spaces", nargs="*", default=None, help="weight spaces to time (default: all)")
+    parser.add_argument("--spaces", nargs="*", default=None,
+                        help=f"weight spaces to time (default: {' '.join(DEFAULT_SPACES)}; also cnn_rgb, cnn_5x5)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip our inductor-compiled layer (~1.5 minutes of compiling with a cold cache)")
     args = parser.parse_args()
@@ -296,7 +318,7 @@ def main() -> None:
     print(allocator_report())  # as the unfzoo commands run (bench_unf.py too)
     torch.set_num_threads(1)
     spaces = _spaces()
-    chosen = args.spaces or list(spaces)
+    chosen = args.spaces or list(DEFAULT_SPACES)
     unknown = sorted(set(chosen) - set(spaces))
     if unknown:
         parser.error(f"unknown weight space(s) {', '.join(unknown)}; choose from {', '.join(spaces)}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
+from torch import nn
 
 import unf_models as um
 from _unf_archs import ARCHS, CNN
@@ -266,21 +268,37 @@ def test_matches_the_reference_layer(structured: bool | str | None, monkeypatch:
 
 def test_single_axis_fixed_labels_fold_into_channels() -> None:
     """Permutable mode folds a conv's kernel axes (fixed labels on one axis of one tensor) into channels: fewer
-    matmuls than basis groups, the same parameters and span (test_matches_the_reference_layer checks the values).
-    A piece folds all such labels or none: the first conv (2 input channels x 3 x 3 = 18 > 9) stays unfolded."""
+    matmuls than basis groups, the same parameters and span (test_matches_the_reference_layer checks the values)."""
     spec = _derived("cnn")
     torch.manual_seed(0)
     layer = um.UNFLinear(spec, 2, 3, fixed_axes="permutable")
     assert layer._folded is not None
-    convs = {p.name: p for p in layer._folded.pieces if len(p.axes) == 4}
-    assert set(convs) == {"c1.weight", "c2.weight"}
-    c2 = convs["c2.weight"]  # (out, in) stay dims, the kernel axes are folded
-    assert c2.labels == c2.axes[:2] and c2.fold == math.prod(spec.sizes[a] for a in c2.axes[2:]) == 9
-    c1 = convs["c1.weight"]  # input channel and kernel axes: 18 > 9, none folded
-    assert c1.labels == c1.axes and c1.fold == 1
+    convs = [p for p in layer._folded.pieces if len(p.axes) == 4]
+    assert convs and all(p.labels == p.axes[:2] and p.fold == math.prod(spec.sizes[a] for a in p.axes[2:])
+                         for p in convs)  # (out, in) stay dims, the kernel axes are folded
     assert len(layer._fwd.groups) < len(layer._groups)
     assert set(layer.state_dict()) == {n for n, _ in layer.named_parameters()}  # constants are not saved
     assert um.UNFLinear(spec, 2, 3, fixed_axes="exact")._folded is None
+
+
+@pytest.mark.parametrize("make, shape, folds", [
+    (lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.ReLU(), nn.Linear(6, 3)), (2, 8, 8), 1),  # 8x8 input
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 5, padding=2), nn.ReLU(), nn.Conv2d(4, 4, 5, padding=2), nn.Flatten(),
+                           nn.Linear(64, 3)), (2, 1, 4, 4), 1),  # 5x5 kernels
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(),
+                           nn.Linear(64, 3)), (2, 3, 4, 4), 9),  # RGB input: 9 of the 3 x 3 x 3 folded
+], ids=["mlp-8x8", "conv-5x5", "conv-rgb"])
+def test_a_fold_takes_two_labels_or_all(make: Callable[[], nn.Module], shape: tuple[int, ...], folds: int) -> None:
+    """A piece's single-axis fixed labels fold when the largest fold (sizes multiplying to at most 9) is all of
+    them or two or more of them; one label of several (an 8x8 input's row, a 5x5 kernel's row) stays a dim."""
+    torch.manual_seed(0)
+    spec = um.WeightSpec.from_module(make(), torch.zeros(shape))
+    layer = um.UNFLinear(spec, 2, 3, fixed_axes="permutable").double()
+    first = next(p for p in (layer._folded.pieces if layer._folded else layer._layout.pieces) if len(p.axes) >= 3)
+    assert first.fold == folds
+    x = _features(spec, 2, 2)
+    perm = spec.with_fixed(()).random_permutation(torch.Generator().manual_seed(1))
+    assert _maxdiff(layer(spec.permute(x, perm)), spec.permute(layer(x), perm)) < 1e-10
 
 
 def test_wide_folded_groups_are_computed_by_their_structure() -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from itertools import permutations, product
+from itertools import combinations, permutations, product
 from typing import Literal
 
 import torch
@@ -486,14 +486,15 @@ def _merge_plan(supports: list[frozenset[int]]) -> tuple[tuple[int, ...], tuple[
 
 def _fold_labels(spec: WeightSpec, pieces: list[_Piece], limit: int = 9) -> frozenset[str]:
     """Fixed labels the layer treats as permutable that sit on exactly one axis of one piece (a conv's kernel and
-    input-channel axes in permutable mode); per piece all of them when the product of their sizes is at most
-    ``limit`` (a 3x3 kernel), else none.
+    input-channel axes in permutable mode); per piece the subset with the largest product of sizes up to ``limit``,
+    when it is all of them or holds at least two labels of size > 1, else none.
 
     Such a label has two terms on its own piece (keep the axis, or mean then broadcast) and one on every other (mean,
     or broadcast), so its terms are computed by folding the axis into channels and mixing with a weight assembled
-    from the terms' own blocks: same span, same parameters, a fraction of the reads, matmuls and writes. A piece that
-    would keep some of them unfolded is not folded at all: folding part of its fixed axes (the mlp-digits member's
-    8x8 input, a 5x5 kernel) made the layer slower than not folding them (docs/unf.md)."""
+    from the terms' own blocks: same span, same parameters, a fraction of the reads, matmuls and writes. Folding a
+    single label of several halves the piece's terms for F times the arithmetic of its largest one; that made the
+    layer slower than no fold (the mlp-digits member's 8x8 input, a 5x5 kernel), while folding two of three (a 3x3
+    kernel's rows and the input channels of an RGB conv) made it faster (docs/unf.md)."""
     count: dict[str, int] = {}
     for p in pieces:
         for label in p.labels:
@@ -501,8 +502,11 @@ def _fold_labels(spec: WeightSpec, pieces: list[_Piece], limit: int = 9) -> froz
     out: set[str] = set()
     for p in pieces:
         mine = [a for a in p.labels if count[a] == 1 and spec.is_fixed(a)]
-        if math.prod(spec.sizes[a] for a in mine) <= limit:
-            out.update(mine)
+        subsets = [c for k in range(len(mine) + 1) for c in combinations(mine, k)]
+        fits = [c for c in subsets if math.prod(spec.sizes[a] for a in c) <= limit]
+        best = max(fits, key=lambda c: (math.prod(spec.sizes[a] for a in c), len(c)))  # the largest fold
+        if len(best) == len(mine) or sum(spec.sizes[a] > 1 for a in best) >= 2:
+            out.update(best)
     return frozenset(out)
 
 
