@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -167,57 +166,33 @@ def _spaces() -> dict[str, tuple[str, Callable]]:
 def _cnn_spec(in_channels: int, kernel: int):
     """bench_unf's CNN with other input channels or kernel size (8x8 inputs, same padding)."""
     import torch
-    from torch import nn
+    from bench_unf import cnn_net
 
     from unf_models import WeightSpec
 
-    conv = dict(kernel_size=kernel, padding=kernel // 2)
-    net = nn.Sequential(nn.Conv2d(in_channels, 16, **conv), nn.ReLU(), nn.Conv2d(16, 16, **conv), nn.ReLU(),
-                        nn.Conv2d(16, 16, **conv), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-    return WeightSpec.from_module(net, torch.zeros(1, in_channels, 8, 8))
+    return WeightSpec.from_module(cnn_net(in_channels, kernel), torch.zeros(1, in_channels, 8, 8))
 
 
 def _recipe_spec(name: str):
     """The weight space of a shipped recipe's member, traced on two of its task's inputs (as `unfzoo zoo` does)."""
+    from pipeline.zoo.build import _example_input, _load_task
     from pipeline.zoo.members import build_member, resolve_arch
     from pipeline.zoo.recipe import load_recipe
-    from pipeline.zoo.tasks import load_task
     from unf_models import WeightSpec
 
     recipe = load_recipe(name)
-    task = load_task(recipe.task, **dict(recipe.task_params))
-    example = (task.x_train[:2], task.y_train[:2]) if getattr(task, "kind", None) == "seq2seq" else task.x_train[:2]
-    return WeightSpec.from_module(build_member(resolve_arch(recipe.arch, task)), example_input=example)
+    task = _load_task(recipe)
+    return WeightSpec.from_module(build_member(resolve_arch(recipe.arch, task)), example_input=_example_input(task))
 
 
-def cpu_and_wall(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2
-                 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Median CPU seconds (all threads of this process) and wall seconds per call; calls interleaved, the order
-    reversed every other repetition. CPU time does not count other jobs sharing the core; wall time does."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(reps):
-        for k in names if r % 2 == 0 else names[::-1]:
-            c0, w0 = time.process_time(), time.perf_counter()
-            fns[k]()
-            cpu[k].append(time.process_time() - c0)
-            wall[k].append(time.perf_counter() - w0)
-    return ({k: statistics.median(v) for k, v in cpu.items()}, {k: statistics.median(v) for k, v in wall.items()})
-
-
-def check_same_maps(space: str, layer, x: dict, ref: ReferenceFormLayer) -> float:
+def check_same_maps(space: str, layer, h: list, ref: ReferenceFormLayer) -> float:
     """Max |difference| / max |output| between the reference-form layer and a per-term torch loop over
-    `unf_models`' own reads and writes (`bench_unf._PerTermLoop`), with the same per-term weights and zero biases."""
+    `unf_models`' own reads and writes (`bench_unf._PerTermLoop`), with the same per-term weights and zero biases, on
+    ``layer``'s internal pieces ``h`` ((B, C, *dims) each)."""
     import jax.numpy as jnp
     import torch
     from bench_unf import _PerTermLoop
 
-    sizes = layer._layout.sizes(x, 2)
-    h = layer._layout.to_internal(x, sizes)
     torch.manual_seed(1)
     loop = _PerTermLoop(layer)
     params = ref.init(layer.in_channels, layer.out_channels)
@@ -250,18 +225,19 @@ def bench_space(space: str, label: str, spec_fn: Callable, reps: int, compile_ou
     torch.manual_seed(0)
     ours = {mode: UNFLinear(spec, c, c, fixed_axes=mode) for mode in ("permutable", "exact")}
     layer = ours["permutable"]
-    h = layer._layout.to_internal(x, layer._layout.sizes(x, 2))
+    sizes = layer._layout.sizes(x, 2)
+    h = layer._layout.to_internal(x, sizes)
     ref = ReferenceFormLayer([p.labels for p in layer._layout.pieces], [tuple(v.shape[2:]) for v in h])
     if ref.num_terms != layer.num_terms:
         raise SystemExit(f"{space}: {ref.num_terms} reference terms against {layer.num_terms} in UNFLinear")
-    err = check_same_maps(space, layer, x, ref)
+    err = check_same_maps(space, layer, h, ref)
     params = jax.tree_util.tree_map(jnp.asarray, ref.init(c, c))
     xs = [jnp.asarray(v.movedim(1, -1).contiguous().numpy()) for v in h]  # (B, *dims, C), its own layout
 
     g = torch.Generator().manual_seed(1)
     dense = [torch.randn(o.shape, generator=g) for o in layer(x).values()]  # output gradients, public layout
     cotangents = [jnp.asarray(v.movedim(1, -1).contiguous().numpy())
-                  for v in layer._layout.to_internal(dict(zip(spec.names, dense)), layer._layout.sizes(x, 2))]
+                  for v in layer._layout.to_internal(dict(zip(spec.names, dense)), sizes)]
 
     @jax.jit
     def step(p, inputs, cots):
@@ -287,7 +263,7 @@ def bench_space(space: str, label: str, spec_fn: Callable, reps: int, compile_ou
         t0 = time.perf_counter()
         fns["compiled"]()
         compiled_note = f"; inductor {time.perf_counter() - t0:.1f} s"
-    t, wall = cpu_and_wall(fns, reps)
+    t, wall = bench_unf._time_calls(fns, reps)
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params))
     print(f"{label} ({ref.num_terms} terms, {n_params} parameters both; same maps: max relative difference "
           f"{err:.1e}; jit {compile_s:.1f} s{compiled_note}), CPU ms (wall ms): UNF permutable "

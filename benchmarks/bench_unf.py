@@ -42,19 +42,28 @@ def _load() -> str:
     return "load %.2f %.2f %.2f" % os.getloadavg()
 
 
-def _timeit(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call; calls interleaved (order alternates every repetition)."""
+def _time_calls(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    """Median CPU seconds (all threads of this process: other jobs on the core do not count) and wall seconds per
+    call; calls interleaved (order alternates every repetition)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(reps):
         for k in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
+            c0, w0 = time.process_time(), time.perf_counter()
             fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            cpu[k].append(time.process_time() - c0)
+            wall[k].append(time.perf_counter() - w0)
+    return {k: statistics.median(v) for k, v in cpu.items()}, {k: statistics.median(v) for k, v in wall.items()}
+
+
+def _timeit(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median wall seconds per call; calls interleaved (order alternates every repetition)."""
+    return _time_calls(fns, reps, warmup)[1]
 
 
 def _bench(name: str, value: float, op: str, goal: float, metric: str = "ratio") -> None:
@@ -82,9 +91,9 @@ def mlp_net() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def cnn_net() -> nn.Module:
-    conv = dict(kernel_size=3, padding=1)
-    return nn.Sequential(nn.Conv2d(1, 16, **conv), nn.ReLU(), nn.Conv2d(16, 16, **conv), nn.ReLU(),
+def cnn_net(in_channels: int = 1, kernel: int = 3) -> nn.Module:
+    conv = dict(kernel_size=kernel, padding=kernel // 2)
+    return nn.Sequential(nn.Conv2d(in_channels, 16, **conv), nn.ReLU(), nn.Conv2d(16, 16, **conv), nn.ReLU(),
                          nn.Conv2d(16, 16, **conv), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(16, 10))
 
