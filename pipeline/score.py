@@ -294,6 +294,13 @@ class _ZooInput:
     index: int  # checkpoint index
     epoch: int
     widths: str
+    spec: Any = None  # the predictor's spec, when each member is scored at its own width (see `_score_zoo`)
+
+
+def _widths_text(spec: Any, shapes: Mapping[str, Sequence[int]], allow: bool) -> str:
+    """The permutable labels `shapes` sizes unlike `spec` (the predictor's zoo), e.g. "convs.0=32,convs.1=32"."""
+    sizes, reference = spec.check(shapes, allow_other_widths=allow), spec.sizes
+    return ",".join(f"{label}={n}" for label, n in sizes.items() if n != reference.get(label, n))
 
 
 def _open_zoos(found: ScoreInputs, spec: Any, allow: bool, checkpoint: int | str,
@@ -317,15 +324,16 @@ def _open_zoos(found: ScoreInputs, spec: Any, allow: bool, checkpoint: int | str
                 raise ConfigError(
                     f"--checkpoint {checkpoint}: {path} stores epochs {epochs}; use one of them or 'final'"
                 )
-            sizes = spec.check(zoo.weight_shapes, allow_other_widths=allow)
+            widths = _widths_text(spec, zoo.weight_shapes, allow)
         except ConfigError:
             raise
         except Exception as err:  # noqa: BLE001 - an unreadable or mismatched zoo is one error row
             rows[(pos, 0)] = {**base, "status": "error", "error": f"{path}: {error_text(err)}"}
             continue
-        reference = spec.sizes
-        widths = ",".join(f"{label}={n}" for label, n in sizes.items() if n != reference.get(label, n))
-        out.append(_ZooInput(pos, path, zoo, index, epochs[index], widths))
+        # a width-agnostic predictor scores each member at its own width, as `unfzoo train` read it (narrower members
+        # of a zoo with a `width` hyperparameter are stored zero-padded: the same function, other weights); a
+        # fixed-width one (flat) reads them padded, as it was trained
+        out.append(_ZooInput(pos, path, zoo, index, epochs[index], widths, spec if allow else None))
     return out
 
 
@@ -361,8 +369,31 @@ def _score_zoo(item: _ZooInput, batcher: _Batcher, rows: dict[Key, dict[str, Any
                 row["status"] = "ok"
                 ok.append(j)
             rows[key] = row
-        batcher.add(sig, [(item.pos, start + j) for j in ok], {n: a[ok] for n, a in arrays.items()})
+        if item.spec is None:
+            batcher.add(sig, [(item.pos, start + j) for j in ok], {n: a[ok] for n, a in arrays.items()})
+        else:
+            _add_at_own_widths(item, batcher, rows, start, ok, arrays)
         advance(stop - start)
+
+
+def _add_at_own_widths(item: _ZooInput, batcher: _Batcher, rows: dict[Key, dict[str, Any]], start: int,
+                       ok: list[int], arrays: Mapping[str, np.ndarray]) -> None:
+    """Scores members `start + ok` of a zoo block each at its own width (`Zoo.member_shapes`), grouped by shapes."""
+    if not ok:
+        return
+    names = batcher.names
+    own = item.zoo.member_shapes(np.asarray(ok, dtype=np.int64) + start)
+    groups: dict[tuple, list[int]] = {}
+    for j, shapes in zip(ok, own):
+        groups.setdefault(tuple(tuple(shapes[n]) for n in names), []).append(j)
+    for sig, js in groups.items():
+        shapes = dict(zip(names, sig))
+        widths = _widths_text(item.spec, shapes, True)
+        for j in js:
+            rows[(item.pos, start + j)]["widths"] = widths
+        crop = {n: np.ascontiguousarray(arrays[n][js][(slice(None), *(slice(0, d) for d in shapes[n]))])
+                for n in names}
+        batcher.add(sig, [(item.pos, start + j) for j in js], crop)
 
 
 @contextmanager

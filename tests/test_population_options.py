@@ -283,8 +283,12 @@ def test_a_diverse_zoo_stores_narrow_members_zero_padded_and_extends_bit_identic
     assert np.abs(kernel[narrow][:, :, :4, :4]).min(axis=(-1, -2)).any()  # the real channels are not
     for key in zoo.weight_keys:
         assert np.array_equal(full[key], again[key], equal_nan=True), key
-    # a stored narrow member rebuilds as a widest-shape module with the narrow network's function
+    # a stored narrow member rebuilds at its own width, or padded to the widest shape: the same function
     member = int(np.flatnonzero(narrow)[0])
     x = load_task("digits").x_test[:20]
-    logits = zoo.module(member).eval()(x)
+    own, padded = zoo.module(member), zoo.module(member, padded=True)
+    assert own.state_dict()["convs.1.weight"].shape == (4, 4, 3, 3)
+    assert padded.state_dict()["convs.1.weight"].shape == (8, 8, 3, 3)
+    logits = own(x)
     assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, padded(x), atol=1e-5, rtol=1e-5)

@@ -230,6 +230,26 @@ def test_padded_narrow_members_are_cropped_to_their_width(tmp_path: Path) -> Non
     cropped = {"w": narrow_w["w"][:, :3], "b": narrow_w["b"][:, :3], "v": narrow_w["v"][:, :, :3]}
     np.testing.assert_allclose(flat.predict(cropped), flat.predict(narrow_w), atol=1e-6)
 
+    # scoring the zoo (CLI and Python) reads every member as training did: at its own width for UNF, padded for flat
+    from pipeline.score import score_checkpoints
+
+    trained = pd.read_csv(tmp_path / "o" / "predictions.csv")
+    for model in ("unf", "flat"):
+        predictor = load_predictor(tmp_path / "o" / model, device="cpu")
+        rows = trained[trained["model"] == model]
+        scored = score_checkpoints(predictor, [url]).set_index("member").loc[rows["member"]]
+        np.testing.assert_allclose(scored["prediction"].to_numpy(), rows["prediction"].to_numpy(), atol=1e-6)
+        np.testing.assert_allclose(predictor.predict_zoo(zoo, rows["member"].to_numpy()), rows["prediction"],
+                                   atol=1e-6)
+        if model == "unf":
+            assert set(scored["widths"][narrow[rows["member"]]]) == {"h=3"} and set(scored["widths"][
+                ~narrow[rows["member"]]]) == {""}
+    unf = load_predictor(tmp_path / "o" / "unf", device="cpu")
+    members = np.flatnonzero(narrow)[:4]
+    assert not np.allclose(unf.predict(zoo.weights(members)), unf.predict_zoo(zoo, members), atol=1e-3)  # padding
+    groups = zoo.weight_groups(np.arange(6))  # positions of each width, cropped
+    assert [(rows.tolist(), w["w"].shape[1:]) for rows, w in groups] == [([0, 2, 4], (3, 3)), ([1, 3, 5], (6, 3))]
+
 
 def test_tensorboard_scalars_when_tensorboard_is_installed(predict_zoo, tmp_path: Path, monkeypatch) -> None:
     """With tensorboard importable, each run also logs train_loss / val_tau / best_val_tau per epoch into its run

@@ -6,7 +6,7 @@ selected on validation Kendall tau, evaluated on test and foreign eval zoos with
     from pipeline.predict import TrainConfig, train_predictor, load_predictor
     result = train_predictor("datasets/zoos/cnn-digits.zarr", TrainConfig(models=("unf", "statnn")), "runs/cnn")
     predictor = load_predictor("runs/cnn/unf")
-    scores = predictor.predict(zoo.weights(members, -1))   # (N,) predicted test accuracy
+    scores = predictor.predict_zoo(zoo, members)   # (N,) predicted test accuracy, each member at its own width
 """
 
 from pipeline.predict.artifacts import EnsemblePredictor, Predictor, load_predictor, save_ensemble, save_predictor

@@ -21,7 +21,7 @@ from pipeline.predict.models import WIDTH_AGNOSTIC, TensorNormalizer, build_net
 from pipeline.predict.statnn import StatNNModel
 
 __all__ = ["FORMAT", "ENSEMBLE_FORMAT", "Predictor", "EnsemblePredictor", "save_predictor", "save_ensemble",
-           "load_predictor", "resolve_predictor_dir"]
+           "load_predictor", "resolve_predictor_dir", "predict_zoo_members"]
 
 FORMAT = "unfzoo.predictor/1"
 # its own format name, so an unfzoo from before ensembles refuses such a folder in one line instead of misreading it
@@ -102,6 +102,27 @@ class Predictor:
                 raw = self.net(batch)  # (b,)
                 out[start:start + batch_size] = self._outputs_to_target(raw.double()).cpu().numpy()
         return out
+
+    def predict_zoo(self, zoo: Any, members: Any, checkpoint: int = -1, *, epoch: int | str | None = None,
+                    batch_size: int | None = None) -> np.ndarray:
+        """`predict` on `members` of an opened `Zoo` at a checkpoint index or `epoch`, each member read as
+        `unfzoo train` and `unfzoo score` read it (`predict_zoo_members`) -> (len(members),)."""
+        return predict_zoo_members(self, zoo, members, checkpoint, epoch=epoch, batch_size=batch_size)
+
+
+def predict_zoo_members(predictor: Any, zoo: Any, members: Any, checkpoint: int = -1, *,
+                        epoch: int | str | None = None, batch_size: int | None = None) -> np.ndarray:
+    """`predictor.predict` on `members` of a `Zoo`, in their order. A width-agnostic predictor reads each member at
+    its own width (`Zoo.weight_groups`: a zoo with a `width` hyperparameter stores narrower members zero-padded,
+    which computes the same function from other weights, so padded inputs would get other predictions than the
+    ones `unfzoo train` reported); a fixed-width one (flat) reads them padded, as it was trained."""
+    if not predictor.width_agnostic:
+        return predictor.predict(zoo.weights(members, checkpoint, epoch=epoch), batch_size)
+    groups = zoo.weight_groups(members, checkpoint, epoch=epoch)
+    out = np.empty(sum(len(rows) for rows, _ in groups), dtype=np.float64)
+    for rows, weights in groups:
+        out[rows] = predictor.predict(weights, batch_size)
+    return out
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -188,6 +209,11 @@ class EnsemblePredictor:
     def predict(self, weights: Mapping[str, torch.Tensor | np.ndarray], batch_size: int | None = None) -> np.ndarray:
         """The mean over members of `Predictor.predict` (raises as that does when the weights do not fit)."""
         return np.mean([m.predict(weights, batch_size) for m in self.members], axis=0)
+
+    def predict_zoo(self, zoo: Any, members: Any, checkpoint: int = -1, *, epoch: int | str | None = None,
+                    batch_size: int | None = None) -> np.ndarray:
+        """As `Predictor.predict_zoo`: the mean over members, each member of the zoo at its own width."""
+        return predict_zoo_members(self, zoo, members, checkpoint, epoch=epoch, batch_size=batch_size)
 
 
 def save_ensemble(directory: str | os.PathLike[str], members: Sequence[str],

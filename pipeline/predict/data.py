@@ -240,27 +240,9 @@ def _usable(zoo: Any, config: TrainConfig, limit: int) -> tuple[np.ndarray, dict
     return keep, excluded
 
 
-def _member_shapes(zoo: Any, spec: Any, members: np.ndarray) -> list[tuple[tuple[str, tuple[int, ...]], ...]]:
-    """Per member, its own weight shapes (hashable): the store's shapes, or for a zoo with a `width` hyperparameter
-    (every permutable axis that wide) the spec resized to that width."""
-    stored = tuple((k, tuple(v)) for k, v in zoo.weight_shapes.items())
-    layout = zoo.layout
-    if spec is None or not ("width" in layout.continuous or "width" in layout.categorical):
-        return [stored] * len(members)
-    widths = np.asarray(zoo.hparam("width"), dtype=object)[members]
-    cache: dict[Any, tuple[tuple[str, tuple[int, ...]], ...]] = {}
-    out = []
-    for w in widths:
-        if w not in cache:
-            try:
-                sized = spec.resize({label: int(w) for label in spec.permutable_labels}).shapes
-                cache[w] = tuple((k, tuple(sized[k])) for k in zoo.weight_shapes)
-            except (TypeError, ValueError):
-                cache[w] = stored
-            if any(a > b for (_, s1), (_, s2) in zip(cache[w], stored) for a, b in zip(s1, s2)):
-                cache[w] = stored  # not a padded narrower member: keep the stored shapes
-        out.append(cache[w])
-    return out
+def _member_shapes(zoo: Any, members: np.ndarray) -> list[tuple[tuple[str, tuple[int, ...]], ...]]:
+    """Per member, its own weight shapes (hashable): `Zoo.member_shapes`."""
+    return [tuple(shapes.items()) for shapes in zoo.member_shapes(members)]
 
 
 def _categorical_values(zoo: Any, keep: np.ndarray) -> dict[str, np.ndarray]:
@@ -403,7 +385,7 @@ def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) ->
                 "train_checkpoint_epochs": [int(e) for e in np.asarray(zoo.checkpoint_epochs)[train_c]]}
         # one block per member width: narrower members of a zoo with a `width` hyperparameter are stored zero-padded
         # to the widest; they are cropped back to their own shapes (the same function, without the padding)
-        member_shapes = _member_shapes(zoo, spec, members[m_rows])
+        member_shapes = _member_shapes(zoo, members[m_rows])
         group_text = {g: _hparam_text(zoo, g) for g in config.bias_by}  # (M,) per --bias-by hyperparameter
         for shapes in dict.fromkeys(member_shapes):
             sel = np.flatnonzero(np.asarray([s == shapes for s in member_shapes], dtype=bool))

@@ -1209,12 +1209,65 @@ class Zoo:
         return out
 
     def weights(self, members: Any, checkpoint: int = -1, *, epoch: int | str | None = None) -> dict[str, torch.Tensor]:
-        """{key: tensor (len(members), *shape)} at one checkpoint index (default: the last), or at `epoch`."""
+        """{key: tensor (len(members), *shape)} at one checkpoint index (default: the last), or at `epoch`, in the
+        stored shapes: in a zoo with a `width` hyperparameter narrower members come zero-padded to the widest (the
+        same function, not the same weights); `weight_groups` gives each member at its own width."""
         import torch
 
         c = self._checkpoint_index(checkpoint) if epoch is None else self.epoch_index(epoch)
         data = self.read_weights(members, [c])
         return {k: torch.from_numpy(np.ascontiguousarray(v[:, 0])) for k, v in data.items()}
+
+    def _member_width(self, member: int) -> int | None:
+        """A member's `width` hyperparameter, or None in a zoo without one."""
+        if "width" not in self.layout.continuous and "width" not in self.layout.categorical:
+            return None
+        value = self.hparam("width")[int(member)]
+        return None if value is None else int(value)
+
+    def member_shapes(self, members: Any) -> list[dict[str, tuple[int, ...]]]:
+        """Each member's own weight shapes: the stored ones, or, in a zoo with a `width` hyperparameter (every
+        permutable axis that wide; narrower members are stored zero-padded), the spec resized to its width."""
+        index = np.arange(self.n_members)[members]
+        stored = self.weight_shapes
+        if self.spec is None or ("width" not in self.layout.continuous and "width" not in self.layout.categorical):
+            return [stored] * len(np.atleast_1d(index))
+        widths = np.asarray(self.hparam("width"), dtype=object)[index]
+        cache: dict[Any, dict[str, tuple[int, ...]]] = {}
+        out = []
+        for w in np.atleast_1d(widths):
+            if w not in cache:
+                try:
+                    sized = self.spec.resize({label: int(w) for label in self.spec.permutable_labels}).shapes
+                    cache[w] = {k: tuple(sized[k]) for k in stored}
+                except (TypeError, ValueError, KeyError):  # pending member (no width) or a spec that does not resize
+                    cache[w] = stored
+                if any(a > b for k in stored for a, b in zip(cache[w][k], stored[k])):
+                    cache[w] = stored  # not a padded narrower member: keep the stored shapes
+            out.append(cache[w])
+        return out
+
+    def weight_groups(self, members: Any, checkpoint: int = -1, *, epoch: int | str | None = None
+                      ) -> list[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+        """`weights` with every member at its own width (cropped back from the zero padding, as `unfzoo train` and
+        `unfzoo score` read them): one `(positions in members, {key: (n, *shape)})` per group of members sharing
+        their shapes, in first-seen order; a zoo without widths gives one group."""
+        import torch
+
+        stacked = self.weights(members, checkpoint, epoch=epoch)
+        groups: dict[tuple, list[int]] = {}
+        shapes_of: dict[tuple, dict[str, tuple[int, ...]]] = {}
+        for pos, shapes in enumerate(self.member_shapes(members)):
+            key = tuple(shapes.items())
+            groups.setdefault(key, []).append(pos)
+            shapes_of[key] = shapes
+        out = []
+        for key, positions in groups.items():
+            rows = np.asarray(positions, dtype=np.int64)
+            sel = torch.from_numpy(rows)
+            out.append((rows, {k: v[sel][(slice(None), *(slice(0, n) for n in shapes_of[key][k]))].contiguous()
+                               for k, v in stacked.items()}))
+        return out
 
     def member_arch(self, member: int) -> dict[str, Any]:
         """The architecture of one member, including its activation when it is a hyperparameter."""
@@ -1225,19 +1278,26 @@ class Zoo:
             arch["activation"] = self.hparam("activation")[int(member)]
         return arch
 
-    def module(self, member: int, checkpoint: int = -1, *, epoch: int | str | None = None) -> torch.nn.Module:
+    def module(self, member: int, checkpoint: int = -1, *, epoch: int | str | None = None,
+               padded: bool = False) -> torch.nn.Module:
         """A ready `nn.Module` holding member `member`'s weights at a checkpoint index (default: the last), or at
-        `epoch`; zoos imported with `--module` rebuild it with the recorded factory and kwargs."""
+        `epoch`: in a zoo with a `width` hyperparameter, the network at the member's own width (`padded=True`: at the
+        zoo's widest, zero-padded as stored, the same function); zoos imported with `--module` rebuild it with the
+        recorded factory and kwargs."""
+        state = {k: v[0] for k, v in self.weights([int(member)], checkpoint, epoch=epoch).items()}
         record = self.attrs.get("module")
         if record:
             from pipeline.zoo.factory import module_from_record
 
             module = module_from_record(record, where=str(self.url))
         else:
-            from pipeline.zoo.members import build_member
+            from pipeline.zoo.members import build_member, crop_to_shapes, with_width
 
-            module = build_member(self.member_arch(member))
-        state = {k: v[0] for k, v in self.weights([int(member)], checkpoint, epoch=epoch).items()}
+            arch, width = self.member_arch(member), self._member_width(member)
+            if width is not None and not padded:
+                arch = with_width(arch, width)
+            module = build_member(arch)
+            state = crop_to_shapes(state, {k: tuple(v.shape) for k, v in module.state_dict().items() if k in state})
         module.load_state_dict(state)
         return module.eval()
 
