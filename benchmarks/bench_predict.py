@@ -10,6 +10,7 @@ it once on a GPU). Goal: UNF trains at least as many members/s as Deep Sets on b
     python benchmarks/bench_predict.py [--zoo cnn gru] [--models unf deepsets] [--device auto|cpu|cuda]
                                        [--members 500] [--reps 3] [--threads 1] [--clock wall|cpu]
     python benchmarks/bench_predict.py --compile-step --zoo cnn --models unf deepsets   # eager vs torch.compile
+    python benchmarks/bench_predict.py --breakdown --models unf deepsets   # one eager step's time, op by op
     python benchmarks/bench_predict.py --models unf deepsets --matmul-precision highest medium
     python benchmarks/bench_predict.py --models unf unf-perm deepsets --epochs 3 --matmul-precision highest
         # eager and compiled steps only, two timed compiled epochs
@@ -238,14 +239,55 @@ def compile_step(zoo: str, models: tuple[str, ...], members: int, reps: int = 7)
         eager, compiled = (statistics.median(times[(model, c)]) for c in (False, True))
         print(f"{zoo} {model}: training step eager {eager * 1e3:.1f} ms, compiled {compiled * 1e3:.1f} ms "
               f"(speed-up {eager / compiled:.2f}, thread CPU time, {_load()})")
-    for model in models:  # where an eager step goes: torch.profiler, self CPU time per op and input shapes
-        with torch.profiler.profile(record_shapes=True) as prof:
-            for _ in range(10):
-                steps[(model, False)]()
-        ops = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
-        print(f"{zoo} {model}: eager step profile, top ops (ms per step, calls per step, input shapes)")
-        for e in ops[:12]:
-            print(f"  {e.key:28s} {e.self_cpu_time_total / 10 / 1e3:6.2f} ms {e.count / 10:5.1f}  {e.input_shapes}")
+    for model in models:  # where an eager step goes
+        op_breakdown(f"{zoo} {model}", steps[(model, False)])
+
+
+def op_breakdown(label: str, step: Callable[[], None], steps: int = 10, top: int = 12) -> None:
+    """Where one step's time goes: every aten op it dispatches (forward, backward, optimizer) timed around its own
+    kernel (a TorchDispatchMode), summed per op and per (op, input shapes), ms per step. Unlike torch.profiler with
+    input shapes, whose per-op overhead inflated small ops 2-5x here, these times add up to about the plain step's
+    (both printed; each op's time also holds a few microseconds of dispatch, which shows on many small ops)."""
+    from collections import defaultdict
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    times: dict[tuple[str, str], list[float]] = defaultdict(list)
+
+    class _Timer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            shapes = str([tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
+            times[(func.overloadpacket.__name__, shapes)].append(time.perf_counter() - t0)
+            return out
+
+    for _ in range(3):
+        step()
+    plain = []
+    for _ in range(steps):
+        t0 = time.thread_time()
+        step()
+        plain.append(time.thread_time() - t0)
+    with _Timer():
+        for _ in range(steps):
+            step()
+    per_op: dict[str, float] = defaultdict(float)
+    for (op, _), ts in times.items():
+        per_op[op] += sum(ts)
+    total = sum(per_op.values()) / steps
+    print(f"{label}: eager step {statistics.median(plain) * 1e3:.2f} ms (thread CPU), its ops {total * 1e3:.2f} ms "
+          f"({_load()}); ms per step by op: " + ", ".join(f"{op} {t / steps * 1e3:.2f}" for op, t in
+                                                          sorted(per_op.items(), key=lambda kv: -kv[1])[:8]))
+    for (op, shapes), ts in sorted(times.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"  {op:24s} {sum(ts) / steps * 1e3:6.2f} ms {len(ts) / steps:5.1f} calls  {shapes}")
+
+
+def breakdown(zoo: str, models: tuple[str, ...], members: int) -> None:
+    """`op_breakdown` of one eager training step (`training_stepper`) per model, on one zoo's weight space."""
+    spec = SPECS[zoo]()
+    for model in models:
+        op_breakdown(f"{zoo} {model}", training_stepper(spec, model, members))
 
 
 def main() -> None:
@@ -268,9 +310,12 @@ def main() -> None:
                         help="also train unf, unf-perm and deepsets with compiled steps (`unfzoo train --compile`), "
                              "interleaved with the rest; rates from the epochs after the first (which compiles), "
                              "lines ending in _compiled (default: on)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: where one eager training step's time goes, op by op (unf, unf-perm, "
+                             "deepsets, flat; seconds)")
     parser.add_argument("--compile-step", action="store_true",
                         help="instead: one training step eager vs torch.compile'd (inductor; minutes to compile) "
-                             "and the eager step's profile")
+                             "and the eager step's time op by op (as --breakdown)")
     args = parser.parse_args()
     from pipeline.allocator import allocator_report
 
@@ -285,6 +330,10 @@ def main() -> None:
         train.time = types.SimpleNamespace(perf_counter=time.process_time)  # type: ignore[attr-defined]
         global CLOCK
         CLOCK = time.process_time
+    if args.breakdown:
+        for zoo in args.zoo:
+            breakdown(zoo, tuple(m for m in args.models if m in ("unf", "unf-perm", "deepsets", "flat")), args.members)
+        return
     if args.compile_step:
         for zoo in args.zoo:
             compile_step(zoo, tuple(m for m in args.models if m in ("unf", "unf-perm", "deepsets", "flat")),
