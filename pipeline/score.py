@@ -379,6 +379,8 @@ def _score_zoo(item: _ZooInput, batcher: _Batcher, rows: dict[Key, dict[str, Any
 def _add_at_own_widths(item: _ZooInput, batcher: _Batcher, rows: dict[Key, dict[str, Any]], start: int,
                        ok: list[int], arrays: Mapping[str, np.ndarray]) -> None:
     """Scores members `start + ok` of a zoo block each at its own width (`Zoo.member_shapes`), grouped by shapes."""
+    from pipeline.zoo.members import crop_to_shapes
+
     if not ok:
         return
     names = batcher.names
@@ -391,9 +393,8 @@ def _add_at_own_widths(item: _ZooInput, batcher: _Batcher, rows: dict[Key, dict[
         widths = _widths_text(item.spec, shapes, True)
         for j in js:
             rows[(item.pos, start + j)]["widths"] = widths
-        crop = {n: np.ascontiguousarray(arrays[n][js][(slice(None), *(slice(0, d) for d in shapes[n]))])
-                for n in names}
-        batcher.add(sig, [(item.pos, start + j) for j in js], crop)
+        cropped = crop_to_shapes(arrays, shapes)  # views; the row selection is the one copy
+        batcher.add(sig, [(item.pos, start + j) for j in js], {n: a[js] for n, a in cropped.items()})
 
 
 @contextmanager

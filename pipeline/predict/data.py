@@ -21,6 +21,7 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.predict.config import TrainConfig
+from pipeline.zoo.members import crop_to_shapes
 from pipeline.zoo.splits import GroupSplit, assign_group_split, group_sizes, parse_split
 
 __all__ = ["SPLITS", "PredictData", "available_targets", "target_values", "select_checkpoints", "build_data",
@@ -240,11 +241,6 @@ def _usable(zoo: Any, config: TrainConfig, limit: int) -> tuple[np.ndarray, dict
     return keep, excluded
 
 
-def _member_shapes(zoo: Any, members: np.ndarray) -> list[tuple[tuple[str, tuple[int, ...]], ...]]:
-    """Per member, its own weight shapes (hashable): `Zoo.member_shapes`."""
-    return [tuple(shapes.items()) for shapes in zoo.member_shapes(members)]
-
-
 def _categorical_values(zoo: Any, keep: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.asarray(zoo.hparam(name), dtype=object)[: len(keep)][keep] for name in zoo.layout.categorical}
 
@@ -385,13 +381,12 @@ def build_data(zoos: Any, config: TrainConfig, eval_zoos: Sequence[Any] = ()) ->
                 "train_checkpoint_epochs": [int(e) for e in np.asarray(zoo.checkpoint_epochs)[train_c]]}
         # one block per member width: narrower members of a zoo with a `width` hyperparameter are stored zero-padded
         # to the widest; they are cropped back to their own shapes (the same function, without the padding)
-        member_shapes = _member_shapes(zoo, members[m_rows])
+        member_shapes = [tuple(s.items()) for s in zoo.member_shapes(members[m_rows])]  # hashable
         group_text = {g: _hparam_text(zoo, g) for g in config.bias_by}  # (M,) per --bias-by hyperparameter
         for shapes in dict.fromkeys(member_shapes):
             sel = np.flatnonzero(np.asarray([s == shapes for s in member_shapes], dtype=bool))
-            blocks.append({k: torch.from_numpy(np.ascontiguousarray(
-                raw[k][m_rows[sel], c_rows[sel]][(slice(None), *(slice(0, n) for n in dict(shapes)[k]))]))
-                for k in names})
+            cropped = crop_to_shapes({k: raw[k] for k in names}, dict(shapes))  # views; the row selection copies
+            blocks.append({k: torch.from_numpy(v[m_rows[sel], c_rows[sel]]) for k, v in cropped.items()})
             parts.append({"member": members[m_rows[sel]], "epoch": epochs_c[c_rows[sel]],
                           "y": y[m_rows[sel], c_rows[sel]], "side": side[members[m_rows[sel]]],
                           "groups": {g: text[members[m_rows[sel]]] for g, text in group_text.items()}})

@@ -1218,24 +1218,23 @@ class Zoo:
         data = self.read_weights(members, [c])
         return {k: torch.from_numpy(np.ascontiguousarray(v[:, 0])) for k, v in data.items()}
 
-    def _member_width(self, member: int) -> int | None:
-        """A member's `width` hyperparameter, or None in a zoo without one."""
+    def _widths(self) -> np.ndarray | None:
+        """The `width` hyperparameter of every member (object array; None while pending), or None in a zoo
+        without one."""
         if "width" not in self.layout.continuous and "width" not in self.layout.categorical:
             return None
-        value = self.hparam("width")[int(member)]
-        return None if value is None else int(value)
+        return np.asarray(self.hparam("width"), dtype=object)
 
     def member_shapes(self, members: Any) -> list[dict[str, tuple[int, ...]]]:
         """Each member's own weight shapes: the stored ones, or, in a zoo with a `width` hyperparameter (every
         permutable axis that wide; narrower members are stored zero-padded), the spec resized to its width."""
         index = np.arange(self.n_members)[members]
-        stored = self.weight_shapes
-        if self.spec is None or ("width" not in self.layout.continuous and "width" not in self.layout.categorical):
+        stored, widths = self.weight_shapes, self._widths()
+        if self.spec is None or widths is None:
             return [stored] * len(np.atleast_1d(index))
-        widths = np.asarray(self.hparam("width"), dtype=object)[index]
         cache: dict[Any, dict[str, tuple[int, ...]]] = {}
         out = []
-        for w in np.atleast_1d(widths):
+        for w in np.atleast_1d(widths[index]):
             if w not in cache:
                 try:
                     sized = self.spec.resize({label: int(w) for label in self.spec.permutable_labels}).shapes
@@ -1254,19 +1253,17 @@ class Zoo:
         their shapes, in first-seen order; a zoo without widths gives one group."""
         import torch
 
+        from pipeline.zoo.members import crop_to_shapes
+
         stacked = self.weights(members, checkpoint, epoch=epoch)
         groups: dict[tuple, list[int]] = {}
-        shapes_of: dict[tuple, dict[str, tuple[int, ...]]] = {}
         for pos, shapes in enumerate(self.member_shapes(members)):
-            key = tuple(shapes.items())
-            groups.setdefault(key, []).append(pos)
-            shapes_of[key] = shapes
+            groups.setdefault(tuple(shapes.items()), []).append(pos)
         out = []
         for key, positions in groups.items():
             rows = np.asarray(positions, dtype=np.int64)
-            sel = torch.from_numpy(rows)
-            out.append((rows, {k: v[sel][(slice(None), *(slice(0, n) for n in shapes_of[key][k]))].contiguous()
-                               for k, v in stacked.items()}))
+            cropped = crop_to_shapes(stacked, dict(key))  # views; the row selection is the one copy
+            out.append((rows, {k: v.index_select(0, torch.from_numpy(rows)) for k, v in cropped.items()}))
         return out
 
     def member_arch(self, member: int) -> dict[str, Any]:
@@ -1293,9 +1290,9 @@ class Zoo:
         else:
             from pipeline.zoo.members import build_member, crop_to_shapes, with_width
 
-            arch, width = self.member_arch(member), self._member_width(member)
-            if width is not None and not padded:
-                arch = with_width(arch, width)
+            arch, widths = self.member_arch(member), self._widths()
+            if widths is not None and widths[int(member)] is not None and not padded:
+                arch = with_width(arch, int(widths[int(member)]))
             module = build_member(arch)
             state = crop_to_shapes(state, {k: tuple(v.shape) for k, v in module.state_dict().items() if k in state})
         module.load_state_dict(state)
