@@ -68,6 +68,7 @@ GOAL_UNF_GPU = 500.0
 GOAL_RATIO = 0.05  # UNF training may cost up to 20x a flat MLP per member
 CLOCK = time.perf_counter  # --clock cpu: time.process_time
 COMPILED = "compiled"  # the setting of compiled training steps (at the first matmul precision)
+STEP_MODELS = ("unf", "unf-perm", "deepsets", "flat")  # the models --compile-step and --breakdown take a step of
 
 
 def cnn_spec() -> WeightSpec:
@@ -258,8 +259,9 @@ def op_breakdown(label: str, step: Callable[[], None], steps: int = 10, top: int
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
             t0 = time.perf_counter()
             out = func(*args, **(kwargs or {}))
+            elapsed = time.perf_counter() - t0  # the op alone, not the naming below
             shapes = str([tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
-            times[(func.overloadpacket.__name__, shapes)].append(time.perf_counter() - t0)
+            times[(func.overloadpacket.__name__, shapes)].append(elapsed)
             return out
 
     for _ in range(3):
@@ -332,11 +334,11 @@ def main() -> None:
         CLOCK = time.process_time
     if args.breakdown:
         for zoo in args.zoo:
-            breakdown(zoo, tuple(m for m in args.models if m in ("unf", "unf-perm", "deepsets", "flat")), args.members)
+            breakdown(zoo, tuple(m for m in args.models if m in STEP_MODELS), args.members)
         return
     if args.compile_step:
         for zoo in args.zoo:
-            compile_step(zoo, tuple(m for m in args.models if m in ("unf", "unf-perm", "deepsets", "flat")),
+            compile_step(zoo, tuple(m for m in args.models if m in STEP_MODELS),
                          args.members)
         return
     if args.compile and args.epochs < 2:
